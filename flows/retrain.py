@@ -1,0 +1,57 @@
+"""The retraining flow: versioned data to a registered, gated model.
+
+It only composes: every step is a stage function from `tuneloop.stages`,
+wrapped as a Prefect task. Data and models pass between tasks on disk (the
+workspace), never as task results, so each task can run alone via the CLI or
+`dvc repro` and give the same outputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.workspace import Workspace
+from tuneloop import stages
+from tuneloop.params import load_params
+
+
+def stage_task(fn, **options):
+    # Stages read and write the workspace: caching on inputs would skip real work.
+    return task(fn, name=fn.__name__, cache_policy=NO_CACHE, **options)
+
+
+ingest = stage_task(stages.ingest, retries=2, retry_delay_seconds=5)  # a remote DVC push can flake
+validate = stage_task(stages.validate)
+split = stage_task(stages.split)
+baseline = stage_task(stages.baseline)
+finetune = stage_task(stages.finetune, retries=1)  # resumes from its last checkpoint
+evaluate = stage_task(stages.evaluate)
+gate = stage_task(stages.gate)
+register = stage_task(stages.register, retries=2, retry_delay_seconds=5)  # a remote registry can flake
+
+
+@flow(name="retrain")
+def retrain_flow(params_path: str = "params.yaml", root: str = ".") -> dict:
+    """ingest → validate → split → baseline → finetune → evaluate → gate → register.
+
+    Returns:
+        The registration: model name, new version, whether it was promoted,
+        the champion's version and the gate's reasons.
+    """
+    workspace = Workspace(Path(root).resolve())
+    params = load_params(workspace.root / params_path)
+    ingest(params, workspace)
+    validate(params, workspace)
+    split(params, workspace)
+    try:
+        baseline(params, workspace)
+        finetune(params, workspace)
+        evaluate(params, workspace)
+        gate(params, workspace)
+        return register(params, workspace)
+    except Exception:
+        stages.finish_run(workspace, "FAILED", "failed before registration")
+        raise

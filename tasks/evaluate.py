@@ -1,0 +1,144 @@
+"""evaluate: base probe, champion and challenger on the same test rows.
+
+One scoring path for every model: each becomes a function from texts to class
+probabilities, and the same metrics code turns those into the numbers the gate
+and the report use. Imports only torch, transformers, peft, numpy and pandas
+(the HTML report is rendered by `tasks.report`, called from the I/O wrapper).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from tasks.metrics import accuracy, classification_summary, macro_f1
+
+Scorer = Callable[[Sequence[str]], np.ndarray]
+CORE_COLUMNS = {"row", "text", "label", "split", "id", "score"}
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    batch_size: int = 64
+    slice_columns: tuple[str, ...] | None = None  # None: every extra column of the data is a slice
+    min_slice_rows: int = 1  # slices smaller than this are left out of the report
+    __pydantic_config__ = {"extra": "forbid"}
+
+
+@dataclass
+class Candidate:
+    """A model to evaluate: how to score it and what is known about it."""
+
+    key: str  # base_probe | champion | challenger
+    name: str
+    scorer: Scorer
+    version: str | None = None
+    model_size_mb: float | None = None
+    train_val_gap: float | None = None
+
+
+def directory_size_mb(*paths: Path) -> float:
+    """Size on disk of weight files (safetensors/bin) under the given folders."""
+    total = 0
+    for path in paths:
+        total += sum(p.stat().st_size for p in Path(path).rglob("*") if p.suffix in {".safetensors", ".bin"})
+    return total / 2**20
+
+
+def slice_metrics(frame: pd.DataFrame, y_true: np.ndarray, y_pred: np.ndarray, columns: Sequence[str],
+                  n_classes: int, min_rows: int) -> dict:
+    """{column: {value: {rows, accuracy, macro_f1}}} for every slice value."""
+    out: dict[str, dict] = {}
+    for column in columns:
+        out[column] = {}
+        for value, rows in frame.groupby(column, sort=True).indices.items():
+            if len(rows) < min_rows:
+                continue
+            out[column][str(value)] = {
+                "rows": int(len(rows)), "accuracy": accuracy(y_true[rows], y_pred[rows]),
+                "macro_f1": macro_f1(y_true[rows], y_pred[rows], n_classes),
+            }
+    return out
+
+
+def slice_columns_of(frame: pd.DataFrame, config: EvaluateConfig) -> list[str]:
+    if config.slice_columns is not None:
+        return [c for c in config.slice_columns if c in frame.columns]
+    return [c for c in frame.columns if c not in CORE_COLUMNS]
+
+
+def score_candidate(candidate: Candidate, test: pd.DataFrame, y_true: np.ndarray, labels: Sequence[str],
+                    slices: Sequence[str], config: EvaluateConfig) -> tuple[dict, np.ndarray]:
+    """Scores one model on the test rows; returns its metrics and probabilities.
+
+    Latency is the wall time of scoring the whole test split (tokenising
+    included) divided by its rows: batch latency per example.
+    """
+    started = time.perf_counter()
+    probs = candidate.scorer(test["text"].tolist())
+    latency_ms = (time.perf_counter() - started) * 1000 / max(1, len(test))
+    summary = classification_summary(probs, y_true, labels)
+    summary.update(
+        name=candidate.name, version=candidate.version, latency_ms_per_example=latency_ms,
+        model_size_mb=candidate.model_size_mb, train_val_gap=candidate.train_val_gap,
+        slices=slice_metrics(test, y_true, probs.argmax(1), slices, len(labels), config.min_slice_rows),
+    )
+    return summary, probs
+
+
+def evaluate_models(candidates: Sequence[Candidate], test: pd.DataFrame, labels: Sequence[str],
+                    config: EvaluateConfig, data_version: str) -> tuple[dict, pd.DataFrame]:
+    """Scores every candidate on identical rows.
+
+    Returns:
+        The evaluation dict (per model: accuracy, macro-F1, per-class scores,
+        confusion matrix, ECE and reliability bins, slices, latency, size, gap)
+        and a per-row frame of true and predicted label indices for the gate.
+    """
+    index = {name: i for i, name in enumerate(labels)}
+    y_true = np.asarray([index[v] for v in test["label"]], dtype=np.int64)
+    slices = slice_columns_of(test, config)
+    evaluation = {"data_version": data_version, "labels": list(labels), "test_rows": int(len(test)), "models": {}}
+    predictions = pd.DataFrame({"row": test["row"].to_numpy(), "y_true": y_true})
+    for candidate in candidates:
+        summary, probs = score_candidate(candidate, test, y_true, labels, slices, config)
+        evaluation["models"][candidate.key] = summary
+        predictions[candidate.key] = probs.argmax(1)
+        predictions[f"{candidate.key}_confidence"] = probs.max(1)
+    return evaluation, predictions
+
+
+def probe_candidate(base_path: Path, probe_dir: Path, max_length: int, batch_size: int) -> Candidate:
+    """The base model's frozen encoder with the probe fitted by the baseline stage."""
+    from tasks.baseline import load_encoder, load_probe
+    from tasks.classifier import mean_pooled_embeddings
+
+    encoder, tokenizer = load_encoder(base_path)
+    probe = load_probe(probe_dir)
+
+    def scorer(texts: Sequence[str]) -> np.ndarray:
+        return probe.predict_proba(mean_pooled_embeddings(encoder, tokenizer, texts, max_length, batch_size))
+
+    return Candidate("base_probe", "base model + linear probe", scorer,
+                     model_size_mb=directory_size_mb(base_path, probe_dir))
+
+
+def classifier_candidate(key: str, name: str, model_dir: Path, base_model: str, batch_size: int,
+                         version: str | None = None, train_val_gap: float | None = None) -> Candidate:
+    """A fine-tuned model saved by the finetune stage (or downloaded from the registry)."""
+    from tasks.classifier import load_classifier, predict_proba, resolve_model_path
+
+    classifier = load_classifier(model_dir, base_model)
+    size = directory_size_mb(model_dir)
+    if (Path(model_dir) / "adapter_config.json").exists():
+        size += directory_size_mb(resolve_model_path(base_model))  # serving needs the base weights too
+
+    def scorer(texts: Sequence[str]) -> np.ndarray:
+        return predict_proba(classifier, texts, batch_size, progress=True)
+
+    return Candidate(key, name, scorer, version, size, train_val_gap)

@@ -1,0 +1,196 @@
+"""ingest: read a labelled text table, snapshot it under DVC, name its version.
+
+The source file is copied byte for byte to `data/raw/`, tracked with `dvc add`
+and pushed to the DVC remote; its DVC md5 is the data version every later
+artefact (splits, models, registry versions) names. Any version can be brought
+back with `restore_data` from that hash alone.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from tasks.workspace import Workspace, read_json, write_json
+
+REMOTE_NAME = "tuneloop"
+
+
+class IngestError(ValueError):
+    """The source cannot be read as a labelled text table."""
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    source: str = "data/vader_sentiment/movie_reviews.csv"
+    text_column: str = "text"
+    label_column: str = "label"
+    slice_columns: tuple[str, ...] = ()
+    split_column: str | None = None
+    exclude_labels: tuple[str, ...] = ()
+    length_slices: tuple[int, ...] = (10, 25)
+    dvc_remote: str | None = ".dvc-remote"
+    __pydantic_config__ = {"extra": "forbid"}
+
+
+@dataclass(frozen=True)
+class DataVersion:
+    md5: str
+    size: int
+    path: str  # the DVC-tracked snapshot, relative to the project root
+    source: str
+    rows: int
+    excluded_rows: int
+
+    @property
+    def short(self) -> str:
+        return self.md5[:8]
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """Reads CSV, JSON Lines or Parquet by extension; every column as read.
+
+    Raises:
+        IngestError: missing file or unsupported extension.
+    """
+    if not path.exists():
+        raise IngestError(f"data source {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        # keep_default_na=False: an empty text stays "" for validation to name
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    if suffix in {".jsonl", ".ndjson"}:
+        return pd.read_json(path, lines=True, dtype=False)
+    if suffix in {".parquet", ".pq"}:
+        return pd.read_parquet(path)
+    raise IngestError(f"{path}: unsupported format {suffix!r}; use .csv, .jsonl or .parquet")
+
+
+def length_bucket(texts: pd.Series, edges: tuple[int, ...]) -> pd.Series:
+    """Slice label by word count, e.g. edges (10, 25) give '<10', '10-24', '>=25' words."""
+    words = texts.str.split().str.len().fillna(0)
+    names = [f"<{edges[0]}"] + [f"{a}-{b - 1}" for a, b in zip(edges, edges[1:])] + [f">={edges[-1]}"]
+    bins = [-1] + [e - 1 for e in edges] + [float("inf")]
+    return pd.cut(words, bins=bins, labels=names).astype(str)
+
+
+def canonicalize(raw: pd.DataFrame, config: IngestConfig) -> tuple[pd.DataFrame, int]:
+    """Renames to the pipeline's columns: row (1-based source row), text, label,
+    split (if declared), slices; drops excluded labels.
+
+    Returns:
+        The canonical frame and the number of excluded rows.
+    Raises:
+        IngestError: a configured column is missing.
+    """
+    wanted = [config.text_column, config.label_column, *config.slice_columns]
+    wanted += [config.split_column] if config.split_column else []
+    missing = [c for c in wanted if c not in raw.columns]
+    if missing:
+        raise IngestError(f"columns {missing} not in the source; it has {list(raw.columns)}")
+    frame = pd.DataFrame({"row": range(1, len(raw) + 1)})
+    frame["text"] = raw[config.text_column].fillna("").astype(str).to_numpy()
+    frame["label"] = raw[config.label_column].astype(str).str.strip().to_numpy()
+    if config.split_column:
+        frame["split"] = raw[config.split_column].astype(str).str.strip().str.lower().to_numpy()
+    for column in config.slice_columns:
+        frame[column] = raw[column].astype(str).to_numpy()
+    if config.length_slices:
+        frame["length_bucket"] = length_bucket(frame["text"], config.length_slices).to_numpy()
+    keep = ~frame["label"].isin(config.exclude_labels)
+    return frame[keep].reset_index(drop=True), int((~keep).sum())
+
+
+def open_dvc_repo(root: Path, remote: str | None):
+    """The project's DVC repo, initialised on first use, with the remote set.
+
+    A local path remote is stored relative to `.dvc/`, so the project can move.
+    """
+    from dvc.config_schema import RelPath
+    import logging
+
+    from dvc.repo import Repo
+
+    logging.getLogger("dvc").setLevel(logging.WARNING)  # "To track the changes with git..." hints
+    repo = Repo(str(root)) if (root / ".dvc").exists() else Repo.init(str(root), no_scm=not (root / ".git").exists())
+    if remote:
+        # DVC rewrites a RelPath relative to the config file's folder (.dvc/) on save; a plain
+        # relative string would be read relative to the process's cwd, not the project root.
+        url = remote if "://" in remote or os.path.isabs(remote) else RelPath(os.path.abspath(root / remote))
+        with repo.config.edit() as conf:
+            conf["core"]["analytics"] = False
+            conf["remote"][REMOTE_NAME] = {"url": url}
+            conf["core"]["remote"] = REMOTE_NAME
+        if "://" not in remote:
+            (root / remote).mkdir(parents=True, exist_ok=True)
+    return repo
+
+
+def track_with_dvc(snapshot: Path, root: Path, remote: str | None) -> tuple[str, int]:
+    """`dvc add` + `dvc push` of one file; returns its DVC (md5, size)."""
+    repo = open_dvc_repo(root, remote)
+    try:
+        repo.add(str(snapshot))
+        repo.push(targets=[str(snapshot)])
+    finally:
+        repo.close()
+    out = yaml.safe_load(snapshot.with_name(snapshot.name + ".dvc").read_text())["outs"][0]
+    return out["md5"], int(out["size"])
+
+
+def snapshot_source(source: Path, raw_dir: Path) -> Path:
+    """Copies the source into `data/raw/` unless the same bytes are there."""
+    target = raw_dir / source.name
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    if source.resolve() != target.resolve() and not (target.exists() and filecmp.cmp(source, target, shallow=False)):
+        shutil.copyfile(source, target)
+    return target
+
+
+def run_ingest(config: IngestConfig, workspace: Workspace) -> DataVersion:
+    """Reads, snapshots, tracks and writes the canonical dataset.
+
+    Writes `data/prepared/dataset.parquet` and `data/prepared/version.json`.
+    """
+    source = Path(config.source)
+    source = source if source.is_absolute() else workspace.root / source
+    frame, excluded = canonicalize(read_table(source), config)
+    snapshot = snapshot_source(source, workspace.raw_dir)
+    md5, size = track_with_dvc(snapshot, workspace.root, config.dvc_remote)
+    version = DataVersion(md5, size, str(snapshot.relative_to(workspace.root)), str(config.source),
+                          len(frame), excluded)
+    workspace.dataset.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(workspace.dataset, index=False)
+    write_json(workspace.data_version, asdict(version))
+    return version
+
+
+def load_data_version(workspace: Workspace) -> DataVersion:
+    return DataVersion(**read_json(workspace.data_version))
+
+
+def restore_data(md5: str, size: int, path: str, root: Path, out_dir: Path, remote: str | None) -> Path:
+    """Brings back the exact bytes of a data version through DVC.
+
+    Writes a `.dvc` file for the version into `out_dir` and `dvc pull`s it, so
+    the bytes come from the local cache or, when missing there, the remote.
+
+    Returns:
+        The restored file.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = Path(path).name
+    dvcfile = out_dir / f"{name}.dvc"
+    dvcfile.write_text(yaml.safe_dump({"outs": [{"md5": md5, "size": size, "hash": "md5", "path": name}]}))
+    repo = open_dvc_repo(root, remote)
+    try:
+        repo.pull(targets=[str(dvcfile)], force=True)
+    finally:
+        repo.close()
+    return out_dir / name

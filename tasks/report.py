@@ -1,0 +1,406 @@
+"""The evaluation stage's side-by-side HTML report.
+
+One self-contained file: every plot is embedded as a base64 PNG, so the report
+can be attached to a registry run or mailed around without its directory.
+Matplotlib is imported inside the plotting functions and used through
+`matplotlib.figure.Figure` only: importing this module does no work, and no
+global pyplot/backend state is touched, so it is safe inside Prefect workers.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import textwrap
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+MISSING = "—"
+
+# One colour per model column, reused in every chart so a model keeps its colour.
+_PALETTE = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860"]
+
+_CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif;
+       margin: 2rem auto; max-width: 1400px; padding: 0 1.5rem; color: #222; line-height: 1.4; }
+h1 { font-size: 1.6rem; margin-bottom: .3rem; }
+h2 { font-size: 1.2rem; margin-top: 2.2rem; border-bottom: 1px solid #ddd; padding-bottom: .3rem; }
+h3 { font-size: 1rem; margin: .2rem 0 .5rem; }
+.meta { color: #555; margin: .2rem 0; }
+code { background: #f3f3f3; padding: 0 .3rem; border-radius: 3px; font-size: .9em; }
+table { border-collapse: collapse; margin: .5rem 0; font-size: .92rem; }
+th, td { border: 1px solid #e1e1e1; padding: .35rem .7rem; text-align: right; }
+th { background: #f6f7f9; }
+td.label, th.label { text-align: left; }
+td.hint { color: #888; text-align: center; }
+tbody tr:nth-child(even) { background: #fbfbfb; }
+.badge { display: inline-block; padding: .2rem .7rem; border-radius: 1rem; color: #fff;
+         font-weight: 600; font-size: .9rem; }
+.badge.pass { background: #2e8b57; }
+.badge.fail { background: #c0392b; }
+.gate { margin: 1rem 0; padding: .8rem 1rem; border-radius: 6px; border: 1px solid #ddd; background: #fafafa; }
+.gate ul { margin: .5rem 0 0 0; }
+.row { display: flex; flex-wrap: wrap; gap: 1.5rem; align-items: flex-start; }
+/* equal-width cells that shrink rather than wrap, so up to four heatmaps sit side by side */
+.grid { display: flex; flex-wrap: wrap; gap: 1rem; align-items: flex-end; }
+.grid > * { flex: 1 1 280px; max-width: 440px; }
+.grid img { width: 100%; }
+.card { border: 1px solid #e6e6e6; border-radius: 6px; padding: .7rem 1rem; background: #fff; }
+figure { margin: 0; }
+img { max-width: 100%; height: auto; }
+.note { color: #777; font-style: italic; }
+"""
+
+
+def figure_to_data_uri(fig: Any, dpi: int = 110) -> str:
+    """Returns `fig` rendered as a PNG `data:image/png;base64,...` URI.
+
+    Works for any matplotlib Figure, with or without pyplot; the figure is
+    left open (a pyplot caller still owns closing it).
+    """
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
+    encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return f"data:image/png;base64,{encoded}"
+
+
+def _is_missing(value: Any) -> bool:
+    """True for None and NaN, the two ways JSON-ish metrics say 'not measured'."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _fmt(value: Any, spec: str = ".3f") -> str:
+    """Formats a number with `spec`, or returns the missing marker; never raises."""
+    if _is_missing(value):
+        return MISSING
+    try:
+        return format(value, spec)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _esc(value: Any) -> str:
+    """HTML-escapes anything, rendering None as the missing marker."""
+    return MISSING if _is_missing(value) else html.escape(str(value))
+
+
+def _display_name(key: str, model: dict) -> str:
+    """The model's display name, falling back to its key."""
+    return str(model.get("name") or key)
+
+
+def _wrap(text: str, width: int = 34) -> str:
+    """Wraps long display names so plot titles and legends do not overflow."""
+    return "\n".join(textwrap.wrap(text, width)) or text
+
+
+def _img(uri: str, alt: str) -> str:
+    """An <img> tag for a data URI."""
+    return f'<img src="{uri}" alt="{html.escape(alt)}">'
+
+
+def _header_html(evaluation: dict, title: str) -> str:
+    """The title, data version, test-row count and (if any) the gate decision."""
+    parts = [
+        f"<h1>{_esc(title)}</h1>",
+        f'<p class="meta">Data version: <code>{_esc(evaluation.get("data_version"))}</code></p>',
+        f'<p class="meta">Test rows: <b>{_esc(evaluation.get("test_rows"))}</b> &middot; '
+        f'Labels: {", ".join(_esc(label) for label in evaluation.get("labels") or []) or MISSING}</p>',
+    ]
+    gate = evaluation.get("gate")
+    if gate:
+        parts.append(_gate_html(gate))
+    return "\n".join(parts)
+
+
+def _gate_html(gate: dict) -> str:
+    """A green/red badge for the promotion decision followed by every reason."""
+    promote = bool(gate.get("promote"))
+    badge = (
+        '<span class="badge pass">PROMOTE</span>'
+        if promote
+        else '<span class="badge fail">DO NOT PROMOTE</span>'
+    )
+    reasons = gate.get("reasons") or []
+    items = "".join(f"<li>{_esc(reason)}</li>" for reason in reasons)
+    body = f"<ul>{items}</ul>" if items else '<p class="note">No reasons given.</p>'
+    return f'<div class="gate"><b>Promotion gate:</b> {badge}{body}</div>'
+
+
+# (label, key, format, direction hint, score for "best": higher score is better, or None)
+_MetricRow = tuple[str, str, str, str, Callable[[float], float] | None]
+_METRIC_ROWS: list[_MetricRow] = [
+    ("Accuracy", "accuracy", ".3f", "↑", lambda v: v),
+    ("Macro-F1", "macro_f1", ".3f", "↑", lambda v: v),
+    ("ECE", "ece", ".3f", "↓", lambda v: -v),
+    ("Latency (ms/example)", "latency_ms_per_example", ".2f", "↓", lambda v: -v),
+    ("Size (MB)", "model_size_mb", ".2f", "↓", lambda v: -v),
+    # A gap of either sign is drift away from a well-fitted model, so closest to 0 wins.
+    ("Train−val gap (macro-F1)", "train_val_gap", "+.3f", "→0", lambda v: -abs(v)),
+    ("Registry version", "version", "", "", None),
+]
+
+
+def _best_columns(values: Sequence[Any], score: Callable[[float], float] | None) -> set[int]:
+    """Indices of the best numeric values (all ties); empty unless two or more are comparable."""
+    if score is None:
+        return set()
+    scored = {i: score(float(v)) for i, v in enumerate(values)
+              if isinstance(v, (int, float)) and not isinstance(v, bool) and not _is_missing(v)}
+    if len(scored) < 2:
+        return set()
+    top = max(scored.values())
+    return {i for i, s in scored.items() if math.isclose(s, top, rel_tol=1e-9, abs_tol=1e-12)}
+
+
+def _metric_cell(value: Any, spec: str, bold: bool) -> str:
+    """One table cell, formatted, bold when it is the row's best."""
+    text = html.escape(_fmt(value, spec)) if spec else _esc(value)
+    return f"<td><b>{text}</b></td>" if bold else f"<td>{text}</td>"
+
+
+def _metrics_table_html(models: dict[str, dict]) -> str:
+    """The side-by-side table: one column per model, best value per row in bold."""
+    header = "".join(f"<th>{_esc(_display_name(k, m))}</th>" for k, m in models.items())
+    rows = []
+    for label, key, spec, hint, score in _METRIC_ROWS:
+        values = [m.get(key) for m in models.values()]
+        best = _best_columns(values, score)
+        cells = "".join(_metric_cell(v, spec, i in best) for i, v in enumerate(values))
+        rows.append(f'<tr><td class="label">{_esc(label)}</td><td class="hint">{_esc(hint) if hint else ""}</td>{cells}</tr>')
+    return (
+        '<table><thead><tr><th class="label">Metric</th><th>better</th>'
+        f"{header}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    )
+
+
+def _ordered_classes(labels: Sequence[str], per_class: dict) -> list[str]:
+    """Classes in the evaluation's label order, then any extra ones the model reported."""
+    ordered = [str(label) for label in labels]
+    return ordered + [c for c in per_class if c not in ordered]
+
+
+def _per_class_table_html(name: str, labels: Sequence[str], per_class: dict | None) -> str:
+    """One model's precision/recall/F1/support table, in a card."""
+    per_class = per_class or {}
+    rows = []
+    for cls in _ordered_classes(labels, per_class):
+        stats = per_class.get(cls) or {}
+        rows.append(
+            f'<tr><td class="label">{_esc(cls)}</td>'
+            f'<td>{_fmt(stats.get("precision"))}</td><td>{_fmt(stats.get("recall"))}</td>'
+            f'<td>{_fmt(stats.get("f1"))}</td><td>{_fmt(stats.get("support"), "d")}</td></tr>'
+        )
+    body = "".join(rows) or f'<tr><td colspan="5">{MISSING}</td></tr>'
+    return (
+        f'<div class="card"><h3>{_esc(name)}</h3><table><thead><tr><th class="label">class</th>'
+        f"<th>precision</th><th>recall</th><th>F1</th><th>support</th></tr></thead>"
+        f"<tbody>{body}</tbody></table></div>"
+    )
+
+
+def _confusion_figure(name: str, labels: Sequence[str], matrix: Sequence[Sequence[Any]]) -> Any:
+    """A heatmap of counts, coloured by row share so rare classes stay readable."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    counts = np.array([[0 if _is_missing(c) else c for c in row] for row in matrix], dtype=float)
+    totals = counts.sum(axis=1, keepdims=True)
+    share = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+    n = len(counts)
+    side = max(3.2, 0.75 * n + 1.8)
+    fig = Figure(figsize=(side + 0.6, side))
+    ax = fig.subplots()
+    image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    for i in range(n):
+        for j in range(counts.shape[1]):
+            colour = "white" if share[i, j] > 0.55 else "#222"
+            ax.text(j, i, f"{int(counts[i, j])}\n{share[i, j]:.0%}", ha="center", va="center",
+                    color=colour, fontsize=10 if n <= 6 else 7)
+    names = [str(label) for label in labels][: counts.shape[1]]
+    ax.set_xticks(range(len(names)), names, rotation=30 if n > 3 else 0, ha="right" if n > 3 else "center")
+    ax.set_yticks(range(min(n, len(labels))), [str(label) for label in labels][:n])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(_wrap(name), fontsize=11)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of true row")
+    fig.tight_layout()
+    return fig
+
+
+def _confusion_row_html(labels: Sequence[str], models: dict[str, dict]) -> str:
+    """One embedded heatmap per model, side by side; a note where a matrix is missing."""
+    cells = []
+    for key, model in models.items():
+        name = _display_name(key, model)
+        matrix = model.get("confusion_matrix")
+        if matrix:
+            uri = figure_to_data_uri(_confusion_figure(name, labels, matrix))
+            cells.append(f"<figure>{_img(uri, f'confusion matrix: {name}')}</figure>")
+        else:
+            cells.append(f'<div class="card"><h3>{_esc(name)}</h3><p class="note">No confusion matrix {MISSING}</p></div>')
+    return (
+        '<p class="note">Cells show counts and the share of the true row; colour follows the share.</p>'
+        f'<div class="grid">{"".join(cells)}</div>'
+    )
+
+
+def _reliability_bins(reliability: dict | None) -> list[tuple[int, float, float, int]]:
+    """(bin index, mean confidence, accuracy, count) for the non-empty bins only."""
+    reliability = reliability or {}
+    conf = reliability.get("bin_confidence") or []
+    acc = reliability.get("bin_accuracy") or []
+    count = reliability.get("bin_count") or []
+    bins = []
+    for i, (c, a) in enumerate(zip(conf, acc)):
+        n = count[i] if i < len(count) else None
+        if not _is_missing(c) and not _is_missing(a) and (n is None or n > 0):
+            bins.append((i, float(c), float(a), int(n or 0)))
+    return bins
+
+
+def _draw_reliability(ax: Any, name: str, model: dict, colour: str) -> None:
+    """Bars span each equal-width bin at its accuracy; dots mark the bin's mean confidence."""
+    reliability = model.get("reliability") or {}
+    n_bins = len(reliability.get("bin_confidence") or []) or 10
+    width = 1.0 / n_bins
+    bins = _reliability_bins(reliability)
+    ax.plot([0, 1], [0, 1], linestyle="--", color="#888", linewidth=1, label="perfect calibration")
+    if bins:
+        lefts = [i * width for i, _, _, _ in bins]
+        ax.bar(lefts, [a for _, _, a, _ in bins], width=width, align="edge", color=colour,
+               alpha=0.75, edgecolor="#333", linewidth=0.6, label="accuracy")
+        ax.scatter([c for _, c, _, _ in bins], [a for _, _, a, _ in bins], s=14, color="#111",
+                   zorder=3, label="mean confidence")
+    else:
+        ax.text(0.5, 0.5, f"no reliability data {MISSING}", ha="center", va="center", color="#777")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_aspect("equal")
+    ax.set_xlabel("confidence")
+    ax.set_title(f"{_wrap(name)}\nECE = {_fmt(model.get('ece'))}", fontsize=10)
+
+
+def _reliability_figure(models: dict[str, dict]) -> Any:
+    """One reliability subplot per model, sharing the accuracy axis."""
+    from matplotlib.figure import Figure
+
+    count = max(len(models), 1)
+    fig = Figure(figsize=(3.3 * count + 0.5, 3.9))
+    axes = fig.subplots(1, count, sharey=True, squeeze=False)[0]
+    for index, (key, model) in enumerate(models.items()):
+        _draw_reliability(axes[index], _display_name(key, model), model, _PALETTE[index % len(_PALETTE)])
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(loc="upper left", fontsize=7, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def _slice_columns(models: dict[str, dict]) -> list[str]:
+    """Every slice column any model reports, in first-seen order."""
+    columns: list[str] = []
+    for model in models.values():
+        for column in model.get("slices") or {}:
+            if column not in columns:
+                columns.append(column)
+    return columns
+
+
+def _slice_values(models: dict[str, dict], column: str) -> tuple[list[str], dict[str, Any]]:
+    """The column's slice values in first-seen order, with the first reported row count of each."""
+    values: list[str] = []
+    rows: dict[str, Any] = {}
+    for model in models.values():
+        for value, stats in ((model.get("slices") or {}).get(column) or {}).items():
+            if value not in values:
+                values.append(value)
+            if _is_missing(rows.get(value)):
+                rows[value] = (stats or {}).get("rows")
+    return values, rows
+
+
+def _slice_figure(models: dict[str, dict], column: str) -> Any:
+    """Grouped bars: macro-F1 per slice value (x), one bar per model; n rows under each value."""
+    from matplotlib.figure import Figure
+
+    values, rows = _slice_values(models, column)
+    count = max(len(models), 1)
+    group = 0.8
+    width = group / count
+    # Each bar needs ~0.35 in so its value label stays legible; the legend gets ~2.8 in on the right.
+    axes_width = len(values) * max(1.0, 0.35 * count) + 0.8
+    fig = Figure(figsize=(axes_width + 2.8, 3.6))
+    ax = fig.subplots()
+    for index, (key, model) in enumerate(models.items()):
+        stats = ((model.get("slices") or {}).get(column)) or {}
+        heights = [(stats.get(v) or {}).get("macro_f1") for v in values]
+        xs = [x - group / 2 + width * (index + 0.5) for x in range(len(values))]
+        heights = [float("nan") if _is_missing(h) else h for h in heights]
+        bars = ax.bar(xs, heights, width=width * 0.95, color=_PALETTE[index % len(_PALETTE)],
+                      label=_display_name(key, model))
+        ax.bar_label(bars, labels=[_fmt(h, ".2f") if not _is_missing(h) else "" for h in heights],
+                     fontsize=7, padding=1)
+    many = len(values) > 6  # long value lists would collide on a flat axis
+    ax.set_xticks(range(len(values)), [f"{v}\nn={_fmt(rows.get(v), 'd')}" for v in values],
+                  rotation=35 if many else 0, ha="right" if many else "center")
+    ax.set_ylim(0, 1.08)
+    ax.set_ylabel("macro-F1")
+    ax.set_title(f"macro-F1 by {column}", fontsize=11)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    # Legend outside on the right: any number of long display names fits without covering bars.
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def _slices_html(models: dict[str, dict]) -> str:
+    """One grouped bar chart per slice column, or a note when there are no slices."""
+    columns = _slice_columns(models)
+    if not columns:
+        return '<p class="note">No slices were evaluated.</p>'
+    figures = []
+    for column in columns:
+        uri = figure_to_data_uri(_slice_figure(models, column))
+        figures.append(f"<figure>{_img(uri, f'macro-F1 by {column}')}</figure>")
+    return f'<div class="row">{"".join(figures)}</div>'
+
+
+def _body_html(evaluation: dict, title: str) -> str:
+    """Every section of the report, in reading order."""
+    models: dict[str, dict] = evaluation.get("models") or {}
+    labels = [str(label) for label in evaluation.get("labels") or []]
+    if not models:
+        return _header_html(evaluation, title) + '<p class="note">No models were evaluated.</p>'
+    per_class = "".join(
+        _per_class_table_html(_display_name(k, m), labels, m.get("per_class")) for k, m in models.items()
+    )
+    reliability = _img(figure_to_data_uri(_reliability_figure(models)), "reliability diagrams")
+    return "\n".join([
+        _header_html(evaluation, title),
+        "<h2>Metrics</h2>", _metrics_table_html(models),
+        '<p class="note">Bold marks the best value in each row.</p>',
+        "<h2>Per-class metrics</h2>", f'<div class="row">{per_class}</div>',
+        "<h2>Confusion matrices</h2>", _confusion_row_html(labels, models),
+        "<h2>Calibration (reliability diagrams)</h2>", f"<figure>{reliability}</figure>",
+        "<h2>Slices</h2>", _slices_html(models),
+    ])
+
+
+def render_evaluation_report(evaluation: dict, title: str = "tuneloop evaluation") -> str:
+    """Returns the whole report as one self-contained HTML document string."""
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{_esc(title)}</title><style>{_CSS}</style></head>"
+        f"<body>\n{_body_html(evaluation, title)}\n</body></html>\n"
+    )
+
+
+def write_evaluation_report(evaluation: dict, out_path: Path, title: str = "tuneloop evaluation") -> Path:
+    """Writes one self-contained HTML file (plots embedded as base64 PNG) and returns out_path."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(render_evaluation_report(evaluation, title), encoding="utf-8")
+    return out_path

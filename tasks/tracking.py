@@ -1,0 +1,104 @@
+"""MLflow experiment tracking: one MLflow run per pipeline run.
+
+The ingest stage opens a run and records its id under `state/`; every later
+stage logs into that run through the client (no global active run), so the
+Prefect flow, `dvc repro` and single `tuneloop <stage>` calls log alike.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from tasks.workspace import Workspace, read_json, write_json
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else SQLite in the project
+    experiment: str = "tuneloop"
+    model_name: str = "tuneloop-sentiment"  # the registered model every run versions
+    __pydantic_config__ = {"extra": "forbid"}
+
+
+def tracking_uri(config: MlflowConfig, root: Path) -> str:
+    """Environment beats params beats the local default, so one variable
+    points any project at a real MLflow server."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or config.tracking_uri or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def configure_tracking(config: MlflowConfig, root: Path) -> str:
+    """Points MLflow at the tracking server and makes sure the experiment
+    exists (artefacts in `mlartifacts/` for the local default).
+
+    Returns:
+        The experiment id.
+    """
+    import logging
+
+    import mlflow
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # migration chatter on first use
+    uri = tracking_uri(config, root)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(config.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = (root / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite") else None
+    return client.create_experiment(config.experiment, artifact_location=location)
+
+
+def start_pipeline_run(config: MlflowConfig, workspace: Workspace, tags: dict[str, str]) -> str:
+    """Opens the MLflow run of a new pipeline run and records its id."""
+    import mlflow
+
+    experiment_id = configure_tracking(config, workspace.root)
+    run = mlflow.MlflowClient().create_run(experiment_id, tags=tags)
+    write_json(workspace.run_state, {"run_id": run.info.run_id, "experiment_id": experiment_id})
+    return run.info.run_id
+
+
+def current_run_id(workspace: Workspace) -> str:
+    return read_json(workspace.run_state)["run_id"]
+
+
+def flatten(prefix: str, values: Any) -> dict[str, float]:
+    """Nested numeric values as MLflow metric names: {"a": {"b": 1}} -> {"prefix.a.b": 1.0}."""
+    out: dict[str, float] = {}
+    if isinstance(values, dict):
+        for key, value in values.items():
+            out.update(flatten(f"{prefix}.{key}" if prefix else str(key), value))
+    elif isinstance(values, (int, float)) and not isinstance(values, bool):
+        out[prefix] = float(values)
+    return out
+
+
+def log_stage(workspace: Workspace, stage: str, metrics: Any = None, params: dict | None = None,
+              artifacts: Iterable[Path] = ()) -> None:
+    """Logs a stage's numbers, settings and files into the pipeline's run."""
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric, Param
+
+    client = mlflow.MlflowClient()
+    run_id = current_run_id(workspace)
+    now = int(time.time() * 1000)
+    metric_list = [Metric(k, v, now, 0) for k, v in flatten(stage, metrics or {}).items()]
+    param_list = [Param(f"{stage}.{k}", str(v)[:6000]) for k, v in (params or {}).items()]
+    client.log_batch(run_id, metrics=metric_list, params=param_list)
+    for path in artifacts:
+        path = Path(path)
+        if path.is_dir():
+            client.log_artifacts(run_id, str(path), artifact_path=f"{stage}/{path.name}")
+        elif path.exists():
+            client.log_artifact(run_id, str(path), artifact_path=stage)
+
+
+def end_pipeline_run(workspace: Workspace, status: str = "FINISHED") -> None:
+    import mlflow
+
+    mlflow.MlflowClient().set_terminated(current_run_id(workspace), status=status)

@@ -1,0 +1,574 @@
+"""Validate stage: data-quality rules checked by Great Expectations.
+
+Every rule is a real GX expectation (or a few) run through a Checkpoint on an
+ephemeral context, so the Data Docs HTML written under `report_dir` shows the
+same verdicts this module reports. What GX cannot express directly (text
+length after stripping, duplicates, split leakage, per-class counts) is first
+computed into derived columns on a copy of the frame, and GX checks those.
+
+Two frames are validated, each by its own Checkpoint: one row per example
+(row rules, failures named by source row) and one row per configured label
+(class-count rules, failures named by label). A Checkpoint passes the same
+batch parameters and result format to all of its validation definitions, so
+two frames with different key columns need two Checkpoints.
+
+Great Expectations is imported inside the functions that use it: importing it
+takes seconds, and importing this module must stay cheap.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+RULES: tuple[str, ...] = (
+    "schema",
+    "non_empty_text",
+    "text_length",
+    "label_set",
+    "min_rows_per_class",
+    "class_imbalance",
+    "duplicate_texts",
+    "split_leakage",
+    "pii",
+)
+
+# Real corpora carry a few duplicates and the odd e-mail address: flag them,
+# but only structural problems and train/test leakage block the pipeline.
+DEFAULT_SEVERITY: dict[str, str] = {
+    "schema": "error",
+    "non_empty_text": "error",
+    "text_length": "error",
+    "label_set": "error",
+    "min_rows_per_class": "error",
+    "class_imbalance": "error",
+    "duplicate_texts": "warning",
+    "split_leakage": "error",
+    "pii": "warning",
+}
+
+# Non-capturing groups only: pandas warns about capture groups in str.contains.
+DEFAULT_PII_PATTERNS: dict[str, str] = {
+    "email": r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}",
+    "phone": (
+        r"(?:\+\d{1,3}[\s.-]?)?(?:\(\d{3}\)|\b\d{3})[\s.-]?\d{3}[\s.-]?\d{4}\b"
+        r"|\+\d{1,3}(?:[\s.-]?\d{2,4}){2,4}\b"
+    ),
+    # 13-19 digits, bare or in 4-digit groups (Amex: 4-6-5); not ISBNs or prices
+    "card": r"\b(?:\d{13,19}|\d{4}[ -]\d{4}[ -]\d{4}[ -]\d{1,7}|\d{4}[ -]\d{6}[ -]\d{5})\b",
+}
+
+SEVERITIES: tuple[str, ...] = ("error", "warning")
+EVAL_SPLITS: tuple[str, ...] = ("validation", "test")
+
+_MAX_EXAMPLES = 5
+_EXCERPT_CHARS = 60
+_SITE_NAME = "validation"
+# Which source columns each rule reads; a rule whose columns are missing
+# cannot be checked (schema reports the missing column itself).
+_RULE_COLUMNS: dict[str, tuple[str, ...]] = {
+    "non_empty_text": ("text",),
+    "text_length": ("text",),
+    "label_set": ("label",),
+    "min_rows_per_class": ("label",),
+    "class_imbalance": ("label",),
+    "duplicate_texts": ("text",),
+    "split_leakage": ("text",),
+    "pii": ("text",),
+}
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    """The `validate` section of params.yaml.
+
+    `severity` may name only some rules; the others keep DEFAULT_SEVERITY.
+    """
+
+    labels: tuple[str, ...] = ("negative", "positive")
+    min_text_chars: int = 3
+    max_text_chars: int = 2000
+    min_rows_per_class: int = 50
+    max_class_imbalance: float = 10.0  # largest class / smallest class
+    pii_patterns: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PII_PATTERNS))
+    severity: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_SEVERITY))
+
+    __pydantic_config__ = {"extra": "forbid"}
+
+    def __post_init__(self) -> None:
+        """Checks the values and completes `severity` with the defaults.
+
+        Raises:
+            ValueError: an unknown rule or severity in `severity`, a PII
+                pattern that does not compile, or inconsistent bounds.
+        """
+        for rule, level in self.severity.items():
+            if rule not in RULES:
+                raise ValueError(f"severity: unknown rule {rule!r}; known rules: {list(RULES)}")
+            if level not in SEVERITIES:
+                raise ValueError(f"severity[{rule!r}] must be 'error' or 'warning', not {level!r}")
+        for name, pattern in self.pii_patterns.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"pii_patterns[{name!r}] is not a valid regex: {exc}") from exc
+        if not 0 <= self.min_text_chars <= self.max_text_chars:
+            raise ValueError("need 0 <= min_text_chars <= max_text_chars")
+        if self.max_class_imbalance < 1:
+            raise ValueError("max_class_imbalance must be >= 1 (largest / smallest class)")
+        # Frozen: fill in the rules the caller left out, so lookups never miss.
+        object.__setattr__(self, "severity", {**DEFAULT_SEVERITY, **self.severity})
+
+
+@dataclass(frozen=True)
+class RuleResult:
+    """One rule's verdict; `message` is meant to be read by a person."""
+
+    rule: str
+    severity: str  # "error" | "warning"
+    passed: bool
+    message: str
+    example_rows: tuple[int, ...]  # up to 5 source row numbers
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """Every rule's verdict, in RULES order, and where the Data Docs are."""
+
+    results: tuple[RuleResult, ...]
+    data_docs: Path | None  # index.html of the Data Docs site
+
+    @property
+    def errors(self) -> tuple[RuleResult, ...]:
+        """Failed rules that block the pipeline."""
+        return tuple(r for r in self.results if not r.passed and r.severity == "error")
+
+    @property
+    def warnings(self) -> tuple[RuleResult, ...]:
+        """Failed rules that are only reported."""
+        return tuple(r for r in self.results if not r.passed and r.severity == "warning")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-able summary: passed, errors, warnings (rule names), rules."""
+        return {
+            "passed": not self.errors,
+            "errors": [r.rule for r in self.errors],
+            "warnings": [r.rule for r in self.warnings],
+            "rules": [
+                {
+                    "rule": r.rule,
+                    "severity": r.severity,
+                    "passed": r.passed,
+                    "message": r.message,
+                    "example_rows": list(r.example_rows),
+                }
+                for r in self.results
+            ],
+            "data_docs": str(self.data_docs) if self.data_docs else None,
+        }
+
+
+class DataValidationError(ValueError):
+    """Raised when a blocking rule fails; str() lists every failed error rule with its message and rows."""
+
+    def __init__(self, report: ValidationReport) -> None:
+        self.report = report
+        lines = [f"data validation failed: {len(report.errors)} blocking rule(s) failed"]
+        lines += [f"  - {r.message}" for r in report.errors]
+        if report.data_docs is not None:
+            lines.append(f"  Data Docs: {report.data_docs}")
+        super().__init__("\n".join(lines))
+
+
+def validate_dataset(frame: pd.DataFrame, config: ValidateConfig, report_dir: Path) -> ValidationReport:
+    """Runs every rule through Great Expectations and writes Data Docs.
+
+    Args:
+        frame: columns `row` (1-based source row), `text`, `label`, optionally
+            `split`; other columns are ignored. Without `row`, rows are
+            numbered 1..n in frame order.
+        config: thresholds, PII patterns and rule severities.
+        report_dir: the Data Docs site is written here (created if needed).
+
+    Returns:
+        The report, one RuleResult per rule in RULES order, with the path of
+        the Data Docs index.html (None if GX did not write one).
+
+    Does not raise on failed rules; see check_report.
+    """
+    rows = _rows_frame(frame)
+    classes = _class_frame(frame, config.labels)
+    report_dir = Path(report_dir).resolve()
+    report_dir.mkdir(parents=True, exist_ok=True)
+    context = _gx_context(report_dir)
+    row_checks = _row_expectations(config, set(frame.columns))
+    class_checks = _class_expectations(config, classes) if "label" in frame.columns else []
+    gx_results = _run_checkpoint(context, "rows", rows, row_checks, keys=["row"])
+    if class_checks:
+        gx_results += _run_checkpoint(context, "classes", classes, class_checks, keys=["label", "rows"])
+    texts = dict(zip(rows["row"], frame["text"])) if "text" in frame.columns else {}
+    results = tuple(
+        _rule_result(rule, config, [r for r in gx_results if _rule_of(r) == rule], texts, set(frame.columns))
+        for rule in RULES
+    )
+    index = report_dir / "index.html"
+    return ValidationReport(results=results, data_docs=index if index.is_file() else None)
+
+
+def check_report(report: ValidationReport) -> None:
+    """Lets the pipeline go on only if no error-severity rule failed.
+
+    Raises:
+        DataValidationError: naming every failed error rule and its example rows.
+    """
+    if report.errors:
+        raise DataValidationError(report)
+
+
+# --- derived frames ---------------------------------------------------------
+
+
+def _rows_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """Returns a fresh frame: row, text, label, split plus the derived columns.
+
+    Derived columns hold the value GX checks, null where the row is fine or
+    the rule does not apply (GX map expectations skip nulls):
+    text_stripped, text_chars (null for blank texts, which only
+    non_empty_text reports), duplicate_of (earlier row with the same text),
+    leaked_from (train row whose text a validation/test row repeats).
+    """
+    n = len(frame)
+    rows = pd.DataFrame(index=pd.RangeIndex(n))
+    rows["row"] = frame["row"].to_numpy() if "row" in frame.columns else range(1, n + 1)
+    source: dict[str, pd.Series] = {}
+    for column in ("text", "label", "split"):
+        # object dtype: GX's per-value type check only runs on object columns
+        values = frame[column].to_numpy(dtype=object) if column in frame.columns else [None] * n
+        source[column] = pd.Series(values, index=rows.index, dtype=object)
+        if column in frame.columns:  # absent columns stay absent: schema checks for them
+            rows[column] = source[column]
+    text = source["text"].map(lambda v: v if isinstance(v, str) else None).astype(object)
+    stripped = text.str.strip()
+    blank = stripped.eq("") | stripped.isna()
+    rows["text_stripped"] = stripped
+    rows["text_chars"] = text.str.len().where(~blank)
+    rows["duplicate_of"] = _duplicate_of(text.where(~blank), rows["row"])
+    rows["leaked_from"] = _leaked_from(text.where(~blank), source["split"], rows["row"])
+    return rows
+
+
+def normalise_text(text: pd.Series) -> pd.Series:
+    """Lowercases, drops punctuation and collapses whitespace ("Great movie!" -> "great movie")."""
+    return (
+        text.str.lower()
+        .str.replace(r"[^\w\s]", "", regex=True)
+        .str.replace(r"\s+", " ", regex=True)
+        .str.strip()
+    )
+
+
+def _first_row_by_key(key: pd.Series, row: pd.Series) -> dict[Any, int]:
+    """Maps each non-null key to the first source row that has it."""
+    firsts = pd.DataFrame({"key": key, "row": row}).dropna(subset=["key"]).drop_duplicates("key")
+    return dict(zip(firsts["key"], firsts["row"]))
+
+
+def _duplicate_of(text: pd.Series, row: pd.Series) -> pd.Series:
+    """For every repeat of an earlier row's exact text, that earlier row; else None."""
+    first = _first_row_by_key(text, row)
+    repeat = text.notna() & text.duplicated(keep="first")
+    return _row_numbers(text.map(first).where(repeat))
+
+
+def _leaked_from(text: pd.Series, split: pd.Series, row: pd.Series) -> pd.Series:
+    """For validation/test rows whose text is also in train, the train row; else None.
+
+    Matches the exact text first, then the normalised text, so "great   movie"
+    in test is caught by "Great movie!" in train.
+    """
+    is_train = split.eq("train")
+    is_eval = split.isin(EVAL_SPLITS)
+    if not (is_train.any() and is_eval.any()):
+        return pd.Series([None] * len(text), index=text.index, dtype=object)
+    norm = normalise_text(text)
+    norm = norm.mask(norm.eq(""))  # punctuation-only texts match nothing
+    exact = text[is_eval].map(_first_row_by_key(text[is_train], row[is_train]))
+    normal = norm[is_eval].map(_first_row_by_key(norm[is_train], row[is_train]))
+    return _row_numbers(exact.fillna(normal).reindex(text.index))
+
+
+def _row_numbers(values: pd.Series) -> pd.Series:
+    """Returns row numbers as Python ints in an object column, None where missing."""
+    return pd.Series(
+        [None if pd.isna(v) else int(v) for v in values], index=values.index, dtype=object
+    )
+
+
+def _class_frame(frame: pd.DataFrame, labels: tuple[str, ...]) -> pd.DataFrame:
+    """One row per configured label: its row count and its size relative to the smallest class.
+
+    A ratio against an empty class is infinite (NaN for the empty class
+    itself, which GX skips); min_rows_per_class reports the empty class.
+    """
+    has_label = "label" in frame.columns
+    counts = frame["label"].value_counts(dropna=True) if has_label else pd.Series(dtype=object)
+    sizes = [int(counts.get(label, 0)) for label in labels]
+    smallest = min(sizes, default=0)
+    ratios = [size / smallest if smallest else (math.inf if size else math.nan) for size in sizes]
+    return pd.DataFrame({"label": list(labels), "rows": sizes, "ratio_to_smallest": ratios})
+
+
+# --- expectations -----------------------------------------------------------
+
+
+def _expect(name: str, rule: str, config: ValidateConfig, problem: str, **kwargs: Any) -> Any:
+    """Builds GX expectation `name` tagged with its rule and the phrase used in messages.
+
+    `problem` completes "<count> <unit>s ...", e.g. "have an empty text";
+    `unit` ("row" or "class") may be passed in kwargs and defaults to "row".
+    """
+    import great_expectations as gx
+
+    unit = kwargs.pop("unit", "row")
+    severity = "critical" if config.severity[rule] == "error" else "warning"
+    meta = {"rule": rule, "problem": problem, "unit": unit}
+    return getattr(gx.expectations, name)(meta=meta, severity=severity, **kwargs)
+
+
+def _row_expectations(config: ValidateConfig, columns: set[str]) -> list[Any]:
+    """Returns the expectations on the rows frame for every rule whose columns exist."""
+    c = config
+    checks = [
+        _expect("ExpectColumnToExist", "schema", c, f"column {col!r} is missing", column=col)
+        for col in ("text", "label")
+    ]
+    if "text" in columns:
+        checks += [
+            _expect("ExpectColumnValuesToNotBeNull", "schema", c, "have no text (null)", column="text"),
+            _expect("ExpectColumnValuesToBeOfType", "schema", c, "have a text that is not a string",
+                    column="text", type_="str"),
+            _expect("ExpectColumnValueLengthsToBeBetween", "non_empty_text", c,
+                    "have an empty or whitespace-only text", column="text_stripped", min_value=1),
+            _expect("ExpectColumnValuesToBeBetween", "text_length", c,
+                    f"have a text outside {c.min_text_chars}..{c.max_text_chars} characters",
+                    column="text_chars", min_value=c.min_text_chars, max_value=c.max_text_chars),
+            _expect("ExpectColumnValuesToBeNull", "duplicate_texts", c,
+                    "repeat the exact text of an earlier row", column="duplicate_of"),
+            _expect("ExpectColumnValuesToBeNull", "split_leakage", c,
+                    "have a validation/test text that is also in train (exact or normalised)",
+                    column="leaked_from"),
+        ]
+        if c.pii_patterns:
+            checks.append(_expect(
+                "ExpectColumnValuesToNotMatchRegexList", "pii", c,
+                f"contain personal data ({', '.join(c.pii_patterns)})",
+                column="text", regex_list=list(c.pii_patterns.values())))
+    if "label" in columns:
+        checks += [
+            _expect("ExpectColumnValuesToNotBeNull", "schema", c, "have no label (null)", column="label"),
+            _expect("ExpectColumnValuesToBeInSet", "label_set", c,
+                    f"have a label outside {list(c.labels)}", column="label", value_set=list(c.labels)),
+        ]
+    return checks
+
+
+def _class_expectations(config: ValidateConfig, classes: pd.DataFrame) -> list[Any]:
+    """Returns the expectations on the class-count frame (one row per configured label)."""
+    c = config
+    smallest = classes.loc[classes["rows"].idxmin()] if len(classes) else None
+    against = f" {smallest['label']!r} ({smallest['rows']} rows)" if smallest is not None else ""
+    return [
+        _expect("ExpectColumnValuesToBeBetween", "min_rows_per_class", c,
+                f"have fewer than {c.min_rows_per_class} rows", unit="class",
+                column="rows", min_value=c.min_rows_per_class),
+        _expect("ExpectColumnValuesToBeBetween", "class_imbalance", c,
+                f"are more than {c.max_class_imbalance:g}x the size of the smallest class{against}",
+                unit="class", column="ratio_to_smallest", max_value=c.max_class_imbalance),
+    ]
+
+
+# --- running GX -------------------------------------------------------------
+
+
+def _gx_context(report_dir: Path) -> Any:
+    """Returns an ephemeral GX context whose only Data Docs site is report_dir, progress bars off."""
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
+
+    site = {
+        "class_name": "SiteBuilder",
+        "show_how_to_buttons": False,
+        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(report_dir)},
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+    }
+    project = DataContextConfig(
+        store_backend_defaults=InMemoryStoreBackendDefaults(),
+        progress_bars=ProgressBarsConfig(globally=False),
+        data_docs_sites={_SITE_NAME: site},
+    )
+    return gx.get_context(mode="ephemeral", project_config=project)
+
+
+def _run_checkpoint(
+    context: Any, name: str, frame: pd.DataFrame, expectations: list[Any], keys: list[str]
+) -> list[Any]:
+    """Validates `frame` against `expectations` in a Checkpoint that also updates Data Docs.
+
+    Args:
+        keys: columns that name a failing record; GX returns them with the
+            value for up to _MAX_EXAMPLES unexpected records per expectation.
+
+    Returns:
+        The ExpectationValidationResults, in no particular order.
+    """
+    import great_expectations as gx
+
+    asset = context.data_sources.add_pandas(name).add_dataframe_asset(name)
+    batch = asset.add_batch_definition_whole_dataframe(name)
+    suite = context.suites.add(gx.ExpectationSuite(name=name, expectations=expectations))
+    definition = context.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
+    checkpoint = context.checkpoints.add(gx.Checkpoint(
+        name=name,
+        validation_definitions=[definition],
+        actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=[_SITE_NAME])],
+        result_format={
+            "result_format": "SUMMARY",
+            "unexpected_index_column_names": keys,
+            "partial_unexpected_count": _MAX_EXAMPLES,
+            "return_unexpected_index_query": False,  # the pandas query lists every failing index
+        },
+    ))
+    outcome = checkpoint.run(batch_parameters={"dataframe": frame})
+    return [result for run in outcome.run_results.values() for result in run.results]
+
+
+# --- GX results -> rule results ----------------------------------------------
+
+
+def _rule_of(result: Any) -> str | None:
+    """Returns the rule an ExpectationValidationResult checks (from its meta)."""
+    return (result.expectation_config.meta or {}).get("rule")
+
+
+def _rule_result(
+    rule: str, config: ValidateConfig, gx_results: list[Any], texts: dict[Any, Any], columns: set[str]
+) -> RuleResult:
+    """Folds the GX results of one rule into a RuleResult with a readable message."""
+    severity = config.severity[rule]
+    missing = [c for c in _RULE_COLUMNS.get(rule, ()) if c not in columns]
+    if missing:
+        message = f"{rule}: not checked, column {missing[0]!r} is missing (see schema)"
+        return RuleResult(rule, severity, False, message, ())
+    if not gx_results:  # only pii without patterns
+        return RuleResult(rule, severity, True, f"{rule}: nothing to check", ())
+    failed = sorted((r for r in gx_results if not r.success), key=_failure_order)
+    if not failed:
+        return RuleResult(rule, severity, True, f"{rule}: passed", ())
+    parts, rows = [], []
+    for result in failed:
+        part, example_rows = _describe_failure(rule, result, texts, config)
+        parts.append(part)
+        rows += [r for r in example_rows if r not in rows]
+    return RuleResult(rule, severity, False, f"{rule}: " + "; ".join(parts), tuple(rows[:_MAX_EXAMPLES]))
+
+
+def _failure_order(result: Any) -> tuple[int, str]:
+    """Sorts a rule's failures: missing columns first, then by expectation type."""
+    kind = result.expectation_config.type
+    return (0 if kind == "expect_column_to_exist" else 1, kind)
+
+
+def _describe_failure(
+    rule: str, result: Any, texts: dict[Any, Any], config: ValidateConfig
+) -> tuple[str, list[int]]:
+    """Returns "<count> <units> <problem>: <examples>" for one failed expectation, and its example rows."""
+    meta = result.expectation_config.meta
+    error = _exception_message(result.exception_info or {})
+    if error is not None:
+        return f"could not be checked: {error}", []
+    details = result.result or {}
+    count = details.get("unexpected_count")
+    if count is None:  # table-level expectation, e.g. a missing column
+        return meta["problem"], []
+    entries = details.get("partial_unexpected_index_list") or []
+    subject = _agree(count, meta["unit"], meta["problem"])
+    if meta["unit"] == "class":
+        shown = [f"{e['label']!r} ({_class_detail(rule, e)})" for e in entries]
+        return f"{subject}: {', '.join(shown)}{_more(count, len(shown))}", []
+    rows = [int(e["row"]) for e in entries]
+    shown = [f"{row} ({_row_detail(rule, e, texts.get(e['row']), config)})" for row, e in zip(rows, entries)]
+    label = "row" if len(shown) == 1 else "rows"
+    return f"{subject}: {label} {', '.join(shown)}{_more(count, len(shown))}", rows
+
+
+def _exception_message(info: dict[str, Any]) -> str | None:
+    """Returns the message of an exception GX caught while checking, else None.
+
+    GX reports it either flat or keyed by the metric that failed.
+    """
+    for entry in [info, *info.values()]:
+        if isinstance(entry, dict) and entry.get("raised_exception"):
+            return str(entry.get("exception_message"))
+    return None
+
+
+def _agree(count: int, unit: str, problem: str) -> str:
+    """Returns "1 row has ..." / "2 rows have ..." from a plural-verb phrase."""
+    if count != 1:
+        return f"{count} {'classes' if unit == 'class' else unit + 's'} {problem}"
+    verb, _, rest = problem.partition(" ")
+    singular = {"have": "has", "are": "is"}.get(verb, verb + "s")
+    return f"1 {unit} {singular} {rest}"
+
+
+def _more(count: int, shown: int) -> str:
+    """Returns a note that only the first examples are listed, when there are more."""
+    return f" (first {shown} of {count})" if count > shown else ""
+
+
+def _class_detail(rule: str, entry: dict[str, Any]) -> str:
+    """Short description of a failing class for messages."""
+    ratio = entry.get("ratio_to_smallest")
+    if rule == "class_imbalance" and ratio is not None and math.isfinite(ratio):
+        return f"{entry['rows']} rows, {ratio:.1f}x"
+    return f"{entry['rows']} rows"
+
+
+def _row_detail(rule: str, entry: dict[str, Any], text: Any, config: ValidateConfig) -> str:
+    """Short description of a failing row: the offending value or a text excerpt."""
+    details: dict[str, Callable[[], str]] = {
+        "label_set": lambda: repr(entry.get("label")),
+        "text_length": lambda: f"{int(entry['text_chars'])} chars: {_excerpt(text)}",
+        "duplicate_texts": lambda: f"{_excerpt(text)} = row {entry['duplicate_of']}",
+        "split_leakage": lambda: f"{_excerpt(text)} ~ train row {entry['leaked_from']}",
+        "pii": lambda: f"{_pii_kinds(text, config)}: {_excerpt(text)}",
+    }
+    if rule in details:
+        return details[rule]()
+    if rule == "schema" and text is not None and not isinstance(text, str):
+        return f"{type(text).__name__} {text!r}"
+    return _excerpt(text)
+
+
+def _excerpt(text: Any) -> str:
+    """Returns the value quoted and cut to ~60 characters; repr keeps it on one line."""
+    if text is None or (isinstance(text, float) and math.isnan(text)):
+        return "null"
+    text = str(text)
+    # Whitespace is kept as is: it is what tells "great   movie" from "great movie".
+    return repr(text[: _EXCERPT_CHARS - 3] + "...") if len(text) > _EXCERPT_CHARS else repr(text)
+
+
+def _pii_kinds(text: Any, config: ValidateConfig) -> str:
+    """Names the PII patterns a text matches, e.g. "email, phone"."""
+    kinds = [name for name, pattern in config.pii_patterns.items() if re.search(pattern, str(text))]
+    return ", ".join(kinds) or "pii"

@@ -1,0 +1,111 @@
+"""Where every stage reads and writes, relative to one project root.
+
+The layout is the contract between stages: `dvc.yaml` declares the same paths,
+and the Prefect flow passes nothing between tasks that is not also on disk, so
+`tuneloop run`, `dvc repro` and a single `tuneloop <stage>` agree.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    # ingest: the DVC-tracked snapshot of the source and its canonical table
+    @property
+    def raw_dir(self) -> Path:
+        return self.root / "data" / "raw"
+
+    @property
+    def dataset(self) -> Path:
+        return self.root / "data" / "prepared" / "dataset.parquet"
+
+    @property
+    def data_version(self) -> Path:
+        return self.root / "data" / "prepared" / "version.json"
+
+    # validate
+    @property
+    def validation_dir(self) -> Path:
+        return self.root / "reports" / "validation"
+
+    @property
+    def validation_summary(self) -> Path:
+        return self.root / "metrics" / "validation.json"
+
+    # split
+    @property
+    def splits(self) -> Path:
+        return self.root / "data" / "split" / "splits.parquet"
+
+    # baseline
+    @property
+    def probe_dir(self) -> Path:
+        return self.root / "models" / "probe"
+
+    @property
+    def baseline_metrics(self) -> Path:
+        return self.root / "metrics" / "baseline.json"
+
+    # finetune
+    @property
+    def challenger_dir(self) -> Path:
+        return self.root / "models" / "challenger"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.root / "models" / "checkpoints"
+
+    @property
+    def finetune_metrics(self) -> Path:
+        return self.root / "metrics" / "finetune.json"
+
+    # evaluate
+    @property
+    def evaluation(self) -> Path:
+        return self.root / "metrics" / "evaluation.json"
+
+    @property
+    def test_predictions(self) -> Path:
+        return self.root / "metrics" / "test_predictions.parquet"
+
+    @property
+    def evaluation_report(self) -> Path:
+        return self.root / "reports" / "evaluation.html"
+
+    # gate and register
+    @property
+    def decision(self) -> Path:
+        return self.root / "metrics" / "gate.json"
+
+    @property
+    def registration(self) -> Path:
+        return self.root / "metrics" / "register.json"
+
+    # bookkeeping shared by the stages of one pipeline run
+    @property
+    def run_state(self) -> Path:
+        return self.root / "state" / "run.json"
+
+    @property
+    def models_cache(self) -> Path:
+        """Registry versions downloaded for scoring (champion, rollback targets)."""
+        return self.root / "state" / "registry_cache"
+
+
+def write_json(path: Path, payload: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    return path
+
+
+def read_json(path: Path) -> Any:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run the stage that writes it first")
+    return json.loads(path.read_text())

@@ -1,0 +1,174 @@
+"""The whole retraining flow through the real CLI, Prefect (ephemeral), MLflow
+(SQLite), DVC (local remote) and the real all-MiniLM-L6-v2, on a few hundred rows."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+MOVIES = REPO / "data" / "vader_sentiment" / "movie_reviews.csv"
+TUNELOOP = [sys.executable, "-m", "tuneloop.cli"]
+
+
+def tuneloop(project: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "PREFECT_API_URL"}}
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@e", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@e")
+    return subprocess.run([*TUNELOOP, *args, "--root", str(project)], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def write_params(project: Path, name: str, source: str) -> None:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["ingest"]["source"] = source
+    params["validate"]["min_rows_per_class"] = 20
+    params["finetune"].update(epochs=1, batch_size=16, max_length=64)
+    # A few hundred rows cannot show superiority with confidence; the first run
+    # asks for non-inferiority to the probe (CI above -0.5) so the promotion path
+    # runs, while the champion comparison keeps asking for a real gain.
+    params["gate"]["min_gain_over_base"] = -0.5
+    (project / name).write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def git(project: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=project, capture_output=True, text=True, check=True,
+                          env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@e",
+                               "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@e"}).stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A git project with 700 movie reviews and params for them, run twice."""
+    root = tmp_path_factory.mktemp("project")
+    sample = pd.read_csv(MOVIES).sample(700, random_state=3)
+    sample.to_csv(root / "reviews.csv", index=False)
+    write_params(root, "params.yaml", "reviews.csv")
+    (root / ".gitignore").write_text("mlflow.db\nmlartifacts/\nmodels/\nreports/\nmetrics/\nstate/\ndata/prepared/\n"
+                                     "data/split/\n.dvc-remote/\ndata/restored/\n")
+    git(root, "init", "-q")
+    git(root, "add", ".")
+    git(root, "commit", "-qm", "project")
+    return root
+
+
+@pytest.fixture(scope="module")
+def first_run(project):
+    return tuneloop(project, "run")
+
+
+@pytest.fixture(scope="module")
+def second_run(project, first_run):
+    return tuneloop(project, "run")
+
+
+def status(project: Path) -> dict:
+    result = tuneloop(project, "status", "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def registry_versions(project: Path) -> list[dict]:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    found = client.search_model_versions("name = 'tuneloop-sentiment'")
+    return sorted(({"version": v.version, "tags": v.tags, "aliases": v.aliases} for v in found),
+                  key=lambda v: int(v["version"]))
+
+
+def test_first_run_prints_a_line_per_stage_and_registers_a_champion(project, first_run):
+    assert first_run.returncode == 0, first_run.stderr[-3000:]
+    for number, stage in enumerate(["ingest", "validate", "split", "baseline", "finetune", "evaluate",
+                                    "gate", "register"], start=1):
+        assert f"[{number}/8] {stage}:" in first_run.stdout
+    assert "version 1 promoted to champion" in first_run.stdout
+    assert (project / "reports" / "evaluation.html").exists()
+    assert (project / "reports" / "validation" / "index.html").exists()
+
+
+def test_champion_carries_its_lineage_in_registry_tags(project, first_run):
+    info = status(project)
+    assert info["champion"]["version"] == "1"
+    assert info["champion"]["data_md5"] == md5(project / "reviews.csv")
+    assert 0.0 < info["champion"]["test"]["macro_f1"] <= 1.0
+    tags = registry_versions(project)[0]["tags"]
+    assert tags["git.commit"] == git(project, "rev-parse", "HEAD")
+    assert tags["base_model.name"] == "all-MiniLM-L6-v2"
+    assert len(tags["base_model.sha256"]) == 64
+    assert json.loads(tags["params"])["finetune"]["epochs"] == 1
+    assert info["last_run"]["outcome"] == "promoted"
+
+
+def test_evaluation_scores_base_and_challenger_on_the_same_test_rows(project, first_run):
+    evaluation = json.loads((project / "metrics" / "evaluation.json").read_text())
+    assert set(evaluation["models"]) == {"base_probe", "challenger"}
+    predictions = pd.read_parquet(project / "metrics" / "test_predictions.parquet")
+    assert len(predictions) == evaluation["test_rows"]
+    for model in evaluation["models"].values():
+        assert sum(map(sum, model["confusion_matrix"])) == evaluation["test_rows"]
+
+
+def test_rerun_on_unchanged_data_promotes_nothing_and_says_why(project, second_run):
+    assert second_run.returncode == 0, second_run.stderr[-3000:]
+    assert "version 2 rejected" in second_run.stdout
+    decision = json.loads((project / "metrics" / "gate.json").read_text())
+    assert decision["promote"] is False
+    champion_check = next(c for c in decision["checks"] if c["name"] == "beats_champion")
+    assert champion_check["passed"] is False and "includes zero" in champion_check["reason"]
+    versions = registry_versions(project)
+    assert versions[1]["tags"]["decision"] == "rejected"
+    assert "beats" not in versions[1]["tags"]["reasons"] or "FAIL" in versions[1]["tags"]["reasons"]
+    assert status(project)["champion"]["version"] == "1"
+    # the same data version: identical test rows, so the comparison is paired
+    assert versions[0]["tags"]["data.md5"] == versions[1]["tags"]["data.md5"]
+
+
+def test_bad_data_stops_at_validation_and_leaves_the_registry_as_it_was(project, second_run):
+    before = registry_versions(project)
+    rows = pd.read_csv(project / "reviews.csv").head(200).assign(split="train")
+    rows.loc[rows.index[:40], "split"] = "test"
+    leaked = rows.iloc[[0]].assign(split="train")  # a test row copied into train
+    rows.loc[rows.index[50], "label"] = "positve"  # unknown label
+    rows.loc[rows.index[60], "text"] = ""  # empty text
+    pd.concat([rows, leaked]).to_csv(project / "bad.csv", index=False)
+    write_params(project, "bad_params.yaml", "bad.csv")
+    params = yaml.safe_load((project / "bad_params.yaml").read_text())
+    params["ingest"]["split_column"] = "split"
+    (project / "bad_params.yaml").write_text(yaml.safe_dump(params))
+    result = tuneloop(project, "run", "--params", "bad_params.yaml")
+    assert result.returncode == 2
+    assert "registry is unchanged" in result.stderr
+    for rule, row in (("label_set", "51"), ("non_empty_text", "61"), ("split_leakage", "1")):
+        line = next(l for l in result.stderr.splitlines() if f"- {rule}:" in l)
+        assert f"row {row} (" in line or f"rows {row} (" in line, line
+    assert "[3/8] split" not in result.stdout
+    assert registry_versions(project) == before
+
+
+def test_changed_data_retrains_and_restore_brings_back_version_1_exact_bytes(project, second_run, tmp_path):
+    original = (project / "reviews.csv").read_bytes()
+    frame = pd.read_csv(project / "reviews.csv")
+    pd.concat([frame, pd.read_csv(MOVIES).sample(100, random_state=9)]).to_csv(project / "reviews.csv", index=False)
+    result = tuneloop(project, "run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    newest = registry_versions(project)[-1]
+    assert newest["tags"]["data.md5"] == md5(project / "reviews.csv") != hashlib.md5(original).hexdigest()
+    shutil.rmtree(project / ".dvc" / "cache")  # the bytes must come from the DVC remote
+    restored = tuneloop(project, "restore-data", "1", "--out", str(tmp_path / "v1"))
+    assert restored.returncode == 0, restored.stderr[-3000:]
+    assert (tmp_path / "v1" / "reviews.csv").read_bytes() == original

@@ -1,0 +1,173 @@
+"""Evaluation with fake models: same rows for every model, hand-checked metrics and slices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks.evaluate import Candidate, EvaluateConfig, directory_size_mb, evaluate_models
+
+LABELS = ["negative", "positive"]
+
+# Six test rows in a non-sorted source order; two slice columns.
+TEST = pd.DataFrame({
+    "row": [14, 3, 27, 8, 1, 19],
+    "text": ["dull", "tedious", "lovely", "great fun", "a delight", "so boring"],
+    "label": ["negative", "negative", "positive", "positive", "positive", "negative"],
+    "split": ["test"] * 6,
+    "length_bucket": ["<10", "<10", "<10", ">=25", ">=25", ">=25"],
+    "site": ["imdb", "rt", "imdb", "rt", "imdb", "rt"],
+})
+Y_TRUE = [0, 0, 1, 1, 1, 0]
+
+# challenger: right on rows 1-5 with confidence 0.9, wrong on row 6 with 0.6
+CHALLENGER_PROBS = np.array([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9], [0.1, 0.9], [0.1, 0.9], [0.4, 0.6]])
+# probe: says positive (0.6) to everything
+PROBE_PROBS = np.tile([0.4, 0.6], (6, 1))
+
+
+class FixedScorer:
+    """Returns fixed probabilities and records the texts it was asked to score."""
+
+    def __init__(self, probs: np.ndarray) -> None:
+        self.probs = probs
+        self.calls: list[list[str]] = []
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        self.calls.append(list(texts))
+        assert len(texts) == len(self.probs)
+        return self.probs
+
+
+def candidates() -> tuple[list[Candidate], dict[str, FixedScorer]]:
+    scorers = {"base_probe": FixedScorer(PROBE_PROBS), "challenger": FixedScorer(CHALLENGER_PROBS)}
+    return [
+        Candidate("base_probe", "base + probe", scorers["base_probe"], model_size_mb=90.5),
+        Candidate("challenger", "challenger (lora)", scorers["challenger"], version="7",
+                  model_size_mb=91.0, train_val_gap=0.03),
+    ], scorers
+
+
+@pytest.fixture(scope="module")
+def evaluated() -> tuple[dict, pd.DataFrame, dict[str, FixedScorer]]:
+    models, scorers = candidates()
+    evaluation, predictions = evaluate_models(models, TEST, LABELS, EvaluateConfig(), data_version="f" * 32)
+    return evaluation, predictions, scorers
+
+
+def test_every_model_scores_the_same_test_texts_once_in_order(evaluated) -> None:
+    _, _, scorers = evaluated
+    for scorer in scorers.values():
+        assert scorer.calls == [TEST["text"].tolist()]
+
+
+def test_predictions_frame_has_one_row_per_test_row_in_order(evaluated) -> None:
+    _, predictions, _ = evaluated
+    assert list(predictions.columns) == ["row", "y_true", "base_probe", "base_probe_confidence",
+                                         "challenger", "challenger_confidence"]
+    assert predictions["row"].tolist() == [14, 3, 27, 8, 1, 19]
+    assert predictions["y_true"].tolist() == Y_TRUE
+    assert predictions["challenger"].tolist() == [0, 0, 1, 1, 1, 1]
+    assert predictions["base_probe"].tolist() == [1] * 6
+    np.testing.assert_allclose(predictions["challenger_confidence"], [0.9] * 5 + [0.6])
+
+
+def test_evaluation_header_names_data_version_labels_and_rows(evaluated) -> None:
+    evaluation, _, _ = evaluated
+    assert evaluation["data_version"] == "f" * 32
+    assert evaluation["labels"] == LABELS
+    assert evaluation["test_rows"] == 6
+    assert list(evaluation["models"]) == ["base_probe", "challenger"]
+
+
+def test_challenger_metrics_match_hand_computation(evaluated) -> None:
+    m = evaluated[0]["models"]["challenger"]
+    # confusion [[2, 1], [0, 3]]: negative P=1 R=2/3 F1=0.8; positive P=3/4 R=1 F1=6/7
+    assert m["confusion_matrix"] == [[2, 1], [0, 3]]
+    assert m["accuracy"] == pytest.approx(5 / 6)
+    assert m["macro_f1"] == pytest.approx((0.8 + 6 / 7) / 2)
+    assert m["per_class"]["negative"] == pytest.approx({"precision": 1.0, "recall": 2 / 3, "f1": 0.8, "support": 3})
+    assert m["per_class"]["positive"] == pytest.approx({"precision": 0.75, "recall": 1.0, "f1": 6 / 7, "support": 3})
+    # 5 rows at 0.9 all right, 1 row at 0.6 wrong: 5/6 * 0.1 + 1/6 * 0.6
+    assert m["ece"] == pytest.approx(5 / 6 * 0.1 + 1 / 6 * 0.6)
+
+
+def test_probe_that_never_predicts_negative_scores_zero_f1_on_it(evaluated) -> None:
+    m = evaluated[0]["models"]["base_probe"]
+    assert m["confusion_matrix"] == [[0, 3], [0, 3]]
+    assert m["accuracy"] == pytest.approx(0.5)
+    assert m["per_class"]["negative"]["f1"] == 0.0
+    assert m["macro_f1"] == pytest.approx((0 + 2 / 3) / 2)
+    assert m["ece"] == pytest.approx(0.1)  # confidence 0.6, accuracy 0.5
+
+
+def test_slices_are_computed_per_value_of_every_extra_column(evaluated) -> None:
+    slices = evaluated[0]["models"]["challenger"]["slices"]
+    assert set(slices) == {"length_bucket", "site"}  # row, text, label, split are not slices
+    assert slices["length_bucket"]["<10"] == {"rows": 3, "accuracy": 1.0, "macro_f1": 1.0}
+    long = slices["length_bucket"][">=25"]
+    # y_true [1, 1, 0], predicted [1, 1, 1]: negative F1 0, positive P=2/3 R=1 F1=0.8
+    assert long["rows"] == 3
+    assert long["accuracy"] == pytest.approx(2 / 3)
+    assert long["macro_f1"] == pytest.approx(0.4)
+    # site: imdb rows 1, 3, 5 all right; rt rows 2, 4, 6 has the one error
+    assert slices["site"]["imdb"]["accuracy"] == 1.0
+    assert slices["site"]["rt"]["accuracy"] == pytest.approx(2 / 3)
+
+
+def test_latency_size_gap_name_and_version_are_reported(evaluated) -> None:
+    models = evaluated[0]["models"]
+    challenger, probe = models["challenger"], models["base_probe"]
+    for m in (challenger, probe):
+        assert isinstance(m["latency_ms_per_example"], float) and m["latency_ms_per_example"] >= 0
+    assert (challenger["name"], challenger["version"]) == ("challenger (lora)", "7")
+    assert (challenger["model_size_mb"], challenger["train_val_gap"]) == (91.0, 0.03)
+    assert (probe["version"], probe["model_size_mb"], probe["train_val_gap"]) == (None, 90.5, None)
+
+
+def test_latency_is_scoring_time_per_test_row() -> None:
+    import time
+
+    def slow(texts: Sequence[str]) -> np.ndarray:
+        time.sleep(0.06)
+        return CHALLENGER_PROBS
+
+    evaluation, _ = evaluate_models([Candidate("challenger", "slow", slow)], TEST, LABELS, EvaluateConfig(), "v")
+    assert evaluation["models"]["challenger"]["latency_ms_per_example"] >= 60 / 6
+
+
+def test_slice_columns_config_restricts_slices() -> None:
+    models, _ = candidates()
+    config = EvaluateConfig(slice_columns=("site", "not_a_column"))
+    evaluation, _ = evaluate_models(models, TEST, LABELS, config, "v")
+    for m in evaluation["models"].values():
+        assert list(m["slices"]) == ["site"]
+    evaluation, _ = evaluate_models(models, TEST, LABELS, EvaluateConfig(slice_columns=()), "v")
+    assert evaluation["models"]["challenger"]["slices"] == {}
+
+
+def test_min_slice_rows_leaves_small_slice_values_out() -> None:
+    frame = TEST.assign(site=["imdb", "imdb", "imdb", "imdb", "rt", "rt"])
+    models, _ = candidates()
+    evaluation, _ = evaluate_models(models, frame, LABELS, EvaluateConfig(min_slice_rows=3), "v")
+    assert list(evaluation["models"]["challenger"]["slices"]["site"]) == ["imdb"]
+
+
+def test_directory_size_mb_counts_only_weight_files(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    (model / "nested").mkdir(parents=True)
+    (model / "model.safetensors").write_bytes(b"\0" * 2**20)
+    (model / "nested" / "adapter.bin").write_bytes(b"\0" * 2**19)
+    (model / "config.json").write_bytes(b"{}" * 5000)
+    (model / "tokenizer.json").write_bytes(b"x" * 2**20)
+    (model / "README.md").write_text("weights")
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "pytorch_model.bin").write_bytes(b"\0" * 2**18)
+    assert directory_size_mb(model) == pytest.approx(1.5)
+    assert directory_size_mb(model, base) == pytest.approx(1.75)
+    assert directory_size_mb(tmp_path / "empty_or_missing") == 0.0

@@ -1,0 +1,153 @@
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tasks.finetune as ft
+from tasks.classifier import load_classifier, predict_proba
+from tasks.finetune import FinetuneConfig, finetune, length_grouped_order, linear_schedule
+from tasks.metrics import macro_f1
+
+FAST = FinetuneConfig(epochs=3, learning_rate=1e-2, batch_size=16, lora_r=8, max_length=32,
+                      checkpoint_every_steps=10, patience=3)
+
+
+def train(tiny_bert: Path, toy_task: dict, out: Path, config: FinetuneConfig = FAST, data_key: str = "v1"):
+    return finetune("tiny", tiny_bert, toy_task["train"], toy_task["validation"], toy_task["labels"], config,
+                    out / "model", out / "checkpoints", data_key, progress=False)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_bert, toy_task, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora")
+    return train(tiny_bert, toy_task, out), out
+
+
+def test_lora_learns_a_separable_task(lora_run):
+    result, _ = lora_run
+    assert result.best_val_macro_f1 >= 0.9
+    assert result.train_macro_f1 >= 0.9
+    assert result.steps == 3 * 16  # 256 rows / 16 per batch, 3 epochs
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+
+
+def test_lora_run_saves_adapter_as_safetensors_with_tokenizer_and_label_map(lora_run):
+    result, _ = lora_run
+    files = {p.name for p in result.model_dir.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "labels.json", "tuneloop.json",
+            "tokenizer.json"} <= files
+    assert json.loads((result.model_dir / "labels.json").read_text()) == ["negative", "positive"]
+    tensors = load_file(str(result.model_dir / "adapter_model.safetensors"))
+    assert any("lora_A" in name for name in tensors)
+    assert any("classifier" in name for name in tensors)  # the new head is saved with the adapter
+    assert all("word_embeddings" not in name for name in tensors)  # frozen base weights are not copied
+
+
+def test_saved_model_reloads_with_the_validation_score_it_reported(lora_run, tiny_bert, toy_task):
+    result, _ = lora_run
+    classifier = load_classifier(result.model_dir, base_model=str(tiny_bert))
+    texts, labels = toy_task["validation"]
+    predicted = predict_proba(classifier, texts).argmax(1)
+    assert macro_f1(np.asarray(labels), predicted, 2) == pytest.approx(result.best_val_macro_f1)
+
+
+def test_finished_run_removes_its_checkpoint(lora_run):
+    _, out = lora_run
+    assert not (out / "checkpoints" / ft.CHECKPOINT_FILE).exists()
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_from_its_checkpoint_and_ends_with_the_same_weights(
+        tiny_bert, toy_task, tmp_path, monkeypatch):
+    reference = train(tiny_bert, toy_task, tmp_path / "reference")
+    original_save = ft.save_checkpoint
+    saves = []
+
+    def save_then_die(path, state):
+        original_save(path, state)
+        saves.append(state["state"].step)
+        if len(saves) == 2:  # the second checkpoint: step 16's epoch end came first, then step 26
+            raise Interrupted
+
+    monkeypatch.setattr(ft, "save_checkpoint", save_then_die)
+    with pytest.raises(Interrupted):
+        train(tiny_bert, toy_task, tmp_path / "resumed")
+    monkeypatch.setattr(ft, "save_checkpoint", original_save)
+    resumed = train(tiny_bert, toy_task, tmp_path / "resumed")
+    assert resumed.resumed_from_step == saves[-1] > 0
+    assert resumed.steps == reference.steps
+    ours = load_file(str(resumed.model_dir / "adapter_model.safetensors"))
+    theirs = load_file(str(reference.model_dir / "adapter_model.safetensors"))
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name])
+
+
+def test_checkpoint_of_a_different_run_is_not_resumed(tiny_bert, toy_task, tmp_path, monkeypatch):
+    original_save = ft.save_checkpoint
+
+    def save_then_die(path, state):
+        original_save(path, state)
+        raise Interrupted
+
+    monkeypatch.setattr(ft, "save_checkpoint", save_then_die)
+    with pytest.raises(Interrupted):
+        train(tiny_bert, toy_task, tmp_path, replace(FAST, epochs=1))
+    monkeypatch.undo()
+    assert (tmp_path / "checkpoints" / ft.CHECKPOINT_FILE).exists()
+    result = train(tiny_bert, toy_task, tmp_path, replace(FAST, epochs=1), data_key="v2")  # new data version
+    assert result.resumed_from_step == 0
+
+
+def test_early_stopping_ends_training_when_validation_stops_improving(tiny_bert, toy_task, tmp_path):
+    config = replace(FAST, epochs=6, patience=1, learning_rate=0.0)  # nothing improves after epoch 1
+    result = train(tiny_bert, toy_task, tmp_path, config)
+    assert result.stopped_early
+    assert result.epochs_run == 2
+
+
+def test_full_finetuning_saves_every_weight(tiny_bert, toy_task, tmp_path):
+    result = train(tiny_bert, toy_task, tmp_path, replace(FAST, method="full", learning_rate=3e-3))
+    assert (result.model_dir / "model.safetensors").exists()
+    assert not (result.model_dir / "adapter_config.json").exists()
+    classifier = load_classifier(result.model_dir)
+    texts, labels = toy_task["validation"]
+    assert macro_f1(np.asarray(labels), predict_proba(classifier, texts).argmax(1), 2) >= 0.9
+
+
+def test_max_steps_caps_optimizer_steps(tiny_bert, toy_task, tmp_path):
+    result = train(tiny_bert, toy_task, tmp_path, replace(FAST, max_steps=5))
+    assert result.steps == 5
+
+
+def test_length_grouped_order_yields_every_example_once_and_is_deterministic():
+    lengths = np.random.default_rng(0).integers(1, 100, size=1000).tolist()
+    batches = length_grouped_order(lengths, 32, seed=7)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(1000))
+    assert all(len(b) <= 32 for b in batches)
+    again = length_grouped_order(lengths, 32, seed=7)
+    assert all((a == b).all() for a, b in zip(batches, again))
+    spread = np.mean([np.ptp(np.asarray(lengths)[b]) for b in batches])
+    assert spread < 10  # batches hold texts of similar length: little padding
+
+
+def test_linear_schedule_warms_up_then_decays_to_zero():
+    factor = linear_schedule(total_steps=100, warmup_ratio=0.1)
+    assert factor(0) == pytest.approx(0.1)
+    assert factor(9) == pytest.approx(1.0)
+    assert factor(55) == pytest.approx(0.5)
+    assert factor(100) == 0.0
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(ValueError, match="method"):
+        FinetuneConfig(method="qlora")

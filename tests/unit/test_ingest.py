@@ -1,0 +1,225 @@
+"""Ingest: any supported format reads to one canonical frame; DVC versions and restores the bytes.
+
+The DVC round trip (ingest, ingest changed data, restore the first version
+with the local cache gone) runs once for the module: each DVC call costs a
+second or two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tasks.ingest import (
+    DataVersion,
+    IngestConfig,
+    IngestError,
+    canonicalize,
+    load_data_version,
+    read_table,
+    restore_data,
+    run_ingest,
+)
+from tasks.workspace import Workspace
+
+TWELVE_WORDS = "the plot drags in the middle but the ending lands very well"
+LONG_TEXT = " ".join(["a long and winding review that keeps going"] * 3 + ["on", "and", "on"])
+
+SOURCE_ROWS = pd.DataFrame({
+    "text": ["A gripping, beautifully acted story.", "It was fine.", TWELVE_WORDS, LONG_TEXT, ""],
+    "label": ["positive", "neutral", "negative", "positive", "negative"],
+    "site": ["imdb", "imdb", "rt", "rt", "imdb"],
+})
+
+# what every format must read to: 1-based source rows, text, label, word-count bucket
+CANONICAL = pd.DataFrame({
+    "row": [1, 2, 3, 4, 5],
+    "text": SOURCE_ROWS["text"].tolist(),
+    "label": SOURCE_ROWS["label"].tolist(),
+    "length_bucket": ["<10", "<10", "10-24", ">=25", "<10"],
+})
+
+
+def write_table(frame: pd.DataFrame, path: Path) -> Path:
+    """Writes `frame` as CSV, JSON Lines or Parquet, chosen by the file extension."""
+    if path.suffix == ".csv":
+        frame.to_csv(path, index=False)
+    elif path.suffix == ".jsonl":
+        frame.to_json(path, orient="records", lines=True)
+    else:
+        frame.to_parquet(path, index=False)
+    return path
+
+
+def test_fixture_texts_have_the_word_counts_the_buckets_assume() -> None:
+    assert [len(t.split()) for t in SOURCE_ROWS["text"]] == [5, 3, 12, 27, 0]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_every_format_reads_to_the_same_canonical_frame(tmp_path: Path, suffix: str) -> None:
+    raw = read_table(write_table(SOURCE_ROWS, tmp_path / f"reviews{suffix}"))
+    frame, excluded = canonicalize(raw, IngestConfig())
+    assert excluded == 0
+    pd.testing.assert_frame_equal(frame, CANONICAL)
+
+
+def test_slice_and_split_columns_are_carried_into_the_canonical_frame(tmp_path: Path) -> None:
+    source = SOURCE_ROWS.assign(fold=["train", "train", "TEST ", "validation", "train"])
+    raw = read_table(write_table(source, tmp_path / "reviews.csv"))
+    frame, _ = canonicalize(raw, IngestConfig(slice_columns=("site",), split_column="fold"))
+    assert list(frame.columns) == ["row", "text", "label", "split", "site", "length_bucket"]
+    assert frame["split"].tolist() == ["train", "train", "test", "validation", "train"]
+    assert frame["site"].tolist() == ["imdb", "imdb", "rt", "rt", "imdb"]
+
+
+def test_renamed_source_columns_are_mapped_to_text_and_label(tmp_path: Path) -> None:
+    source = SOURCE_ROWS.rename(columns={"text": "review", "label": "sentiment"})
+    raw = read_table(write_table(source, tmp_path / "reviews.parquet"))
+    frame, _ = canonicalize(raw, IngestConfig(text_column="review", label_column="sentiment"))
+    pd.testing.assert_frame_equal(frame, CANONICAL)
+
+
+def test_missing_column_raises_naming_it_and_listing_the_columns_present() -> None:
+    with pytest.raises(IngestError) as error:
+        canonicalize(SOURCE_ROWS, IngestConfig(text_column="review", slice_columns=("site", "genre")))
+    message = str(error.value)
+    assert "['review', 'genre']" in message
+    assert "it has ['text', 'label', 'site']" in message
+
+
+def test_excluded_labels_are_dropped_counted_and_keep_their_source_row_numbers() -> None:
+    frame, excluded = canonicalize(SOURCE_ROWS, IngestConfig(exclude_labels=("neutral",)))
+    assert excluded == 1
+    assert frame["row"].tolist() == [1, 3, 4, 5]
+    assert "neutral" not in set(frame["label"])
+    assert list(frame.index) == [0, 1, 2, 3]
+
+
+def test_empty_csv_text_stays_an_empty_string_not_nan(tmp_path: Path) -> None:
+    path = tmp_path / "reviews.csv"
+    path.write_text("text,label\n,negative\nNA,positive\nok then,positive\n")
+    frame, _ = canonicalize(read_table(path), IngestConfig())
+    assert frame["text"].tolist() == ["", "NA", "ok then"]
+    assert frame["length_bucket"].tolist() == ["<10", "<10", "<10"]
+
+
+def test_labels_are_stripped_of_surrounding_whitespace(tmp_path: Path) -> None:
+    path = tmp_path / "reviews.csv"
+    path.write_text("text,label\nnice one, positive\ndull,negative \n")
+    frame, _ = canonicalize(read_table(path), IngestConfig())
+    assert frame["label"].tolist() == ["positive", "negative"]
+
+
+def test_read_table_rejects_unknown_format_and_missing_file(tmp_path: Path) -> None:
+    (tmp_path / "reviews.xlsx").write_bytes(b"x")
+    with pytest.raises(IngestError, match="unsupported format '.xlsx'"):
+        read_table(tmp_path / "reviews.xlsx")
+    with pytest.raises(IngestError, match="does not exist"):
+        read_table(tmp_path / "nope.csv")
+
+
+# --- DVC: snapshot, version, push, restore ---------------------------------------------
+
+
+V1_CSV = b"text,label,site\nGreat movie!,positive,imdb\nawful plot,negative,rt\nmeh,neutral,rt\n,negative,imdb\n"
+V2_CSV = b"text,label,site\nGreat movie!,positive,imdb\nawful plot,negative,rt\nloved it,positive,rt\n"
+
+
+@dataclass(frozen=True)
+class IngestRoundTrip:
+    workspace: Workspace
+    config: IngestConfig
+    v1: DataVersion
+    v1_version_json: dict
+    v1_dataset: pd.DataFrame
+    v2: DataVersion
+    cache_existed: bool
+    restored: Path
+
+
+@pytest.fixture(scope="module")
+def ingest_round_trip(tmp_path_factory: pytest.TempPathFactory) -> IngestRoundTrip:
+    """Ingests V1, then V2 from the same source path, deletes the DVC cache and
+    restores V1, all from a working directory outside the project (so no path
+    may depend on the process's cwd)."""
+    root = tmp_path_factory.mktemp("ingest_project")
+    elsewhere = tmp_path_factory.mktemp("some_other_cwd")
+    workspace = Workspace(root)
+    config = IngestConfig(source="incoming/reviews.csv", exclude_labels=("neutral",), dvc_remote=".dvc-remote")
+    source = root / "incoming" / "reviews.csv"
+    source.parent.mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(elsewhere)
+        source.write_bytes(V1_CSV)
+        v1 = run_ingest(config, workspace)
+        v1_version_json = json.loads(workspace.data_version.read_text())
+        v1_dataset = pd.read_parquet(workspace.dataset)
+        source.write_bytes(V2_CSV)
+        v2 = run_ingest(config, workspace)
+        cache = root / ".dvc" / "cache"
+        cache_existed = cache.is_dir()
+        shutil.rmtree(cache)
+        restored = restore_data(v1.md5, v1.size, v1.path, root, root / "data" / "restored" / "v1", config.dvc_remote)
+    assert not list(elsewhere.iterdir()), "nothing may be written to the process's cwd"
+    return IngestRoundTrip(workspace, config, v1, v1_version_json, v1_dataset, v2, cache_existed, restored)
+
+
+def remote_object(root: Path, md5: str) -> Path:
+    """Where DVC 3 stores a file with this md5 in a local remote."""
+    return root / ".dvc-remote" / "files" / "md5" / md5[:2] / md5[2:]
+
+
+def test_data_version_md5_is_the_md5_of_the_source_bytes(ingest_round_trip: IngestRoundTrip) -> None:
+    v1 = ingest_round_trip.v1
+    assert v1.md5 == hashlib.md5(V1_CSV).hexdigest()
+    assert v1.size == len(V1_CSV)
+    assert v1.short == v1.md5[:8]
+    assert (v1.path, v1.source) == ("data/raw/reviews.csv", "incoming/reviews.csv")
+    assert (v1.rows, v1.excluded_rows) == (3, 1)
+
+
+def test_ingest_pushes_the_snapshot_to_the_local_remote_in_the_project(ingest_round_trip: IngestRoundTrip) -> None:
+    root = ingest_round_trip.workspace.root
+    assert remote_object(root, ingest_round_trip.v1.md5).read_bytes() == V1_CSV
+    assert remote_object(root, ingest_round_trip.v2.md5).read_bytes() == V2_CSV
+    # stored relative to .dvc/, so the project folder can move
+    assert re.search(r"url = \.\./\.dvc-remote$", (root / ".dvc" / "config").read_text(), re.M)
+
+
+def test_ingest_writes_prepared_dataset_and_version_json(ingest_round_trip: IngestRoundTrip) -> None:
+    trip = ingest_round_trip
+    assert trip.v1_version_json == asdict(trip.v1)
+    expected = pd.DataFrame({
+        "row": [1, 2, 4], "text": ["Great movie!", "awful plot", ""], "label": ["positive", "negative", "negative"],
+        "length_bucket": ["<10", "<10", "<10"],
+    })
+    pd.testing.assert_frame_equal(trip.v1_dataset, expected)
+    # the latest ingest is what the workspace now holds
+    assert load_data_version(trip.workspace) == trip.v2
+    assert pd.read_parquet(trip.workspace.dataset)["text"].tolist() == ["Great movie!", "awful plot", "loved it"]
+
+
+def test_snapshot_under_data_raw_holds_the_latest_source_bytes(ingest_round_trip: IngestRoundTrip) -> None:
+    root = ingest_round_trip.workspace.root
+    assert (root / "data" / "raw" / "reviews.csv").read_bytes() == V2_CSV
+    assert f"md5: {ingest_round_trip.v2.md5}" in (root / "data" / "raw" / "reviews.csv.dvc").read_text()
+
+
+def test_changed_data_gets_a_new_md5(ingest_round_trip: IngestRoundTrip) -> None:
+    v1, v2 = ingest_round_trip.v1, ingest_round_trip.v2
+    assert v2.md5 == hashlib.md5(V2_CSV).hexdigest() != v1.md5
+    assert (v2.rows, v2.excluded_rows) == (3, 0)
+
+
+def test_restore_data_brings_back_first_version_bytes_from_the_remote(ingest_round_trip: IngestRoundTrip) -> None:
+    trip = ingest_round_trip
+    assert trip.cache_existed  # the cache really was there, and was deleted before restoring
+    assert trip.restored == trip.workspace.root / "data" / "restored" / "v1" / "reviews.csv"
+    assert trip.restored.read_bytes() == V1_CSV

@@ -1,0 +1,176 @@
+"""params.yaml: the shipped file loads, mistakes are named, and dvc.yaml agrees with the code."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.gate import GateConfig
+from tuneloop.params import Params, ParamsError, load_params, parse_params
+
+PROJECT = Path(__file__).resolve().parents[2]
+PARAMS_YAML = PROJECT / "params.yaml"
+DVC_YAML = PROJECT / "dvc.yaml"
+
+
+@pytest.fixture(scope="module")
+def shipped_raw() -> dict:
+    return yaml.safe_load(PARAMS_YAML.read_text())
+
+
+@pytest.fixture
+def raw(shipped_raw: dict) -> dict:
+    """A fresh, editable copy of the shipped params mapping."""
+    return copy.deepcopy(shipped_raw)
+
+
+@pytest.fixture(scope="module")
+def dvc_stages() -> dict:
+    # `${ingest.source}` is DVC templating; only keys are read here
+    return yaml.safe_load(DVC_YAML.read_text())["stages"]
+
+
+def section_names() -> set[str]:
+    """The YAML keys Params accepts (aliases where a field has one)."""
+    return {field.alias or name for name, field in Params.model_fields.items()}
+
+
+def error_of(raw: dict) -> str:
+    with pytest.raises(ParamsError) as error:
+        parse_params(raw)
+    return str(error.value)
+
+
+# --- the shipped file ---------------------------------------------------------------------
+
+
+def test_shipped_params_yaml_loads_with_its_values(shipped_raw: dict) -> None:
+    params = load_params(PARAMS_YAML)
+    assert params.model.base == shipped_raw["model"]["base"]
+    assert params.ingest.exclude_labels == ("neutral",)
+    assert params.ingest.length_slices == (10, 25)
+    assert params.split.seed == shipped_raw["split"]["seed"]
+    assert params.finetune.method == shipped_raw["finetune"]["method"]
+    assert params.finetune.target_modules == tuple(shipped_raw["finetune"]["target_modules"])
+    assert params.evaluate.slice_columns is None
+    assert params.gate == GateConfig(**shipped_raw["gate"])
+    assert params.mlflow.tracking_uri is None
+
+
+def test_shipped_params_name_every_section(shipped_raw: dict) -> None:
+    assert set(shipped_raw) == section_names()
+
+
+def test_validate_yaml_key_maps_to_params_labels(raw: dict) -> None:
+    raw["validate"]["labels"] = ["bad", "good", "meh"]
+    params = parse_params(raw)
+    assert params.labels == ("bad", "good", "meh")
+    assert params.validate_.labels == params.labels
+
+
+def test_empty_params_give_every_default() -> None:
+    assert parse_params({}) == Params()
+    assert parse_params(None) == Params()
+
+
+# --- mistakes are named -----------------------------------------------------------------------
+
+
+def test_unknown_key_in_a_section_is_named(raw: dict) -> None:
+    raw["finetune"]["lora_rank"] = 8
+    assert "finetune.lora_rank" in error_of(raw)
+
+
+def test_unknown_top_level_section_is_named(raw: dict) -> None:
+    raw["trainer"] = {"epochs": 3}
+    message = error_of(raw)
+    assert re.search(r"^\s+trainer: ", message, re.M), message
+
+
+def test_wrong_type_is_named_with_its_section(raw: dict) -> None:
+    raw["finetune"]["epochs"] = "many"
+    message = error_of(raw)
+    assert re.search(r"^\s+finetune\.epochs: ", message, re.M), message
+
+
+def test_bad_enum_value_is_refused(raw: dict) -> None:
+    raw["finetune"]["method"] = "qlora"
+    message = error_of(raw)
+    assert "finetune" in message and "'qlora'" in message
+
+
+def test_validate_section_errors_are_named_validate_not_validate_(raw: dict) -> None:
+    raw["validate"]["min_text_chars"] = "three"
+    message = error_of(raw)
+    assert re.search(r"^\s+validate\.min_text_chars: ", message, re.M), message
+    assert "validate_" not in message
+
+
+def test_every_bad_key_is_reported_at_once(raw: dict) -> None:
+    raw["finetune"]["lora_rank"] = 8
+    raw["gate"]["metric"] = "auc"
+    raw["split"]["seed"] = "forty-two"
+    message = error_of(raw)
+    assert "finetune.lora_rank" in message and "split.seed" in message and "'auc'" in message
+
+
+def test_load_params_names_a_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "bad.yaml").write_text("finetune: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ParamsError, match="must be a mapping"):
+        load_params(tmp_path / "list.yaml")
+
+
+def test_load_params_error_names_the_file_and_the_key(tmp_path: Path, raw: dict) -> None:
+    raw["finetune"]["lora_rank"] = 8
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError, match=re.escape(f"{path} is not valid:")) as error:
+        load_params(path)
+    assert "finetune.lora_rank" in str(error.value)
+
+
+# --- dvc.yaml agrees with the code ---------------------------------------------------------------
+
+
+def test_every_dvc_stage_runs_its_own_registered_tuneloop_command(dvc_stages: dict) -> None:
+    from tuneloop.cli import app
+
+    commands = {info.name for info in app.registered_commands}
+    for name, stage in dvc_stages.items():
+        assert stage["cmd"] == f"tuneloop {name}"
+        assert name in commands, f"dvc.yaml stage {name!r} has no `tuneloop {name}` command"
+
+
+def test_every_dvc_params_entry_names_a_params_section(dvc_stages: dict) -> None:
+    sections = section_names()
+    for name, stage in dvc_stages.items():
+        assert stage.get("params"), f"stage {name} declares no params"
+        for entry in stage["params"]:
+            assert entry in sections, f"stage {name}: params entry {entry!r} is not a params.yaml section"
+
+
+def test_every_dvc_stage_is_a_pipeline_stage_in_order(dvc_stages: dict) -> None:
+    from tuneloop.stages import STAGES
+
+    assert set(dvc_stages) <= set(STAGES)
+    assert list(dvc_stages) == [s for s in STAGES if s in dvc_stages]
+
+
+def test_dvc_yaml_templates_refer_to_existing_params(dvc_stages: dict, shipped_raw: dict) -> None:
+    references = re.findall(r"\$\{([^}]+)\}", DVC_YAML.read_text())
+    assert references, "dvc.yaml is expected to template the ingest source"
+    for reference in references:
+        value = shipped_raw
+        for key in reference.split("."):
+            assert key in value, f"${{{reference}}} is not in params.yaml"
+            value = value[key]
+    assert (PROJECT / shipped_raw["ingest"]["source"]).is_file()

@@ -1,0 +1,194 @@
+"""The model registry: versions, the champion/previous aliases, rejections, the audit trail, status.
+
+All tests share one temporary SQLite MLflow (`mlflow_sandbox`, one per module)
+and each uses its own registered-model name (`mlflow_model_name`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tasks import registry
+from tasks.registry import (
+    CHAMPION,
+    MAX_TAG,
+    PREVIOUS,
+    alias_version,
+    audit_trail,
+    create_version,
+    download_version,
+    get_version,
+    list_versions,
+    model_status,
+    move_champion,
+    reject_version,
+)
+from tasks.tracking import start_pipeline_run
+from tasks.workspace import Workspace
+
+MODEL_FILES = {
+    "tuneloop.json": json.dumps({"method": "lora", "max_length": 128}),
+    "labels.json": json.dumps(["negative", "positive"]),
+    "adapter_model.safetensors": "not really weights",
+}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder shaped like the finetune stage's output."""
+    folder = tmp_path_factory.mktemp("challenger")
+    for name, content in MODEL_FILES.items():
+        (folder / name).write_text(content)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pipeline_run_id(mlflow_sandbox, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One pipeline run whose artefacts hold the registered versions' model folders."""
+    return start_pipeline_run(mlflow_sandbox.config(), Workspace(tmp_path_factory.mktemp("run_ws")),
+                              {"data.md5": "0" * 32})
+
+
+def register(name: str, run_id: str, model_dir: Path, count: int) -> list[str]:
+    """Registers `count` versions of the same folder; returns their version numbers."""
+    return [create_version(name, run_id, model_dir, {"n": str(i)}).version for i in range(count)]
+
+
+def test_create_version_registers_version_one_with_its_tags(
+    mlflow_sandbox, pipeline_run_id: str, model_dir: Path, mlflow_model_name: str
+) -> None:
+    tags = {"data.md5": "a" * 32, "test.macro_f1": 0.875, "base_model.name": "all-MiniLM-L6-v2"}
+    info = create_version(mlflow_model_name, pipeline_run_id, model_dir, tags)
+    assert info.version == "1"
+    assert info.run_id == pipeline_run_id
+    assert info.tags == {"data.md5": "a" * 32, "test.macro_f1": "0.875", "base_model.name": "all-MiniLM-L6-v2"}
+    assert info.aliases == ()
+    assert info.source.endswith(f"{pipeline_run_id}/artifacts/model")
+    assert get_version(mlflow_model_name, "1") == info
+    second = create_version(mlflow_model_name, pipeline_run_id, model_dir, {})
+    assert second.version == "2"
+    assert [v.version for v in list_versions(mlflow_model_name)] == ["1", "2"]
+
+
+def test_create_version_truncates_overlong_tag_values(
+    mlflow_sandbox, pipeline_run_id: str, model_dir: Path, mlflow_model_name: str
+) -> None:
+    info = create_version(mlflow_model_name, pipeline_run_id, model_dir, {"params": "x" * 6000})
+    assert info.tags["params"] == "x" * MAX_TAG
+
+
+def test_download_version_returns_a_folder_with_the_model_files(
+    mlflow_sandbox, pipeline_run_id: str, model_dir: Path, mlflow_model_name: str, tmp_path: Path
+) -> None:
+    (version,) = register(mlflow_model_name, pipeline_run_id, model_dir, 1)
+    folder = download_version(mlflow_model_name, version, tmp_path / "cache")
+    assert folder == tmp_path / "cache" / version / "model"
+    assert {p.name: p.read_text() for p in folder.iterdir()} == MODEL_FILES
+    # a second call reuses the downloaded folder
+    assert download_version(mlflow_model_name, version, tmp_path / "cache") == folder
+
+
+def test_move_champion_sets_champion_then_demotes_it_to_previous(
+    mlflow_sandbox, pipeline_run_id: str, model_dir: Path, mlflow_model_name: str
+) -> None:
+    name = mlflow_model_name
+    register(name, pipeline_run_id, model_dir, 2)
+    assert alias_version(name, CHAMPION) is None
+    first = move_champion(name, "1", "promote", "gate passed")
+    assert (first["from"], first["to"]) == (None, "1")
+    assert alias_version(name, CHAMPION).version == "1"
+    assert alias_version(name, PREVIOUS) is None
+    second = move_champion(name, "2", "promote", "gate passed again")
+    assert (second["from"], second["to"]) == ("1", "2")
+    assert alias_version(name, CHAMPION).version == "2"
+    assert alias_version(name, PREVIOUS).version == "1"
+    assert get_version(name, "2").aliases == (CHAMPION,)
+    assert get_version(name, "1").aliases == (PREVIOUS,)
+
+
+def test_moving_champion_to_the_current_champion_raises(
+    mlflow_sandbox, pipeline_run_id: str, model_dir: Path, mlflow_model_name: str
+) -> None:
+    name = mlflow_model_name
+    register(name, pipeline_run_id, model_dir, 1)
+    move_champion(name, "1", "promote", "first")
+    with pytest.raises(ValueError, match="version 1 of .* is already the champion"):
+        move_champion(name, "1", "promote", "again")
+    assert len(audit_trail(name)) == 1  # the refused move is not recorded
+
+
+def test_reject_version_tags_decision_and_reasons_and_leaves_champion(
+    mlflow_sandbox, pipeline_run_id: str, model_dir: Path, mlflow_model_name: str
+) -> None:
+    name = mlflow_model_name
+    register(name, pipeline_run_id, model_dir, 2)
+    move_champion(name, "1", "promote", "first")
+    reasons = ["FAIL challenger macro_f1 0.80 vs champion 0.82", "PASS latency 2.00 ms/example"]
+    reject_version(name, "2", reasons)
+    tags = get_version(name, "2").tags
+    assert tags["decision"] == "rejected"
+    assert tags["rejected"] == "true"
+    assert tags["reasons"] == "\n".join(reasons)
+    assert alias_version(name, CHAMPION).version == "1"
+    assert alias_version(name, PREVIOUS) is None
+    assert get_version(name, "2").aliases == ()
+
+
+def test_audit_trail_records_each_move_in_order_with_from_to_and_why(
+    mlflow_sandbox, pipeline_run_id: str, model_dir: Path, mlflow_model_name: str
+) -> None:
+    name = mlflow_model_name
+    register(name, pipeline_run_id, model_dir, 3)
+    move_champion(name, "1", "promote", "first model")
+    move_champion(name, "3", "promote", "v3 beat v1")
+    move_champion(name, "1", "rollback", "v3 misbehaved in production")
+    trail = audit_trail(name)
+    assert [(e["action"], e["from"], e["to"], e["why"]) for e in trail] == [
+        ("promote", None, "1", "first model"),
+        ("promote", "1", "3", "v3 beat v1"),
+        ("rollback", "3", "1", "v3 misbehaved in production"),
+    ]
+    stamps = [e["at"] for e in trail]
+    assert stamps == sorted(stamps) and len(set(stamps)) == 3
+    assert alias_version(name, PREVIOUS).version == "3"
+
+
+def test_model_status_reports_champion_data_metrics_and_last_run_outcome(
+    mlflow_sandbox, model_dir: Path, mlflow_model_name: str, tmp_path: Path
+) -> None:
+    name = mlflow_model_name
+    config = mlflow_sandbox.config(experiment="status-test", model_name=name)  # its own experiment: its last run
+    workspace = Workspace(tmp_path)
+    run_id = start_pipeline_run(config, workspace, {"data.md5": "d" * 32, "git.commit": "abc123"})
+    tags = {"data.md5": "d" * 32, "data.size": "1234", "test.macro_f1": "0.8512", "test.accuracy": "0.86",
+            "base_model.name": "all-MiniLM-L6-v2"}
+    create_version(name, run_id, model_dir, tags)
+    create_version(name, run_id, model_dir, {**tags, "test.macro_f1": "0.9"})
+    move_champion(name, "1", "promote", "first")
+    client = registry.client()
+    client.set_tag(run_id, "tuneloop.outcome", "promoted")
+    client.set_tag(run_id, "tuneloop.version", "1")
+    client.set_terminated(run_id, status="FINISHED")
+
+    status = model_status(name, "status-test")
+    assert status["model"] == name
+    assert status["champion"] == {
+        "version": "1", "data_md5": "d" * 32, "test": {"macro_f1": 0.8512, "accuracy": 0.86}, "run_id": run_id,
+    }
+    assert status["previous"] is None
+    assert status["versions"] == 2
+    assert status["last_run"] == {"run_id": run_id, "status": "FINISHED", "outcome": "promoted",
+                                  "version": "1", "data_md5": "d" * 32}
+    assert json.loads(workspace.run_state.read_text())["run_id"] == run_id
+
+
+def test_model_status_without_champion_or_runs(mlflow_sandbox, mlflow_model_name: str) -> None:
+    from tasks.tracking import configure_tracking
+
+    configure_tracking(mlflow_sandbox.config(experiment="empty-test"), mlflow_sandbox.root)
+    status = model_status(mlflow_model_name, "empty-test")
+    assert status == {"model": mlflow_model_name, "champion": None, "previous": None, "versions": 0,
+                      "last_run": None}

@@ -1,0 +1,169 @@
+"""The evaluation report: written, complete, escaped and tolerant of gaps."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from tasks.report import MISSING, figure_to_data_uri, write_evaluation_report
+
+PNG = "data:image/png;base64,"
+
+
+def _model(name: str, version: str | None, macro_f1: float, gap: float | None, slices: dict) -> dict:
+    return {
+        "name": name,
+        "version": version,
+        "accuracy": macro_f1 + 0.01,
+        "macro_f1": macro_f1,
+        "per_class": {
+            "negative": {"precision": 0.80, "recall": 0.85, "f1": 0.82, "support": 530},
+            "positive": {"precision": 0.84, "recall": 0.79, "f1": 0.81, "support": 526},
+        },
+        "confusion_matrix": [[450, 80], [110, 416]],
+        "ece": 0.04,
+        "reliability": {
+            "bin_confidence": [None, None, None, None, None, 0.56, 0.66, 0.75, 0.85, 0.96],
+            "bin_accuracy": [None, None, None, None, None, 0.52, 0.61, 0.72, 0.86, 0.95],
+            "bin_count": [0, 0, 0, 0, 0, 60, 90, 150, 260, 496],
+        },
+        "slices": slices,
+        "latency_ms_per_example": 1.9,
+        "model_size_mb": 1.2,
+        "train_val_gap": gap,
+    }
+
+
+def _slices(short_f1: float, long_f1: float) -> dict:
+    return {
+        "length_bucket": {
+            "short": {"rows": 300, "accuracy": short_f1, "macro_f1": short_f1},
+            "long": {"rows": 756, "accuracy": long_f1, "macro_f1": long_f1},
+        },
+        "source": {"web": {"rows": 1056, "accuracy": 0.8, "macro_f1": long_f1}},
+    }
+
+
+def _evaluation() -> dict:
+    return {
+        "data_version": "0123456789abcdef0123456789abcdef",
+        "labels": ["negative", "positive"],
+        "test_rows": 1056,
+        "models": {
+            "base_probe": _model("base <frozen> + logistic probe", None, 0.7712, None, _slices(0.74, 0.78)),
+            "champion": _model("champion (registry)", "6", 0.8134, 0.02, _slices(0.79, 0.82)),
+            "challenger": _model("challenger (LoRA, this run)", "7", 0.8256, 0.03, _slices(0.80, 0.83)),
+        },
+        "gate": {"promote": False, "reasons": ["macro-F1 gain 0.012 < 0.02 required", "ECE <= champion + 0.01"]},
+    }
+
+
+@pytest.fixture
+def evaluation() -> dict:
+    return _evaluation()
+
+
+def _render(evaluation: dict, tmp_path: Path) -> str:
+    out = write_evaluation_report(evaluation, tmp_path / "nested" / "report.html")
+    assert out == tmp_path / "nested" / "report.html"
+    return out.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def full_report(tmp_path_factory) -> tuple[dict, dict, str]:
+    """The full fixture rendered once (each render draws six figures, ~1 s), with its input."""
+    evaluation = _evaluation()
+    before = copy.deepcopy(evaluation)
+    text = _render(evaluation, tmp_path_factory.mktemp("full"))
+    return before, evaluation, text
+
+
+def test_report_is_written_with_each_model_name_and_formatted_macro_f1(full_report):
+    text = full_report[2]
+    assert text.startswith("<!DOCTYPE html>")
+    for name in ("base &lt;frozen&gt; + logistic probe", "champion (registry)", "challenger (LoRA, this run)"):
+        assert name in text
+    for macro_f1 in ("0.771", "0.813", "0.826"):
+        assert macro_f1 in text
+    assert "0123456789abcdef0123456789abcdef" in text and "1056" in text
+
+
+def test_best_macro_f1_is_bold_and_closest_to_zero_gap_wins(full_report):
+    text = full_report[2]
+    assert "<b>0.826</b>" in text and "<b>0.813</b>" not in text
+    assert "<b>+0.020</b>" in text and "<b>+0.030</b>" not in text
+
+
+def test_one_png_per_confusion_matrix_plus_reliability_plus_each_slice_column(full_report):
+    text = full_report[2]
+    models, reliability, slice_columns = 3, 1, 2
+    assert text.count(PNG) == models + reliability + slice_columns
+
+
+def test_gate_reasons_appear_html_escaped(full_report):
+    text = full_report[2]
+    assert "macro-F1 gain 0.012 &lt; 0.02 required" in text
+    assert "ECE &lt;= champion + 0.01" in text
+    assert "0.012 < 0.02" not in text
+    assert "DO NOT PROMOTE" in text
+
+
+def test_model_names_are_html_escaped(full_report):
+    text = full_report[2]
+    assert "<frozen>" not in text and text.count("base &lt;frozen&gt; + logistic probe") >= 2
+
+
+def test_works_without_slices_or_gate(evaluation, tmp_path):
+    for model in evaluation["models"].values():
+        model["slices"] = {}
+    evaluation.pop("gate")
+    text = _render(evaluation, tmp_path)
+    assert text.count(PNG) == 3 + 1
+    assert "PROMOTE" not in text and "No slices were evaluated." in text
+
+
+def test_passing_gate_gets_green_badge(evaluation, tmp_path):
+    evaluation["models"] = {}  # no figures needed to check the header
+    evaluation["gate"] = {"promote": True, "reasons": ["all checks passed"]}
+    text = _render(evaluation, tmp_path)
+    assert 'class="badge pass">PROMOTE' in text and "all checks passed" in text
+
+
+def test_missing_values_render_as_dash(evaluation, tmp_path):
+    probe = evaluation["models"]["base_probe"]
+    probe.update(ece=None, latency_ms_per_example=None, reliability=None, confusion_matrix=None)
+    probe["per_class"]["negative"]["precision"] = None
+    evaluation["gate"] = None
+    text = _render(evaluation, tmp_path)
+    metrics_table = text.split("<h2>Metrics</h2>", 1)[1].split("</table>", 1)[0]
+    # version, train-val gap, ECE and latency of the probe are all missing
+    assert metrics_table.count(f"<td>{MISSING}</td>") == 4
+    per_class = text.split("<h2>Per-class metrics</h2>", 1)[1].split("</table>", 1)[0]
+    assert f"<td>{MISSING}</td>" in per_class
+    # no heatmap for the probe, but the reliability figure still renders
+    assert text.count(PNG) == 2 + 1 + 2
+
+
+def test_no_models_still_writes_a_report(evaluation, tmp_path):
+    evaluation["models"] = {}
+    text = _render(evaluation, tmp_path)
+    assert "No models were evaluated." in text and PNG not in text
+
+
+def test_figure_to_data_uri_is_a_decodable_png():
+    import base64
+
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(1, 1))
+    fig.subplots().plot([0, 1], [0, 1])
+    uri = figure_to_data_uri(fig)
+    assert uri.startswith(PNG)
+    assert base64.b64decode(uri[len(PNG):])[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_input_dict_is_not_mutated(full_report):
+    before, after, _ = full_report
+    assert after == before

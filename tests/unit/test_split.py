@@ -1,0 +1,123 @@
+"""The split: deterministic, stratified, duplicate-safe, and faithful to a declared split."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks.split import SplitConfig, load_split, run_split, split_dataset
+from tasks.workspace import Workspace
+
+
+def synthetic_frame(n: int = 1000, positive_share: float = 0.7) -> pd.DataFrame:
+    """`n` distinct texts, the first `positive_share` of them positive (rows shuffled)."""
+    rng = np.random.default_rng(0)
+    labels = np.where(np.arange(n) < int(n * positive_share), "positive", "negative")
+    order = rng.permutation(n)
+    return pd.DataFrame({
+        "row": np.arange(1, n + 1),
+        "text": [f"review number {i} of the set" for i in order],
+        "label": labels[order],
+    })
+
+
+def test_same_data_and_seed_give_identical_split() -> None:
+    frame = synthetic_frame()
+    first = split_dataset(frame, SplitConfig(seed=42))
+    again = split_dataset(frame.copy(), SplitConfig(seed=42))
+    pd.testing.assert_frame_equal(first, again)
+
+
+def test_split_adds_only_a_split_column_and_keeps_rows_in_order() -> None:
+    frame = synthetic_frame(200)
+    out = split_dataset(frame, SplitConfig())
+    pd.testing.assert_frame_equal(out.drop(columns="split"), frame)
+    assert set(out["split"]) == {"train", "validation", "test"}
+    assert "split" not in frame.columns  # the input is not modified
+
+
+def test_different_seed_gives_different_test_rows() -> None:
+    frame = synthetic_frame()
+    test_a = set(split_dataset(frame, SplitConfig(seed=1)).query("split == 'test'")["row"])
+    test_b = set(split_dataset(frame, SplitConfig(seed=2)).query("split == 'test'")["row"])
+    assert len(test_a) == len(test_b) == 100
+    assert test_a != test_b
+
+
+def test_split_is_stratified_by_label() -> None:
+    frame = synthetic_frame(1000, positive_share=0.7)
+    out = split_dataset(frame, SplitConfig(validation_fraction=0.1, test_fraction=0.1, seed=5))
+    overall = (out["label"] == "positive").mean()
+    for name in ("train", "validation", "test"):
+        share = (out.loc[out["split"] == name, "label"] == "positive").mean()
+        assert share == pytest.approx(overall, abs=0.02), name
+
+
+def test_fractions_are_respected() -> None:
+    out = split_dataset(synthetic_frame(1000), SplitConfig(validation_fraction=0.15, test_fraction=0.2, seed=3))
+    counts = out["split"].value_counts()
+    assert counts["test"] == pytest.approx(200, abs=2)
+    assert counts["validation"] == pytest.approx(150, abs=2)
+    assert counts["train"] == pytest.approx(650, abs=4)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_texts_equal_after_normalisation_always_share_a_split(seed: int) -> None:
+    frame = synthetic_frame(300)
+    dupes = pd.DataFrame({
+        "row": [901, 902, 903, 904, 905],
+        "text": ["Great movie!", "great   movie", "GREAT MOVIE", "Awful, simply awful.", "awful simply awful"],
+        "label": ["positive", "positive", "negative", "negative", "negative"],
+    })
+    out = split_dataset(pd.concat([frame, dupes], ignore_index=True), SplitConfig(seed=seed))
+    where = dict(zip(out["row"], out["split"]))
+    assert where[901] == where[902] == where[903]  # even when a duplicate's label disagrees
+    assert where[904] == where[905]
+
+
+def test_declared_split_column_is_kept_with_aliases_normalised() -> None:
+    frame = pd.DataFrame({
+        "row": [1, 2, 3, 4, 5, 6],
+        "text": ["a b c", "d e f", "g h i", "j k l", "m n o", "a b c!"],
+        "label": ["positive", "negative"] * 3,
+        "split": ["train", "val", "test", "Validation", "dev", "test"],
+    })
+    out = split_dataset(frame, SplitConfig(seed=0))
+    assert out["split"].tolist() == ["train", "validation", "test", "validation", "validation", "test"]
+
+
+def test_declared_split_is_the_same_whatever_the_seed() -> None:
+    frame = synthetic_frame(50)
+    frame["split"] = ["test" if i % 5 == 0 else "train" for i in range(50)]
+    for seed in (0, 1, 99):
+        assert split_dataset(frame, SplitConfig(seed=seed))["split"].tolist() == frame["split"].tolist()
+
+
+@pytest.mark.parametrize("validation, test", [(0.5, 0.5), (0.6, 0.5), (0.0, 0.0)])
+def test_split_config_rejects_fractions_summing_outside_zero_to_one(validation: float, test: float) -> None:
+    with pytest.raises(ValueError, match="validation_fraction \\+ test_fraction must be between 0 and 1"):
+        SplitConfig(validation_fraction=validation, test_fraction=test)
+
+
+def test_split_config_rejects_a_negative_fraction_even_when_the_sum_is_valid() -> None:
+    with pytest.raises(ValueError, match="must not be negative"):
+        SplitConfig(validation_fraction=-0.1, test_fraction=0.2)
+
+
+def test_split_config_allows_an_empty_validation_split() -> None:
+    out = split_dataset(synthetic_frame(100), SplitConfig(validation_fraction=0.0, test_fraction=0.2))
+    assert out["split"].value_counts().to_dict() == {"train": 80, "test": 20}
+
+
+def test_run_split_writes_splits_parquet_and_counts_rows(tmp_path) -> None:
+    workspace = Workspace(tmp_path)
+    workspace.dataset.parent.mkdir(parents=True)
+    synthetic_frame(100).to_parquet(workspace.dataset, index=False)
+    counts = run_split(SplitConfig(validation_fraction=0.1, test_fraction=0.2, seed=4), workspace)
+    assert counts == {"train": 70, "validation": 10, "test": 20}
+    written = pd.read_parquet(workspace.splits)
+    assert written["split"].value_counts().to_dict() == {"train": 70, "test": 20, "validation": 10}
+    test = load_split(workspace, "test")
+    assert len(test) == 20 and list(test.index) == list(range(20))
+    assert set(test["row"]) == set(written.loc[written["split"] == "test", "row"])

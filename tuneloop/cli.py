@@ -1,0 +1,153 @@
+"""`tuneloop`: the one entry point for users, `dvc.yaml` stages and deployments.
+
+    tuneloop run                  the whole retraining flow (Prefect)
+    tuneloop status --json        the registered model, its champion, the last decision
+    tuneloop <stage>              one stage: ingest, validate, split, baseline,
+                                  finetune, evaluate, gate, register (what dvc.yaml calls)
+    tuneloop restore-data VERSION the exact data a registered version was trained on
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Keep a fine-tuned text classifier good in production.")
+
+ParamsOption = typer.Option(Path("params.yaml"), "--params", help="params.yaml, relative to --root")
+RootOption = typer.Option(Path("."), "--root", help="the project folder (workspace root)")
+
+
+def offline_environment() -> None:
+    """Nothing is fetched from a model hub or phoned home at run time."""
+    for key, value in {
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+        "TOKENIZERS_PARALLELISM": "false", "DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "false",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "TRANSFORMERS_VERBOSITY": "error",
+        "PREFECT_LOGGING_LEVEL": "WARNING", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }.items():
+        os.environ.setdefault(key, value)
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.secho(message, fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def load(params: Path, root: Path):
+    """Validates params once, at the edge; returns (params, workspace)."""
+    from tasks.workspace import Workspace
+    from tuneloop.params import ParamsError, load_params
+
+    root = root.resolve()
+    try:
+        return load_params(root / params), Workspace(root)
+    except ParamsError as error:
+        fail(str(error))
+
+
+def run_stage(name: str, params: Path, root: Path) -> None:
+    from tasks.ingest import IngestError
+    from tasks.validate import DataValidationError
+    from tuneloop import stages
+
+    loaded, workspace = load(params, root)
+    if name != "ingest":
+        from tasks.tracking import configure_tracking
+
+        configure_tracking(loaded.mlflow, workspace.root)
+    try:
+        getattr(stages, name)(loaded, workspace)
+    except (DataValidationError, IngestError, FileNotFoundError) as error:
+        fail(f"{name} failed: {error}")
+
+
+def stage_command(name: str, doc: str) -> None:
+    def command(params: Path = ParamsOption, root: Path = RootOption) -> None:
+        run_stage(name, params, root)
+
+    command.__doc__ = doc
+    app.command(name)(command)
+
+
+for _name, _doc in {
+    "ingest": "Read the source, snapshot it under DVC, push it, print its version.",
+    "validate": "Run the Great Expectations suite; stop on a blocking rule.",
+    "split": "Deterministic stratified train/validation/test split.",
+    "baseline": "Base model's linear probe and zero-shot scores on the test split.",
+    "finetune": "LoRA (or full) fine-tuning with early stopping and checkpoints.",
+    "evaluate": "Score base probe, champion and challenger on the same test rows.",
+    "gate": "Decide promotion and print every reason.",
+    "register": "Register the challenger; move `champion` if the gate passed.",
+}.items():
+    stage_command(_name, _doc)
+
+
+@app.command()
+def run(params: Path = ParamsOption, root: Path = RootOption) -> None:
+    """Run the whole retraining flow and print the decision."""
+    from tasks.ingest import IngestError
+    from tasks.validate import DataValidationError
+
+    loaded, workspace = load(params, root)
+    from flows.retrain import retrain_flow
+
+    try:
+        result = retrain_flow(params_path=str(params), root=str(workspace.root))
+    except (DataValidationError, IngestError) as error:
+        fail(f"retraining stopped, the registry is unchanged:\n{error}")
+    verdict = "promoted to champion" if result["promoted"] else "not promoted"
+    typer.echo(f"\n{result['model']} version {result['version']} {verdict}; "
+               f"champion: version {result['champion']}")
+    typer.echo(f"report: {workspace.evaluation_report}")
+
+
+@app.command()
+def status(params: Path = ParamsOption, root: Path = RootOption,
+           as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """The registered model, its champion (data version, test metrics) and the last run's decision."""
+    from tasks.tracking import configure_tracking
+    from tasks.registry import model_status
+
+    loaded, workspace = load(params, root)
+    configure_tracking(loaded.mlflow, workspace.root)
+    info = model_status(loaded.mlflow.model_name, loaded.mlflow.experiment)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    champion = info["champion"] or {}
+    typer.echo(f"model: {info['model']}\nchampion: version {champion.get('version')} "
+               f"(data {str(champion.get('data_md5'))[:8]}, test macro-F1 {champion.get('test', {}).get('macro_f1')})\n"
+               f"last run: {info['last_run']}")
+
+
+@app.command("restore-data")
+def restore_data_command(version: str, out: Optional[Path] = typer.Option(None, help="folder to restore into"),
+                         params: Path = ParamsOption, root: Path = RootOption) -> None:
+    """Restore, through DVC, the exact data a registered model version was trained on."""
+    from tasks import registry
+    from tasks.ingest import restore_data
+    from tasks.tracking import configure_tracking
+
+    loaded, workspace = load(params, root)
+    configure_tracking(loaded.mlflow, workspace.root)
+    tags = registry.get_version(loaded.mlflow.model_name, version).tags
+    target = out or workspace.root / "data" / "restored" / f"v{version}"
+    path = restore_data(tags["data.md5"], int(tags["data.size"]), tags["data.path"], workspace.root,
+                        target.resolve(), loaded.ingest.dvc_remote)
+    typer.echo(f"version {version}'s data ({tags['data.md5']}) restored to {path}")
+
+
+def main() -> None:
+    offline_environment()
+    app()
+
+
+if __name__ == "__main__":
+    main()

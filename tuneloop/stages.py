@@ -1,0 +1,204 @@
+"""The pipeline's stages as the CLI, `dvc.yaml` and the Prefect flow call them.
+
+Each function hands a stage module only its own params section, logs what the
+stage produced into the pipeline's MLflow run and prints one line saying what
+happened. The work itself lives in `tasks/`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import asdict
+
+import pandas as pd
+
+from tasks import registry, tracking
+from tasks.baseline import run_baseline
+from tasks.classifier import hash_model_weights, resolve_model_path
+from tasks.evaluate import classifier_candidate, evaluate_models, probe_candidate
+from tasks.finetune import FinetuneResult, finetune as finetune_model
+from tasks.gate import Decision, decide_promotion
+from tasks.ingest import DataVersion, load_data_version, run_ingest
+from tasks.report import write_evaluation_report
+from tasks.split import load_split, run_split
+from tasks.validate import DataValidationError, ValidationReport, check_report, validate_dataset
+from tasks.workspace import Workspace, read_json, write_json
+from tuneloop.params import Params
+
+STAGES = ("ingest", "validate", "split", "baseline", "finetune", "evaluate", "gate", "register")
+
+
+def say(stage: str, message: str) -> None:
+    """One progress line per stage, numbered like the pipeline."""
+    position = STAGES.index(stage) + 1 if stage in STAGES else "-"
+    print(f"[{position}/{len(STAGES)}] {stage}: {message}", flush=True)
+
+
+def git_commit(ws: Workspace) -> str:
+    """HEAD of the project's git repo (suffixed `-dirty` with local changes), or `unknown`."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ws.root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ws.root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def ingest(params: Params, ws: Workspace) -> DataVersion:
+    version = run_ingest(params.ingest, ws)
+    tracking.start_pipeline_run(params.mlflow, ws, {"data.md5": version.md5, "git.commit": git_commit(ws)})
+    tracking.log_stage(ws, "ingest", {"rows": version.rows, "excluded_rows": version.excluded_rows},
+                       params={"source": version.source, "data_md5": version.md5})
+    excluded = f", {version.excluded_rows} rows with excluded labels dropped" if version.excluded_rows else ""
+    say("ingest", f"{version.rows} rows from {version.source}, data version {version.short}{excluded}")
+    return version
+
+
+def validate(params: Params, ws: Workspace) -> ValidationReport:
+    """Raises DataValidationError (and closes the run as failed) on a blocking rule."""
+    report = validate_dataset(pd.read_parquet(ws.dataset), params.validate_, ws.validation_dir)
+    write_json(ws.validation_summary, report.to_dict())
+    tracking.log_stage(ws, "validate", {"errors": len(report.errors), "warnings": len(report.warnings)},
+                       artifacts=[ws.validation_dir])
+    for warning in report.warnings:
+        say("validate", f"warning: {warning.message}")
+    try:
+        check_report(report)
+    except DataValidationError:
+        finish_run(ws, "FAILED", "stopped at validation")
+        raise
+    say("validate", f"{len(report.results)} rules passed or warned, Data Docs at {report.data_docs}")
+    return report
+
+
+def split(params: Params, ws: Workspace) -> dict[str, int]:
+    counts = run_split(params.split, ws)
+    tracking.log_stage(ws, "split", counts, params=asdict(params.split))
+    say("split", ", ".join(f"{name} {n}" for name, n in counts.items()))
+    return counts
+
+
+def baseline(params: Params, ws: Workspace) -> dict:
+    result = run_baseline(params.baseline, resolve_model_path(params.model.base), params.labels, ws)
+    tracking.log_stage(ws, "baseline", result, params=asdict(params.baseline))
+    say("baseline", f"probe macro-F1 {result['probe']['macro_f1']:.4f}, "
+                    f"zero-shot macro-F1 {result['zero_shot']['macro_f1']:.4f}")
+    return result
+
+
+def finetune(params: Params, ws: Workspace) -> FinetuneResult:
+    index = {name: i for i, name in enumerate(params.labels)}
+    train, val = load_split(ws, "train"), load_split(ws, "validation")
+    result = finetune_model(
+        params.model.base, resolve_model_path(params.model.base),
+        (train["text"].tolist(), train["label"].map(index).tolist()),
+        (val["text"].tolist(), val["label"].map(index).tolist()),
+        params.labels, params.finetune, ws.challenger_dir, ws.checkpoint_dir, load_data_version(ws).md5,
+    )
+    summary = {k: v for k, v in asdict(result).items() if k not in {"model_dir", "history"}}
+    summary["history"] = result.history
+    write_json(ws.finetune_metrics, summary)
+    tracking.log_stage(ws, "finetune", {k: v for k, v in summary.items() if k != "history"},
+                       params=asdict(params.finetune))
+    resumed = f", resumed at step {result.resumed_from_step}" if result.resumed_from_step else ""
+    say("finetune", f"{result.steps} steps in {result.seconds:.0f}s ({result.train_examples_per_s:.1f} ex/s), "
+                    f"best validation macro-F1 {result.best_val_macro_f1:.4f}{resumed}")
+    return result
+
+
+def champion_candidate(params: Params, ws: Workspace):
+    """The registry's current champion as an evaluation candidate, or None."""
+    tracking.configure_tracking(params.mlflow, ws.root)
+    champion = registry.alias_version(params.mlflow.model_name, registry.CHAMPION)
+    if champion is None:
+        return None
+    model_dir = registry.download_version(params.mlflow.model_name, champion.version, ws.models_cache)
+    return classifier_candidate("champion", f"champion (v{champion.version})", model_dir, params.model.base,
+                                params.evaluate.batch_size, version=champion.version)
+
+
+def evaluate(params: Params, ws: Workspace) -> dict:
+    """Scores base probe, champion and challenger on the same test rows and
+    writes the side-by-side report."""
+    test = load_split(ws, "test")
+    trained = read_json(ws.finetune_metrics)
+    base_path = resolve_model_path(params.model.base)
+    candidates = [probe_candidate(base_path, ws.probe_dir, params.baseline.max_length, params.evaluate.batch_size)]
+    champion = champion_candidate(params, ws)
+    candidates += [champion] if champion else []
+    candidates.append(classifier_candidate(
+        "challenger", f"challenger ({params.finetune.method}, this run)", ws.challenger_dir, params.model.base,
+        params.evaluate.batch_size, train_val_gap=trained["train_macro_f1"] - trained["best_val_macro_f1"]))
+    evaluation, predictions = evaluate_models(candidates, test, params.labels, params.evaluate,
+                                              load_data_version(ws).md5)
+    write_json(ws.evaluation, evaluation)
+    predictions.to_parquet(ws.test_predictions, index=False)
+    write_evaluation_report(evaluation, ws.evaluation_report)
+    headline = {key: {k: m[k] for k in ("accuracy", "macro_f1", "ece", "latency_ms_per_example")}
+                for key, m in evaluation["models"].items()}
+    tracking.log_stage(ws, "evaluate", headline, artifacts=[ws.evaluation, ws.evaluation_report])
+    say("evaluate", ", ".join(f"{k} macro-F1 {m['macro_f1']:.4f}" for k, m in headline.items())
+        + f" on {evaluation['test_rows']} test rows; report {ws.evaluation_report}")
+    return evaluation
+
+
+def gate(params: Params, ws: Workspace) -> Decision:
+    evaluation = read_json(ws.evaluation)
+    frame = pd.read_parquet(ws.test_predictions)
+    predictions = {column: frame[column].to_numpy() for column in frame.columns}
+    decision = decide_promotion(evaluation, predictions, params.gate)
+    write_json(ws.decision, decision.to_dict())
+    evaluation["gate"] = decision.to_dict()  # the report shows the decision and its reasons
+    write_evaluation_report(evaluation, ws.evaluation_report)
+    tracking.log_stage(ws, "gate", {"promote": int(decision.promote)}, artifacts=[ws.decision, ws.evaluation_report])
+    say("gate", ("PROMOTE" if decision.promote else "REJECT") + "".join(f"\n      {r}" for r in decision.reasons))
+    return decision
+
+
+def version_tags(params: Params, ws: Workspace) -> dict[str, str]:
+    """What made this model: data, code, base model, settings and test metrics."""
+    data = load_data_version(ws)
+    base_path = resolve_model_path(params.model.base)
+    challenger = read_json(ws.evaluation)["models"]["challenger"]
+    tags = {
+        "data.md5": data.md5, "data.size": str(data.size), "data.path": data.path, "data.source": data.source,
+        "git.commit": git_commit(ws), "base_model.name": params.model.base, "base_model.path": str(base_path),
+        "base_model.sha256": hash_model_weights(base_path),
+        "params": json.dumps(params.model_dump(mode="json", by_alias=True), sort_keys=True),
+    }
+    tags.update({f"test.{k}": f"{challenger[k]:.6f}" for k in ("accuracy", "macro_f1", "ece", "latency_ms_per_example")})
+    return tags
+
+
+def register(params: Params, ws: Workspace) -> dict:
+    """Registers the challenger; moves `champion` only if the gate passed."""
+    decision = read_json(ws.decision)
+    name = params.mlflow.model_name
+    tracking.configure_tracking(params.mlflow, ws.root)
+    run_id = tracking.current_run_id(ws)
+    info = registry.create_version(name, run_id, ws.challenger_dir, version_tags(params, ws))
+    if decision["promote"]:
+        registry.move_champion(name, info.version, "promote", "gate passed: " + "; ".join(decision["reasons"]))
+        registry.client().set_model_version_tag(name, info.version, "decision", "promoted")
+    else:
+        registry.reject_version(name, info.version, decision["reasons"])
+    champion = registry.alias_version(name, registry.CHAMPION)
+    result = {"model": name, "version": info.version, "promoted": decision["promote"],
+              "champion": champion.version if champion else None, "reasons": decision["reasons"]}
+    write_json(ws.registration, result)
+    finish_run(ws, "FINISHED", "promoted" if decision["promote"] else "rejected", version=info.version)
+    say("register", f"{name} version {info.version} {'promoted to champion' if decision['promote'] else 'rejected'}; "
+                    f"champion is version {result['champion']}")
+    return result
+
+
+def finish_run(ws: Workspace, status: str, outcome: str, version: str | None = None) -> None:
+    """Closes the pipeline's MLflow run with its outcome, for `tuneloop status`."""
+    client = registry.client()
+    run_id = tracking.current_run_id(ws)
+    client.set_tag(run_id, "tuneloop.outcome", outcome)
+    if version:
+        client.set_tag(run_id, "tuneloop.version", version)
+    tracking.end_pipeline_run(ws, status)
