@@ -128,15 +128,23 @@ def probe_candidate(base_path: Path, probe_dir: Path, max_length: int, batch_siz
                      model_size_mb=directory_size_mb(base_path, probe_dir))
 
 
-def classifier_candidate(key: str, name: str, model_dir: Path, base_model: str, batch_size: int,
+def classifier_candidate(key: str, name: str, model_dir: Path, base_model: str | None, batch_size: int,
                          version: str | None = None, train_val_gap: float | None = None) -> Candidate:
-    """A fine-tuned model saved by the finetune stage (or downloaded from the registry)."""
-    from tasks.classifier import load_classifier, predict_proba, resolve_model_path
+    """A fine-tuned model saved by the finetune stage (or downloaded from the registry).
+
+    Args:
+        base_model: overrides the base model the adapter records (None: use the
+            recorded one, which is right for a champion trained on another base).
+    """
+    import json
+
+    from tasks.classifier import META_FILE, load_classifier, predict_proba, resolve_model_path
 
     classifier = load_classifier(model_dir, base_model)
     size = directory_size_mb(model_dir)
     if (Path(model_dir) / "adapter_config.json").exists():
-        size += directory_size_mb(resolve_model_path(base_model))  # serving needs the base weights too
+        recorded = json.loads((Path(model_dir) / META_FILE).read_text())["base_model"]
+        size += directory_size_mb(resolve_model_path(base_model or recorded))  # serving needs the base weights too
 
     def scorer(texts: Sequence[str]) -> np.ndarray:
         return predict_proba(classifier, texts, batch_size, progress=True)

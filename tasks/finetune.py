@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -248,6 +248,7 @@ def finetune(
     base_model: str, base_path: Path, train: tuple[Sequence[str], Sequence[int]],
     validation: tuple[Sequence[str], Sequence[int]], labels: Sequence[str], config: FinetuneConfig,
     out_dir: Path, checkpoint_dir: Path, data_key: str, progress: bool = True,
+    on_epoch_end: Callable[[int, float], None] | None = None,
 ) -> FinetuneResult:
     """Fine-tunes `base_path` on `train`, early-stopping on validation macro-F1.
 
@@ -260,6 +261,8 @@ def finetune(
         base_model: the name recorded in the saved model (params' value).
         train, validation: (texts, label indices).
         data_key: identifies the data version; part of the resume fingerprint.
+        on_epoch_end: called with (epoch, validation macro-F1) after each
+            epoch; an exception it raises (a pruned tuning trial) ends the run.
     """
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
@@ -299,6 +302,8 @@ def finetune(
                 save_checkpoint(checkpoint_path, snapshot(model, optimizer, scheduler, state, fingerprint))
         stopped_early = end_epoch(model, tokenizer, labels, validation, config, device, state)
         save_checkpoint(checkpoint_path, snapshot(model, optimizer, scheduler, state, fingerprint))
+        if on_epoch_end is not None:
+            on_epoch_end(state.epoch, state.history[-1]["val_macro_f1"])
         if stopped_early:
             break
     bar.close()

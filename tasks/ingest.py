@@ -11,7 +11,7 @@ from __future__ import annotations
 import filecmp
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -36,6 +36,7 @@ class IngestConfig:
     exclude_labels: tuple[str, ...] = ()
     length_slices: tuple[int, ...] = (10, 25)
     dvc_remote: str | None = ".dvc-remote"
+    incoming_dir: str | None = "data/incoming"  # labelled files dropped here join the source
     __pydantic_config__ = {"extra": "forbid"}
 
 
@@ -47,6 +48,7 @@ class DataVersion:
     source: str
     rows: int
     excluded_rows: int
+    incoming: list[str] = field(default_factory=list)  # incoming files merged into this version
 
     @property
     def short(self) -> str:
@@ -153,18 +155,55 @@ def snapshot_source(source: Path, raw_dir: Path) -> Path:
     return target
 
 
+INCOMING_SUFFIXES = {".csv", ".jsonl", ".ndjson", ".parquet", ".pq"}
+
+
+def incoming_files(config: IngestConfig, root: Path) -> list[Path]:
+    """Labelled files waiting in the incoming folder, in name order."""
+    if not config.incoming_dir or not (root / config.incoming_dir).is_dir():
+        return []
+    return sorted(p for p in (root / config.incoming_dir).iterdir() if p.suffix.lower() in INCOMING_SUFFIXES)
+
+
+def merge_incoming(source: Path, incoming: list[Path], raw_dir: Path, config: IngestConfig) -> Path:
+    """Writes source rows followed by every incoming file's rows as one CSV
+    snapshot (its row numbers are the ones validation names).
+
+    Raises:
+        IngestError: an incoming file lacks the source's text or label column.
+    """
+    frames = [read_table(source)]
+    for path in incoming:
+        frame = read_table(path)
+        missing = [c for c in (config.text_column, config.label_column) if c not in frame.columns]
+        if missing:
+            raise IngestError(f"incoming file {path.name} lacks columns {missing}; it has {list(frame.columns)}")
+        frames.append(frame)
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    target = raw_dir / f"{source.stem}+incoming.csv"
+    pd.concat(frames, ignore_index=True).to_csv(target, index=False)
+    return target
+
+
 def run_ingest(config: IngestConfig, workspace: Workspace) -> DataVersion:
-    """Reads, snapshots, tracks and writes the canonical dataset.
+    """Reads the source (plus any incoming files), snapshots, tracks and writes
+    the canonical dataset.
 
     Writes `data/prepared/dataset.parquet` and `data/prepared/version.json`.
     """
     source = Path(config.source)
     source = source if source.is_absolute() else workspace.root / source
-    frame, excluded = canonicalize(read_table(source), config)
-    snapshot = snapshot_source(source, workspace.raw_dir)
+    incoming = incoming_files(config, workspace.root)
+    if incoming:
+        snapshot = merge_incoming(source, incoming, workspace.raw_dir, config)
+    elif not source.exists():
+        raise IngestError(f"data source {source} does not exist")
+    else:
+        snapshot = snapshot_source(source, workspace.raw_dir)
+    frame, excluded = canonicalize(read_table(snapshot), config)
     md5, size = track_with_dvc(snapshot, workspace.root, config.dvc_remote)
     version = DataVersion(md5, size, str(snapshot.relative_to(workspace.root)), str(config.source),
-                          len(frame), excluded)
+                          len(frame), excluded, [str(p.relative_to(workspace.root)) for p in incoming])
     workspace.dataset.parent.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(workspace.dataset, index=False)
     write_json(workspace.data_version, asdict(version))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 CHAMPION = "champion"
 PREVIOUS = "previous"
+REFERENCE_DIR = "reference"  # run artefact folder holding the version's splits.parquet
 MAX_TAG = 4900  # MLflow rejects longer tag values on some backends
 
 
@@ -120,6 +121,43 @@ def move_champion(name: str, to_version: str, action: str, why: str) -> dict:
     return record_audit(name, action, old.version if old else None, str(to_version), why)
 
 
+class RollbackError(ValueError):
+    """A rollback that cannot happen; the registry is unchanged."""
+
+
+def rollback(name: str, to_version: str | None = None, why: str = "manual rollback") -> dict:
+    """Moves `champion` back to `previous` (or to `to_version`) in one step.
+
+    The version it leaves becomes `previous`, so a second rollback rolls
+    forward again. The move is recorded in the audit trail as `rollback`.
+
+    Returns:
+        The audit entry written: {at, action, from, to, why}.
+
+    Raises:
+        RollbackError: no champion, no previous version (and no `to_version`),
+            an unknown version, or the target already is the champion.
+    """
+    from mlflow.exceptions import MlflowException
+
+    champion = alias_version(name, CHAMPION)
+    if champion is None:
+        raise RollbackError(f"{name} has no champion to roll back from")
+    if to_version is None:
+        previous = alias_version(name, PREVIOUS)
+        if previous is None:
+            raise RollbackError(f"{name} has no `{PREVIOUS}` version to roll back to; name one with --to VERSION")
+        to_version = previous.version
+    to_version = str(to_version)
+    if to_version == champion.version:
+        raise RollbackError(f"version {to_version} of {name} already is the champion")
+    try:
+        get_version(name, to_version)
+    except MlflowException:
+        raise RollbackError(f"{name} has no version {to_version}") from None
+    return move_champion(name, to_version, "rollback", why)
+
+
 def reject_version(name: str, version: str, reasons: list[str]) -> None:
     c = client()
     c.set_model_version_tag(name, version, "decision", "rejected")
@@ -154,3 +192,17 @@ def model_status(name: str, experiment: str) -> dict:
         }
     return {"model": name, "champion": described, "previous": previous.version if previous else None,
             "versions": len(list_versions(name)), "last_run": last_run(experiment)}
+
+
+def download_reference(name: str, version: str, cache_dir: Path) -> Path:
+    """The train/validation/test splits a version was trained and tested on
+    (splits.parquet, with a `split` column), downloaded once."""
+    import mlflow
+
+    target = Path(cache_dir) / str(version) / REFERENCE_DIR
+    if (target / "splits.parquet").exists():
+        return target / "splits.parquet"
+    run_id = get_version(name, version).run_id
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=REFERENCE_DIR,
+                                               dst_path=str(target.parent))
+    return Path(path) / "splits.parquet"

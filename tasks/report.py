@@ -368,6 +368,99 @@ def _slices_html(models: dict[str, dict]) -> str:
     return f'<div class="row">{"".join(figures)}</div>'
 
 
+def _history_figure(trials: Sequence[dict]) -> Any:
+    """Validation macro-F1 per trial (pruned trials at their last scored epoch)
+    with the best so far as a step line."""
+    from matplotlib.figure import Figure
+
+    done = sorted((t["number"], t["value"]) for t in trials
+                  if t.get("state") == "COMPLETE" and not _is_missing(t.get("value")))
+    pruned = [(t["number"], t["intermediate"][-1][1]) for t in trials
+              if t.get("state") == "PRUNED" and t.get("intermediate")]
+    fig = Figure(figsize=(6.4, 3.6))
+    ax = fig.subplots()
+    if done:
+        ax.scatter(*zip(*done), color=_PALETTE[0], zorder=3, label="complete")
+        best = [max(v for _, v in done[: i + 1]) for i in range(len(done))]
+        last = max(t["number"] for t in trials)
+        ax.step([n for n, _ in done] + [last], best + best[-1:], where="post", color="#333", linewidth=1,
+                label="best so far")
+    if pruned:
+        ax.scatter(*zip(*pruned), marker="x", color=_PALETTE[3], zorder=3, label="pruned (last scored epoch)")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("validation macro-F1")
+    ax.set_title("Optimisation history", fontsize=11)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def _importance_figure(importances: dict[str, float]) -> Any:
+    """Horizontal bars, most important setting on top."""
+    from matplotlib.figure import Figure
+
+    names = list(importances)[::-1]
+    fig = Figure(figsize=(6.0, 0.35 * len(names) + 1.3))
+    ax = fig.subplots()
+    bars = ax.barh(names, [importances[n] for n in names], color=_PALETTE[0])
+    ax.bar_label(bars, fmt="%.2f", fontsize=8, padding=2)
+    ax.set_xlim(0, max(importances.values(), default=0) * 1.15 + 1e-9)
+    ax.set_xlabel("importance (share of validation macro-F1 variation)")
+    ax.set_title("Parameter importances", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def tuning_figures(tuning: dict) -> dict[str, Any]:
+    """The search's plots by file stem: optimisation history, and parameter
+    importances when enough trials completed to estimate them."""
+    figures = {"optimisation_history": _history_figure(tuning.get("trials") or [])}
+    if tuning.get("importances"):
+        figures["param_importances"] = _importance_figure(tuning["importances"])
+    return figures
+
+
+def write_tuning_plots(tuning: dict, folder: Path) -> list[Path]:
+    """Saves `tuning_figures` as PNG files in `folder`; returns their paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for stem, fig in tuning_figures(tuning).items():
+        paths.append(folder / f"{stem}.png")
+        fig.savefig(paths[-1], dpi=110, bbox_inches="tight", facecolor="white")
+    return paths
+
+
+def _param_text(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _tuning_html(tuning: dict | None) -> list[str]:
+    """The hyperparameter search: its outcome, best settings and plots (absent when not tuned)."""
+    if not tuning:
+        return []
+    rows = "".join(f'<tr><td class="label">{_esc(k)}</td><td>{_esc(_param_text(v))}</td></tr>'
+                   for k, v in (tuning.get("best_params") or {}).items())
+    summary = (
+        f'<p class="meta">Study <code>{_esc(tuning.get("study_name"))}</code>: {_esc(tuning.get("n_complete"))} '
+        f'complete, {_esc(tuning.get("n_pruned"))} pruned, {_esc(tuning.get("n_failed"))} failed trials. Best: '
+        f'trial {_esc(tuning.get("best_trial"))}, validation macro-F1 '
+        f'<b>{_fmt(tuning.get("best_value"), ".4f")}</b>.</p>'
+        f'<p class="note">Each trial trained on the same {_esc(tuning.get("train_rows"))} train rows and was '
+        "scored on the validation rows; no test row was seen. The challenger above trained with these settings "
+        "on every train row.</p>")
+    plots = "".join(f"<figure>{_img(figure_to_data_uri(fig), stem.replace('_', ' '))}</figure>"
+                    for stem, fig in tuning_figures(tuning).items())
+    if not tuning.get("importances"):
+        plots += '<p class="note">Too few completed trials to estimate parameter importances.</p>'
+    table = ('<table><thead><tr><th class="label">setting</th><th>best value</th></tr></thead>'
+             f"<tbody>{rows}</tbody></table>")
+    return ["<h2>Tuning</h2>", summary, table, f'<div class="row">{plots}</div>']
+
+
 def _body_html(evaluation: dict, title: str) -> str:
     """Every section of the report, in reading order."""
     models: dict[str, dict] = evaluation.get("models") or {}
@@ -386,6 +479,7 @@ def _body_html(evaluation: dict, title: str) -> str:
         "<h2>Confusion matrices</h2>", _confusion_row_html(labels, models),
         "<h2>Calibration (reliability diagrams)</h2>", f"<figure>{reliability}</figure>",
         "<h2>Slices</h2>", _slices_html(models),
+        *_tuning_html(evaluation.get("tuning")),
     ])
 
 

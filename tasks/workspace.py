@@ -66,6 +66,19 @@ class Workspace:
     def finetune_metrics(self) -> Path:
         return self.root / "metrics" / "finetune.json"
 
+    # tune (optional): the best settings finetune applies, the trials' scratch space, the plots
+    @property
+    def tune_result(self) -> Path:
+        return self.root / "metrics" / "tune.json"
+
+    @property
+    def tune_dir(self) -> Path:
+        return self.root / "state" / "tune"
+
+    @property
+    def tune_reports(self) -> Path:
+        return self.root / "reports" / "tuning"
+
     # evaluate
     @property
     def evaluation(self) -> Path:

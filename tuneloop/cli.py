@@ -5,12 +5,15 @@
     tuneloop <stage>              one stage: ingest, validate, split, baseline,
                                   finetune, evaluate, gate, register (what dvc.yaml calls)
     tuneloop restore-data VERSION the exact data a registered version was trained on
+    tuneloop serve                the champion behind an HTTP API, following the alias
+    tuneloop rollback [--to V]    move `champion` back to `previous` (or to V)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -127,6 +130,39 @@ def status(params: Path = ParamsOption, root: Path = RootOption,
                f"last run: {info['last_run']}")
 
 
+@app.command()
+def incoming(params: Path = ParamsOption, root: Path = RootOption) -> None:
+    """Retrain if data/incoming/ holds enough new labelled rows (what the `incoming` deployment runs)."""
+    loaded, workspace = load(params, root)
+    from flows.incoming import incoming_flow
+
+    result = incoming_flow(params_path=str(params), root=str(workspace.root))
+    typer.echo(json.dumps({k: v for k, v in result.items() if k != "request"}, indent=2))
+
+
+@app.command()
+def deploy(root: Path = RootOption) -> None:
+    """Register the retrain, monitor and incoming deployments (deploy/prefect.yaml) with $PREFECT_API_URL."""
+    import subprocess
+
+    if not os.environ.get("PREFECT_API_URL"):
+        fail("PREFECT_API_URL is not set: start a server (`prefect server start`) and export "
+             "PREFECT_API_URL=http://127.0.0.1:4200/api first")
+    root = root.resolve()
+    env = {**os.environ, "TUNELOOP_PROJECT": str(root)}
+    prefect = [sys.executable, "-m", "prefect", "--no-prompt"]
+    pool = "tuneloop"  # the process work pool named in deploy/prefect.yaml
+    pools = subprocess.run([*prefect, "work-pool", "ls"], env=env, capture_output=True, text=True)
+    if pool not in pools.stdout:
+        subprocess.run([*prefect, "work-pool", "create", pool, "--type", "process"], env=env, check=True)
+    done = subprocess.run([*prefect, "deploy", "--all", "--prefect-file", str(root / "deploy" / "prefect.yaml")],
+                          cwd=root, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        fail(f"prefect deploy failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    typer.echo(f"deployments registered with {os.environ['PREFECT_API_URL']}; run them with:\n"
+               f"  prefect worker start --pool {pool}")
+
+
 @app.command("restore-data")
 def restore_data_command(version: str, out: Optional[Path] = typer.Option(None, help="folder to restore into"),
                          params: Path = ParamsOption, root: Path = RootOption) -> None:
@@ -142,6 +178,43 @@ def restore_data_command(version: str, out: Optional[Path] = typer.Option(None, 
     path = restore_data(tags["data.md5"], int(tags["data.size"]), tags["data.path"], workspace.root,
                         target.resolve(), loaded.ingest.dvc_remote)
     typer.echo(f"version {version}'s data ({tags['data.md5']}) restored to {path}")
+
+
+@app.command()
+def serve(host: Optional[str] = typer.Option(None, help="interface to bind (default serve.host: 127.0.0.1)"),
+          port: Optional[int] = typer.Option(None, help="port (default serve.port)"),
+          params: Path = ParamsOption, root: Path = RootOption) -> None:
+    """Serve the `champion` over HTTP; promotions and rollbacks take effect without a restart."""
+    import logging
+    from dataclasses import replace
+
+    from tasks.serve import run_service
+    from tasks.tracking import configure_tracking
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    loaded, workspace = load(params, root)
+    configure_tracking(loaded.mlflow, workspace.root)
+    config = replace(loaded.serve, host=host or loaded.serve.host,
+                     port=loaded.serve.port if port is None else port)
+    run_service(config, loaded.mlflow.model_name, loaded.model.base, workspace.root)
+
+
+@app.command()
+def rollback(to: Optional[str] = typer.Option(None, "--to", help="version to serve (default: `previous`)"),
+             why: str = typer.Option("manual rollback", "--why", help="reason kept in the audit trail"),
+             params: Path = ParamsOption, root: Path = RootOption) -> None:
+    """Move `champion` back to `previous` (or --to VERSION) in one step, with an audit entry."""
+    from tasks import registry
+    from tasks.tracking import configure_tracking
+
+    loaded, workspace = load(params, root)
+    configure_tracking(loaded.mlflow, workspace.root)
+    try:
+        entry = registry.rollback(loaded.mlflow.model_name, to, why)
+    except registry.RollbackError as error:
+        fail(f"rollback refused, the registry is unchanged: {error}")
+    typer.echo(f"{loaded.mlflow.model_name}: champion rolled back from version {entry['from']} "
+               f"to version {entry['to']} ({entry['why']}); version {entry['from']} is now `previous`")
 
 
 def main() -> None:

@@ -18,8 +18,11 @@ from tasks.evaluate import EvaluateConfig
 from tasks.finetune import FinetuneConfig
 from tasks.gate import GateConfig
 from tasks.ingest import IngestConfig
+from tasks.serve import ServeConfig
 from tasks.split import SplitConfig
 from tasks.tracking import MlflowConfig
+from tasks.triggers import TriggerConfig
+from tasks.tune import TuneConfig
 from tasks.validate import ValidateConfig
 
 
@@ -41,9 +44,12 @@ class Params(BaseModel):
     validate_: ValidateConfig = Field(default=ValidateConfig(), alias="validate")
     split: SplitConfig = SplitConfig()
     baseline: BaselineConfig = BaselineConfig()
+    tune: TuneConfig = TuneConfig()  # optional: off unless tune.enabled
     finetune: FinetuneConfig = FinetuneConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     gate: GateConfig = GateConfig()
+    triggers: TriggerConfig = TriggerConfig()
+    serve: ServeConfig = ServeConfig()
 
     @property
     def labels(self) -> tuple[str, ...]:

@@ -115,7 +115,8 @@ def champion_candidate(params: Params, ws: Workspace):
     if champion is None:
         return None
     model_dir = registry.download_version(params.mlflow.model_name, champion.version, ws.models_cache)
-    return classifier_candidate("champion", f"champion (v{champion.version})", model_dir, params.model.base,
+    # the champion's own recorded base model: params.model.base may have moved on since
+    return classifier_candidate("champion", f"champion (v{champion.version})", model_dir, None,
                                 params.evaluate.batch_size, version=champion.version)
 
 
@@ -179,6 +180,8 @@ def register(params: Params, ws: Workspace) -> dict:
     tracking.configure_tracking(params.mlflow, ws.root)
     run_id = tracking.current_run_id(ws)
     info = registry.create_version(name, run_id, ws.challenger_dir, version_tags(params, ws))
+    # the split this version learned from: drift monitoring's reference data
+    registry.client().log_artifact(run_id, str(ws.splits), artifact_path=registry.REFERENCE_DIR)
     if decision["promote"]:
         registry.move_champion(name, info.version, "promote", "gate passed: " + "; ".join(decision["reasons"]))
         registry.client().set_model_version_tag(name, info.version, "decision", "promoted")

@@ -223,3 +223,30 @@ def test_restore_data_brings_back_first_version_bytes_from_the_remote(ingest_rou
     assert trip.cache_existed  # the cache really was there, and was deleted before restoring
     assert trip.restored == trip.workspace.root / "data" / "restored" / "v1" / "reviews.csv"
     assert trip.restored.read_bytes() == V1_CSV
+
+
+def test_incoming_files_are_appended_to_the_source_as_a_new_data_version(tmp_path: Path) -> None:
+    workspace = Workspace(tmp_path)
+    write_table(SOURCE_ROWS, tmp_path / "reviews.csv")
+    config = IngestConfig(source="reviews.csv", exclude_labels=("neutral",), incoming_dir="data/incoming")
+    before = run_ingest(config, workspace)
+    incoming = tmp_path / "data" / "incoming"
+    incoming.mkdir(parents=True)
+    write_table(pd.DataFrame({"text": ["Loved it", "Hated it"], "label": ["positive", "negative"]}),
+                incoming / "batch-001.jsonl")
+    after = run_ingest(config, workspace)
+    assert after.md5 != before.md5
+    assert after.rows == before.rows + 2
+    assert after.incoming == ["data/incoming/batch-001.jsonl"]
+    assert after.path == "data/raw/reviews+incoming.csv"
+    frame = pd.read_parquet(workspace.dataset)
+    assert frame["text"].tolist()[-2:] == ["Loved it", "Hated it"]
+    assert frame["row"].tolist()[-2:] == [6, 7]  # row numbers of the merged snapshot
+
+
+def test_incoming_file_without_the_label_column_is_refused_by_name(tmp_path: Path) -> None:
+    write_table(SOURCE_ROWS, tmp_path / "reviews.csv")
+    (tmp_path / "data" / "incoming").mkdir(parents=True)
+    pd.DataFrame({"text": ["x"]}).to_csv(tmp_path / "data" / "incoming" / "bad.csv", index=False)
+    with pytest.raises(IngestError, match=r"bad\.csv lacks columns \['label'\]"):
+        run_ingest(IngestConfig(source="reviews.csv"), Workspace(tmp_path))

@@ -1,0 +1,372 @@
+"""serve: the champion behind an HTTP API, following the registry's alias.
+
+`tuneloop serve` answers `POST /predict` with the model behind `champion`. A
+background thread polls the alias; when it moves (a promotion, a rollback) the
+new version is downloaded, loaded and asked one smoke prediction before it
+replaces the old one, so a version that cannot answer never serves. Every
+prediction is logged to the prediction store, and `POST /feedback` attaches the
+true labels the monitoring flow scores against.
+
+    POST /predict   {"text": "..."} or {"texts": ["...", ...]}
+    POST /feedback  {"request_id": "...", "label": "..."} or {"request_id": "...", "labels": [...]}
+    GET  /health    200 {"status": "ok", ...} with a model loaded, else 503 {"status": "no champion", ...}
+    GET  /version   the model name, version, load time and base model
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+
+from tasks.classifier import Classifier, load_classifier, predict_proba
+from tasks.store import Prediction, PredictionStore
+
+log = logging.getLogger("tuneloop.serve")
+
+STORE_URL_VARIABLE = "TUNELOOP_STORE_URL"  # beats serve.store_url: keeps database passwords out of params.yaml
+SMOKE_TEXT = "The service asks every new version this one question before it serves."
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"  # loopback only; 0.0.0.0 exposes the service to the network
+    port: int = 8000
+    store_url: str | None = None  # any SQLAlchemy URL; None: sqlite:///<root>/state/predictions.db
+    poll_seconds: float = 2.0  # how often the `champion` alias is read: the bound on how stale serving can be
+    max_text_chars: int = 2000  # longer texts get 413 (the validate stage's bound on training texts)
+    max_batch: int = 64  # more texts in one request get 413
+    batch_size: int = 32  # texts per forward pass inside one request
+    device: str = "auto"  # "auto" (CUDA when present) | "cpu" | "cuda"
+    __pydantic_config__ = {"extra": "forbid"}
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"serve.port must be 0-65535, got {self.port}")
+        for name in ("poll_seconds", "max_text_chars", "max_batch", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"serve.{name} must be positive, got {getattr(self, name)}")
+
+
+def store_url(config: ServeConfig, root: Path) -> str:
+    """$TUNELOOP_STORE_URL beats `serve.store_url` beats SQLite under `state/`."""
+    url = os.environ.get(STORE_URL_VARIABLE) or config.store_url
+    if url:
+        return url
+    path = (Path(root) / "state" / "predictions.db").resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def smoke_check(classifier: Classifier) -> None:
+    """One fixed prediction must give finite probabilities summing to one.
+
+    Raises:
+        ValueError: saying what was wrong with the answer.
+    """
+    probs = predict_proba(classifier, [SMOKE_TEXT])  # (1, labels)
+    if probs.shape != (1, len(classifier.labels)) or not classifier.labels:
+        raise ValueError(f"smoke prediction has shape {probs.shape} for labels {classifier.labels}")
+    if not np.isfinite(probs).all() or abs(float(probs.sum()) - 1.0) > 1e-3:
+        raise ValueError(f"smoke prediction gave probabilities {probs[0].tolist()}")
+
+
+def registry_loader(model_name: str, cache_dir: Path, base_model: str, device: str = "auto"
+                    ) -> Callable[[str], Classifier]:
+    """Download, load and smoke-check one registry version: what the follower calls."""
+    from tasks import registry
+
+    def load(version: str) -> Classifier:
+        model_dir = registry.download_version(model_name, version, cache_dir)
+        classifier = load_classifier(model_dir, base_model=base_model, device=device)
+        smoke_check(classifier)
+        return classifier
+
+    return load
+
+
+def registry_lookup(model_name: str) -> Callable[[], str | None]:
+    """The version behind `champion` now, or None."""
+    from tasks import registry
+
+    def lookup() -> str | None:
+        info = registry.alias_version(model_name, registry.CHAMPION)
+        return info.version if info else None
+
+    return lookup
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment else None
+
+
+@dataclass(frozen=True)
+class Served:
+    """The model a request is answered by; swapped whole, never mutated."""
+
+    version: str
+    classifier: Classifier
+    loaded_at: datetime
+
+
+class ChampionFollower:
+    """Holds the serving model and moves it when the `champion` alias moves.
+
+    A version that fails to load or to answer the smoke prediction is never
+    switched to; it is remembered and not tried again until the alias moves
+    elsewhere and comes back.
+    """
+
+    def __init__(self, model_name: str, base_model: str, lookup: Callable[[], str | None],
+                 load: Callable[[str], Classifier], poll_seconds: float = 2.0):
+        self.model_name, self.base_model = model_name, base_model
+        self.poll_seconds = poll_seconds
+        self._lookup, self._load = lookup, load
+        self.served: Served | None = None  # read once per request: one reference, so swaps are atomic
+        self.champion: str | None = None  # what the alias said at the last check
+        self.failed_version: str | None = None
+        self.last_error: str | None = None
+        self.last_error_at: datetime | None = None
+        self.last_check_at: datetime | None = None
+        self._checking = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def check(self) -> bool:
+        """Reads the alias once; loads and switches to a new version.
+
+        Returns:
+            True when the served version changed.
+        """
+        with self._checking:
+            self.last_check_at = utcnow()
+            try:
+                version = self._lookup()
+            except Exception as error:  # the registry is down: keep serving what we have
+                self._record_error(f"reading the `champion` alias failed: {error}")
+                return False
+            self.champion = version
+            if version != self.failed_version:
+                self.failed_version = None  # the alias moved on: that version may be tried again later
+            current = self.served.version if self.served else None
+            if version is None or version in (current, self.failed_version):
+                return False
+            return self._switch(version, current)
+
+    def _switch(self, version: str, current: str | None) -> bool:
+        try:
+            classifier = self._load(version)
+        except Exception as error:
+            self.failed_version = version
+            kept = f"version {current} keeps serving" if current else "nothing is served"
+            self._record_error(f"version {version} was not switched to ({kept}): {type(error).__name__}: {error}")
+            return False
+        self.served = Served(version, classifier, utcnow())
+        log.info("%s: now serving version %s (was %s)", self.model_name, version, current)
+        return True
+
+    def _record_error(self, message: str) -> None:
+        if message != self.last_error:
+            log.error("%s", message)
+        self.last_error, self.last_error_at = message, utcnow()
+
+    def start(self) -> None:
+        """Polls the alias every `poll_seconds` on a daemon thread until stop()."""
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._follow, name="champion-follower", daemon=True)
+        self._thread.start()
+
+    def _follow(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            self.check()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def status(self) -> dict:
+        served = self.served
+        return {"model": self.model_name, "version": served.version if served else None,
+                "loaded_at": iso(served.loaded_at if served else None), "champion": self.champion,
+                "last_check_at": iso(self.last_check_at), "failed_version": self.failed_version,
+                "last_error": self.last_error, "last_error_at": iso(self.last_error_at),
+                "poll_seconds": self.poll_seconds}
+
+
+# --- the HTTP API ---------------------------------------------------------------------------
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str | None = None
+    texts: list[str] | None = None
+
+
+class ItemPrediction(BaseModel):
+    request_id: str
+    item: int  # position in the request's batch
+    label: str
+    confidence: float  # probability of `label`
+    probabilities: dict[str, float]
+    model_version: str
+
+
+class PredictResponse(BaseModel):
+    request_id: str  # what POST /feedback refers to
+    model_version: str
+    predictions: list[ItemPrediction]
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    request_id: str
+    label: str | None = None
+    labels: list[str] | None = None
+
+
+def request_texts(body: PredictRequest, config: ServeConfig) -> list[str]:
+    """The texts of a predict request, within the limits.
+
+    Raises:
+        HTTPException: 422 for a missing, doubled or empty input; 413 naming the limit exceeded.
+    """
+    if (body.text is None) == (body.texts is None):
+        raise HTTPException(422, 'send exactly one of "text" (a string) or "texts" (a list of strings)')
+    texts = [body.text] if body.text is not None else body.texts
+    if not texts:
+        raise HTTPException(422, '"texts" is empty: send at least one text')
+    if len(texts) > config.max_batch:
+        raise HTTPException(413, f"{len(texts)} texts in one request; the limit is serve.max_batch = "
+                                 f"{config.max_batch}")
+    for index, text in enumerate(texts):
+        if not text.strip():
+            raise HTTPException(422, f"text {index} is empty")
+        if len(text) > config.max_text_chars:
+            raise HTTPException(413, f"text {index} has {len(text)} characters; the limit is "
+                                     f"serve.max_text_chars = {config.max_text_chars}")
+    return texts
+
+
+def feedback_labels(body: FeedbackRequest, logged: pd.DataFrame) -> list[str]:
+    """The true labels of a feedback request, checked against the logged predictions.
+
+    Raises:
+        HTTPException: 404 for an unknown request id; 422 for a wrong count or an unknown label.
+    """
+    if (body.label is None) == (body.labels is None):
+        raise HTTPException(422, 'send exactly one of "label" (a string) or "labels" (one per text)')
+    labels = [body.label] if body.label is not None else body.labels
+    if logged.empty:
+        raise HTTPException(404, f"no predictions with request_id {body.request_id!r}")
+    if len(labels) != len(logged):
+        raise HTTPException(422, f"request {body.request_id} has {len(logged)} predictions; got {len(labels)} labels")
+    known = list(json.loads(logged["probabilities"].iloc[0]))  # the labels of the model that answered
+    unknown = sorted(set(labels) - set(known))
+    if unknown:
+        raise HTTPException(422, f"unknown label(s) {unknown}; the model's labels are {known}")
+    return labels
+
+
+def answer(served: Served, texts: list[str], batch_size: int) -> PredictResponse:
+    request_id = uuid.uuid4().hex
+    labels = served.classifier.labels
+    probs = predict_proba(served.classifier, texts, batch_size=batch_size)  # (texts, labels)
+    items = []
+    for index, row in enumerate(probs):
+        best = int(row.argmax())
+        items.append(ItemPrediction(request_id=request_id, item=index, label=labels[best],
+                                    confidence=float(row[best]), model_version=served.version,
+                                    probabilities={name: float(p) for name, p in zip(labels, row)}))
+    return PredictResponse(request_id=request_id, model_version=served.version, predictions=items)
+
+
+def as_logged(response: PredictResponse, texts: list[str]) -> list[Prediction]:
+    return [Prediction(p.request_id, p.item, text, p.label, p.confidence, p.probabilities, p.model_version)
+            for p, text in zip(response.predictions, texts)]
+
+
+def create_app(follower: ChampionFollower, store: PredictionStore, config: ServeConfig) -> FastAPI:
+    """The service: loads the champion at startup, follows the alias while it runs."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        import anyio
+
+        await anyio.to_thread.run_sync(follower.check)  # ready means loaded, when there is a champion
+        follower.start()
+        yield
+        follower.stop()
+
+    app = FastAPI(title="tuneloop", summary="The champion text classifier.", lifespan=lifespan)
+
+    def served_or_503() -> Served:
+        served = follower.served
+        if served is None:
+            raise HTTPException(503, f"no champion of {follower.model_name} is loaded: {follower.last_error or 'none'}")
+        return served
+
+    @app.post("/predict", response_model=PredictResponse)
+    def predict(body: PredictRequest) -> PredictResponse:
+        texts = request_texts(body, config)
+        response = answer(served_or_503(), texts, config.batch_size)
+        try:  # a prediction is served only once it is logged: monitoring sees every one
+            store.log(as_logged(response, texts))
+        except Exception as error:
+            log.exception("logging request %s failed", response.request_id)
+            raise HTTPException(503, f"the prediction store is unavailable: {type(error).__name__}") from None
+        return response
+
+    @app.post("/feedback")
+    def feedback(body: FeedbackRequest) -> dict:
+        labels = feedback_labels(body, store.request(body.request_id))
+        return {"request_id": body.request_id, "updated": store.attach_feedback(body.request_id, labels)}
+
+    @app.get("/health")
+    def health() -> JSONResponse:
+        status = follower.status()
+        ok = status["version"] is not None
+        return JSONResponse({"status": "ok" if ok else "no champion", **status}, status_code=200 if ok else 503)
+
+    @app.get("/version")
+    def version() -> dict:
+        served = served_or_503()
+        return {"model": follower.model_name, "version": served.version, "loaded_at": iso(served.loaded_at),
+                "base_model": follower.base_model, "labels": list(served.classifier.labels)}
+
+    return app
+
+
+def build_app(config: ServeConfig, model_name: str, base_model: str, root: Path) -> FastAPI:
+    """The service wired to the registry (tracking already configured) and the store."""
+    from tasks.workspace import Workspace
+
+    cache = Workspace(Path(root)).models_cache
+    follower = ChampionFollower(model_name, base_model, registry_lookup(model_name),
+                                registry_loader(model_name, cache, base_model, config.device), config.poll_seconds)
+    return create_app(follower, PredictionStore(store_url(config, root)), config)
+
+
+def run_service(config: ServeConfig, model_name: str, base_model: str, root: Path) -> None:
+    """Serves until interrupted (Ctrl-C or SIGTERM stop it cleanly)."""
+    import uvicorn
+
+    uvicorn.run(build_app(config, model_name, base_model, root), host=config.host, port=config.port,
+                log_level="info")
