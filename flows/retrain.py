@@ -8,6 +8,7 @@ workspace), never as task results, so each task can run alone via the CLI or
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from prefect import flow, task
@@ -27,6 +28,7 @@ ingest = stage_task(stages.ingest, retries=2, retry_delay_seconds=5)  # a remote
 validate = stage_task(stages.validate)
 split = stage_task(stages.split)
 baseline = stage_task(stages.baseline)
+tune = stage_task(stages.tune, retries=1)  # resumes its Optuna study; only notes `off` unless tune.enabled
 finetune = stage_task(stages.finetune, retries=1)  # resumes from its last checkpoint
 evaluate = stage_task(stages.evaluate)
 gate = stage_task(stages.gate)
@@ -34,8 +36,12 @@ register = stage_task(stages.register, retries=2, retry_delay_seconds=5)  # a re
 
 
 @flow(name="retrain")
-def retrain_flow(params_path: str = "params.yaml", root: str = ".") -> dict:
-    """ingest → validate → split → baseline → finetune → evaluate → gate → register.
+def retrain_flow(params_path: str = "params.yaml", root: str = ".", tune_settings: bool = False) -> dict:
+    """ingest → validate → split → baseline → [tune] → finetune → evaluate → gate → register.
+
+    Args:
+        tune_settings: search finetune's settings first, as if params said
+            `tune.enabled: true` (`tuneloop run --tune`).
 
     Returns:
         The registration: model name, new version, whether it was promoted,
@@ -43,11 +49,14 @@ def retrain_flow(params_path: str = "params.yaml", root: str = ".") -> dict:
     """
     workspace = Workspace(Path(root).resolve())
     params = load_params(workspace.root / params_path)
+    if tune_settings:
+        params = params.model_copy(update={"tune": replace(params.tune, enabled=True)})
     ingest(params, workspace)
     validate(params, workspace)
     split(params, workspace)
     try:
         baseline(params, workspace)
+        tune(params, workspace)
         finetune(params, workspace)
         evaluate(params, workspace)
         gate(params, workspace)

@@ -140,6 +140,7 @@ class ChampionFollower:
         self.poll_seconds = poll_seconds
         self._lookup, self._load = lookup, load
         self.served: Served | None = None  # read once per request: one reference, so swaps are atomic
+        self._standby: Served | None = None  # the version served before this one, kept for instant rollback
         self.champion: str | None = None  # what the alias said at the last check
         self.failed_version: str | None = None
         self.last_error: str | None = None
@@ -171,15 +172,16 @@ class ChampionFollower:
             return self._switch(version, current)
 
     def _switch(self, version: str, current: str | None) -> bool:
-        try:
-            classifier = self._load(version)
+        standby = self._standby
+        try:  # the version served just before stays loaded: rolling back to it is a swap, not a load
+            classifier = standby.classifier if standby and standby.version == version else self._load(version)
         except Exception as error:
             self.failed_version = version
             kept = f"version {current} keeps serving" if current else "nothing is served"
             self._record_error(f"version {version} was not switched to ({kept}): {type(error).__name__}: {error}")
             return False
-        self.served = Served(version, classifier, utcnow())
-        log.info("%s: now serving version %s (was %s)", self.model_name, version, current)
+        self._standby, self.served = self.served, Served(version, classifier, utcnow())
+        log.info("%s: now serving version %s%s", self.model_name, version, f" (was {current})" if current else "")
         return True
 
     def _record_error(self, message: str) -> None:
@@ -316,6 +318,9 @@ def create_app(follower: ChampionFollower, store: PredictionStore, config: Serve
         follower.stop()
 
     app = FastAPI(title="tuneloop", summary="The champion text classifier.", lifespan=lifespan)
+    # One forward pass at a time: concurrent requests would split the same cores
+    # (or GPU) between them and all finish later; queued, each gets all of it.
+    scoring = threading.Lock()
 
     def served_or_503() -> Served:
         served = follower.served
@@ -326,7 +331,9 @@ def create_app(follower: ChampionFollower, store: PredictionStore, config: Serve
     @app.post("/predict", response_model=PredictResponse)
     def predict(body: PredictRequest) -> PredictResponse:
         texts = request_texts(body, config)
-        response = answer(served_or_503(), texts, config.batch_size)
+        served = served_or_503()
+        with scoring:
+            response = answer(served, texts, config.batch_size)
         try:  # a prediction is served only once it is logged: monitoring sees every one
             store.log(as_logged(response, texts))
         except Exception as error:

@@ -1,8 +1,8 @@
 """`tuneloop`: the one entry point for users, `dvc.yaml` stages and deployments.
 
-    tuneloop run                  the whole retraining flow (Prefect)
+    tuneloop run [--tune]         the whole retraining flow (Prefect); --tune searches settings first
     tuneloop status --json        the registered model, its champion, the last decision
-    tuneloop <stage>              one stage: ingest, validate, split, baseline,
+    tuneloop <stage>              one stage: ingest, validate, split, baseline, tune,
                                   finetune, evaluate, gate, register (what dvc.yaml calls)
     tuneloop restore-data VERSION the exact data a registered version was trained on
     tuneloop serve                the champion behind an HTTP API, following the alias
@@ -34,6 +34,7 @@ def offline_environment() -> None:
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "TRANSFORMERS_VERBOSITY": "error",
         "PREFECT_LOGGING_LEVEL": "WARNING", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",  # a busy 2-core machine needs more than 20 s
     }.items():
         os.environ.setdefault(key, value)
 
@@ -84,6 +85,7 @@ for _name, _doc in {
     "validate": "Run the Great Expectations suite; stop on a blocking rule.",
     "split": "Deterministic stratified train/validation/test split.",
     "baseline": "Base model's linear probe and zero-shot scores on the test split.",
+    "tune": "Optuna search over tune.space (if tune.enabled); the best settings feed finetune.",
     "finetune": "LoRA (or full) fine-tuning with early stopping and checkpoints.",
     "evaluate": "Score base probe, champion and challenger on the same test rows.",
     "gate": "Decide promotion and print every reason.",
@@ -93,7 +95,9 @@ for _name, _doc in {
 
 
 @app.command()
-def run(params: Path = ParamsOption, root: Path = RootOption) -> None:
+def run(params: Path = ParamsOption, root: Path = RootOption,
+        tune: bool = typer.Option(False, "--tune", help="search finetune's settings first (tune.enabled: true)"),
+        ) -> None:
     """Run the whole retraining flow and print the decision."""
     from tasks.ingest import IngestError
     from tasks.validate import DataValidationError
@@ -102,7 +106,7 @@ def run(params: Path = ParamsOption, root: Path = RootOption) -> None:
     from flows.retrain import retrain_flow
 
     try:
-        result = retrain_flow(params_path=str(params), root=str(workspace.root))
+        result = retrain_flow(params_path=str(params), root=str(workspace.root), tune_settings=tune)
     except (DataValidationError, IngestError) as error:
         fail(f"retraining stopped, the registry is unchanged:\n{error}")
     verdict = "promoted to champion" if result["promoted"] else "not promoted"

@@ -14,19 +14,20 @@ from dataclasses import asdict
 import pandas as pd
 
 from tasks import registry, tracking
+from tasks import tune as tuning
 from tasks.baseline import run_baseline
 from tasks.classifier import hash_model_weights, resolve_model_path
 from tasks.evaluate import classifier_candidate, evaluate_models, probe_candidate
-from tasks.finetune import FinetuneResult, finetune as finetune_model
+from tasks.finetune import FinetuneConfig, FinetuneResult, finetune as finetune_model
 from tasks.gate import Decision, decide_promotion
 from tasks.ingest import DataVersion, load_data_version, run_ingest
-from tasks.report import write_evaluation_report
+from tasks.report import write_evaluation_report, write_tuning_plots
 from tasks.split import load_split, run_split
 from tasks.validate import DataValidationError, ValidationReport, check_report, validate_dataset
 from tasks.workspace import Workspace, read_json, write_json
 from tuneloop.params import Params
 
-STAGES = ("ingest", "validate", "split", "baseline", "finetune", "evaluate", "gate", "register")
+STAGES = ("ingest", "validate", "split", "baseline", "tune", "finetune", "evaluate", "gate", "register")
 
 
 def say(stage: str, message: str) -> None:
@@ -88,23 +89,83 @@ def baseline(params: Params, ws: Workspace) -> dict:
     return result
 
 
+def labelled_rows(frame: pd.DataFrame, labels: tuple[str, ...]) -> tuple[list[str], list[int]]:
+    """(texts, label indices) of a split."""
+    index = {name: i for i, name in enumerate(labels)}
+    return frame["text"].tolist(), frame["label"].map(index).tolist()
+
+
+def tuning_record(params: Params, ws: Workspace) -> dict | None:
+    """metrics/tune.json when tuning is on and searched the current data version, else None."""
+    if not params.tune.enabled or not ws.tune_result.exists():
+        return None
+    record = read_json(ws.tune_result)
+    current = record.get("enabled") and record.get("data_version") == load_data_version(ws).md5
+    return record if current else None
+
+
+def finetune_settings(params: Params, ws: Workspace) -> FinetuneConfig:
+    """params.finetune, with the tuned values over it when tuning is on and current."""
+    record = tuning_record(params, ws)
+    return tuning.apply_params(params.finetune, record["best_params"]) if record else params.finetune
+
+
+def tune(params: Params, ws: Workspace) -> dict:
+    """Searches finetune's settings on train and validation rows (never test
+    rows); the best go to metrics/tune.json, which finetune applies."""
+    version = load_data_version(ws)
+    if not params.tune.enabled:
+        write_json(ws.tune_result, {"enabled": False, "data_version": version.md5})
+        say("tune", "off (tune.enabled: false): finetune uses params.finetune; `tuneloop run --tune` searches first")
+        return {"enabled": False}
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is printed below
+    data = tuning.TuneData(params.model.base, resolve_model_path(params.model.base),
+                           labelled_rows(load_split(ws, "train"), params.labels),
+                           labelled_rows(load_split(ws, "validation"), params.labels), params.labels, version.md5)
+    storage = params.tune.storage or tuning.default_storage(ws.root, tracking.tracking_uri(params.mlflow, ws.root))
+    pipeline = read_json(ws.run_state)
+    tune_run = tuning.open_tune_run(pipeline["experiment_id"], pipeline["run_id"],
+                                    tuning.study_name(params.tune, params.finetune, data), params.tune, storage)
+    try:
+        result = tuning.run_study(params.tune, params.finetune, data, storage, ws.tune_dir,
+                                  tuning.TrialRuns(tune_run, pipeline["experiment_id"]),
+                                  on_trial=lambda trial: say("tune", tuning.describe_trial(trial)))
+    except BaseException:
+        tuning.close_tune_run(tune_run, None)
+        raise
+    record = {"enabled": True, "data_version": version.md5, "storage": tuning.redact(storage), **asdict(result)}
+    write_json(ws.tune_result, record)
+    tuning.close_tune_run(tune_run, result, [ws.tune_result, *write_tuning_plots(record, ws.tune_reports)])
+    tracking.log_stage(ws, "tune", {k: record[k] for k in ("best_value", "n_complete", "n_pruned", "n_failed")},
+                       params={"study": result.study_name, "best_params": json.dumps(result.best_params)})
+    resumed = f", resumed a study of {result.resumed_trials} trials" if result.resumed_trials else ""
+    say("tune", f"{result.n_complete} complete, {result.n_pruned} pruned, {result.n_failed} failed trials on "
+                f"{result.train_rows} train rows in {result.seconds:.0f}s{resumed}; best validation macro-F1 "
+                f"{result.best_value:.4f} (trial {result.best_trial}): {json.dumps(result.best_params)}")
+    return record
+
+
 def finetune(params: Params, ws: Workspace) -> FinetuneResult:
     index = {name: i for i, name in enumerate(params.labels)}
     train, val = load_split(ws, "train"), load_split(ws, "validation")
+    settings = finetune_settings(params, ws)  # the tuned values when tuning is on
     result = finetune_model(
         params.model.base, resolve_model_path(params.model.base),
         (train["text"].tolist(), train["label"].map(index).tolist()),
         (val["text"].tolist(), val["label"].map(index).tolist()),
-        params.labels, params.finetune, ws.challenger_dir, ws.checkpoint_dir, load_data_version(ws).md5,
+        params.labels, settings, ws.challenger_dir, ws.checkpoint_dir, load_data_version(ws).md5,
     )
     summary = {k: v for k, v in asdict(result).items() if k not in {"model_dir", "history"}}
     summary["history"] = result.history
     write_json(ws.finetune_metrics, summary)
     tracking.log_stage(ws, "finetune", {k: v for k, v in summary.items() if k != "history"},
-                       params=asdict(params.finetune))
+                       params=asdict(settings))
     resumed = f", resumed at step {result.resumed_from_step}" if result.resumed_from_step else ""
+    tuned = ", tuned settings" if settings != params.finetune else ""
     say("finetune", f"{result.steps} steps in {result.seconds:.0f}s ({result.train_examples_per_s:.1f} ex/s), "
-                    f"best validation macro-F1 {result.best_val_macro_f1:.4f}{resumed}")
+                    f"best validation macro-F1 {result.best_val_macro_f1:.4f}{resumed}{tuned}")
     return result
 
 
@@ -129,11 +190,16 @@ def evaluate(params: Params, ws: Workspace) -> dict:
     candidates = [probe_candidate(base_path, ws.probe_dir, params.baseline.max_length, params.evaluate.batch_size)]
     champion = champion_candidate(params, ws)
     candidates += [champion] if champion else []
+    settings = finetune_settings(params, ws)
+    method = settings.method + (", tuned" if settings != params.finetune else "")
     candidates.append(classifier_candidate(
-        "challenger", f"challenger ({params.finetune.method}, this run)", ws.challenger_dir, params.model.base,
+        "challenger", f"challenger ({method}, this run)", ws.challenger_dir, params.model.base,
         params.evaluate.batch_size, train_val_gap=trained["train_macro_f1"] - trained["best_val_macro_f1"]))
     evaluation, predictions = evaluate_models(candidates, test, params.labels, params.evaluate,
                                               load_data_version(ws).md5)
+    tuned = tuning_record(params, ws)
+    if tuned:
+        evaluation["tuning"] = tuned  # the report's Tuning section
     write_json(ws.evaluation, evaluation)
     predictions.to_parquet(ws.test_predictions, index=False)
     write_evaluation_report(evaluation, ws.evaluation_report)
@@ -170,7 +236,17 @@ def version_tags(params: Params, ws: Workspace) -> dict[str, str]:
         "params": json.dumps(params.model_dump(mode="json", by_alias=True), sort_keys=True),
     }
     tags.update({f"test.{k}": f"{challenger[k]:.6f}" for k in ("accuracy", "macro_f1", "ece", "latency_ms_per_example")})
+    tags.update(tuning_tags(params, ws))
     return tags
+
+
+def tuning_tags(params: Params, ws: Workspace) -> dict[str, str]:
+    """The tuned settings a version trained with, and their study ({} when not tuned)."""
+    record = tuning_record(params, ws)
+    if record is None:
+        return {}
+    return {"tuned_params": json.dumps(record["best_params"], sort_keys=True), "tune.study": record["study_name"],
+            "tune.best_val_macro_f1": f"{record['best_value']:.6f}"}
 
 
 def register(params: Params, ws: Workspace) -> dict:

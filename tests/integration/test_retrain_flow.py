@@ -38,10 +38,12 @@ def write_params(project: Path, name: str, source: str) -> None:
     params["ingest"]["source"] = source
     params["validate"]["min_rows_per_class"] = 20
     params["finetune"].update(epochs=1, batch_size=16, max_length=64)
-    # A few hundred rows cannot show superiority with confidence; the first run
-    # asks for non-inferiority to the probe (CI above -0.5) so the promotion path
-    # runs, while the champion comparison keeps asking for a real gain.
-    params["gate"]["min_gain_over_base"] = -0.5
+    # 35 optimizer steps on a few hundred rows cannot beat the probe with
+    # confidence, so the base comparison is opened wide (non-inferiority margin
+    # -1, any slice change allowed): these tests prove the flow's mechanics. The
+    # champion comparison keeps asking for a real gain; quality is measured on
+    # the full default run.
+    params["gate"].update(min_gain_over_base=-1.0, max_slice_regression=1.0)
     (project / name).write_text(yaml.safe_dump(params, sort_keys=False))
 
 

@@ -229,7 +229,8 @@ def test_rollback_command_is_served_within_seconds_and_audited(service, record_p
     outcome = {}
 
     def roll_back():
-        outcome["result"] = CliRunner().invoke(app, ["rollback", "--why", "live errors", "--root", str(service.project)])
+        arguments = ["rollback", "--why", "live errors", "--root", str(service.project)]
+        outcome["result"] = CliRunner().invoke(app, arguments)
 
     seconds = promote_and_time(service, "1", roll_back)
     result = outcome["result"]
@@ -251,7 +252,8 @@ def test_broken_champion_never_serves_and_health_says_why(service):
     while health["failed_version"] != "3" and time.monotonic() < deadline:
         time.sleep(0.1)
         health = service.http.get("/health").json()
-    assert (health["status"], health["version"], health["champion"], health["failed_version"]) == ("ok", "1", "3", "3")
+    assert (health["status"], health["version"], health["champion"], health["failed_version"]) == (
+        "ok", "1", "3", "3")
     assert "version 3 was not switched to (version 1 keeps serving)" in health["last_error"]
     time.sleep(3 * POLL_SECONDS)  # later polls neither retry nor switch
     assert service.http.post("/predict", json={"text": "good"}).json()["model_version"] == "1"

@@ -73,8 +73,11 @@ def test_follower_loads_the_champion_then_switches_only_when_the_alias_moves() -
     assert (follower.served.version, follower.served.classifier) == ("2", "model two")
     registry.champion = "1"  # a rollback
     assert follower.check() is True
-    assert follower.served.version == "1"
-    assert registry.loads == ["1", "2", "1"]
+    assert (follower.served.version, follower.served.classifier) == ("1", "model one")
+    assert registry.loads == ["1", "2"]  # the version served before stayed loaded: rolling back is a swap
+    registry.champion = "2"  # and forward again
+    assert follower.check() is True
+    assert registry.loads == ["1", "2"]
     assert follower.last_error is None
 
 
