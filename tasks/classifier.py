@@ -74,13 +74,11 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Te
     Returns:
         input_ids and attention_mask, both (batch, longest) int64.
     """
-    longest = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return ids, mask
+    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+    mask = np.arange(lengths.max()) < lengths[:, None]  # (batch, longest)
+    ids = np.full(mask.shape, pad_id, dtype=np.int64)
+    ids[mask] = np.concatenate(sequences)  # row-major: each row takes its own tokens, in order
+    return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[np.ndarray]:
@@ -150,13 +148,22 @@ def predict_proba(
     probs = np.zeros((len(texts), len(classifier.labels)), dtype=np.float32)
     pad_id = classifier.tokenizer.pad_token_id or 0
     batches = list(length_sorted_batches([len(s) for s in ids], batch_size))
+    forward = logits_function(classifier.model)
     for index in tqdm(batches, desc="scoring", unit="batch", disable=not progress, leave=False):
         input_ids, mask = pad_batch([ids[i] for i in index], pad_id)
-        logits = classifier.model(
-            input_ids=input_ids.to(classifier.device), attention_mask=mask.to(classifier.device)
-        ).logits  # (batch, labels)
+        logits = forward(input_ids.to(classifier.device), mask.to(classifier.device))  # (batch, labels)
         probs[index] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
     return probs
+
+
+def logits_function(model: torch.nn.Module):
+    """(input_ids, attention_mask) -> logits: the lean BERT path of `tasks.fastpath`
+    when it computes the same function as the model, else the model's own forward."""
+    from tasks import fastpath
+
+    if fastpath.supports(model):
+        return lambda input_ids, mask: fastpath.sequence_logits(model, input_ids, mask)
+    return lambda input_ids, mask: model(input_ids=input_ids, attention_mask=mask).logits
 
 
 @torch.inference_mode()
@@ -173,10 +180,11 @@ def mean_pooled_embeddings(
     out: np.ndarray | None = None
     pad_id = tokenizer.pad_token_id or 0
     batches = list(length_sorted_batches([len(s) for s in ids], batch_size))
+    encode = hidden_states_function(encoder)
     for index in tqdm(batches, desc="embedding", unit="batch", disable=not progress, leave=False):
         input_ids, mask = pad_batch([ids[i] for i in index], pad_id)
         mask = mask.to(device)
-        hidden = encoder(input_ids=input_ids.to(device), attention_mask=mask).last_hidden_state
+        hidden = encode(input_ids.to(device), mask)  # (batch, seq, hidden)
         weights = mask.unsqueeze(-1).to(hidden.dtype)  # (batch, seq, 1)
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (batch, hidden)
         pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
@@ -184,3 +192,13 @@ def mean_pooled_embeddings(
             out = np.zeros((len(texts), pooled.shape[1]), dtype=np.float32)
         out[index] = pooled.cpu().numpy()
     return out if out is not None else np.zeros((0, 0), dtype=np.float32)
+
+
+def hidden_states_function(encoder: torch.nn.Module):
+    """(input_ids, attention_mask) -> last hidden states, by `tasks.fastpath` when it
+    computes the same function as the encoder, else by the encoder's own forward."""
+    from tasks import fastpath
+
+    if fastpath.supports_encoder(encoder):
+        return lambda input_ids, mask: fastpath.encode(encoder, input_ids, mask)
+    return lambda input_ids, mask: encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state

@@ -9,6 +9,7 @@ back with `restore_data` from that hash alone.
 from __future__ import annotations
 
 import filecmp
+import hashlib
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -217,19 +218,30 @@ def load_data_version(workspace: Workspace) -> DataVersion:
 def restore_data(md5: str, size: int, path: str, root: Path, out_dir: Path, remote: str | None) -> Path:
     """Brings back the exact bytes of a data version through DVC.
 
-    Writes a `.dvc` file for the version into `out_dir` and `dvc pull`s it, so
-    the bytes come from the local cache or, when missing there, the remote.
+    Writes a `.dvc` file for the version under `data/restored/` (DVC checks
+    out only inside its repo) and `dvc pull`s it, so the bytes come from the
+    local cache or, when missing there, the remote; then copies the file to
+    `out_dir` if that is elsewhere.
 
     Returns:
         The restored file.
+    Raises:
+        IngestError: DVC could not bring back bytes with this md5.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
     name = Path(path).name
-    dvcfile = out_dir / f"{name}.dvc"
+    staging = root / "data" / "restored" / md5[:12]
+    staging.mkdir(parents=True, exist_ok=True)
+    dvcfile = staging / f"{name}.dvc"
     dvcfile.write_text(yaml.safe_dump({"outs": [{"md5": md5, "size": size, "hash": "md5", "path": name}]}))
     repo = open_dvc_repo(root, remote)
     try:
         repo.pull(targets=[str(dvcfile)], force=True)
     finally:
         repo.close()
+    restored = staging / name
+    if not restored.exists() or hashlib.md5(restored.read_bytes()).hexdigest() != md5:
+        raise IngestError(f"DVC could not restore data version {md5} from the cache or remote {remote}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.resolve() != staging.resolve():
+        shutil.copyfile(restored, out_dir / name)
     return out_dir / name

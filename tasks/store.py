@@ -120,6 +120,18 @@ class PredictionStore:
             frame["ts"] = frame["ts"].map(as_utc)
         return frame.iloc[::-1].reset_index(drop=True)
 
+    def labelled(self, since: datetime | None = None) -> pd.DataFrame:
+        """Predictions whose true label arrived after `since` (all when None), in feedback order."""
+        query = sa.select(PREDICTIONS).where(PREDICTIONS.c.true_label.is_not(None))
+        if since is not None:
+            query = query.where(PREDICTIONS.c.feedback_ts > since)
+        query = query.order_by(PREDICTIONS.c.feedback_ts, PREDICTIONS.c.id)
+        with self.engine.connect() as conn:
+            frame = pd.DataFrame(conn.execute(query).mappings().all(), columns=COLUMNS)
+        for column in ("ts", "feedback_ts") if not frame.empty else ():
+            frame[column] = frame[column].map(as_utc)
+        return frame
+
     def count(self) -> int:
         with self.engine.connect() as conn:
             return int(conn.execute(sa.select(sa.func.count()).select_from(PREDICTIONS)).scalar_one())

@@ -27,7 +27,6 @@ import numpy as np
 
 from tasks.finetune import FinetuneConfig, finetune
 
-RANGE_KEYS = ("low", "high", "log", "step")
 SCALAR_TYPES = (type(None), bool, int, float, str)  # what Optuna stores as a categorical choice
 COUNTED_STATES = ("COMPLETE", "PRUNED", "FAIL")  # trials that use up the budget (interrupted ones do not)
 
@@ -92,7 +91,7 @@ class TuneConfig:
     seed: int = 0  # TPE sampler and train subsample
     startup_trials: int = 4  # random trials before TPE models the results
     train_rows: int | None = 1024  # rows each trial trains on (seeded subsample); None: every train row
-    enqueue_defaults: bool = True  # trial 0 runs params.finetune's own values, so tuning can only do better
+    enqueue_defaults: bool = True  # trial 0 runs params.finetune's own values: the search starts from them
     pruner: PrunerConfig = PrunerConfig()
     space: dict[str, ParamSpec] = field(default_factory=default_space)
     __pydantic_config__ = {"extra": "forbid"}
@@ -101,7 +100,7 @@ class TuneConfig:
         specs = {name: as_spec(name, spec) for name, spec in dict(self.space).items()}
         unknown = sorted(set(specs) - {f.name for f in fields(FinetuneConfig)})
         if unknown:
-            raise ValueError(f"tune.space: {', '.join(unknown)} not finetune settings; "
+            raise ValueError(f"tune.space names settings finetune does not have: {', '.join(unknown)}; "
                              f"searchable: {', '.join(f.name for f in fields(FinetuneConfig))}")
         for name, spec in specs.items():
             check_values(name, spec)
@@ -254,8 +253,8 @@ def redact(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def open_study(config: TuneConfig, name: str, storage: str):
-    """Creates the study or loads it from storage (a resumed search)."""
+def open_study(config: TuneConfig, name: str, storage):
+    """Creates the study or loads it from `storage` (a URL or an Optuna storage): a resumed search."""
     import optuna
 
     sampler = optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=config.startup_trials)
@@ -309,15 +308,28 @@ def close_trial_run(run_id: str, state: str, metrics: dict[str, float] | None = 
     client.set_terminated(run_id, {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(state, "FAILED"))
 
 
-def epoch_reporter(trial, epochs: int, runs: TrialRuns | None, run_id: str | None) -> Callable[[int, float], None]:
-    """finetune's `on_epoch_end`: reports validation macro-F1 to the trial and
-    prunes it when the pruner says so and epochs are left to save."""
+def has_complete(study) -> bool:
+    """Whether a trial completed: the time budget never stops the search before one has."""
+    from optuna.trial import TrialState
+
+    return bool(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+def epoch_reporter(trial, epochs: int, runs: TrialRuns | None, run_id: str | None,
+                   deadline: float | None = None) -> Callable[[int, float], None]:
+    """finetune's `on_epoch_end`: reports validation macro-F1 to the trial and,
+    while epochs are left to save, prunes it when the pruner says so or when
+    the search's time budget (a `time.monotonic()` deadline) has run out and a
+    trial has completed."""
     import optuna
 
     def on_epoch_end(epoch: int, value: float) -> None:
         trial.report(value, epoch)
         if runs is not None:
             runs.log_epoch(run_id, epoch, value)
+        if epoch < epochs and deadline is not None and time.monotonic() > deadline and has_complete(trial.study):
+            trial.set_user_attr("stopped", "time budget spent")
+            raise optuna.TrialPruned(f"the time budget ran out after epoch {epoch}")
         if epoch < epochs and trial.should_prune():
             raise optuna.TrialPruned(f"validation macro-F1 {value:.4f} after epoch {epoch} is below the median")
 
@@ -325,7 +337,7 @@ def epoch_reporter(trial, epochs: int, runs: TrialRuns | None, run_id: str | Non
 
 
 def objective(trial, config: TuneConfig, base: FinetuneConfig, data: TuneData, work_dir: Path,
-              runs: TrialRuns | None = None) -> float:
+              runs: TrialRuns | None = None, deadline: float | None = None) -> float:
     """Fine-tunes with the trial's settings on train rows, scores validation rows.
 
     Returns:
@@ -342,7 +354,7 @@ def objective(trial, config: TuneConfig, base: FinetuneConfig, data: TuneData, w
     try:
         result = finetune(data.base_model, data.base_path, data.train, data.validation, data.labels, settings,
                           work_dir / "model", checkpoints, data.data_key, progress=False,
-                          on_epoch_end=epoch_reporter(trial, settings.epochs, runs, run_id))
+                          on_epoch_end=epoch_reporter(trial, settings.epochs, runs, run_id, deadline))
     except KeyboardInterrupt:  # a stopped search: the next run retries this trial from its checkpoint
         trial.set_user_attr("interrupted", True)
         if runs is not None:
@@ -433,6 +445,7 @@ def run_study(config: TuneConfig, base: FinetuneConfig, data: TuneData, storage:
     import torch
 
     started = time.perf_counter()
+    deadline = time.monotonic() + config.timeout_minutes * 60 if config.timeout_minutes else None
     name = study_name(config, base, data)
     trial_data = replace(data, train=subsample(data.train, config.train_rows, config.seed),
                          data_key=f"{data.data_key}:tune:{config.train_rows}:{config.seed}")
@@ -447,7 +460,7 @@ def run_study(config: TuneConfig, base: FinetuneConfig, data: TuneData, storage:
         study.enqueue_trial(encode(base, config.space))
     remaining = config.n_trials - sum(counted(t) for t in study.trials)
     if remaining > 0:
-        study.optimize(lambda trial: objective(trial, config, base, trial_data, work_dir, runs),
+        study.optimize(lambda trial: objective(trial, config, base, trial_data, work_dir, runs, deadline),
                        n_trials=remaining, catch=(torch.cuda.OutOfMemoryError,), gc_after_trial=True,
                        timeout=config.timeout_minutes * 60 if config.timeout_minutes else None,
                        callbacks=[lambda _, trial: on_trial(trial)] if on_trial else None)

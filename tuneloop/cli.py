@@ -7,6 +7,7 @@
     tuneloop restore-data VERSION the exact data a registered version was trained on
     tuneloop serve                the champion behind an HTTP API, following the alias
     tuneloop rollback [--to V]    move `champion` back to `previous` (or to V)
+    tuneloop monitor              drift, live metrics and automatic rollback of the champion
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def offline_environment() -> None:
         "TOKENIZERS_PARALLELISM": "false", "DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "false",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "TRANSFORMERS_VERBOSITY": "error",
         "PREFECT_LOGGING_LEVEL": "WARNING", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",  # DO_NOT_TRACK: Evidently's telemetry
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",  # a busy 2-core machine needs more than 20 s
     }.items():
         os.environ.setdefault(key, value)
@@ -142,6 +143,26 @@ def incoming(params: Path = ParamsOption, root: Path = RootOption) -> None:
 
     result = incoming_flow(params_path=str(params), root=str(workspace.root))
     typer.echo(json.dumps({k: v for k, v in result.items() if k != "request"}, indent=2))
+
+
+@app.command()
+def monitor(params: Path = ParamsOption, root: Path = RootOption,
+            as_json: bool = typer.Option(False, "--json", help="print the whole summary as JSON")) -> None:
+    """Drift, live metrics and automatic rollback of the champion (what the `monitor` deployment runs)."""
+    loaded, workspace = load(params, root)
+    from flows.monitor import monitor_flow
+
+    result = monitor_flow(params_path=str(params), root=str(workspace.root))
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, default=str))
+        return
+    if result["champion"] is None:
+        return
+    rollback = result["rollback"]
+    typer.echo(f"\n{result['model']} v{result['champion']}: drift {result['drift']['status']}, "
+               f"{'rolled back to v' + str(rollback['to']) if rollback['rolled_back'] else 'no rollback'}, "
+               f"{'retraining requested' if result['retraining']['requested'] else 'no retraining'}")
+    typer.echo(f"report: {result['report'] or '(none: too few predictions)'}; MLflow run {result['run_id']}")
 
 
 @app.command()

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks.baseline import BaselineConfig
+from tasks.drift import MonitorConfig
 from tasks.evaluate import EvaluateConfig
 from tasks.finetune import FinetuneConfig
 from tasks.gate import GateConfig
@@ -50,6 +51,7 @@ class Params(BaseModel):
     gate: GateConfig = GateConfig()
     triggers: TriggerConfig = TriggerConfig()
     serve: ServeConfig = ServeConfig()
+    monitor: MonitorConfig = MonitorConfig()
 
     @property
     def labels(self) -> tuple[str, ...]:

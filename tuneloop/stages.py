@@ -110,6 +110,17 @@ def finetune_settings(params: Params, ws: Workspace) -> FinetuneConfig:
     return tuning.apply_params(params.finetune, record["best_params"]) if record else params.finetune
 
 
+def record_tuning(ws: Workspace, record: dict, result: tuning.TuneResult, tune_run: str) -> None:
+    """Writes metrics/tune.json and the plots, and logs them to the tuning run and the pipeline's run."""
+    write_json(ws.tune_result, record)
+    tuning.close_tune_run(tune_run, result, [ws.tune_result, *write_tuning_plots(record, ws.tune_reports)])
+    tracking.log_stage(ws, "tune", {k: record[k] for k in ("best_value", "n_complete", "n_pruned", "n_failed")})
+    # tags, not params: a resumed or extended search may change them within one pipeline run
+    run_id = tracking.current_run_id(ws)
+    registry.client().set_tag(run_id, "tune.study", result.study_name)
+    registry.client().set_tag(run_id, "tune.best_params", json.dumps(result.best_params, sort_keys=True))
+
+
 def tune(params: Params, ws: Workspace) -> dict:
     """Searches finetune's settings on train and validation rows (never test
     rows); the best go to metrics/tune.json, which finetune applies."""
@@ -136,10 +147,7 @@ def tune(params: Params, ws: Workspace) -> dict:
         tuning.close_tune_run(tune_run, None)
         raise
     record = {"enabled": True, "data_version": version.md5, "storage": tuning.redact(storage), **asdict(result)}
-    write_json(ws.tune_result, record)
-    tuning.close_tune_run(tune_run, result, [ws.tune_result, *write_tuning_plots(record, ws.tune_reports)])
-    tracking.log_stage(ws, "tune", {k: record[k] for k in ("best_value", "n_complete", "n_pruned", "n_failed")},
-                       params={"study": result.study_name, "best_params": json.dumps(result.best_params)})
+    record_tuning(ws, record, result, tune_run)
     resumed = f", resumed a study of {result.resumed_trials} trials" if result.resumed_trials else ""
     say("tune", f"{result.n_complete} complete, {result.n_pruned} pruned, {result.n_failed} failed trials on "
                 f"{result.train_rows} train rows in {result.seconds:.0f}s{resumed}; best validation macro-F1 "

@@ -19,7 +19,7 @@ from tasks.tune import ParamSpec, PrunerConfig, TrialRuns, TuneConfig, TuneData,
 from tasks.workspace import Workspace, write_json
 from tuneloop.params import ParamsError, parse_params
 
-FAST = FinetuneConfig(epochs=3, learning_rate=1e-2, batch_size=16, lora_r=4, max_length=32,
+FAST = FinetuneConfig(epochs=3, learning_rate=1e-2, batch_size=16, lora_r=8, max_length=32,
                       checkpoint_every_steps=0, patience=3)
 
 
@@ -52,7 +52,7 @@ def child_runs(sandbox, parent_run_id: str) -> list:
 
 
 def test_space_keys_that_are_not_finetune_settings_are_named() -> None:
-    with pytest.raises(ValueError, match="learning_rat, lora_rank not finetune settings"):
+    with pytest.raises(ValueError, match="settings finetune does not have: learning_rat, lora_rank;"):
         TuneConfig(space={"learning_rat": {"low": 1e-4, "high": 1e-3}, "lora_rank": {"choices": [4, 8]},
                           "epochs": {"low": 1, "high": 2}})
 
@@ -105,10 +105,10 @@ def test_suggest_turns_optuna_values_into_finetune_settings() -> None:
         "target_modules": {"choices": [["query", "value"], ["query", "key", "value", "dense"]]},
         "lora_r": {"choices": [4, 8]}, "learning_rate": {"low": 1e-4, "high": 1e-2, "log": True},
         "epochs": {"low": 1, "high": 3}, "method": {"choices": ["lora", "full"]}})
-    trial = optuna.trial.FixedTrial({"target_modules": '["query", "value"]', "lora_r": 8, "learning_rate": 3e-3,
+    trial = optuna.trial.FixedTrial({"target_modules": '["query", "value"]', "lora_r": 4, "learning_rate": 3e-3,
                                      "epochs": 2, "method": "full"})
     settings = suggest(trial, config.space, FAST)
-    assert settings == replace(FAST, target_modules=("query", "value"), lora_r=8, learning_rate=3e-3, epochs=2,
+    assert settings == replace(FAST, target_modules=("query", "value"), lora_r=4, learning_rate=3e-3, epochs=2,
                                method="full")
     assert isinstance(settings.epochs, int)
 
@@ -118,14 +118,15 @@ def test_suggest_turns_optuna_values_into_finetune_settings() -> None:
 
 def test_trials_far_below_the_median_are_pruned_before_their_last_epoch(data, tmp_path, mlflow_sandbox) -> None:
     # learning rate 0 never learns: after epoch 1 it trails every trial that does
-    config = TuneConfig(n_trials=6, timeout_minutes=None, train_rows=None, startup_trials=6, seed=3,
+    config = TuneConfig(n_trials=3, timeout_minutes=None, train_rows=None, startup_trials=6, seed=3,
                         pruner=PrunerConfig(n_startup_trials=1), space={"learning_rate": {"choices": [0.01, 0.0]}})
     runs = mlflow_parent(mlflow_sandbox)
-    result = run_study(config, FAST, data, f"sqlite:///{tmp_path}/optuna.db", tmp_path / "work", runs)
+    result = run_study(config, replace(FAST, epochs=2), data, f"sqlite:///{tmp_path}/optuna.db", tmp_path / "work",
+                       runs)
     pruned = [t for t in result.trials if t["state"] == "PRUNED"]
     assert pruned and result.n_pruned == len(pruned)
     assert all(t["params"] == {"learning_rate": 0.0} for t in pruned)
-    assert all([step for step, _ in t["intermediate"]] == [1] for t in pruned)  # 1 of 3 epochs trained
+    assert all([step for step, _ in t["intermediate"]] == [1] for t in pruned)  # 1 of 2 epochs trained
     assert result.best_params == {"learning_rate": 0.01}
     assert result.trials[0]["params"] == {"learning_rate": 0.01}  # trial 0 is params.finetune's own value
     children = {int(r.data.tags["optuna.trial"]): r for r in child_runs(mlflow_sandbox, runs.parent_run_id)}
@@ -138,7 +139,7 @@ def test_trials_far_below_the_median_are_pruned_before_their_last_epoch(data, tm
 
     complete = next(t for t in result.trials if t["state"] == "COMPLETE")
     history = MlflowClient().get_metric_history(children[complete["number"]].info.run_id, "val_macro_f1")
-    assert [m.step for m in history] == [1, 2, 3]
+    assert [m.step for m in history] == [1, 2]
     assert children[pruned[0]["number"]].info.status == "KILLED"
 
 
@@ -148,37 +149,36 @@ class Killed(BaseException):
 
 @pytest.mark.parametrize("interruption", [Killed, KeyboardInterrupt])
 def test_an_interrupted_search_resumes_the_same_study(data, tmp_path, monkeypatch, interruption) -> None:
-    config = TuneConfig(n_trials=4, timeout_minutes=None, train_rows=128, startup_trials=10,
-                        pruner=PrunerConfig(n_startup_trials=10), space={"learning_rate": {"low": 3e-3, "high": 3e-2}})
+    config = TuneConfig(n_trials=3, timeout_minutes=None, train_rows=64, pruner=PrunerConfig(n_startup_trials=10),
+                        space={"learning_rate": {"low": 3e-3, "high": 3e-2}})
     base = replace(FAST, epochs=1)
     storage = f"sqlite:///{tmp_path}/optuna.db"
     real_finetune, calls = tune.finetune, []
 
-    def interrupted_at_the_third_trial(*args, **kwargs):
+    def interrupted_at_the_second_trial(*args, **kwargs):
         calls.append(args[5].learning_rate)
-        if len(calls) == 3:
+        if len(calls) == 2:
             raise interruption()
         return real_finetune(*args, **kwargs)
 
-    monkeypatch.setattr(tune, "finetune", interrupted_at_the_third_trial)
+    monkeypatch.setattr(tune, "finetune", interrupted_at_the_second_trial)
     with pytest.raises(interruption):
         run_study(config, base, data, storage, tmp_path / "work")
     name = tune.study_name(config, base, data)
     before = {t.number: (t.state.name, t.value) for t in optuna.load_study(study_name=name, storage=storage).trials}
-    assert [state for state, _ in before.values()] == ["COMPLETE", "COMPLETE",
-                                                       "RUNNING" if interruption is Killed else "FAIL"]
+    assert [state for state, _ in before.values()] == ["COMPLETE", "RUNNING" if interruption is Killed else "FAIL"]
 
     result = run_study(config, base, data, storage, tmp_path / "work")
     assert result.study_name == name
-    assert result.resumed_trials == 3 and result.retried_trials == [2]
+    assert result.resumed_trials == 2 and result.retried_trials == [1]
     after = {t["number"]: t for t in result.trials}
-    assert {n: (after[n]["state"], after[n]["value"]) for n in (0, 1)} == {n: before[n] for n in (0, 1)}
-    assert after[2]["state"] == "FAIL"
-    assert after[3]["retry_of"] == 2 and after[3]["params"] == after[2]["params"]  # the same settings, again
-    assert after[3]["state"] == "COMPLETE"
-    assert result.n_complete == 4 and len(result.trials) == 5  # the interrupted trial used up no budget
+    assert (after[0]["state"], after[0]["value"]) == before[0]  # earlier trials are kept as they were
+    assert after[1]["state"] == "FAIL"
+    assert after[2]["retry_of"] == 1 and after[2]["params"] == after[1]["params"]  # the same settings, again
+    assert after[2]["state"] == "COMPLETE"
+    assert result.n_complete == 3 and len(result.trials) == 4  # the interrupted trial used up no budget
     assert result.new_trials == 2
-    assert calls[3] == calls[2]
+    assert calls[2] == calls[1]
 
 
 def test_a_finished_study_runs_no_more_trials(data, tmp_path) -> None:
@@ -188,6 +188,28 @@ def test_a_finished_study_runs_no_more_trials(data, tmp_path) -> None:
     again = run_study(config, replace(FAST, epochs=1), data, storage, tmp_path / "work")
     assert again.new_trials == 0 and again.resumed_trials == 2
     assert again.best_params == first.best_params and again.trials == first.trials
+
+
+def test_no_trial_starts_once_the_time_budget_is_spent(data, tmp_path, monkeypatch) -> None:
+    import time
+
+    monkeypatch.setattr(tune, "finetune", lambda *args, **kwargs: time.sleep(0.2) or fake_result(0.5))
+    config = TuneConfig(n_trials=5, timeout_minutes=0.001, space={"lora_r": {"choices": [2, 4]}})
+    result = run_study(config, FAST, data, f"sqlite:///{tmp_path}/optuna.db", tmp_path / "work")
+    assert result.n_complete == 1 and len(result.trials) == 1
+
+
+def test_a_running_trial_stops_at_its_next_epoch_once_the_time_budget_is_spent() -> None:
+    import time
+
+    study = optuna.create_study(direction="maximize")
+    spent = time.monotonic() - 1
+    first = study.ask()
+    tune.epoch_reporter(first, 3, None, None, spent)(1, 0.5)  # no trial completed yet: it goes on
+    study.tell(first, 0.5)
+    with pytest.raises(optuna.TrialPruned, match="time budget"):
+        tune.epoch_reporter(study.ask(), 3, None, None, spent)(1, 0.9)
+    tune.epoch_reporter(study.ask(), 3, None, None, spent)(3, 0.9)  # its last epoch: nothing left to save
 
 
 def test_trials_train_on_the_same_seeded_subsample(data, tmp_path, monkeypatch) -> None:
@@ -232,13 +254,13 @@ def workspace(tmp_path, toy_task, mlflow_sandbox) -> Workspace:
 
 def stage_params(tiny_bert, sandbox, ws: Workspace, **tune_settings):
     raw_finetune = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(FAST).items()}
-    tune_section = {"enabled": True, "n_trials": 3, "timeout_minutes": None, "train_rows": 128,
+    tune_section = {"enabled": True, "n_trials": 2, "timeout_minutes": None, "train_rows": 128,
                     "storage": f"sqlite:///{ws.root}/optuna.db",
-                    "space": {"lora_r": {"choices": [2, 8]}, "learning_rate": {"low": 5e-3, "high": 2e-2}},
+                    "space": {"lora_r": {"choices": [2, 4]}, "learning_rate": {"low": 5e-3, "high": 2e-2}},
                     **tune_settings}
     return parse_params({"model": {"base": str(tiny_bert)}, "validate": {"labels": ["negative", "positive"]},
                          "mlflow": {"tracking_uri": sandbox.tracking_uri, "experiment": sandbox.experiment},
-                         "finetune": {**raw_finetune, "epochs": 2}, "tune": tune_section})
+                         "finetune": {**raw_finetune, "epochs": 1}, "tune": tune_section})
 
 
 def test_tune_stage_never_reads_the_test_split_and_its_best_settings_reach_finetune(

@@ -1,0 +1,140 @@
+"""`tuneloop demo`: the production story on the shipped data, step by step.
+
+train on movie reviews → serve → send tweets (with their true labels as
+feedback) → the monitor sees drift → retraining on the labelled tweets → gate →
+promotion, followed by the service → a deliberately bad version forced to
+champion → the monitor sees its live macro-F1 drop and rolls back, followed by
+the service. Everything runs locally: Prefect ephemeral, MLflow on SQLite, the
+service on 127.0.0.1, in a workspace folder of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import yaml
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "vader_sentiment"
+
+
+@dataclass
+class Story:
+    """What the demo did, for the closing table."""
+
+    started: float = field(default_factory=time.perf_counter)
+    steps: list[tuple[str, float, str]] = field(default_factory=list)
+
+    def step(self, name: str, detail: str) -> None:
+        elapsed = time.perf_counter() - self.started
+        self.steps.append((name, elapsed, detail))
+        print(f"\n=== [{elapsed:6.0f}s] {name}: {detail}", flush=True)
+
+
+def demo_params(project_params: Path, workspace: Path, movies: Path, port: int) -> Path:
+    """The project's params with the demo's data, a fast follow interval and a
+    monitor window sized for the traffic the demo sends."""
+    params = yaml.safe_load(project_params.read_text())
+    params["ingest"]["source"] = str(movies)
+    params["serve"].update(port=port, poll_seconds=1.0)
+    params["triggers"]["min_new_labelled_rows"] = 200
+    path = workspace / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def sample(domain: str, rows: int, seed: int) -> pd.DataFrame:
+    frame = pd.read_csv(DATA / f"{domain}.csv")
+    frame = frame[frame["label"] != "neutral"]
+    return frame.sample(rows, random_state=seed)
+
+
+def start_service(workspace: Path, port: int) -> subprocess.Popen:
+    log = (workspace / "serve.log").open("w")
+    return subprocess.Popen([sys.executable, "-m", "tuneloop.cli", "serve", "--root", str(workspace),
+                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, cwd=workspace)
+
+
+def wait_for_version(url: str, version: str, timeout: float = 120.0) -> float:
+    """Seconds until the service reports `version` (raises on timeout)."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout:
+        try:
+            if httpx.get(f"{url}/version", timeout=5).json().get("version") == version:
+                return time.perf_counter() - started
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"the service did not serve version {version} within {timeout:.0f}s")
+
+
+def send_with_feedback(url: str, frame: pd.DataFrame, batch: int = 32) -> float:
+    """Predicts every text, then feeds back its true label; returns live accuracy."""
+    correct = 0
+    for start in range(0, len(frame), batch):
+        chunk = frame.iloc[start : start + batch]
+        answer = httpx.post(f"{url}/predict", json={"texts": chunk["text"].tolist()}, timeout=60).json()
+        labels = chunk["label"].tolist()
+        correct += sum(p["label"] == y for p, y in zip(answer["predictions"], labels))
+        httpx.post(f"{url}/feedback", json={"request_id": answer["request_id"], "labels": labels}, timeout=30)
+    return correct / max(1, len(frame))
+
+
+def force_bad_version(model_name: str, workspace: Path, experiment: str) -> str:
+    """Registers the champion with its classifier head negated (every
+    prediction flips) and forces it to champion, bypassing the gate, as a
+    botched manual deploy would.
+
+    Returns:
+        The bad version's number.
+    """
+    import mlflow
+    from safetensors.torch import load_file, save_file
+
+    from tasks import registry
+
+    champion = registry.alias_version(model_name, registry.CHAMPION)
+    source = registry.download_version(model_name, champion.version, workspace / "state" / "registry_cache")
+    bad = workspace / "state" / "bad-model"
+    shutil.rmtree(bad, ignore_errors=True)
+    shutil.copytree(source, bad)
+    weights = bad / "adapter_model.safetensors"
+    tensors = {k: (-v if "classifier" in k else v) for k, v in load_file(str(weights)).items()}
+    save_file(tensors, str(weights))
+    client = mlflow.MlflowClient()
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    run = client.create_run(experiment_id, tags={"tuneloop.outcome": "forced (demo)"})
+    info = registry.create_version(model_name, run.info.run_id, bad,
+                                   {**champion.tags, "decision": "forced", "demo": "classifier head negated"})
+    client.set_terminated(run.info.run_id)
+    registry.move_champion(model_name, info.version, "forced", "demo: a deliberately bad version, gate bypassed")
+    return info.version
+
+
+def summary_table(model_name: str) -> str:
+    """Versions, their decisions, test and live metrics, and the aliases."""
+    from tasks import registry
+
+    lines = [f"{'version':>7}  {'decision':<10} {'data':<8} {'test macro-F1':>13} {'live macro-F1':>13}  aliases"]
+    for v in registry.list_versions(model_name):
+        test = v.tags.get("test.macro_f1")
+        live = v.tags.get("live.macro_f1")
+        lines.append(f"{v.version:>7}  {v.tags.get('decision', '-'):<10} {v.tags.get('data.md5', '')[:8]:<8} "
+                     f"{float(test) if test else float('nan'):>13.4f} {float(live) if live else float('nan'):>13.4f}"
+                     f"  {','.join(v.aliases)}")
+    lines.append("alias moves: " + "; ".join(f"{e['action']} {e['from']}->{e['to']}" for e in registry.audit_trail(model_name)))
+    return "\n".join(lines)
