@@ -188,6 +188,29 @@ def deploy(root: Path = RootOption) -> None:
                f"  prefect worker start --pool {pool}")
 
 
+@app.command()
+def demo(root: Path = RootOption,
+         movies: int = typer.Option(4000, help="movie reviews the first model trains on"),
+         tweets: int = typer.Option(600, help="tweets sent (and labelled) before the first monitoring run"),
+         later_tweets: int = typer.Option(160, help="tweets sent to the forced bad version"),
+         workspace: Path = typer.Option(Path("/tmp/tuneloop-demo"), help="the demo's own project folder "
+                                        "(recreated; outside this repo so its DVC and registry stay apart)")) -> None:
+    """Play the production story on the shipped data: train, serve, drift, retrain, bad version, rollback."""
+    import shutil
+
+    from tuneloop.demo import DemoError, run_demo
+
+    root, workspace = root.resolve(), workspace.resolve()
+    if workspace == root or root in workspace.parents:
+        fail("--workspace must be outside the project: the demo is a project of its own")
+    shutil.rmtree(workspace, ignore_errors=True)  # a fresh registry every time
+    try:
+        table = run_demo(root, workspace, movies, tweets, later_tweets)
+    except DemoError as error:
+        fail(f"demo stopped: {error}")
+    typer.echo(f"\n{table}\nreports, registry and logs: {workspace}")
+
+
 @app.command("restore-data")
 def restore_data_command(version: str, out: Optional[Path] = typer.Option(None, help="folder to restore into"),
                          params: Path = ParamsOption, root: Path = RootOption) -> None:

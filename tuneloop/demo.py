@@ -138,3 +138,84 @@ def summary_table(model_name: str) -> str:
                      f"  {','.join(v.aliases)}")
     lines.append("alias moves: " + "; ".join(f"{e['action']} {e['from']}->{e['to']}" for e in registry.audit_trail(model_name)))
     return "\n".join(lines)
+
+
+class DemoError(RuntimeError):
+    """A step of the story did not happen as it should."""
+
+
+def follow_seconds(url: str, model_name: str, version: str) -> float:
+    """How long the service took to serve `version` after the alias moved:
+    its load time minus the audit trail's time of the move."""
+    from datetime import datetime
+
+    from tasks import registry
+
+    wait_for_version(url, version)
+    moved = [e for e in registry.audit_trail(model_name) if e["to"] == str(version)][-1]["at"]
+    loaded = httpx.get(f"{url}/version", timeout=5).json()["loaded_at"]
+    return (datetime.fromisoformat(loaded) - datetime.fromisoformat(moved)).total_seconds()
+
+
+def run_demo(project: Path, workspace: Path, movies: int, tweets: int, later_tweets: int) -> str:
+    """Plays the story; returns the closing summary table."""
+    from flows.monitor import monitor_flow
+    from flows.retrain import retrain_flow
+    from tasks import registry
+    from tasks.tracking import configure_tracking
+    from tuneloop.params import load_params
+
+    story = Story()
+    workspace.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    movie_rows = sample("movie_reviews", movies, seed=0)
+    movie_rows.to_csv(workspace / "movie_reviews.csv", index=False)
+    demo_params(project / "params.yaml", workspace, workspace / "movie_reviews.csv", port)
+    params = load_params(workspace / "params.yaml")
+    name = params.mlflow.model_name
+    story.step("1 train", f"retraining flow on {movies} movie reviews")
+    first = retrain_flow(params_path="params.yaml", root=str(workspace))
+    if not first["promoted"]:
+        raise DemoError("the first model was not promoted: " + "; ".join(first["reasons"]))
+    configure_tracking(params.mlflow, workspace)
+    service = start_service(workspace, port)
+    try:
+        wait_for_version(url, first["version"], timeout=300)
+        story.step("2 serve", f"{url} serves version {first['version']}")
+        shifted = sample("tweets", tweets + later_tweets, seed=1)
+        accuracy = send_with_feedback(url, shifted.iloc[:tweets])
+        story.step("3 traffic", f"{tweets} tweets served by v{first['version']} (live accuracy {accuracy:.3f}); "
+                                "their true labels sent to /feedback")
+        monitored = monitor_flow(params_path="params.yaml", root=str(workspace))
+        story.step("4 monitor", f"drift {monitored['drift']['status']}: " + "; ".join(monitored["drift"]["reasons"]))
+        retraining = monitored["retraining"]
+        result = (retraining.get("request") or {}).get("result")
+        if not retraining["requested"] or result is None:
+            raise DemoError("drift did not start retraining: " + "; ".join(retraining["reasons"]))
+        story.step("5 retrain + gate", f"version {result['version']} "
+                   + ("promoted" if result["promoted"] else "rejected") + ": " + "; ".join(result["reasons"]))
+        if result["promoted"]:
+            seconds = follow_seconds(url, name, result["version"])
+            story.step("6 promotion served", f"the service served v{result['version']} {seconds:.1f}s after the alias moved")
+        good = registry.alias_version(name, registry.CHAMPION).version
+        bad = force_bad_version(name, workspace, params.mlflow.experiment)
+        seconds = follow_seconds(url, name, bad)
+        story.step("7 bad version forced", f"v{bad} (classifier head negated) forced to champion, gate bypassed; "
+                                           f"served {seconds:.1f}s later")
+        accuracy = send_with_feedback(url, shifted.iloc[tweets:])
+        story.step("8 traffic", f"{later_tweets} more tweets served by v{bad} (live accuracy {accuracy:.3f}), labels fed back")
+        monitored = monitor_flow(params_path="params.yaml", root=str(workspace))
+        rollback = monitored["rollback"]
+        if not rollback["rolled_back"]:
+            raise DemoError("the bad version was not rolled back: " + "; ".join(rollback["reasons"]))
+        seconds = follow_seconds(url, name, rollback["to"])
+        story.step("9 automatic rollback", f"v{bad} -> v{rollback['to']}: " + "; ".join(rollback["reasons"])
+                   + f"; served {seconds:.1f}s after the alias moved")
+        assert good == rollback["to"], (good, rollback["to"])
+    finally:
+        service.terminate()
+        service.wait(timeout=30)
+    table = summary_table(name)
+    story.step("done", f"in {time.perf_counter() - story.started:.0f}s")
+    return table

@@ -104,6 +104,7 @@ def project(mlflow_sandbox, model_dirs, tiny_bert, tmp_path_factory) -> dict:
     move_champion(name, "2", "promote", "gate passed")
     write_params(root, mlflow_sandbox, name, tiny_bert)
 
+    (root / "state").mkdir()
     store = PredictionStore(f"sqlite:///{root / 'state' / 'predictions.db'}")
     config = MonitorConfig(max_length=32, device="cpu")
     old, _ = sentiment_rows(OLD_ROWS, seed=9)

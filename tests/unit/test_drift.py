@@ -95,7 +95,8 @@ ROLLBACK_CASES = {
     "gap under the margin": (comparison(0.80, 0.81, 0.001, 0.03), CONFIG, 200, "1", "promote", False, "+0.0100"),
     "interval includes zero": (comparison(0.70, 0.80, -0.01, 0.2), CONFIG, 200, "1", "promote", False,
                                "includes zero"),
-    "champion better": (comparison(0.85, 0.60, -0.35, -0.15), CONFIG, 200, "1", "promote", False, "-0.2500"),
+    "champion better": (comparison(0.85, 0.60, -0.35, -0.15), CONFIG, 200, "1", "promote", False,
+                        "by -0.2500 (rollback at >= +0.0200), 95% CI [-0.3500, -0.1500] lies below zero"),
     "too few labelled rows": (None, CONFIG, 49, "1", "promote", False, "49 labelled live rows"),
     "no previous champion": (None, CONFIG, 200, None, "promote", False, "no previous champion"),
     "restored champions do not flap": (comparison(), CONFIG, 200, "1", "auto-rollback", False,
@@ -267,3 +268,15 @@ def test_html_report_is_written_and_scores_embeddings_as_the_direct_method_does(
 def test_unknown_rollback_metric_is_refused() -> None:
     with pytest.raises(ValueError, match="rollback_metric"):
         MonitorConfig(rollback_metric="f2")
+
+
+def test_store_hands_back_rows_labelled_after_a_moment(tmp_path) -> None:
+    from tasks.store import Prediction, PredictionStore, utcnow
+
+    store = PredictionStore(f"sqlite:///{tmp_path / 'predictions.db'}")
+    store.log(Prediction(f"r{i}", 0, f"text {i}", "positive", 0.9, {"positive": 0.9}, "1") for i in range(3))
+    store.attach_feedback("r0", ["negative"])
+    middle = utcnow()
+    store.attach_feedback("r2", ["positive"])
+    assert store.labelled()["request_id"].tolist() == ["r0", "r2"]
+    assert store.labelled(since=middle)[["request_id", "true_label"]].values.tolist() == [["r2", "positive"]]

@@ -121,12 +121,11 @@ def test_trials_far_below_the_median_are_pruned_before_their_last_epoch(data, tm
     config = TuneConfig(n_trials=3, timeout_minutes=None, train_rows=None, startup_trials=6, seed=3,
                         pruner=PrunerConfig(n_startup_trials=1), space={"learning_rate": {"choices": [0.01, 0.0]}})
     runs = mlflow_parent(mlflow_sandbox)
-    result = run_study(config, replace(FAST, epochs=2), data, f"sqlite:///{tmp_path}/optuna.db", tmp_path / "work",
-                       runs)
+    result = run_study(config, FAST, data, f"sqlite:///{tmp_path}/optuna.db", tmp_path / "work", runs)
     pruned = [t for t in result.trials if t["state"] == "PRUNED"]
     assert pruned and result.n_pruned == len(pruned)
     assert all(t["params"] == {"learning_rate": 0.0} for t in pruned)
-    assert all([step for step, _ in t["intermediate"]] == [1] for t in pruned)  # 1 of 2 epochs trained
+    assert all([step for step, _ in t["intermediate"]] == [1] for t in pruned)  # 1 of 3 epochs trained
     assert result.best_params == {"learning_rate": 0.01}
     assert result.trials[0]["params"] == {"learning_rate": 0.01}  # trial 0 is params.finetune's own value
     children = {int(r.data.tags["optuna.trial"]): r for r in child_runs(mlflow_sandbox, runs.parent_run_id)}
@@ -139,7 +138,7 @@ def test_trials_far_below_the_median_are_pruned_before_their_last_epoch(data, tm
 
     complete = next(t for t in result.trials if t["state"] == "COMPLETE")
     history = MlflowClient().get_metric_history(children[complete["number"]].info.run_id, "val_macro_f1")
-    assert [m.step for m in history] == [1, 2]
+    assert [m.step for m in history] == [1, 2, 3]
     assert children[pruned[0]["number"]].info.status == "KILLED"
 
 
