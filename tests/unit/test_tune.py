@@ -117,7 +117,7 @@ def test_suggest_turns_optuna_values_into_finetune_settings() -> None:
 
 
 def test_trials_far_below_the_median_are_pruned_before_their_last_epoch(data, tmp_path, mlflow_sandbox) -> None:
-    # learning rate 0 never learns: after epoch 1 it trails every trial that does
+    # learning rate 0 never learns: it falls behind the trial that does before its last epoch
     config = TuneConfig(n_trials=3, timeout_minutes=None, train_rows=None, startup_trials=6, seed=3,
                         pruner=PrunerConfig(n_startup_trials=1), space={"learning_rate": {"choices": [0.01, 0.0]}})
     runs = mlflow_parent(mlflow_sandbox)
@@ -125,7 +125,7 @@ def test_trials_far_below_the_median_are_pruned_before_their_last_epoch(data, tm
     pruned = [t for t in result.trials if t["state"] == "PRUNED"]
     assert pruned and result.n_pruned == len(pruned)
     assert all(t["params"] == {"learning_rate": 0.0} for t in pruned)
-    assert all([step for step, _ in t["intermediate"]] == [1] for t in pruned)  # 1 of 3 epochs trained
+    assert all(len(t["intermediate"]) < FAST.epochs for t in pruned)  # stopped before its last epoch
     assert result.best_params == {"learning_rate": 0.01}
     assert result.trials[0]["params"] == {"learning_rate": 0.01}  # trial 0 is params.finetune's own value
     children = {int(r.data.tags["optuna.trial"]): r for r in child_runs(mlflow_sandbox, runs.parent_run_id)}
