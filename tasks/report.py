@@ -388,10 +388,11 @@ def _history_figure(trials: Sequence[dict]) -> Any:
     if pruned:
         ax.scatter(*zip(*pruned), marker="x", color=_PALETTE[3], zorder=3, label="pruned (last scored epoch)")
     ax.set_xlabel("trial")
+    ax.xaxis.get_major_locator().set_params(integer=True)  # trials are whole numbers
     ax.set_ylabel("validation macro-F1")
     ax.set_title("Optimisation history", fontsize=11)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8, frameon=False)
+    ax.legend(loc="best", fontsize=8, framealpha=0.8)
     fig.tight_layout()
     return fig
 
@@ -406,7 +407,7 @@ def _importance_figure(importances: dict[str, float]) -> Any:
     bars = ax.barh(names, [importances[n] for n in names], color=_PALETTE[0])
     ax.bar_label(bars, fmt="%.2f", fontsize=8, padding=2)
     ax.set_xlim(0, max(importances.values(), default=0) * 1.15 + 1e-9)
-    ax.set_xlabel("importance (share of validation macro-F1 variation)")
+    ax.set_xlabel("importance (Optuna's PED-ANOVA, sums to 1)")
     ax.set_title("Parameter importances", fontsize=11)
     fig.tight_layout()
     return fig
@@ -456,6 +457,9 @@ def _tuning_html(tuning: dict | None) -> list[str]:
                     for stem, fig in tuning_figures(tuning).items())
     if not tuning.get("importances"):
         plots += '<p class="note">Too few completed trials to estimate parameter importances.</p>'
+    elif (tuning.get("n_complete") or 0) < 10:
+        plots += (f'<p class="note">Importances from {_esc(tuning.get("n_complete"))} completed trials '
+                  "are a rough guide; a longer search sharpens them.</p>")
     table = ('<table><thead><tr><th class="label">setting</th><th>best value</th></tr></thead>'
              f"<tbody>{rows}</tbody></table>")
     return ["<h2>Tuning</h2>", summary, table, f'<div class="row">{plots}</div>']

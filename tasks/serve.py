@@ -176,9 +176,9 @@ class ChampionFollower:
         try:  # the version served just before stays loaded: rolling back to it is a swap, not a load
             classifier = standby.classifier if standby and standby.version == version else self._load(version)
         except Exception as error:
-            self.failed_version = version
             kept = f"version {current} keeps serving" if current else "nothing is served"
             self._record_error(f"version {version} was not switched to ({kept}): {type(error).__name__}: {error}")
+            self.failed_version = version  # after the error: /health never shows one without the other
             return False
         self._standby, self.served = self.served, Served(version, classifier, utcnow())
         log.info("%s: now serving version %s%s", self.model_name, version, f" (was {current})" if current else "")

@@ -85,7 +85,7 @@ def default_space() -> dict[str, ParamSpec]:
 class TuneConfig:
     enabled: bool = False  # off: finetune trains with params.finetune as written
     n_trials: int = 12  # finished trials the study aims for, counting those of earlier, interrupted runs
-    timeout_minutes: float | None = 11.0  # no new trial starts after this long (per run); None: no limit
+    timeout_minutes: float | None = 10.0  # per run: no trial starts after it, a running one stops at its next epoch
     study_name: str = "tuneloop"  # prefix; the data version and search settings complete the name
     storage: str | None = None  # Optuna RDB URL; None: sqlite optuna.db beside the MLflow SQLite db
     seed: int = 0  # TPE sampler and train subsample
@@ -414,11 +414,15 @@ def trial_summary(trial, space: dict[str, ParamSpec]) -> dict:
             "seconds": trial.duration.total_seconds() if trial.duration else None}
 
 
-def param_importances(study) -> dict[str, float]:
+def param_importances(study, min_complete: int = 3) -> dict[str, float]:
     """Optuna's parameter importances (PED-ANOVA by default) over the completed
-    trials; empty while too few trials completed to tell."""
+    trials; empty while fewer than `min_complete` completed (one or two trials
+    give every setting the same share)."""
     import optuna
+    from optuna.trial import TrialState
 
+    if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < min_complete:
+        return {}
     try:
         return {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
     except (RuntimeError, ValueError, ZeroDivisionError):

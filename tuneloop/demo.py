@@ -169,8 +169,10 @@ def run_demo(project: Path, workspace: Path, movies: int, tweets: int, later_twe
     workspace.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    movie_rows = sample("movie_reviews", movies, seed=0)
+    all_movies = pd.read_csv(DATA / "movie_reviews.csv")
+    movie_rows = all_movies.sample(movies, random_state=0) if 0 < movies < len(all_movies) else all_movies
     movie_rows.to_csv(workspace / "movie_reviews.csv", index=False)
+    movies = len(movie_rows)
     demo_params(project / "params.yaml", workspace, workspace / "movie_reviews.csv", port)
     params = load_params(workspace / "params.yaml")
     name = params.mlflow.model_name

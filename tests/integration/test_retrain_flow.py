@@ -61,7 +61,7 @@ def project(tmp_path_factory) -> Path:
     sample.to_csv(root / "reviews.csv", index=False)
     write_params(root, "params.yaml", "reviews.csv")
     (root / ".gitignore").write_text("mlflow.db\nmlartifacts/\nmodels/\nreports/\nmetrics/\nstate/\ndata/prepared/\n"
-                                     "data/split/\n.dvc-remote/\ndata/restored/\n")
+                                     "data/split/\n.dvc-remote/\n")
     git(root, "init", "-q")
     git(root, "add", ".")
     git(root, "commit", "-qm", "project")

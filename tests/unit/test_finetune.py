@@ -14,8 +14,8 @@ from tasks.classifier import load_classifier, predict_proba
 from tasks.finetune import FinetuneConfig, finetune, length_grouped_order, linear_schedule
 from tasks.metrics import macro_f1
 
-FAST = FinetuneConfig(epochs=3, learning_rate=1e-2, batch_size=16, lora_r=8, max_length=32,
-                      checkpoint_every_steps=10, patience=3)
+FAST = FinetuneConfig(epochs=6, learning_rate=1e-2, batch_size=16, lora_r=8, max_length=32,
+                      checkpoint_every_steps=10, patience=6)
 
 
 def train(tiny_bert: Path, toy_task: dict, out: Path, config: FinetuneConfig = FAST, data_key: str = "v1"):
@@ -33,8 +33,8 @@ def test_lora_learns_a_separable_task(lora_run):
     result, _ = lora_run
     assert result.best_val_macro_f1 >= 0.9
     assert result.train_macro_f1 >= 0.9
-    assert result.steps == 3 * 16  # 256 rows / 16 per batch, 3 epochs
-    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    assert result.steps == 6 * 16  # 256 rows / 16 per batch, 6 epochs
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4, 5, 6]
 
 
 def test_lora_run_saves_adapter_as_safetensors_with_tokenizer_and_label_map(lora_run):

@@ -147,11 +147,13 @@ class Killed(BaseException):
 
 
 @pytest.mark.parametrize("interruption", [Killed, KeyboardInterrupt])
-def test_an_interrupted_search_resumes_the_same_study(data, tmp_path, monkeypatch, interruption) -> None:
+def test_an_interrupted_search_resumes_the_same_study(data, tmp_path, monkeypatch, mlflow_sandbox,
+                                                       interruption) -> None:
     config = TuneConfig(n_trials=3, timeout_minutes=None, train_rows=64, pruner=PrunerConfig(n_startup_trials=10),
                         space={"learning_rate": {"low": 3e-3, "high": 3e-2}})
     base = replace(FAST, epochs=1)
     storage = f"sqlite:///{tmp_path}/optuna.db"
+    runs = mlflow_parent(mlflow_sandbox)
     real_finetune, calls = tune.finetune, []
 
     def interrupted_at_the_second_trial(*args, **kwargs):
@@ -162,12 +164,12 @@ def test_an_interrupted_search_resumes_the_same_study(data, tmp_path, monkeypatc
 
     monkeypatch.setattr(tune, "finetune", interrupted_at_the_second_trial)
     with pytest.raises(interruption):
-        run_study(config, base, data, storage, tmp_path / "work")
+        run_study(config, base, data, storage, tmp_path / "work", runs)
     name = tune.study_name(config, base, data)
     before = {t.number: (t.state.name, t.value) for t in optuna.load_study(study_name=name, storage=storage).trials}
     assert [state for state, _ in before.values()] == ["COMPLETE", "RUNNING" if interruption is Killed else "FAIL"]
 
-    result = run_study(config, base, data, storage, tmp_path / "work")
+    result = run_study(config, base, data, storage, tmp_path / "work", runs)
     assert result.study_name == name
     assert result.resumed_trials == 2 and result.retried_trials == [1]
     after = {t["number"]: t for t in result.trials}
@@ -178,6 +180,9 @@ def test_an_interrupted_search_resumes_the_same_study(data, tmp_path, monkeypatc
     assert result.n_complete == 3 and len(result.trials) == 4  # the interrupted trial used up no budget
     assert result.new_trials == 2
     assert calls[2] == calls[1]
+    trial_runs = {r.data.tags["optuna.trial"]: r for r in child_runs(mlflow_sandbox, runs.parent_run_id)}
+    assert (trial_runs["1"].data.tags["state"], trial_runs["1"].info.status) == ("FAIL", "FAILED")
+    assert [trial_runs[n].data.tags["state"] for n in ("0", "2", "3")] == ["COMPLETE"] * 3
 
 
 def test_a_finished_study_runs_no_more_trials(data, tmp_path) -> None:

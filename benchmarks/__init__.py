@@ -1,0 +1,1 @@
+"""Benchmarks of the finetune and evaluate stages: `python -m benchmarks.run` (see README.md here)."""

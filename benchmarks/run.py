@@ -1,0 +1,269 @@
+"""Fine-tuning and scoring throughput of tuneloop, side by side with the Hugging Face
+Trainer and the transformers `text-classification` pipeline.
+
+    .venv/bin/python -m benchmarks.run                 # about 6 minutes on 2 cores
+    .venv/bin/python -m benchmarks.run --train-rows 0  # a whole epoch of the train split (longer)
+
+One process, one machine, the same model (all-MiniLM-L6-v2 with the LoRA
+settings of params.yaml), the same rows of the shipped movie reviews, the same
+batch size, learning rate, epochs, max length and number of optimizer steps.
+Prints a table and writes benchmarks/results/<device>-<date>.json. What each
+number means is in benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import tempfile
+import time
+from dataclasses import asdict, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.flops import inference_flops, token_parameters, training_flops
+from benchmarks.measure import PeakMemory, machine, matmul_peak
+from tasks.classifier import load_classifier, predict_proba, resolve_model_path, tokenize
+from tasks.finetune import FinetuneConfig, build_model, finetune
+from tasks.ingest import canonicalize, read_table
+from tasks.metrics import macro_f1
+from tasks.split import split_dataset
+from tuneloop.params import load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def load_rows(train_rows: int, seed: int) -> tuple[dict, tuple[str, ...]]:
+    """Train/validation/test (texts, label indices) of the shipped movie reviews, split
+    as the pipeline splits them; `train_rows` > 0 keeps a seeded sample of the train rows."""
+    params = load_params(ROOT / "params.yaml")
+    frame, _ = canonicalize(read_table(ROOT / params.ingest.source), params.ingest)
+    frame = split_dataset(frame, params.split)
+    labels = tuple(params.labels)
+    index = {name: i for i, name in enumerate(labels)}
+    rows = {}
+    for name in ("train", "validation", "test"):
+        part = frame[frame["split"] == name].reset_index(drop=True)
+        if name == "train" and 0 < train_rows < len(part):
+            part = part.iloc[np.random.default_rng(seed).permutation(len(part))[:train_rows]].reset_index(drop=True)
+        rows[name] = (part["text"].tolist(), [index[v] for v in part["label"]])
+    return rows, labels
+
+
+def finetune_tuneloop(base_path: Path, rows: dict, labels, config: FinetuneConfig, work: Path) -> dict:
+    """The project's finetune stage, as the pipeline calls it."""
+    with PeakMemory() as memory:
+        started = time.perf_counter()
+        result = finetune("all-MiniLM-L6-v2", base_path, rows["train"], rows["validation"], labels, config,
+                          work / "model", work / "checkpoints", "benchmark")
+        wall = time.perf_counter() - started
+    return {"steps": result.steps, "train_seconds": result.seconds, "stage_seconds": wall,
+            "val_macro_f1": result.best_val_macro_f1, "peak_rss_increase_mib": memory.increase_mib,
+            "memory_method": memory.method, "model_dir": str(result.model_dir)}
+
+
+def trainer_arguments(config: FinetuneConfig, out: Path):
+    """Trainer defaults, except what both sides must share: batch size, learning
+    rate, epochs and seed; weight decay and warm-up too, so both optimizers follow
+    the same schedule. Nothing is saved or reported anywhere."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=config.batch_size, per_device_eval_batch_size=64,
+        learning_rate=config.learning_rate, num_train_epochs=config.epochs, weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_ratio, seed=config.seed, save_strategy="no", report_to="none",
+    )
+
+
+def finetune_trainer(base_path: Path, rows: dict, labels, config: FinetuneConfig, work: Path) -> dict:
+    """A plain Hugging Face Trainer run of the same PEFT LoRA model: pre-tokenised
+    rows, the default collator (DataCollatorWithPadding) and default sampler."""
+    from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer
+
+    with PeakMemory() as memory:
+        started = time.perf_counter()
+        tokenizer = AutoTokenizer.from_pretrained(base_path)
+        torch.manual_seed(config.seed)  # the same initial head and adapters as the finetune stage
+        model = build_model(base_path, labels, config)
+
+        def encoded(texts, targets):
+            ids = tokenizer(list(texts), truncation=True, max_length=config.max_length)
+            return [{"input_ids": i, "attention_mask": m, "labels": y}
+                    for i, m, y in zip(ids["input_ids"], ids["attention_mask"], targets)]
+
+        trainer = Trainer(model=model, args=trainer_arguments(config, work / "trainer"),
+                          train_dataset=encoded(*rows["train"]), processing_class=tokenizer,
+                          data_collator=DataCollatorWithPadding(tokenizer))
+        train_started = time.perf_counter()
+        trainer.train()
+        train_seconds = time.perf_counter() - train_started
+        logits = trainer.predict(encoded(*rows["validation"])).predictions
+        wall = time.perf_counter() - started
+    f1 = macro_f1(np.asarray(rows["validation"][1]), np.asarray(logits).argmax(1), len(labels))
+    return {"steps": trainer.state.global_step, "train_seconds": train_seconds, "stage_seconds": wall,
+            "val_macro_f1": f1, "peak_rss_increase_mib": memory.increase_mib, "memory_method": memory.method}
+
+
+def score_tuneloop(model_dir: Path, texts: list[str], batch_size: int) -> tuple[np.ndarray, float, float]:
+    """The evaluate stage's scorer: load_classifier + predict_proba. Returns
+    (predicted label indices, best seconds over two passes, peak RSS increase)."""
+    classifier = load_classifier(model_dir, "all-MiniLM-L6-v2", device="cpu")
+    predict_proba(classifier, texts[:batch_size], batch_size)  # warm-up
+    seconds = []
+    with PeakMemory() as memory:
+        for _ in range(2):
+            started = time.perf_counter()
+            predicted = predict_proba(classifier, texts, batch_size).argmax(1)
+            seconds.append(time.perf_counter() - started)
+    return predicted, min(seconds), memory.increase_mib
+
+
+def score_pipeline(model_dir: Path, texts: list[str], batch_size: int) -> tuple[np.ndarray, float, float]:
+    """transformers' text-classification pipeline on the same merged model, same batch size."""
+    from transformers import pipeline
+
+    classifier = load_classifier(model_dir, "all-MiniLM-L6-v2", device="cpu")
+    index = {name: i for i, name in classifier.model.config.id2label.items()}
+    pipe = pipeline("text-classification", model=classifier.model, tokenizer=classifier.tokenizer,
+                    device="cpu", batch_size=batch_size, truncation=True, max_length=classifier.max_length)
+    pipe(texts[:batch_size])  # warm-up
+    seconds = []
+    with PeakMemory() as memory:
+        for _ in range(2):
+            started = time.perf_counter()
+            predicted = np.asarray([index[out["label"]] for out in pipe(texts)])
+            seconds.append(time.perf_counter() - started)
+    return predicted, min(seconds), memory.increase_mib
+
+
+def model_shape(base_path: Path, labels, config: FinetuneConfig) -> dict:
+    """Parameter counts and dimensions the FLOP formulas need."""
+    model = build_model(base_path, labels, config)
+    merged = build_model(base_path, labels, replace(config, method="full"))
+    shape = {"layers": model.config.num_hidden_layers, "hidden": model.config.hidden_size,
+             "token_parameters_lora": token_parameters(model.named_parameters()),
+             "token_parameters_merged": token_parameters(merged.named_parameters())}
+    del model, merged
+    gc.collect()
+    return shape
+
+
+def finetune_row(name: str, run: dict, examples: int, tokens: int, flops: float, peak: float) -> dict:
+    seconds = run["train_seconds"]
+    return {"name": name, "steps": run["steps"], "examples_per_s": examples / seconds, "tokens_per_s": tokens / seconds,
+            "useful_gflops_per_s": flops / seconds / 1e9, "fraction_of_peak": flops / seconds / 1e9 / peak,
+            "val_macro_f1": run["val_macro_f1"], "train_seconds": seconds, "stage_seconds": run["stage_seconds"],
+            "peak_rss_increase_mib": run["peak_rss_increase_mib"]}
+
+
+def run_benchmark(train_rows: int, seed: int) -> dict:
+    """Every measurement, in one process."""
+    params = load_params(ROOT / "params.yaml")
+    config = replace(params.finetune, epochs=1, max_steps=None, device="cpu", precision="fp32")
+    base_path = resolve_model_path(params.model.base)
+    rows, labels = load_rows(train_rows, seed)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    train_lengths = [len(s) for s in tokenize(tokenizer, rows["train"][0], config.max_length)]
+    test_lengths = [len(s) for s in tokenize(tokenizer, rows["test"][0], config.max_length)]
+    shape = model_shape(base_path, labels, config)
+    print("measuring the fp32 matmul peak ...", flush=True)
+    peaks = matmul_peak()
+    peak = max(peaks.values())
+    report = {"machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "matmul_gflops": peaks, "peak_gflops": peak, "config": asdict(config), "model": shape,
+              "rows": {name: len(r[0]) for name, r in rows.items()},
+              "train_tokens": int(sum(train_lengths)), "test_tokens": int(sum(test_lengths))}
+    flops = training_flops(shape["token_parameters_lora"], shape["layers"], shape["hidden"], train_lengths)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        print("fine-tuning: tuneloop finetune stage ...", flush=True)
+        ours = finetune_tuneloop(base_path, rows, labels, config, work / "tuneloop")
+        gc.collect()
+        print("fine-tuning: Hugging Face Trainer ...", flush=True)
+        theirs = finetune_trainer(base_path, rows, labels, config, work / "hf")
+        gc.collect()
+        report["finetune"] = [finetune_row("tuneloop finetune", ours, len(train_lengths), sum(train_lengths), flops, peak),
+                              finetune_row("HF Trainer + PEFT", theirs, len(train_lengths), sum(train_lengths), flops, peak)]
+        report["score"] = score_both(Path(ours["model_dir"]), rows["test"][0], params.evaluate.batch_size,
+                                     inference_flops(shape["token_parameters_merged"], shape["layers"],
+                                                     shape["hidden"], test_lengths), peak)
+    report["memory_method"] = ours["memory_method"]
+    return report
+
+
+def score_both(model_dir: Path, texts: list[str], batch_size: int, flops: float, peak: float) -> dict:
+    print("scoring: evaluate stage and text-classification pipeline ...", flush=True)
+    ours, ours_s, ours_mem = score_tuneloop(model_dir, texts, batch_size)
+    gc.collect()
+    theirs, theirs_s, theirs_mem = score_pipeline(model_dir, texts, batch_size)
+    row = lambda name, s, mem: {"name": name, "rows_per_s": len(texts) / s, "seconds": s,  # noqa: E731
+                                "useful_gflops_per_s": flops / s / 1e9, "fraction_of_peak": flops / s / 1e9 / peak,
+                                "peak_rss_increase_mib": mem}
+    return {"rows": len(texts), "batch_size": batch_size, "identical_predictions": int((ours == theirs).sum()),
+            "runs": [row("tuneloop evaluate", ours_s, ours_mem), row("text-classification pipeline", theirs_s, theirs_mem)]}
+
+
+def markdown_table(report: dict) -> str:
+    """The README's table."""
+    ours, theirs = report["finetune"]
+    score_ours, score_theirs = report["score"]["runs"]
+    ratio = lambda a, b: f"**{a / b:.2f}x**"  # noqa: E731
+    lines = [
+        f"| fine-tuning ({ours['steps']} steps of batch {report['config']['batch_size']}) | tuneloop | HF Trainer | ratio | target |",
+        "|---|---:|---:|---:|---|",
+        f"| training examples/s | {ours['examples_per_s']:.1f} | {theirs['examples_per_s']:.1f} | "
+        f"{ratio(ours['examples_per_s'], theirs['examples_per_s'])} | >= 2x |",
+        f"| non-padding tokens/s | {ours['tokens_per_s']:.0f} | {theirs['tokens_per_s']:.0f} | "
+        f"{ratio(ours['tokens_per_s'], theirs['tokens_per_s'])} | |",
+        f"| validation macro-F1 | {ours['val_macro_f1']:.4f} | {theirs['val_macro_f1']:.4f} | "
+        f"{ours['val_macro_f1'] - theirs['val_macro_f1']:+.4f} | no worse |",
+        f"| useful GFLOP/s (share of the {report['peak_gflops']:.0f} GFLOP/s matmul peak) | "
+        f"{ours['useful_gflops_per_s']:.1f} ({ours['fraction_of_peak']:.0%}) | "
+        f"{theirs['useful_gflops_per_s']:.1f} ({theirs['fraction_of_peak']:.0%}) | | >= 50% |",
+        f"| peak RSS increase (MiB) | {ours['peak_rss_increase_mib']:.0f} | {theirs['peak_rss_increase_mib']:.0f} | | |",
+        "",
+        f"| scoring ({report['score']['rows']} test rows, batch {report['score']['batch_size']}) | tuneloop evaluate "
+        "| text-classification pipeline | ratio | target |",
+        "|---|---:|---:|---:|---|",
+        f"| rows/s | {score_ours['rows_per_s']:.0f} | {score_theirs['rows_per_s']:.0f} | "
+        f"{ratio(score_ours['rows_per_s'], score_theirs['rows_per_s'])} | >= 3x |",
+        f"| identical predictions | {report['score']['identical_predictions']} / {report['score']['rows']} | | | all |",
+        f"| useful GFLOP/s (share of peak) | {score_ours['useful_gflops_per_s']:.1f} ({score_ours['fraction_of_peak']:.0%}) "
+        f"| {score_theirs['useful_gflops_per_s']:.1f} ({score_theirs['fraction_of_peak']:.0%}) | | |",
+        f"| peak RSS increase (MiB) | {score_ours['peak_rss_increase_mib']:.0f} | "
+        f"{score_theirs['peak_rss_increase_mib']:.0f} | | |",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--train-rows", type=int, default=3200,
+                        help="seeded sample of train rows, one epoch (0: the whole train split)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the train-row sample")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON results")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    report = run_benchmark(args.train_rows, args.seed)
+    report["benchmark_seconds"] = time.perf_counter() - started
+    report["table"] = markdown_table(report)
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = "gpu" if report["machine"]["gpu"] else "cpu"
+    path = args.out / f"{device}-{datetime.now(timezone.utc):%Y-%m-%d}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    m = report["machine"]
+    print(f"\n{m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads); "
+          f"{math.ceil(report['benchmark_seconds'])} s in all\n\n{report['table']}\n\nresults: {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
