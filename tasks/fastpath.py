@@ -9,7 +9,8 @@ of operations costs as much as the FLOPs:
   and their three adapters one batched matmul pair;
 - dropout draws only the positions it drops (see `dropped_positions`), and the
   dropout before each residual connection is fused into the addition;
-- attention is two batched matmuls and a softmax, with no mask conversions.
+- attention is PyTorch's fused kernel, or, where dropout needs the attention
+  probabilities, two batched matmuls and a softmax.
 
 Weights are read from the model's own modules at every call, so the optimizer,
 checkpoints and `save_pretrained` see the usual parameters. `supports` says
@@ -63,8 +64,12 @@ def plain_lora(layer: nn.Module) -> bool:
 
 
 def supports_encoder(encoder: nn.Module) -> bool:
-    """True when `encode` computes exactly what this BertModel computes."""
-    if type(encoder).__name__ != "BertModel":
+    """True when `encode` computes exactly what this BertModel computes.
+
+    CPU only: that is where it is measured and tested; on a GPU the model's
+    own forward (fused dropout, bf16 autocast) is used as it is.
+    """
+    if type(encoder).__name__ != "BertModel" or next(encoder.parameters()).device.type != "cpu":
         return False
     config = encoder.config
     if config.is_decoder or getattr(config, "position_embedding_type", "absolute") != "absolute":
@@ -185,7 +190,9 @@ def linear(x: torch.Tensor, module: nn.Module, training: bool) -> torch.Tensor:
     if adapter is None:
         return y
     down = dropout(x, adapter.p, training) @ adapter.A.t()  # (tokens, r)
-    return y.addmm_(down, adapter.B.t(), alpha=adapter.scale)
+    if y.dtype != adapter.B.dtype:  # autocast: only the out-of-place op casts
+        return torch.addmm(y, down, adapter.B.t(), alpha=adapter.scale)
+    return y.addmm_(down, adapter.B.t(), alpha=adapter.scale)  # in place: one pass over y fewer
 
 
 def concatenated(bases: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,26 +237,36 @@ def attention_bias(mask: torch.Tensor, heads: int, dtype: torch.dtype) -> torch.
     return bias.repeat_interleave(heads, dim=0).unsqueeze(1)
 
 
-def attend(qkv: torch.Tensor, bias: torch.Tensor, batch: int, heads: int, p: float, training: bool) -> torch.Tensor:
-    """Multi-head attention of (3, batch*seq, hidden) -> (batch*seq, hidden)."""
+def attend(qkv: torch.Tensor, mask: torch.Tensor, heads: int, p: float, training: bool) -> torch.Tensor:
+    """Multi-head attention of (3, batch*seq, hidden) -> (batch*seq, hidden), keys masked by mask (batch, seq).
+
+    Without dropout it is PyTorch's fused attention (what the model's own
+    `sdpa` attention calls). With dropout the CPU has no fused kernel, so it
+    is two batched matmuls and a softmax, the dropout drawn as in `dropout`.
+    """
     _, tokens, hidden = qkv.shape
-    seq, size = tokens // batch, hidden // heads
-    q, k, v = qkv.reshape(3, batch, seq, heads, size).transpose(2, 3).reshape(3, batch * heads, seq, size).unbind(0)
-    scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=size ** -0.5)  # (batch*heads, seq, seq)
-    probs = dropout(torch.softmax(scores, dim=-1), p, training)
-    context = torch.bmm(probs, v)  # (batch*heads, seq, size)
-    return context.view(batch, heads, seq, size).transpose(1, 2).reshape(tokens, hidden)
+    batch, seq = mask.shape
+    size = hidden // heads
+    q, k, v = qkv.view(3, batch, seq, heads, size).transpose(2, 3).unbind(0)  # (batch, heads, seq, size)
+    if not training or p == 0.0:
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.bool()[:, None, None, :])
+    else:
+        q, k, v = (t.reshape(batch * heads, seq, size) for t in (q, k, v))
+        scores = torch.bmm(q, k.transpose(1, 2)).mul_(size ** -0.5).add_(attention_bias(mask, heads, q.dtype))
+        probs = dropout(torch.softmax(scores, dim=-1), p, training)  # (batch*heads, seq, seq)
+        context = torch.bmm(probs, v).view(batch, heads, seq, size)
+    return context.transpose(1, 2).reshape(tokens, hidden)
 
 
 def layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
     return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
-def encoder_layer(h: torch.Tensor, layer: nn.Module, bias: torch.Tensor, batch: int, training: bool) -> torch.Tensor:
-    """One BERT layer (post-LayerNorm) on h (batch*seq, hidden)."""
+def encoder_layer(h: torch.Tensor, layer: nn.Module, mask: torch.Tensor, training: bool) -> torch.Tensor:
+    """One BERT layer (post-LayerNorm) on h (batch*seq, hidden); mask (batch, seq) marks real tokens."""
     attention, heads = layer.attention, layer.attention.self.num_attention_heads
     qkv = project_qkv(h, attention.self, training)
-    context = attend(qkv, bias, batch, heads, attention.self.dropout.p, training)
+    context = attend(qkv, mask, heads, attention.self.dropout.p, training)
     out = attention.output
     h = layer_norm(dropout_add(linear(context, out.dense, training), h, out.dropout.p, training), out.LayerNorm)
     inner = layer.intermediate.intermediate_act_fn(linear(h, layer.intermediate.dense, training))
@@ -267,9 +284,8 @@ def encode(bert: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tenso
     x = emb.word_embeddings(input_ids) + emb.token_type_embeddings.weight[0]
     x = layer_norm(x + emb.position_embeddings.weight[:length], emb.LayerNorm)  # (batch, seq, hidden)
     h = dropout(x, emb.dropout.p, training).reshape(batch * length, -1)
-    bias = attention_bias(attention_mask, bert.config.num_attention_heads, h.dtype)
     for layer in bert.encoder.layer:
-        h = encoder_layer(h, layer, bias, batch, training)
+        h = encoder_layer(h, layer, attention_mask, training)
     return h.view(batch, length, -1)
 
 

@@ -82,6 +82,16 @@ def test_fast_path_is_refused_for_a_loss_it_does_not_compute(tiny_bert):
     assert not fastpath.supports(regression)
 
 
+def test_attention_with_dropout_is_the_fused_attention_when_nothing_is_dropped():
+    torch.manual_seed(0)
+    qkv = torch.randn(3, 4 * 6, 16)  # 4 texts of 6 tokens, hidden 16
+    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3, [1] * 5 + [0], [1] + [0] * 5])
+    fused = fastpath.attend(qkv, mask, heads=2, p=0.1, training=False)
+    manual = fastpath.attend(qkv, mask, heads=2, p=1e-12, training=True)  # the dropout path, dropping nothing
+    real = mask.reshape(-1).bool()
+    torch.testing.assert_close(manual[real], fused[real], rtol=1e-5, atol=1e-6)
+
+
 def test_dropped_positions_are_each_dropped_with_probability_p():
     torch.manual_seed(0)
     n, p = 200_000, 0.1
