@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from tasks.split import SPLIT_ALIASES
 from tasks.workspace import Workspace, read_json, write_json
 
 REMOTE_NAME = "tuneloop"
@@ -101,7 +102,8 @@ def canonicalize(raw: pd.DataFrame, config: IngestConfig) -> tuple[pd.DataFrame,
     frame["text"] = raw[config.text_column].fillna("").astype(str).to_numpy()
     frame["label"] = raw[config.label_column].astype(str).str.strip().to_numpy()
     if config.split_column:
-        frame["split"] = raw[config.split_column].astype(str).str.strip().str.lower().to_numpy()
+        declared = raw[config.split_column].fillna("").astype(str).str.strip().str.lower()
+        frame["split"] = declared.replace(SPLIT_ALIASES).to_numpy()  # validate names any other value
     for column in config.slice_columns:
         frame[column] = raw[column].astype(str).to_numpy()
     if config.length_slices:

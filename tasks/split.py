@@ -17,7 +17,7 @@ from tasks.validate import normalise_text
 from tasks.workspace import Workspace
 
 SPLITS = ("train", "validation", "test")
-_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation", "eval": "validation"}
+SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation", "eval": "validation"}
 
 
 @dataclass(frozen=True)
@@ -35,13 +35,20 @@ class SplitConfig:
 
 
 def declared_split(frame: pd.DataFrame) -> pd.Series | None:
-    """The source's own split column, normalised, when every row declares one."""
+    """The source's own split column, normalised; None when the source declares none.
+
+    Raises:
+        ValueError: a row declares a split other than train/validation/test (or an alias);
+            the validate stage reports such rows before the split runs.
+    """
     if "split" not in frame.columns:
         return None
-    declared = frame["split"].astype(str).str.lower().replace(_ALIASES)
-    if declared.isin(SPLITS).all():
-        return declared
-    return None
+    declared = frame["split"].astype(str).str.strip().str.lower().replace(SPLIT_ALIASES)
+    unknown = declared[~declared.isin(SPLITS)]
+    if len(unknown):
+        values = sorted(set(unknown))[:5]
+        raise ValueError(f"split: {len(unknown)} rows declare a split outside {list(SPLITS)}: {values}")
+    return declared
 
 
 def assign_groups(groups: np.ndarray, config: SplitConfig, rng: np.random.Generator) -> dict[int, str]:

@@ -64,6 +64,7 @@ DEFAULT_PII_PATTERNS: dict[str, str] = {
 }
 
 SEVERITIES: tuple[str, ...] = ("error", "warning")
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
 EVAL_SPLITS: tuple[str, ...] = ("validation", "test")
 
 _MAX_EXAMPLES = 5
@@ -368,6 +369,9 @@ def _row_expectations(config: ValidateConfig, columns: set[str]) -> list[Any]:
                 "ExpectColumnValuesToNotMatchRegexList", "pii", c,
                 f"contain personal data ({', '.join(c.pii_patterns)})",
                 column="text", regex_list=list(c.pii_patterns.values())))
+    if "split" in columns:
+        checks.append(_expect("ExpectColumnValuesToBeInSet", "schema", c,
+                              f"declare a split outside {list(SPLITS)}", column="split", value_set=list(SPLITS)))
     if "label" in columns:
         checks += [
             _expect("ExpectColumnValuesToNotBeNull", "schema", c, "have no label (null)", column="label"),
@@ -554,6 +558,8 @@ def _row_detail(rule: str, entry: dict[str, Any], text: Any, config: ValidateCon
     }
     if rule in details:
         return details[rule]()
+    if rule == "schema" and "split" in entry:
+        return f"split {entry['split']!r}: {_excerpt(text)}"
     if rule == "schema" and text is not None and not isinstance(text, str):
         return f"{type(text).__name__} {text!r}"
     return _excerpt(text)

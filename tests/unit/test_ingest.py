@@ -71,12 +71,19 @@ def test_every_format_reads_to_the_same_canonical_frame(tmp_path: Path, suffix: 
 
 
 def test_slice_and_split_columns_are_carried_into_the_canonical_frame(tmp_path: Path) -> None:
-    source = SOURCE_ROWS.assign(fold=["train", "train", "TEST ", "validation", "train"])
+    source = SOURCE_ROWS.assign(fold=["train", "train", "TEST ", "val", "train"])  # aliases normalised
     raw = read_table(write_table(source, tmp_path / "reviews.csv"))
     frame, _ = canonicalize(raw, IngestConfig(slice_columns=("site",), split_column="fold"))
     assert list(frame.columns) == ["row", "text", "label", "split", "site", "length_bucket"]
     assert frame["split"].tolist() == ["train", "train", "test", "validation", "train"]
     assert frame["site"].tolist() == ["imdb", "imdb", "rt", "rt", "imdb"]
+
+
+def test_a_row_without_a_declared_split_keeps_an_empty_one_for_validate_to_name(tmp_path: Path) -> None:
+    source = SOURCE_ROWS.assign(fold=["train", None, "test", "validation", "train"])
+    raw = read_table(write_table(source, tmp_path / "reviews.csv"))
+    frame, _ = canonicalize(raw, IngestConfig(split_column="fold"))
+    assert frame["split"].tolist() == ["train", "", "test", "validation", "train"]
 
 
 def test_renamed_source_columns_are_mapped_to_text_and_label(tmp_path: Path) -> None:

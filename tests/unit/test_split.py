@@ -87,6 +87,13 @@ def test_declared_split_column_is_kept_with_aliases_normalised() -> None:
     assert out["split"].tolist() == ["train", "validation", "test", "validation", "validation", "test"]
 
 
+def test_a_declared_split_with_an_unknown_value_is_an_error_not_a_random_split() -> None:
+    frame = synthetic_frame(20)
+    frame["split"] = ["train"] * 19 + ["tset"]
+    with pytest.raises(ValueError, match=r"1 rows declare a split outside .*'tset'"):
+        split_dataset(frame, SplitConfig())
+
+
 def test_declared_split_is_the_same_whatever_the_seed() -> None:
     frame = synthetic_frame(50)
     frame["split"] = ["test" if i % 5 == 0 else "train" for i in range(50)]

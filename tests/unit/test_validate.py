@@ -236,6 +236,15 @@ def test_null_and_non_string_texts_fail_schema(tmp_path: Path) -> None:
     assert "row 41 (int 42)" in result.message and "1 row has no text (null): row 40" in result.message
 
 
+def test_a_declared_split_outside_train_validation_test_fails_schema_naming_rows(tmp_path: Path) -> None:
+    frame = make_frame(clean_records() + [(60, "an unseen text", "positive", "tset"), (61, "another one", "negative", "")])
+    result = rule(validate_dataset(frame, CONFIG, tmp_path), "schema")
+    assert (result.passed, result.severity) == (False, "error")
+    assert set(result.example_rows) == {60, 61}
+    assert "declare a split outside ['train', 'validation', 'test']" in result.message
+    assert "60 (split 'tset': 'an unseen text'), 61 (split '':" in result.message
+
+
 def test_without_split_near_duplicates_are_not_leakage(tmp_path: Path) -> None:
     frame = make_frame(clean_records() + [(50, "Great movie!", "positive", None),
                                           (51, "great movie", "positive", None)])
