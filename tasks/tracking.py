@@ -23,10 +23,18 @@ class MlflowConfig:
     __pydantic_config__ = {"extra": "forbid"}
 
 
+# mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: the value we set is not the user's.
+_SET_HERE: set[str] = set()
+
+
 def tracking_uri(config: MlflowConfig, root: Path) -> str:
     """Environment beats params beats the local default, so one variable
-    points any project at a real MLflow server."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or config.tracking_uri or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+    points any project at a real MLflow server. A URI this process set for an
+    earlier project does not count as the environment's."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env in _SET_HERE:
+        env = None
+    return env or config.tracking_uri or f"sqlite:///{(root / 'mlflow.db').resolve()}"
 
 
 def configure_tracking(config: MlflowConfig, root: Path) -> str:
@@ -42,7 +50,10 @@ def configure_tracking(config: MlflowConfig, root: Path) -> str:
 
     logging.getLogger("alembic").setLevel(logging.WARNING)  # migration chatter on first use
     uri = tracking_uri(config, root)
+    user_set = os.environ.get("MLFLOW_TRACKING_URI") == uri and uri not in _SET_HERE
     mlflow.set_tracking_uri(uri)
+    if not user_set:
+        _SET_HERE.add(uri)
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name(config.experiment)
     if experiment is not None:
