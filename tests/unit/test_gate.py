@@ -87,6 +87,11 @@ CASES = {
         promote=False, failing={"beats_base"},
         says={"beats_base": "includes zero"},
     ),
+    "challenger_clearly_worse_than_probe_says_the_ci_lies_below_zero": Case(
+        dict(challenger_wrong=spread(60), probe_wrong=spread(10)),
+        promote=False, failing={"beats_base", "slices"},  # worse everywhere, the short slice too
+        says={"beats_base": "lies below zero"},
+    ),
     "challenger_beats_probe_but_not_champion_rejects_naming_champion": Case(
         dict(challenger_wrong=spread(14), probe_wrong=spread(60), champion_wrong=spread(10)),
         promote=False, failing={"beats_champion"},
