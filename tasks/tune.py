@@ -68,9 +68,9 @@ def default_space() -> dict[str, ParamSpec]:
     """The search space shipped in params.yaml."""
     return {
         "method": ParamSpec(choices=("lora",)),
-        "learning_rate": ParamSpec(low=2e-4, high=3e-3, log=True),
-        "lora_r": ParamSpec(choices=(4, 8, 16, 32)),
-        "lora_alpha": ParamSpec(choices=(16, 32, 64)),
+        "learning_rate": ParamSpec(low=1e-4, high=1.5e-3, log=True),
+        "lora_r": ParamSpec(choices=(8, 16, 32)),
+        "lora_alpha": ParamSpec(choices=(16, 32)),
         "lora_dropout": ParamSpec(low=0.0, high=0.2),
         "target_modules": ParamSpec(choices=(("query", "value"), ("query", "key", "value", "dense"))),
         "epochs": ParamSpec(low=1, high=2),
@@ -85,12 +85,12 @@ def default_space() -> dict[str, ParamSpec]:
 class TuneConfig:
     enabled: bool = False  # off: finetune trains with params.finetune as written
     n_trials: int = 12  # finished trials the study aims for, counting those of earlier, interrupted runs
-    timeout_minutes: float | None = 10.0  # per run: no trial starts after it, a running one stops at its next epoch
+    timeout_minutes: float | None = 11.0  # per run: no trial starts after it, a running one stops at its next epoch
     study_name: str = "tuneloop"  # prefix; the data version and search settings complete the name
     storage: str | None = None  # Optuna RDB URL; None: sqlite optuna.db beside the MLflow SQLite db
     seed: int = 0  # TPE sampler and train subsample
     startup_trials: int = 4  # random trials before TPE models the results
-    train_rows: int | None = 1024  # rows each trial trains on (seeded subsample); None: every train row
+    train_rows: int | None = 3072  # rows each trial trains on (seeded subsample); None: every train row
     enqueue_defaults: bool = True  # trial 0 runs params.finetune's own values: the search starts from them
     pruner: PrunerConfig = PrunerConfig()
     space: dict[str, ParamSpec] = field(default_factory=default_space)
