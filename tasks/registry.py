@@ -62,9 +62,17 @@ def get_version(name: str, version: str) -> VersionInfo:
 
 
 def list_versions(name: str) -> list[VersionInfo]:
-    """Every version, oldest first."""
+    """Every version, oldest first, with its aliases (a version search does not return them)."""
+    from dataclasses import replace
+
     found = client().search_model_versions(f"name = '{name}'")
-    return sorted((as_info(mv) for mv in found), key=lambda v: int(v.version))
+    if not found:
+        return []
+    aliases: dict[str, list[str]] = {}
+    for alias, version in (client().get_registered_model(name).aliases or {}).items():
+        aliases.setdefault(str(version), []).append(alias)
+    infos = (replace(as_info(mv), aliases=tuple(sorted(aliases.get(str(mv.version), ())))) for mv in found)
+    return sorted(infos, key=lambda v: int(v.version))
 
 
 def download_version(name: str, version: str, cache_dir: Path) -> Path:

@@ -118,8 +118,10 @@ def force_bad_version(model_name: str, workspace: Path, experiment: str) -> str:
     client = mlflow.MlflowClient()
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
     run = client.create_run(experiment_id, tags={"tuneloop.outcome": "forced (demo)"})
+    lineage = {k: v for k, v in champion.tags.items()  # its lineage; it was never evaluated
+               if not k.startswith(("test.", "live.")) and k != "reasons"}
     info = registry.create_version(model_name, run.info.run_id, bad,
-                                   {**champion.tags, "decision": "forced", "demo": "classifier head negated"})
+                                   {**lineage, "decision": "forced", "demo": "classifier head negated"})
     client.set_terminated(run.info.run_id)
     registry.move_champion(model_name, info.version, "forced", "demo: a deliberately bad version, gate bypassed")
     return info.version
@@ -190,7 +192,7 @@ def run_demo(project: Path, workspace: Path, movies: int, tweets: int, later_twe
         story.step("3 traffic", f"{tweets} tweets served by v{first['version']} (live accuracy {accuracy:.3f}); "
                                 "their true labels sent to /feedback")
         monitored = monitor_flow(params_path="params.yaml", root=str(workspace))
-        story.step("4 monitor", f"drift {monitored['drift']['status']}: " + "; ".join(monitored["drift"]["reasons"]))
+        story.step("4 monitor", f"drift status {monitored['drift']['status']}: " + "; ".join(monitored["drift"]["reasons"]))
         retraining = monitored["retraining"]
         result = (retraining.get("request") or {}).get("result")
         if not retraining["requested"] or result is None:

@@ -107,6 +107,7 @@ def test_move_champion_sets_champion_then_demotes_it_to_previous(
     assert alias_version(name, PREVIOUS).version == "1"
     assert get_version(name, "2").aliases == (CHAMPION,)
     assert get_version(name, "1").aliases == (PREVIOUS,)
+    assert [v.aliases for v in list_versions(name)] == [(PREVIOUS,), (CHAMPION,)]
 
 
 def test_moving_champion_to_the_current_champion_raises(
