@@ -192,7 +192,8 @@ def deploy(root: Path = RootOption) -> None:
 def demo(root: Path = RootOption,
          movies: int = typer.Option(0, help="movie reviews the first model trains on (0: all 10,605; "
                                     "a few thousand rows do not beat the base probe with confidence)"),
-         tweets: int = typer.Option(600, help="tweets sent (and labelled) before the first monitoring run"),
+         tweets: int = typer.Option(3500, help="tweets sent (and labelled) before the first monitoring run; "
+                                     "fewer dilute their gain in a test split of mostly movie reviews"),
          later_tweets: int = typer.Option(160, help="tweets sent to the forced bad version"),
          workspace: Path = typer.Option(Path("/tmp/tuneloop-demo"), help="the demo's own project folder "
                                         "(recreated; outside this repo so its DVC and registry stay apart)")) -> None:
