@@ -116,6 +116,13 @@ def dropped_positions(n: int, p: float, device: torch.device | None = None) -> t
     return ends[:kept].long().sub_(1)  # gaps count trials, so the k-th success sits at index cumsum - 1
 
 
+def scaled_with_drops(t: torch.Tensor, scale: float, dropped: torch.Tensor) -> torch.Tensor:
+    """A new contiguous t * scale with the flat positions `dropped` set to zero."""
+    out = torch.mul(t, scale).contiguous()
+    out.view(-1).index_fill_(0, dropped, 0.0)
+    return out
+
+
 class _Dropout(torch.autograd.Function):
     """Dropout of `copies` independent copies of x (copies=0: x itself)."""
 
@@ -123,18 +130,15 @@ class _Dropout(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, p: float, copies: int) -> torch.Tensor:
         scale = 1.0 / (1.0 - p)
         source = x.unsqueeze(0).expand(copies, *x.shape) if copies else x
-        out = torch.mul(source, scale).contiguous()
-        dropped = dropped_positions(out.numel(), p, x.device)
-        out.view(-1).index_fill_(0, dropped, 0.0)
+        dropped = dropped_positions(source.numel(), p, x.device)
         ctx.save_for_backward(dropped)
         ctx.scale, ctx.copies = scale, copies
-        return out
+        return scaled_with_drops(source, scale, dropped)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (dropped,) = ctx.saved_tensors
-        grad = torch.mul(grad, ctx.scale).contiguous()
-        grad.view(-1).index_fill_(0, dropped, 0.0)
+        grad = scaled_with_drops(grad, ctx.scale, dropped)
         return (grad.sum(0) if ctx.copies else grad), None, None
 
 
@@ -154,9 +158,7 @@ class _DropoutAdd(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (dropped,) = ctx.saved_tensors
-        grad_x = torch.mul(grad, ctx.scale).contiguous()
-        grad_x.view(-1).index_fill_(0, dropped, 0.0)
-        return grad_x, grad, None
+        return scaled_with_drops(grad, ctx.scale, dropped), grad, None
 
 
 def dropout(x: torch.Tensor, p: float, training: bool, copies: int = 0) -> torch.Tensor:
