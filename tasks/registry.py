@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 CHAMPION = "champion"
@@ -63,8 +63,6 @@ def get_version(name: str, version: str) -> VersionInfo:
 
 def list_versions(name: str) -> list[VersionInfo]:
     """Every version, oldest first, with its aliases (a version search does not return them)."""
-    from dataclasses import replace
-
     found = client().search_model_versions(f"name = '{name}'")
     if not found:
         return []

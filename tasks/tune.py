@@ -308,11 +308,11 @@ def close_trial_run(run_id: str, state: str, metrics: dict[str, float] | None = 
     client.set_terminated(run_id, {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(state, "FAILED"))
 
 
-def has_complete(study) -> bool:
-    """Whether a trial completed: the time budget never stops the search before one has."""
+def completed_trials(study) -> list:
+    """The study's completed trials (not copied)."""
     from optuna.trial import TrialState
 
-    return bool(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
 
 
 def epoch_reporter(trial, epochs: int, runs: TrialRuns | None, run_id: str | None,
@@ -320,14 +320,14 @@ def epoch_reporter(trial, epochs: int, runs: TrialRuns | None, run_id: str | Non
     """finetune's `on_epoch_end`: reports validation macro-F1 to the trial and,
     while epochs are left to save, prunes it when the pruner says so or when
     the search's time budget (a `time.monotonic()` deadline) has run out and a
-    trial has completed."""
+    trial has completed (the budget never stops a search before one has)."""
     import optuna
 
     def on_epoch_end(epoch: int, value: float) -> None:
         trial.report(value, epoch)
         if runs is not None:
             runs.log_epoch(run_id, epoch, value)
-        if epoch < epochs and deadline is not None and time.monotonic() > deadline and has_complete(trial.study):
+        if epoch < epochs and deadline is not None and time.monotonic() > deadline and completed_trials(trial.study):
             trial.set_user_attr("stopped", "time budget spent")
             raise optuna.TrialPruned(f"the time budget ran out after epoch {epoch}")
         if epoch < epochs and trial.should_prune():
@@ -419,9 +419,8 @@ def param_importances(study, min_complete: int = 3) -> dict[str, float]:
     trials; empty while fewer than `min_complete` completed (one or two trials
     give every setting the same share)."""
     import optuna
-    from optuna.trial import TrialState
 
-    if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < min_complete:
+    if len(completed_trials(study)) < min_complete:
         return {}
     try:
         return {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
