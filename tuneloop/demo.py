@@ -10,7 +10,6 @@ service on 127.0.0.1, in a workspace folder of its own.
 
 from __future__ import annotations
 
-import json
 import shutil
 import socket
 import subprocess
@@ -28,15 +27,12 @@ DATA = Path(__file__).resolve().parents[1] / "data" / "vader_sentiment"
 
 @dataclass
 class Story:
-    """What the demo did, for the closing table."""
+    """Prints each step with the seconds since the demo started."""
 
     started: float = field(default_factory=time.perf_counter)
-    steps: list[tuple[str, float, str]] = field(default_factory=list)
 
     def step(self, name: str, detail: str) -> None:
-        elapsed = time.perf_counter() - self.started
-        self.steps.append((name, elapsed, detail))
-        print(f"\n=== [{elapsed:6.0f}s] {name}: {detail}", flush=True)
+        print(f"\n=== [{time.perf_counter() - self.started:6.0f}s] {name}: {detail}", flush=True)
 
 
 def demo_params(project_params: Path, workspace: Path, movies: Path, port: int) -> Path:
