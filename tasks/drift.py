@@ -22,6 +22,8 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from tasks.metrics import interval_position
+
 TEXT, PREDICTION, CONFIDENCE = "text", "prediction", "confidence"
 EMBEDDING = "text_embedding"  # the Evidently embedding set: columns emb_0 ... emb_<hidden-1>
 DESCRIPTORS = ("chars", "words", "sentences", "non_letter_pct")
@@ -383,11 +385,10 @@ def decide_rollback(config: MonitorConfig, labelled: int, previous_version: str 
     gap = comparison.previous - comparison.champion
     level = int(round(config.confidence * 100))
     worse = gap >= config.rollback_margin - 1e-9 and comparison.low > 0  # 0.82 - 0.80 is 0.0199999...
-    where = "lies above" if comparison.low > 0 else "lies below" if comparison.high < 0 else "includes"
     reason = (f"live {comparison.metric} on {comparison.rows} labelled rows: champion {comparison.champion:.4f}, "
               f"previous (v{comparison.previous_version}) {comparison.previous:.4f}; previous is better by "
               f"{gap:+.4f} (rollback at >= {config.rollback_margin:+.4f}), {level}% CI "
-              f"[{comparison.low:+.4f}, {comparison.high:+.4f}] {where} zero")
+              f"[{comparison.low:+.4f}, {comparison.high:+.4f}] {interval_position(comparison.low, comparison.high)}")
     return RollbackDecision(worse, [reason])
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tasks.metrics import metric_function, paired_bootstrap
+from tasks.metrics import interval_position, metric_function, paired_bootstrap
 
 
 @dataclass(frozen=True)
@@ -69,10 +69,9 @@ def compare(name: str, other: str, evaluation: dict, predictions: dict[str, np.n
     floor = min(0.0, min_gain)
     passed = ci["diff"] >= min_gain and ci["low"] > floor
     level = int(round(config.confidence * 100))
-    where = "lies above" if ci["low"] > floor else "lies below" if ci["high"] < floor else "includes"
     reason = (f"challenger {config.metric} {ours:.4f} vs {other} {theirs:.4f}: gain {ci['diff']:+.4f} "
               f"(needs >= {min_gain:+.4f}), {level}% CI [{ci['low']:+.4f}, {ci['high']:+.4f}] "
-              f"{where} {'zero' if floor == 0 else f'{floor:+.4f}'}")
+              f"{interval_position(ci['low'], ci['high'], floor)}")
     return Check(name, passed, reason)
 
 

@@ -126,3 +126,10 @@ def paired_bootstrap(
         "low": float(np.quantile(diffs, tail)), "high": float(np.quantile(diffs, 1 - tail)),
         "samples": samples, "confidence": confidence,
     }
+
+
+def interval_position(low: float, high: float, floor: float = 0.0) -> str:
+    """Where a confidence interval [low, high] lies against `floor`, as reasons say it:
+    "lies above zero", "lies below zero" or "includes zero" (the floor written out when not 0)."""
+    where = "lies above" if low > floor else "lies below" if high < floor else "includes"
+    return f"{where} {'zero' if floor == 0 else f'{floor:+.4f}'}"

@@ -7,6 +7,7 @@ import pytest
 
 from tasks.metrics import (
     accuracy,
+    interval_position,
     classification_summary,
     confusion_matrix,
     macro_f1,
@@ -170,3 +171,10 @@ def test_metric_function_macro_f1_uses_the_given_number_of_classes() -> None:
 def test_metric_function_rejects_an_unknown_name() -> None:
     with pytest.raises(ValueError, match="unknown metric 'auc'"):
         metric_function("auc", 2)
+
+
+def test_interval_position_says_where_the_interval_lies_against_its_floor() -> None:
+    assert interval_position(0.01, 0.05) == "lies above zero"
+    assert interval_position(-0.05, -0.01) == "lies below zero"
+    assert interval_position(-0.01, 0.05) == "includes zero"
+    assert interval_position(-0.01, 0.05, floor=-0.02) == "lies above -0.0200"
