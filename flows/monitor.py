@@ -77,19 +77,20 @@ def measure_drift(params: Params, workspace: Workspace, version: str, window: pd
 
 
 @task(cache_policy=NO_CACHE)
-def check_rollback(params: Params, workspace: Workspace, version: str, window: pd.DataFrame) -> dict:
+def check_rollback(params: Params, workspace: Workspace, version: str, window: pd.DataFrame,
+                   labels: tuple[str, ...]) -> dict:
     """Re-scores the previous champion on the champion's labelled rows when a
     rollback could follow, decides, and moves the alias back if it must."""
     name, config = params.mlflow.model_name, params.monitor
     previous = registry.alias_version(name, registry.PREVIOUS)
     previous_version = previous.version if previous else None
     arrival = arrival_action(registry.audit_trail(name), version)
-    rows = labelled_rows(window, params.labels)
+    rows = labelled_rows(window, labels)
     comparison = None
     if rollback_blocker(config, len(rows), previous_version, arrival) is None:
         model_dir = registry.download_version(name, previous_version, workspace.models_cache)
         predicted, _ = classifier_predictor(model_dir, params.model.base, config)(rows["text"].tolist())
-        comparison = compare_live(rows["true_label"], rows["label"], predicted, params.labels, previous_version, config)
+        comparison = compare_live(rows["true_label"], rows["label"], predicted, labels, previous_version, config)
     decision = decide_rollback(config, len(rows), previous_version, arrival, comparison)
     result = {"rolled_back": False, "reasons": decision.reasons, "from": version, "to": previous_version,
               "comparison": asdict(comparison) if comparison else None}
@@ -136,7 +137,8 @@ def log_monitoring(params: Params, workspace: Workspace, version: str, summary: 
 
 
 @task(cache_policy=NO_CACHE)
-def trigger_retraining(params: Params, workspace: Workspace, params_path: str, drift: DriftDecision) -> dict:
+def trigger_retraining(params: Params, workspace: Workspace, params_path: str, drift: DriftDecision,
+                       labels: tuple[str, ...]) -> dict:
     """On significant drift with enough feedback labelled since the last export,
     exports those rows to the incoming folder (the next data version includes
     them) and asks for retraining (`tasks.triggers.request_retraining`: a Prefect
@@ -148,7 +150,7 @@ def trigger_retraining(params: Params, workspace: Workspace, params_path: str, d
     if not params.ingest.incoming_dir:
         return {"requested": False, "reasons": ["ingest.incoming_dir is not set: feedback cannot reach training"]}
     incoming = workspace.root / params.ingest.incoming_dir
-    new = labelled_rows(prediction_store(params, workspace).labelled(last_feedback_export(incoming)), params.labels)
+    new = labelled_rows(prediction_store(params, workspace).labelled(last_feedback_export(incoming)), labels)
     decision = decide_retraining(len(new), drift_significant=True, config=params.triggers)
     result = {"requested": decision.retrain, "new_labelled_rows": len(new), "reasons": list(decision.reasons)}
     if decision.retrain:
@@ -157,6 +159,15 @@ def trigger_retraining(params: Params, workspace: Workspace, params_path: str, d
         reason = f"significant drift; {len(new)} new labelled rows exported to {path.name}"
         result["request"] = request_retraining(workspace, params_path, params.mlflow.model_name, reason)
     return result
+
+
+def champion_labels(params: Params, workspace: Workspace, version: str) -> tuple[str, ...]:
+    """The labels feedback is scored against: params' list, or with `labels: auto`
+    the champion's own (what it can predict)."""
+    if params.declared_labels:
+        return params.declared_labels
+    model_dir = registry.download_version(params.mlflow.model_name, version, workspace.models_cache)
+    return tuple(json.loads((model_dir / "labels.json").read_text()))
 
 
 def live_summary(live: LiveMetrics) -> dict:
@@ -184,7 +195,8 @@ def monitor_flow(params_path: str = "params.yaml", root: str = ".") -> dict:
         return {"model": name, "champion": None}
     at = utcnow()
     window = read_window(params, workspace, champion.version)
-    live = live_metrics(window, params.labels)
+    labels = champion_labels(params, workspace, champion.version)
+    live = live_metrics(window, labels)
     metrics = None
     if len(window) >= params.monitor.min_rows:
         report = workspace.root / params.monitor.report_dir / f"{at:%Y%m%dT%H%M%S}-v{champion.version}.html"
@@ -193,7 +205,7 @@ def monitor_flow(params_path: str = "params.yaml", root: str = ".") -> dict:
     say(f"{name} v{champion.version}: {len(window)} predictions, {live.labelled_rows} labelled, "
         f"live macro-F1 {live.macro_f1 if live.macro_f1 is None else round(live.macro_f1, 4)}; "
         f"drift: {drift.status}" + "".join(f"\n      {r}" for r in drift.reasons))
-    rollback = check_rollback(params, workspace, champion.version, window)
+    rollback = check_rollback(params, workspace, champion.version, window, labels)
     say(("ROLLED BACK to v" + str(rollback["to"]) if rollback["rolled_back"] else "no rollback")
         + "".join(f"\n      {r}" for r in rollback["reasons"]))
     summary = {"model": name, "champion": champion.version, "at": at.isoformat(), "window_rows": len(window),
@@ -202,7 +214,7 @@ def monitor_flow(params_path: str = "params.yaml", root: str = ".") -> dict:
                          "metrics": metrics.to_dict() if metrics else None},
                "rollback": rollback}
     summary["run_id"] = log_monitoring(params, workspace, champion.version, summary)
-    summary["retraining"] = trigger_retraining(params, workspace, params_path, drift)
+    summary["retraining"] = trigger_retraining(params, workspace, params_path, drift, labels)
     say(("retraining requested" if summary["retraining"]["requested"] else "no retraining") + ": "
         + "; ".join(summary["retraining"]["reasons"]))
     return summary

@@ -1,9 +1,11 @@
 """baseline: what the base model does without fine-tuning.
 
-Two references on the test split: a linear probe (multinomial logistic
-regression on frozen, mean-pooled embeddings, fitted on train) and zero-shot
-classification (cosine similarity of a text to each label's prompt). A
-fine-tuned model that cannot beat the probe is not worth its compute.
+Two references on the test split: a linear probe (scikit-learn's
+multinomial logistic regression on the frozen encoder's pooled, normalised
+embeddings, fitted on train, its regularisation chosen on validation) and
+zero-shot classification (cosine similarity of a text to each label's prompt).
+A fine-tuned model that cannot beat a strong probe is not worth its compute;
+the probe's weights also start the fine-tuned model's head.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from tasks.classifier import mean_pooled_embeddings, pick_device
+from tasks.classifier import load_encoder as load_base_encoder
+from tasks.classifier import load_tokenizer, pooled_embeddings, resolve_pooling
+from tasks.errors import TuneloopError
 
 PROBE_WEIGHTS = "probe.safetensors"
 
@@ -25,12 +29,17 @@ PROBE_WEIGHTS = "probe.safetensors"
 class BaselineConfig:
     batch_size: int = 64
     max_length: int = 128
-    probe_l2: float = 1e-4  # ridge penalty on the probe's weights
-    probe_max_iter: int = 200
+    # inverse L2 strengths tried; the one with the best validation macro-F1 is kept
+    probe_c: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0)
+    probe_max_iter: int = 1000
     zero_shot_template: str = "This text is {label}."
     zero_shot_temperature: float = 0.05  # cosine similarities are close together; sharpen them
     device: str = "auto"
     __pydantic_config__ = {"extra": "forbid"}
+
+    def __post_init__(self) -> None:
+        if not self.probe_c or min(self.probe_c) <= 0:
+            raise ValueError("baseline.probe_c must list at least one positive value")
 
 
 @dataclass
@@ -38,6 +47,7 @@ class Probe:
     weight: torch.Tensor  # (classes, hidden)
     bias: torch.Tensor  # (classes,)
     labels: list[str]
+    c: float = 0.0  # the regularisation it was fitted with
 
     def predict_proba(self, embeddings: np.ndarray) -> np.ndarray:
         logits = torch.from_numpy(embeddings) @ self.weight.T + self.bias  # (rows, classes)
@@ -46,29 +56,39 @@ class Probe:
 
 def load_encoder(base_path: Path, device: str = "auto"):
     """The base model's encoder (no head) and tokenizer, in eval mode."""
-    from transformers import AutoModel, AutoTokenizer
-
-    encoder = AutoModel.from_pretrained(base_path).to(pick_device(device)).eval()
-    return encoder, AutoTokenizer.from_pretrained(base_path)
+    return load_base_encoder(base_path, device), load_tokenizer(base_path)
 
 
-def fit_probe(embeddings: np.ndarray, y: np.ndarray, labels: Sequence[str], l2: float, max_iter: int) -> Probe:
-    """Multinomial logistic regression fitted with L-BFGS (full batch: the
-    embeddings of a few thousand rows fit in memory)."""
-    x = torch.from_numpy(embeddings)
-    target = torch.as_tensor(y, dtype=torch.long)
-    weight = torch.zeros((len(labels), x.shape[1]), requires_grad=True)
-    bias = torch.zeros(len(labels), requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter, line_search_fn="strong_wolfe")
+def fit_probe(embeddings: np.ndarray, y: np.ndarray, labels: Sequence[str], c: float, max_iter: int) -> Probe:
+    """Multinomial logistic regression (L-BFGS, L2 penalty 1/c) as one linear
+    layer of `len(labels)` outputs; a class absent from `y` keeps a very low bias."""
+    from sklearn.linear_model import LogisticRegression
 
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(x @ weight.T + bias, target) + l2 * weight.pow(2).sum()
-        loss.backward()
-        return loss
+    fitted = LogisticRegression(C=c, max_iter=max_iter).fit(embeddings, y)
+    weight = np.zeros((len(labels), embeddings.shape[1]), dtype=np.float32)
+    bias = np.full(len(labels), -1e4, dtype=np.float32)
+    if len(fitted.classes_) == 2:  # one logit z; softmax([-z/2, z/2]) is sigmoid(z)
+        weight[fitted.classes_] = np.stack([-fitted.coef_[0] / 2, fitted.coef_[0] / 2])
+        bias[fitted.classes_] = [-fitted.intercept_[0] / 2, fitted.intercept_[0] / 2]
+    else:
+        weight[fitted.classes_], bias[fitted.classes_] = fitted.coef_, fitted.intercept_
+    return Probe(torch.from_numpy(weight), torch.from_numpy(bias), list(labels), c)
 
-    optimizer.step(closure)
-    return Probe(weight.detach(), bias.detach(), list(labels))
+
+def select_probe(train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray],
+                 labels: Sequence[str], config: BaselineConfig) -> tuple[Probe, dict[float, float]]:
+    """Fits one probe per `probe_c` on train; returns the best on validation
+    macro-F1 (the stronger regularisation on a tie) and every C's score."""
+    from tasks.metrics import macro_f1
+
+    scores: dict[float, float] = {}
+    best: Probe | None = None
+    for c in sorted(config.probe_c):
+        probe = fit_probe(train[0], train[1], labels, c, config.probe_max_iter)
+        scores[c] = macro_f1(validation[1], probe.predict_proba(validation[0]).argmax(1), len(labels))
+        if best is None or scores[c] > scores[best.c]:
+            best = probe
+    return best, scores
 
 
 def save_probe(probe: Probe, out_dir: Path) -> None:
@@ -86,16 +106,36 @@ def load_probe(probe_dir: Path) -> Probe:
     return Probe(tensors["weight"], tensors["bias"], json.loads((probe_dir / "labels.json").read_text()))
 
 
-def zero_shot_proba(encoder, tokenizer, embeddings: np.ndarray, labels: Sequence[str], config: BaselineConfig) -> np.ndarray:
+def probe_head(probe_dir: Path, labels: Sequence[str], hidden_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The saved probe as (weight, bias) for a classifier head.
+
+    Raises:
+        FileNotFoundError: no probe: run the baseline stage first.
+        ValueError: it was fitted for other labels or another base model.
+    """
+    if not (probe_dir / PROBE_WEIGHTS).exists():
+        raise FileNotFoundError(f"{probe_dir / PROBE_WEIGHTS} is missing: run `tuneloop baseline` first "
+                                "(or set finetune.head_init: random)")
+    probe = load_probe(probe_dir)
+    if probe.labels != list(labels) or probe.weight.shape[1] != hidden_size:
+        raise TuneloopError(f"the probe in {probe_dir} was fitted for other labels or another base model: "
+                         "run `tuneloop baseline` again")
+    return probe.weight, probe.bias
+
+
+def zero_shot_proba(encoder, tokenizer, embeddings: np.ndarray, labels: Sequence[str], config: BaselineConfig,
+                    pooling: str) -> np.ndarray:
     """Softmax over cosine similarities between each text and each label prompt."""
     prompts = [config.zero_shot_template.format(label=label) for label in labels]
-    label_vectors = mean_pooled_embeddings(encoder, tokenizer, prompts, config.max_length)  # (classes, hidden)
+    label_vectors = pooled_embeddings(encoder, tokenizer, prompts, config.max_length,
+                                      pooling=pooling)  # (classes, hidden)
     similarity = torch.from_numpy(embeddings @ label_vectors.T)  # (rows, classes)
     return torch.softmax(similarity / config.zero_shot_temperature, dim=-1).numpy()
 
 
-def embed(encoder, tokenizer, texts: Sequence[str], config: BaselineConfig, progress: bool = True) -> np.ndarray:
-    return mean_pooled_embeddings(encoder, tokenizer, list(texts), config.max_length, config.batch_size, progress)
+def embed(encoder, tokenizer, texts: Sequence[str], config: BaselineConfig, pooling: str,
+          progress: bool = True) -> np.ndarray:
+    return pooled_embeddings(encoder, tokenizer, list(texts), config.max_length, config.batch_size, progress, pooling)
 
 
 def label_indices(labels_column, labels: Sequence[str]) -> np.ndarray:
@@ -103,29 +143,33 @@ def label_indices(labels_column, labels: Sequence[str]) -> np.ndarray:
     return np.asarray([index[v] for v in labels_column], dtype=np.int64)
 
 
-def run_baseline(config: BaselineConfig, base_path: Path, labels: Sequence[str], workspace) -> dict:
-    """Fits the probe on train, scores probe and zero-shot on test.
+def run_baseline(config: BaselineConfig, base_path: Path, labels: Sequence[str], workspace,
+                 pooling: str = "auto") -> dict:
+    """Fits the probe on train (its C chosen on validation), scores probe and
+    zero-shot on test.
 
     Writes the probe to `models/probe/` and the metrics to `metrics/baseline.json`.
 
     Returns:
-        {"probe": {...}, "zero_shot": {...}} with accuracy and macro-F1 each.
+        {"probe": {...}, "zero_shot": {...}} with accuracy and macro-F1 each;
+        the probe's also its C and every C's validation macro-F1.
     """
     from tasks.metrics import accuracy, macro_f1
     from tasks.split import load_split
     from tasks.workspace import write_json
 
-    train, test = load_split(workspace, "train"), load_split(workspace, "test")
+    pooling = resolve_pooling(pooling, base_path)
+    frames = {name: load_split(workspace, name) for name in ("train", "validation", "test")}
     encoder, tokenizer = load_encoder(base_path, config.device)
-    train_x = embed(encoder, tokenizer, train["text"], config)
-    test_x = embed(encoder, tokenizer, test["text"], config)
-    probe = fit_probe(train_x, label_indices(train["label"], labels), labels, config.probe_l2, config.probe_max_iter)
+    x = {name: embed(encoder, tokenizer, frame["text"], config, pooling) for name, frame in frames.items()}
+    y = {name: label_indices(frame["label"], labels) for name, frame in frames.items()}
+    probe, scores = select_probe((x["train"], y["train"]), (x["validation"], y["validation"]), labels, config)
     save_probe(probe, workspace.probe_dir)
-    y_test = label_indices(test["label"], labels)
     result = {}
-    for name, probs in (("probe", probe.predict_proba(test_x)),
-                        ("zero_shot", zero_shot_proba(encoder, tokenizer, test_x, labels, config))):
+    for name, probs in (("probe", probe.predict_proba(x["test"])),
+                        ("zero_shot", zero_shot_proba(encoder, tokenizer, x["test"], labels, config, pooling))):
         predicted = probs.argmax(1)
-        result[name] = {"accuracy": accuracy(y_test, predicted), "macro_f1": macro_f1(y_test, predicted, len(labels))}
+        result[name] = {"accuracy": accuracy(y["test"], predicted), "macro_f1": macro_f1(y["test"], predicted, len(labels))}
+    result["probe"].update(c=probe.c, validation_macro_f1_by_c={str(c): f for c, f in scores.items()})
     write_json(workspace.baseline_metrics, result)
     return result

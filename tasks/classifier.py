@@ -1,4 +1,11 @@
-"""Loading, tokenising and scoring sequence classifiers, shared by every stage.
+"""Loading, tokenising, pooling and scoring text classifiers, shared by every stage.
+
+A classifier is a pretrained encoder (or decoder) followed by a pooling of its
+last hidden states and one linear head: `TextClassifier`. Pooling follows how
+the base model was trained: the mean over real tokens for a sentence-
+transformers model and for any other encoder, the last real token for a
+decoder. The linear probe of the baseline stage sees the same pooled features,
+so its weights are a ready start for the fine-tuned head.
 
 Imports only torch, transformers, peft, numpy and tqdm (a transformers
 dependency), so it runs on a bare GPU machine and in fast unit tests.
@@ -14,10 +21,13 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 BUNDLED_MODEL = "all-MiniLM-L6-v2"
 LABELS_FILE = "labels.json"
 META_FILE = "tuneloop.json"
+HEAD_FILE = "head.safetensors"
+POOLINGS = ("mean", "cls", "last")
 
 
 def resolve_model_path(name_or_path: str) -> Path:
@@ -62,6 +72,74 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
+def is_decoder(model_type: str) -> bool:
+    """True for a causal-LM-only architecture (Llama, Qwen2, Mistral, GPT-2 ...):
+    anything transformers cannot load as a masked language model."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def default_pooling(base_path: Path) -> str:
+    """How the base model was trained to summarise a text.
+
+    A sentence-transformers folder says so in `1_Pooling/config.json`; other
+    encoders get the mean over real tokens (their [CLS] pooler is trained for
+    next-sentence prediction, if at all), decoders their last real token (the
+    only one that has seen the whole text).
+    """
+    pooling_config = Path(base_path) / "1_Pooling" / "config.json"
+    if pooling_config.exists():
+        modes = json.loads(pooling_config.read_text())
+        if modes.get("pooling_mode_cls_token"):
+            return "cls"
+        if modes.get("pooling_mode_lasttoken"):
+            return "last"
+        return "mean"
+    model_type = json.loads((Path(base_path) / "config.json").read_text()).get("model_type", "")
+    return "last" if is_decoder(model_type) else "mean"
+
+
+def resolve_pooling(pooling: str, base_path: Path) -> str:
+    """`model.pooling` made concrete: "auto" is `default_pooling`.
+
+    Raises:
+        ValueError: not auto, mean, cls or last.
+    """
+    if pooling == "auto":
+        return default_pooling(base_path)
+    if pooling not in POOLINGS:
+        raise ValueError(f"model.pooling must be auto, {', '.join(POOLINGS)}; got {pooling!r}")
+    return pooling
+
+
+def load_tokenizer(path: Path):
+    """The model's tokenizer, given a pad token if it has none (decoders):
+    batches are padded on the right and masked, so the choice does not matter."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_encoder(base_path: Path, device: str | torch.device = "auto") -> nn.Module:
+    """The base model without any head, in eval mode.
+
+    A BERT-style [CLS] pooler is dropped: no pooling here uses it.
+    """
+    from transformers import AutoModel
+
+    encoder = AutoModel.from_pretrained(base_path)
+    if getattr(encoder, "pooler", None) is not None:
+        encoder.pooler = None
+    if encoder.config.pad_token_id is None:
+        encoder.config.pad_token_id = 0
+    target = device if isinstance(device, torch.device) else pick_device(device)
+    return encoder.to(target).eval()
+
+
 def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
     """Token ids per text, truncated, unpadded: tokenise once, pad per batch."""
     encoded = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
@@ -89,6 +167,54 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[n
         yield order[start : start + batch_size]
 
 
+def hidden_states_function(encoder: nn.Module):
+    """(input_ids, attention_mask) -> last hidden states, by `tasks.fastpath` when it
+    computes the same function as the encoder, else by the encoder's own forward."""
+    from tasks import fastpath
+
+    inner = fastpath.unwrap(encoder)
+    if fastpath.supports_encoder(inner):
+        return lambda input_ids, mask: fastpath.encode(inner, input_ids, mask)
+    return lambda input_ids, mask: encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """One L2-normalised vector per text from (batch, seq, hidden) states and a
+    right-padded (batch, seq) mask: `mean` over real tokens, `cls` the first
+    token, `last` the last real token."""
+    if pooling == "mean":
+        weights = mask.unsqueeze(-1).to(hidden.dtype)  # (batch, seq, 1)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+    elif pooling == "cls":
+        pooled = hidden[:, 0]
+    else:
+        last = mask.sum(1).clamp(min=1) - 1  # (batch,)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return nn.functional.normalize(pooled.float(), dim=-1)  # (batch, hidden)
+
+
+class TextClassifier(nn.Module):
+    """encoder -> pooling -> L2 normalisation -> linear head.
+
+    The head reads the same normalised sentence vectors the baseline's linear
+    probe is fitted on, so the probe's weights can start it (linear probing
+    then fine-tuning, Kumar et al. 2022).
+    """
+
+    def __init__(self, encoder: nn.Module, num_labels: int, pooling: str):
+        super().__init__()
+        self.encoder = encoder
+        self.pooling = pooling
+        self.head = nn.Linear(encoder.config.hidden_size, num_labels)
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = hidden_states_function(self.encoder)(input_ids, attention_mask)  # (batch, seq, hidden)
+        return pool(hidden, attention_mask, self.pooling)  # (batch, hidden)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(input_ids, attention_mask))  # (batch, labels)
+
+
 @dataclass
 class Classifier:
     """A sequence classifier ready to score: model, tokenizer and label names."""
@@ -107,30 +233,59 @@ def load_classifier(model_dir: Path, base_model: str | None = None, device: str 
     base model costs.
 
     Args:
-        model_dir: folder with labels.json, tuneloop.json, tokenizer and weights.
+        model_dir: folder with labels.json, tuneloop.json, tokenizer, head and weights.
         base_model: overrides the base model recorded at training time (the
             recorded path may not exist on this machine).
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from safetensors.torch import load_file
 
     model_dir = Path(model_dir)
     meta = json.loads((model_dir / META_FILE).read_text())
     labels = json.loads((model_dir / LABELS_FILE).read_text())
     target = pick_device(device)
-    if meta["method"] == "lora":
-        from peft import PeftModel
-
-        base_path = resolve_model_path(base_model or meta["base_model"])
-        base = AutoModelForSequenceClassification.from_pretrained(
-            base_path, num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={name: i for i, name in enumerate(labels)},
-        )
-        model = PeftModel.from_pretrained(base, model_dir).merge_and_unload()
+    if not (model_dir / HEAD_FILE).exists():
+        model = load_sequence_classifier(model_dir, meta, labels, base_model)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        if meta["method"] == "lora":
+            from peft import PeftModel
+
+            base = load_encoder(resolve_model_path(base_model or meta["base_model"]), "cpu")
+            encoder = PeftModel.from_pretrained(base, model_dir).merge_and_unload()
+        else:
+            encoder = load_encoder(model_dir, "cpu")
+        model = TextClassifier(encoder, len(labels), meta["pooling"])
+        model.head.load_state_dict(load_file(str(model_dir / HEAD_FILE)))
     model.to(target).eval()
-    return Classifier(model, tokenizer, labels, int(meta["max_length"]), target)
+    return Classifier(model, load_tokenizer(model_dir), labels, int(meta["max_length"]), target)
+
+
+def load_sequence_classifier(model_dir: Path, meta: dict, labels: list[str], base_model: str | None) -> nn.Module:
+    """A model saved by tuneloop before `TextClassifier` (a transformers
+    `...ForSequenceClassification`, [CLS] pooler), so older registry versions still load."""
+    from transformers import AutoModelForSequenceClassification
+
+    if meta["method"] != "lora":
+        return AutoModelForSequenceClassification.from_pretrained(model_dir)
+    from peft import PeftModel
+
+    base = AutoModelForSequenceClassification.from_pretrained(
+        resolve_model_path(base_model or meta["base_model"]), num_labels=len(labels),
+        id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)},
+    )
+    return PeftModel.from_pretrained(base, model_dir).merge_and_unload()
+
+
+def logits_function(model: torch.nn.Module):
+    """(input_ids, attention_mask) -> logits: a `TextClassifier` as it is (it takes
+    the fast path itself); an older sequence classifier by `tasks.fastpath` when
+    it computes the same function, else by the model's own forward."""
+    from tasks import fastpath
+
+    if isinstance(fastpath.unwrap(model), TextClassifier):
+        return model
+    if fastpath.supports(model):
+        return lambda input_ids, mask: fastpath.sequence_logits(model, input_ids, mask)
+    return lambda input_ids, mask: model(input_ids=input_ids, attention_mask=mask).logits
 
 
 @torch.inference_mode()
@@ -156,49 +311,31 @@ def predict_proba(
     return probs
 
 
-def logits_function(model: torch.nn.Module):
-    """(input_ids, attention_mask) -> logits: the lean BERT path of `tasks.fastpath`
-    when it computes the same function as the model, else the model's own forward."""
-    from tasks import fastpath
-
-    if fastpath.supports(model):
-        return lambda input_ids, mask: fastpath.sequence_logits(model, input_ids, mask)
-    return lambda input_ids, mask: model(input_ids=input_ids, attention_mask=mask).logits
-
-
 @torch.inference_mode()
-def mean_pooled_embeddings(
+def pooled_embeddings(
     encoder: torch.nn.Module, tokenizer, texts: Sequence[str], max_length: int,
-    batch_size: int = 64, progress: bool = False,
+    batch_size: int = 64, progress: bool = False, pooling: str = "mean",
 ) -> np.ndarray:
-    """L2-normalised mean of the last hidden states over real tokens,
-    shape (len(texts), hidden): the sentence embedding MiniLM was trained for."""
+    """L2-normalised pooled last hidden states, shape (len(texts), hidden):
+    the features a `TextClassifier`'s head reads, from the frozen encoder."""
     from tqdm.auto import tqdm
 
     ids = tokenize(tokenizer, texts, max_length)
     device = next(encoder.parameters()).device
-    out: np.ndarray | None = None
+    out = np.zeros((len(texts), encoder.config.hidden_size), dtype=np.float32)
     pad_id = tokenizer.pad_token_id or 0
-    batches = list(length_sorted_batches([len(s) for s in ids], batch_size))
     encode = hidden_states_function(encoder)
-    for index in tqdm(batches, desc="embedding", unit="batch", disable=not progress, leave=False):
+    for index in tqdm(list(length_sorted_batches([len(s) for s in ids], batch_size)), desc="embedding",
+                      unit="batch", disable=not progress, leave=False):
         input_ids, mask = pad_batch([ids[i] for i in index], pad_id)
         mask = mask.to(device)
         hidden = encode(input_ids.to(device), mask)  # (batch, seq, hidden)
-        weights = mask.unsqueeze(-1).to(hidden.dtype)  # (batch, seq, 1)
-        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (batch, hidden)
-        pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
-        if out is None:
-            out = np.zeros((len(texts), pooled.shape[1]), dtype=np.float32)
-        out[index] = pooled.cpu().numpy()
-    return out if out is not None else np.zeros((0, 0), dtype=np.float32)
+        out[index] = pool(hidden, mask, pooling).cpu().numpy()
+    return out
 
 
-def hidden_states_function(encoder: torch.nn.Module):
-    """(input_ids, attention_mask) -> last hidden states, by `tasks.fastpath` when it
-    computes the same function as the encoder, else by the encoder's own forward."""
-    from tasks import fastpath
-
-    if fastpath.supports_encoder(encoder):
-        return lambda input_ids, mask: fastpath.encode(encoder, input_ids, mask)
-    return lambda input_ids, mask: encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+def mean_pooled_embeddings(encoder: torch.nn.Module, tokenizer, texts: Sequence[str], max_length: int,
+                           batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    """`pooled_embeddings` with mean pooling: the sentence embedding MiniLM was
+    trained for, and drift monitoring's instrument."""
+    return pooled_embeddings(encoder, tokenizer, texts, max_length, batch_size, progress, "mean")

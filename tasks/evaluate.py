@@ -40,6 +40,19 @@ class Candidate:
     version: str | None = None
     model_size_mb: float | None = None
     train_val_gap: float | None = None
+    labels: list[str] | None = None  # the scorer's own label order; None: the evaluation's
+
+
+def aligned(probs: np.ndarray, own: Sequence[str], labels: Sequence[str]) -> np.ndarray:
+    """A model's probabilities over its own labels, as columns of the evaluation's
+    `labels`: a label the model never learned (a new intent) gets probability 0,
+    a label the evaluation no longer has is dropped."""
+    out = np.zeros((len(probs), len(labels)), dtype=probs.dtype)
+    index = {name: i for i, name in enumerate(labels)}
+    for j, name in enumerate(own):
+        if name in index:
+            out[:, index[name]] = probs[:, j]
+    return out
 
 
 def directory_size_mb(*paths: Path) -> float:
@@ -81,12 +94,16 @@ def score_candidate(candidate: Candidate, test: pd.DataFrame, y_true: np.ndarray
     """
     started = time.perf_counter()
     probs = candidate.scorer(test["text"].tolist())
+    if candidate.labels is not None and list(candidate.labels) != list(labels):
+        probs = aligned(probs, candidate.labels, labels)
     latency_ms = (time.perf_counter() - started) * 1000 / max(1, len(test))
     summary = classification_summary(probs, y_true, labels)
     summary.update(
         name=candidate.name, version=candidate.version, latency_ms_per_example=latency_ms,
         model_size_mb=candidate.model_size_mb, train_val_gap=candidate.train_val_gap,
         slices=slice_metrics(test, y_true, probs.argmax(1), slices, len(labels), config.min_slice_rows),
+        # labels of this data version the model never learned (new intents): it scores 0 on them
+        unknown_labels=sorted(set(labels) - set(candidate.labels)) if candidate.labels is not None else [],
     )
     return summary, probs
 
@@ -113,16 +130,19 @@ def evaluate_models(candidates: Sequence[Candidate], test: pd.DataFrame, labels:
     return evaluation, predictions
 
 
-def probe_candidate(base_path: Path, probe_dir: Path, max_length: int, batch_size: int) -> Candidate:
+def probe_candidate(base_path: Path, probe_dir: Path, max_length: int, batch_size: int,
+                    pooling: str = "auto") -> Candidate:
     """The base model's frozen encoder with the probe fitted by the baseline stage."""
     from tasks.baseline import load_encoder, load_probe
-    from tasks.classifier import mean_pooled_embeddings
+    from tasks.classifier import pooled_embeddings, resolve_pooling
 
     encoder, tokenizer = load_encoder(base_path)
     probe = load_probe(probe_dir)
+    pooling = resolve_pooling(pooling, base_path)
 
     def scorer(texts: Sequence[str]) -> np.ndarray:
-        return probe.predict_proba(mean_pooled_embeddings(encoder, tokenizer, texts, max_length, batch_size))
+        return probe.predict_proba(pooled_embeddings(encoder, tokenizer, texts, max_length, batch_size,
+                                                     pooling=pooling))
 
     return Candidate("base_probe", "base model + linear probe", scorer,
                      model_size_mb=directory_size_mb(base_path, probe_dir))
@@ -149,4 +169,4 @@ def classifier_candidate(key: str, name: str, model_dir: Path, base_model: str |
     def scorer(texts: Sequence[str]) -> np.ndarray:
         return predict_proba(classifier, texts, batch_size, progress=True)
 
-    return Candidate(key, name, scorer, version, size, train_val_gap)
+    return Candidate(key, name, scorer, version, size, train_val_gap, list(classifier.labels))

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tasks import fastpath
-from tasks.classifier import LABELS_FILE, META_FILE, Classifier, pad_batch, pick_device, predict_proba, tokenize
+from tasks.classifier import (HEAD_FILE, LABELS_FILE, META_FILE, Classifier, TextClassifier, load_encoder,
+                              load_tokenizer, pad_batch, pick_device, predict_proba, resolve_pooling, tokenize)
 from tasks.metrics import macro_f1
 
 CHECKPOINT_FILE = "last.pt"
@@ -39,11 +39,18 @@ class FinetuneConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("query", "key", "value", "dense")
+    # PEFT's "all-linear" (every linear layer of any architecture) or module names
+    target_modules: str | tuple[str, ...] = "all-linear"
     learning_rate: float = 1e-3
+    head_learning_rate: float | None = None  # None: learning_rate
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     epochs: int = 1
+    # More epochs for small or many-class data: until this many optimizer steps, and until the
+    # average class has been seen this many times (0 turns either off).
+    min_steps: int = 250  # a 2,000-row set trains 4 epochs, not 63 steps
+    min_examples_per_class: int = 400  # 64 classes of ~140 rows: 3 epochs
+    head_init: str = "probe"  # "probe" starts the head from the baseline's linear probe | "random"
     batch_size: int = 32
     max_length: int = 128
     patience: int = 1  # epochs without a better validation macro-F1 before stopping
@@ -59,6 +66,15 @@ class FinetuneConfig:
             raise ValueError(f"finetune.method must be 'lora' or 'full', got {self.method!r}")
         if self.precision not in {"auto", "bf16", "fp32"}:
             raise ValueError(f"finetune.precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.head_init not in {"probe", "random"}:
+            raise ValueError(f"finetune.head_init must be probe or random, got {self.head_init!r}")
+
+    def epochs_for(self, rows: int, classes: int) -> int:
+        """`epochs`, or more when that many would take fewer than `min_steps` steps
+        or show the average class fewer than `min_examples_per_class` times."""
+        steps_per_epoch = max(1, math.ceil(rows / self.batch_size))
+        return max(self.epochs, math.ceil(self.min_steps / steps_per_epoch),
+                   math.ceil(self.min_examples_per_class * classes / max(1, rows)))
 
 
 @dataclass
@@ -76,24 +92,31 @@ class FinetuneResult:
     history: list[dict] = field(default_factory=list)
 
 
-def build_model(base_path: Path, labels: Sequence[str], config: FinetuneConfig) -> torch.nn.Module:
-    """The base model with a fresh classification head, wrapped in LoRA adapters
-    unless full fine-tuning is asked for."""
-    from transformers import AutoModelForSequenceClassification
+def build_model(base_path: Path, labels: Sequence[str], config: FinetuneConfig,
+                head: tuple[torch.Tensor, torch.Tensor] | None = None, pooling: str = "auto") -> TextClassifier:
+    """The base model's encoder, pooled, with a linear head, its encoder wrapped in
+    LoRA adapters unless full fine-tuning is asked for.
 
-    model = AutoModelForSequenceClassification.from_pretrained(
-        base_path, num_labels=len(labels), id2label=dict(enumerate(labels)),
-        label2id={name: i for i, name in enumerate(labels)},
-    )
-    if config.method == "full":
-        return model
-    from peft import LoraConfig, TaskType, get_peft_model
+    Args:
+        head: (weight (labels, hidden), bias (labels,)) to start the head from,
+            the baseline's linear probe; None starts it at random.
+        pooling: `model.pooling` ("auto": how the base model was trained).
+    """
+    encoder = load_encoder(base_path, "cpu")
+    if config.method == "lora":
+        from peft import LoraConfig, get_peft_model
 
-    lora = LoraConfig(
-        task_type=TaskType.SEQ_CLS, r=config.lora_r, lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout, target_modules=list(config.target_modules),
-    )
-    return get_peft_model(model, lora)
+        targets = config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules)
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=targets)
+        encoder = get_peft_model(encoder, lora)
+    encoder.train()
+    model = TextClassifier(encoder, len(labels), resolve_pooling(pooling, base_path))
+    if head is not None:
+        with torch.no_grad():
+            model.head.weight.copy_(head[0])
+            model.head.bias.copy_(head[1])
+    return model
 
 
 def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int) -> list[np.ndarray]:
@@ -190,11 +213,15 @@ class TrainState:
 
 
 def make_optimizer(model: torch.nn.Module, config: FinetuneConfig, device: torch.device, total_steps: int):
-    """AdamW over the trainable parameters only, with a linear warm-up/decay
-    schedule. The fused kernel updates every tensor in one operation (CPU and
+    """AdamW over the trainable parameters only (the head at its own learning
+    rate), with a linear warm-up/decay schedule. The fused kernel updates every tensor in one operation (CPU and
     CUDA), instead of a dozen operations per tensor."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True)
+    head = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("head.")]
+    body = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
+    groups = [{"params": body, "lr": config.learning_rate},
+              {"params": head, "lr": config.head_learning_rate or config.learning_rate}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate,
+                                  weight_decay=config.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total_steps, config.warmup_ratio))
     return optimizer, scheduler
 
@@ -217,11 +244,8 @@ def snapshot(model, optimizer, scheduler, state: TrainState, fingerprint: str) -
 
 
 def loss_function(model: torch.nn.Module):
-    """(input_ids, attention_mask, labels) -> mean cross-entropy: through
-    `tasks.fastpath` when it computes the model's function, else the model's own loss."""
-    if fastpath.supports(model):
-        return lambda input_ids, mask, y: F.cross_entropy(fastpath.sequence_logits(model, input_ids, mask), y)
-    return lambda input_ids, mask, y: model(input_ids=input_ids, attention_mask=mask, labels=y).loss
+    """(input_ids, attention_mask, labels) -> mean cross-entropy of the classifier's logits."""
+    return lambda input_ids, mask, y: F.cross_entropy(model(input_ids, mask), y)
 
 
 def train_steps(model, batches, ids, targets, pad_id, optimizer, scheduler, config, device, bar) -> tuple[int, int, int]:
@@ -262,6 +286,7 @@ def finetune(
     validation: tuple[Sequence[str], Sequence[int]], labels: Sequence[str], config: FinetuneConfig,
     out_dir: Path, checkpoint_dir: Path, data_key: str, progress: bool = True,
     on_epoch_end: Callable[[int, float], None] | None = None,
+    head: tuple[torch.Tensor, torch.Tensor] | None = None, pooling: str = "auto",
 ) -> FinetuneResult:
     """Fine-tunes `base_path` on `train`, early-stopping on validation macro-F1.
 
@@ -276,31 +301,43 @@ def finetune(
         data_key: identifies the data version; part of the resume fingerprint.
         on_epoch_end: called with (epoch, validation macro-F1) after each
             epoch; an exception it raises (a pruned tuning trial) ends the run.
+        head: (weight, bias) to start the classifier head from (the linear
+            probe, with `head_init: probe`); None starts it at random.
+        pooling: `model.pooling`, the same the probe was fitted with.
+
+    Raises:
+        ValueError: no train or no validation rows.
     """
     from tqdm.auto import tqdm
-    from transformers import AutoTokenizer
 
+    if not len(train[0]) or not len(validation[0]):
+        raise ValueError(f"finetune needs train and validation rows, got {len(train[0])} and {len(validation[0])}")
     torch.manual_seed(config.seed)
     device = pick_device(config.device)
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
-    model = build_model(base_path, labels, config).to(device)
+    tokenizer = load_tokenizer(base_path)
+    model = build_model(base_path, labels, config, head, pooling).to(device)
     model.train()
     ids = tokenize(tokenizer, train[0], config.max_length)
     targets = torch.as_tensor(np.asarray(train[1]), dtype=torch.long)
     steps_per_epoch = math.ceil(len(ids) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
+    epochs = config.epochs_for(len(ids), len(labels))
+    total_steps = steps_per_epoch * epochs
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     optimizer, scheduler = make_optimizer(model, config, device, total_steps)
-    fingerprint = run_fingerprint(config, data_key, base_path)
+    head_key = "random" if head is None else hashlib.sha256(
+        b"".join(t.detach().cpu().float().numpy().tobytes() for t in head)).hexdigest()
+    fingerprint = run_fingerprint(config, f"{data_key}/{head_key}/{pooling}", base_path)
     checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_FILE
     checkpoint = load_checkpoint(checkpoint_path, fingerprint)
     state = restore(model, optimizer, scheduler, checkpoint) if checkpoint else TrainState()
     resumed_from = state.step
+    if head is not None and not checkpoint:
+        score_start(model, tokenizer, labels, validation, config, device, state)
     pad_id = tokenizer.pad_token_id or 0
     bar = tqdm(total=total_steps, initial=state.step, desc="fine-tuning", unit="step", disable=not progress)
     stopped_early = False
-    while state.epoch < config.epochs and state.step < total_steps:
+    while state.epoch < epochs and state.step < total_steps:
         batches = length_grouped_order([len(s) for s in ids], config.batch_size, config.seed + state.epoch)
         done_in_epoch = state.step - state.epoch * steps_per_epoch
         batches = batches[done_in_epoch : done_in_epoch + total_steps - state.step]
@@ -322,6 +359,14 @@ def finetune(
     bar.close()
     return finish(model, tokenizer, labels, train, base_model, config, device, state, out_dir,
                   checkpoint_path, resumed_from, stopped_early)
+
+
+def score_start(model, tokenizer, labels, validation, config, device, state: TrainState) -> None:
+    """Scores the probe-started model before any step: fine-tuning keeps it
+    unless an epoch beats it on validation, so it never ends below the probe."""
+    f1 = score_macro_f1(model, tokenizer, labels, validation[0], validation[1], config, device)
+    state.history.append({"epoch": 0, "step": 0, "val_macro_f1": f1})
+    state.best_f1, state.best_state = f1, trainable_state(model)
 
 
 def end_epoch(model, tokenizer, labels, validation, config, device, state: TrainState) -> bool:
@@ -360,12 +405,15 @@ def finish(model, tokenizer, labels, train, base_model, config, device, state, o
 
 def save_model(model, tokenizer, labels, base_model: str, config: FinetuneConfig, out_dir: Path,
                history: list[dict]) -> None:
-    """Weights as safetensors (the adapter alone for LoRA), tokenizer, label map
-    and the metadata `load_classifier` needs."""
+    """Weights as safetensors (the encoder's adapter alone for LoRA, and the
+    head), tokenizer, label map and the metadata `load_classifier` needs."""
+    from safetensors.torch import save_file
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
+    model.encoder.save_pretrained(out_dir)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}, str(out_dir / HEAD_FILE))
     tokenizer.save_pretrained(out_dir)
     (out_dir / LABELS_FILE).write_text(json.dumps(list(labels)))
     meta = {"method": config.method, "base_model": base_model, "max_length": config.max_length,
-            "config": asdict(config), "history": history}
+            "pooling": model.pooling, "config": asdict(config), "history": history}
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2, default=str))

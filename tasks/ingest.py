@@ -18,13 +18,14 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from tasks.errors import TuneloopError
 from tasks.split import SPLIT_ALIASES
 from tasks.workspace import Workspace, read_json, write_json
 
 REMOTE_NAME = "tuneloop"
 
 
-class IngestError(ValueError):
+class IngestError(TuneloopError, ValueError):
     """The source cannot be read as a labelled text table."""
 
 
@@ -51,29 +52,108 @@ class DataVersion:
     rows: int
     excluded_rows: int
     incoming: list[str] = field(default_factory=list)  # incoming files merged into this version
+    labels: list[str] = field(default_factory=list)  # the label set of this version, sorted
 
     @property
     def short(self) -> str:
         return self.md5[:8]
 
 
+TABLE_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl",
+                  ".parquet": "parquet", ".pq": "parquet"}
+DELIMITERS = (",", ";", "\t", "|")
+
+
 def read_table(path: Path) -> pd.DataFrame:
-    """Reads CSV, JSON Lines or Parquet by extension; every column as read.
+    """Reads a labelled table: CSV (`,` `;` tab or `|`, detected), JSON Lines or
+    Parquet, by extension; text files in UTF-8 with or without a BOM. Every CSV
+    cell is read as a string.
 
     Raises:
-        IngestError: missing file or unsupported extension.
+        IngestError: naming the file and the line or column at fault, never
+            quoting its contents (they may hold personal data).
     """
+    path = Path(path)
     if not path.exists():
         raise IngestError(f"data source {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
+    if path.is_dir():
+        raise IngestError(f"data source {path} is a folder; name the file inside it")
+    kind = TABLE_SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise IngestError(f"{path}: unsupported format {path.suffix.lower()!r}; use .csv, .tsv, .jsonl or .parquet")
+    if kind == "parquet":
+        try:
+            frame = pd.read_parquet(path)
+        except Exception as error:  # pyarrow raises several types for a damaged file
+            raise IngestError(f"{path} is not a readable Parquet file ({type(error).__name__})") from None
+    else:
+        text = decode_utf8(path)
+        if not text.strip():
+            raise IngestError(f"{path} is empty")
+        frame = read_jsonl(path, text) if kind == "jsonl" else read_csv(path, text)
+    duplicated = sorted({str(c) for c in frame.columns if list(frame.columns).count(c) > 1})
+    if duplicated:
+        raise IngestError(f"{path}: column(s) {duplicated} appear more than once in the header; rename them")
+    return frame
+
+
+def decode_utf8(path: Path) -> str:
+    """The file's text, a UTF-8 byte-order mark dropped.
+
+    Raises:
+        IngestError: naming the line of the first byte that is not UTF-8.
+    """
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise IngestError(f"{path} is not UTF-8 (line {line}, byte {error.start}): save it as UTF-8 "
+                          "(e.g. `iconv -f latin1 -t utf-8`)") from None
+
+
+def sniff_delimiter(text: str) -> str:
+    """The delimiter that splits the header line into the most fields (`,` on a tie)."""
+    header = text.lstrip().splitlines()[0]
+    return max(DELIMITERS, key=lambda d: (header.count(d), d == ","))
+
+
+def read_csv(path: Path, text: str) -> pd.DataFrame:
+    import csv
+    import io
+    import re
+
+    delimiter = sniff_delimiter(text)
+    header = next(csv.reader(io.StringIO(text), delimiter=delimiter))
+    duplicated = sorted({c for c in header if header.count(c) > 1})
+    if duplicated:  # pandas would rename the second one silently (text, text.1)
+        raise IngestError(f"{path}: column(s) {duplicated} appear more than once in the header; rename them")
+    try:
         # keep_default_na=False: an empty text stays "" for validation to name
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
-    if suffix in {".jsonl", ".ndjson"}:
-        return pd.read_json(path, lines=True, dtype=False)
-    if suffix in {".parquet", ".pq"}:
-        return pd.read_parquet(path)
-    raise IngestError(f"{path}: unsupported format {suffix!r}; use .csv, .jsonl or .parquet")
+        return pd.read_csv(io.StringIO(text), sep=delimiter, dtype=str, keep_default_na=False)
+    except pd.errors.ParserError as error:
+        where = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(error))
+        detail = (f"line {where.group(2)} has {where.group(3)} fields where the header has {where.group(1)}"
+                  if where else "it cannot be parsed as CSV")
+        name = {",": "comma", ";": "semicolon", "\t": "tab", "|": "pipe"}[delimiter]
+        raise IngestError(f"{path}: {detail} ({name}-separated); quote fields that contain the separator") from None
+
+
+def read_jsonl(path: Path, text: str) -> pd.DataFrame:
+    import json
+
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise IngestError(f"{path}: line {number} is not valid JSON ({error.msg}, column {error.colno})") from None
+        if not isinstance(record, dict):
+            raise IngestError(f"{path}: line {number} is not a JSON object (one object per line)")
+        records.append(record)
+    return pd.DataFrame.from_records(records)
 
 
 def length_bucket(texts: pd.Series, edges: tuple[int, ...]) -> pd.Series:
@@ -98,9 +178,13 @@ def canonicalize(raw: pd.DataFrame, config: IngestConfig) -> tuple[pd.DataFrame,
     missing = [c for c in wanted if c not in raw.columns]
     if missing:
         raise IngestError(f"columns {missing} not in the source; it has {list(raw.columns)}")
+    texts = raw[config.text_column]
+    if not (texts.dropna().map(type) == str).all():
+        raise IngestError(f"column {config.text_column!r} holds numbers or other non-text values; "
+                          "name the column that holds the texts (ingest.text_column)")
     frame = pd.DataFrame({"row": range(1, len(raw) + 1)})
-    frame["text"] = raw[config.text_column].fillna("").astype(str).to_numpy()
-    frame["label"] = raw[config.label_column].astype(str).str.strip().to_numpy()
+    frame["text"] = texts.fillna("").astype(str).to_numpy()
+    frame["label"] = raw[config.label_column].map(label_text).to_numpy()
     if config.split_column:
         declared = raw[config.split_column].fillna("").astype(str).str.strip().str.lower()
         frame["split"] = declared.replace(SPLIT_ALIASES).to_numpy()  # validate names any other value
@@ -110,6 +194,14 @@ def canonicalize(raw: pd.DataFrame, config: IngestConfig) -> tuple[pd.DataFrame,
         frame["length_bucket"] = length_bucket(frame["text"], config.length_slices).to_numpy()
     keep = ~frame["label"].isin(config.exclude_labels)
     return frame[keep].reset_index(drop=True), int((~keep).sum())
+
+
+def label_text(value) -> str | None:
+    """A label cell as stripped text; None for a missing or blank one (validate names it)."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    text = str(value).strip()
+    return text or None
 
 
 def open_dvc_repo(root: Path, remote: str | None):
@@ -158,7 +250,7 @@ def snapshot_source(source: Path, raw_dir: Path) -> Path:
     return target
 
 
-INCOMING_SUFFIXES = {".csv", ".jsonl", ".ndjson", ".parquet", ".pq"}
+INCOMING_SUFFIXES = set(TABLE_SUFFIXES) - {".txt"}
 
 
 def incoming_files(config: IngestConfig, root: Path) -> list[Path]:
@@ -206,7 +298,8 @@ def run_ingest(config: IngestConfig, workspace: Workspace) -> DataVersion:
     frame, excluded = canonicalize(read_table(snapshot), config)
     md5, size = track_with_dvc(snapshot, workspace.root, config.dvc_remote)
     version = DataVersion(md5, size, str(snapshot.relative_to(workspace.root)), str(config.source),
-                          len(frame), excluded, [str(p.relative_to(workspace.root)) for p in incoming])
+                          len(frame), excluded, [str(p.relative_to(workspace.root)) for p in incoming],
+                          sorted(frame["label"].dropna().unique().tolist()))
     workspace.dataset.parent.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(workspace.dataset, index=False)
     write_json(workspace.data_version, asdict(version))

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from tasks.errors import TuneloopError
+
 CHAMPION = "champion"
 PREVIOUS = "previous"
 REFERENCE_DIR = "reference"  # run artefact folder holding the version's splits.parquet
@@ -127,7 +129,7 @@ def move_champion(name: str, to_version: str, action: str, why: str) -> dict:
     return record_audit(name, action, old.version if old else None, str(to_version), why)
 
 
-class RollbackError(ValueError):
+class RollbackError(TuneloopError, ValueError):
     """A rollback that cannot happen; the registry is unchanged."""
 
 

@@ -1,23 +1,39 @@
-"""split: deterministic, stratified train/validation/test split.
+"""split: stable, deterministic train/validation/test split.
 
-Texts that are equal after normalisation always land in the same split, so a
-duplicate can never leak from train into test. Same data + same seed gives the
-same rows in every split: base, champion and challenger are scored on
-identical test rows for a data version.
+A row's split is a pure function of its normalised text and the seed: a hash
+of the two, read as a number in [0, 1), is held against the fractions. So
+
+- texts equal after normalisation land in the same split: a duplicate never
+  leaks from train into test;
+- a row keeps its split in every later data version: when new rows arrive
+  (incoming files, drift feedback) no train row becomes a test row, and
+  champion and challenger are scored on rows neither trained on;
+- every class is split in the same proportions in expectation (a class of n
+  rows gets about n * test_fraction test rows).
+
+A split declared by the source (a `split` column) is kept; a declared split
+that has no validation or no test rows gets them carved from its train rows by
+the same hash.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
+from tasks.errors import TuneloopError
 from tasks.validate import normalise_text
 from tasks.workspace import Workspace
 
 SPLITS = ("train", "validation", "test")
 SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation", "eval": "validation"}
+
+
+class SplitError(TuneloopError, ValueError):
+    """The data cannot be split as declared."""
 
 
 @dataclass(frozen=True)
@@ -28,17 +44,17 @@ class SplitConfig:
     __pydantic_config__ = {"extra": "forbid"}
 
     def __post_init__(self) -> None:
-        if self.validation_fraction < 0 or self.test_fraction < 0:
-            raise ValueError("split: validation_fraction and test_fraction must not be negative")
-        if not 0 < self.validation_fraction + self.test_fraction < 1:
-            raise ValueError("split: validation_fraction + test_fraction must be between 0 and 1")
+        if self.validation_fraction <= 0 or self.test_fraction <= 0:
+            raise ValueError("split: validation_fraction and test_fraction must be positive")
+        if not self.validation_fraction + self.test_fraction < 1:
+            raise ValueError("split: validation_fraction + test_fraction must be below 1")
 
 
 def declared_split(frame: pd.DataFrame) -> pd.Series | None:
     """The source's own split column, normalised; None when the source declares none.
 
     Raises:
-        ValueError: a row declares a split other than train/validation/test (or an alias);
+        SplitError: a row declares a split other than train/validation/test (or an alias);
             the validate stage reports such rows before the split runs.
     """
     if "split" not in frame.columns:
@@ -47,40 +63,53 @@ def declared_split(frame: pd.DataFrame) -> pd.Series | None:
     unknown = declared[~declared.isin(SPLITS)]
     if len(unknown):
         values = sorted(set(unknown))[:5]
-        raise ValueError(f"split: {len(unknown)} rows declare a split outside {list(SPLITS)}: {values}")
+        raise SplitError(f"split: {len(unknown)} rows declare a split outside {list(SPLITS)}: {values}")
     return declared
 
 
-def assign_groups(groups: np.ndarray, config: SplitConfig, rng: np.random.Generator) -> dict[int, str]:
-    """Shuffles one class's duplicate groups and cuts them by the fractions."""
-    order = rng.permutation(groups)
-    n_test = int(round(len(order) * config.test_fraction))
-    n_val = int(round(len(order) * config.validation_fraction))
-    names = ["test"] * n_test + ["validation"] * n_val + ["train"] * (len(order) - n_test - n_val)
-    return dict(zip(order.tolist(), names))
+def stable_unit(texts: pd.Series, seed: int) -> np.ndarray:
+    """A number in [0, 1) per text, from a SHA-256 of the seed and the normalised
+    text: the same text gives the same number in every data version."""
+    keys = normalise_text(texts.astype(str))
+    return np.fromiter(
+        (int.from_bytes(hashlib.sha256(f"{seed}\x00{key}".encode()).digest()[:8], "big") / 2.0**64 for key in keys),
+        dtype=np.float64, count=len(keys))
+
+
+def hashed_split(unit: np.ndarray, config: SplitConfig) -> np.ndarray:
+    """validation below `validation_fraction`, then test up to the sum of both fractions, train above."""
+    cut = config.validation_fraction + config.test_fraction
+    return np.where(unit < config.validation_fraction, "validation", np.where(unit < cut, "test", "train"))
 
 
 def split_dataset(frame: pd.DataFrame, config: SplitConfig) -> pd.DataFrame:
     """Adds a `split` column (train/validation/test).
 
-    A split declared by the source is kept. Otherwise rows are grouped by
-    normalised text, each group is stratified by its first row's label, and
-    groups are assigned with a generator seeded by `config.seed`.
+    Without a declared split every row gets its hashed split. A declared split
+    is kept, except that when it has no validation (or no test) rows, the
+    declared train rows whose hashed split is validation (or test) become so.
+
+    Raises:
+        SplitError: an unknown declared split, or no train rows.
     """
     out = frame.copy()
+    hashed = hashed_split(stable_unit(out["text"], config.seed), config)
     declared = declared_split(frame)
-    if declared is not None:
-        out["split"] = declared.to_numpy()
-        return out
-    # the validate stage's normalisation: what it calls leakage, the split never creates
-    group = pd.factorize(normalise_text(out["text"]))[0]
-    group_label = pd.Series(out["label"].to_numpy(), index=group).groupby(level=0).first()
-    rng = np.random.default_rng(config.seed)
-    assignment: dict[int, str] = {}
-    for label in sorted(group_label.unique()):
-        assignment.update(assign_groups(group_label.index[group_label == label].to_numpy(), config, rng))
-    out["split"] = [assignment[g] for g in group]
+    if declared is None:
+        out["split"] = hashed
+    else:
+        split = declared.to_numpy(dtype=object).copy()
+        for missing in ("validation", "test"):
+            if not (split == missing).any():
+                split[(split == "train") & (hashed == missing)] = missing
+        out["split"] = split
+    if not (out["split"] == "train").any():
+        raise SplitError("split: no row is a train row: declare some rows `train` (or drop the split column)")
     return out
+
+
+def split_counts(frame: pd.DataFrame) -> dict[str, int]:
+    return {name: int((frame["split"] == name).sum()) for name in SPLITS}
 
 
 def run_split(config: SplitConfig, workspace: Workspace) -> dict[str, int]:
@@ -92,7 +121,7 @@ def run_split(config: SplitConfig, workspace: Workspace) -> dict[str, int]:
     frame = split_dataset(pd.read_parquet(workspace.dataset), config)
     workspace.splits.parent.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(workspace.splits, index=False)
-    return {name: int((frame["split"] == name).sum()) for name in SPLITS}
+    return split_counts(frame)
 
 
 def load_split(workspace: Workspace, name: str) -> pd.DataFrame:

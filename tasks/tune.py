@@ -68,11 +68,10 @@ def default_space() -> dict[str, ParamSpec]:
     """The search space shipped in params.yaml."""
     return {
         "method": ParamSpec(choices=("lora",)),
-        "learning_rate": ParamSpec(low=1e-4, high=1.5e-3, log=True),
+        "learning_rate": ParamSpec(low=2e-4, high=2e-3, log=True),
         "lora_r": ParamSpec(choices=(8, 16, 32)),
         "lora_alpha": ParamSpec(choices=(16, 32)),
         "lora_dropout": ParamSpec(low=0.0, high=0.2),
-        "target_modules": ParamSpec(choices=(("query", "value"), ("query", "key", "value", "dense"))),
         "epochs": ParamSpec(low=1, high=2),
         "batch_size": ParamSpec(choices=(16, 32)),
         "max_length": ParamSpec(choices=(64, 128)),

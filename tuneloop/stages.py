@@ -15,7 +15,7 @@ import pandas as pd
 
 from tasks import registry, tracking
 from tasks import tune as tuning
-from tasks.baseline import run_baseline
+from tasks.baseline import probe_head, run_baseline
 from tasks.classifier import hash_model_weights, resolve_model_path
 from tasks.evaluate import classifier_candidate, evaluate_models, probe_candidate
 from tasks.finetune import FinetuneConfig, FinetuneResult, finetune as finetune_model
@@ -60,6 +60,8 @@ def ingest(params: Params, ws: Workspace) -> DataVersion:
 def validate(params: Params, ws: Workspace) -> ValidationReport:
     """Raises DataValidationError (and closes the run as failed) on a blocking rule."""
     report = validate_dataset(pd.read_parquet(ws.dataset), params.validate_, ws.validation_dir)
+    if params.declared_labels is None:
+        say("validate", f"{len(load_data_version(ws).labels)} labels read from the data (validate.labels: auto)")
     write_json(ws.validation_summary, report.to_dict())
     tracking.log_stage(ws, "validate", {"errors": len(report.errors), "warnings": len(report.warnings)},
                        artifacts=[ws.validation_dir])
@@ -82,11 +84,22 @@ def split(params: Params, ws: Workspace) -> dict[str, int]:
 
 
 def baseline(params: Params, ws: Workspace) -> dict:
-    result = run_baseline(params.baseline, resolve_model_path(params.model.base), params.labels, ws)
+    result = run_baseline(params.baseline, resolve_model_path(params.model.base), project_labels(params, ws), ws,
+                          params.model.pooling)
     tracking.log_stage(ws, "baseline", result, params=asdict(params.baseline))
-    say("baseline", f"probe macro-F1 {result['probe']['macro_f1']:.4f}, "
-                    f"zero-shot macro-F1 {result['zero_shot']['macro_f1']:.4f}")
+    say("baseline", f"probe macro-F1 {result['probe']['macro_f1']:.4f} (C={result['probe']['c']:g}, chosen on "
+                    f"validation), zero-shot macro-F1 {result['zero_shot']['macro_f1']:.4f}")
     return result
+
+
+def project_labels(params: Params, ws: Workspace) -> tuple[str, ...]:
+    """The label set: as listed in params (validate.labels), or, with `auto`,
+    the ingested data version's own.
+
+    Raises:
+        FileNotFoundError: `auto` and no data ingested yet.
+    """
+    return params.declared_labels or tuple(load_data_version(ws).labels)
 
 
 def labelled_rows(frame: pd.DataFrame, labels: tuple[str, ...]) -> tuple[list[str], list[int]]:
@@ -132,9 +145,10 @@ def tune(params: Params, ws: Workspace) -> dict:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is printed below
+    labels = project_labels(params, ws)
     data = tuning.TuneData(params.model.base, resolve_model_path(params.model.base),
-                           labelled_rows(load_split(ws, "train"), params.labels),
-                           labelled_rows(load_split(ws, "validation"), params.labels), params.labels, version.md5)
+                           labelled_rows(load_split(ws, "train"), labels),
+                           labelled_rows(load_split(ws, "validation"), labels), labels, version.md5)
     storage = params.tune.storage or tuning.default_storage(ws.root, tracking.tracking_uri(params.mlflow, ws.root))
     pipeline = read_json(ws.run_state)
     tune_run = tuning.open_tune_run(pipeline["experiment_id"], pipeline["run_id"],
@@ -155,15 +169,23 @@ def tune(params: Params, ws: Workspace) -> dict:
     return record
 
 
+def start_head(params: Params, ws: Workspace, base_path, settings: FinetuneConfig):
+    """The baseline's probe as the head's start (`finetune.head_init: probe`), else None."""
+    if settings.head_init != "probe":
+        return None
+    from transformers import AutoConfig
+
+    return probe_head(ws.probe_dir, project_labels(params, ws), AutoConfig.from_pretrained(base_path).hidden_size)
+
+
 def finetune(params: Params, ws: Workspace) -> FinetuneResult:
-    index = {name: i for i, name in enumerate(params.labels)}
-    train, val = load_split(ws, "train"), load_split(ws, "validation")
+    labels = project_labels(params, ws)
     settings = finetune_settings(params, ws)  # the tuned values when tuning is on
+    base_path = resolve_model_path(params.model.base)
     result = finetune_model(
-        params.model.base, resolve_model_path(params.model.base),
-        (train["text"].tolist(), train["label"].map(index).tolist()),
-        (val["text"].tolist(), val["label"].map(index).tolist()),
-        params.labels, settings, ws.challenger_dir, ws.checkpoint_dir, load_data_version(ws).md5,
+        params.model.base, base_path, labelled_rows(load_split(ws, "train"), labels),
+        labelled_rows(load_split(ws, "validation"), labels), labels, settings, ws.challenger_dir, ws.checkpoint_dir, load_data_version(ws).md5,
+        head=start_head(params, ws, base_path, settings), pooling=params.model.pooling,
     )
     summary = {k: v for k, v in asdict(result).items() if k not in {"model_dir", "history"}}
     summary["history"] = result.history
@@ -195,7 +217,8 @@ def evaluate(params: Params, ws: Workspace) -> dict:
     test = load_split(ws, "test")
     trained = read_json(ws.finetune_metrics)
     base_path = resolve_model_path(params.model.base)
-    candidates = [probe_candidate(base_path, ws.probe_dir, params.baseline.max_length, params.evaluate.batch_size)]
+    candidates = [probe_candidate(base_path, ws.probe_dir, params.baseline.max_length, params.evaluate.batch_size,
+                                  params.model.pooling)]
     champion = champion_candidate(params, ws)
     candidates += [champion] if champion else []
     settings = finetune_settings(params, ws)
@@ -203,7 +226,7 @@ def evaluate(params: Params, ws: Workspace) -> dict:
     candidates.append(classifier_candidate(
         "challenger", f"challenger ({method}, this run)", ws.challenger_dir, params.model.base,
         params.evaluate.batch_size, train_val_gap=trained["train_macro_f1"] - trained["best_val_macro_f1"]))
-    evaluation, predictions = evaluate_models(candidates, test, params.labels, params.evaluate,
+    evaluation, predictions = evaluate_models(candidates, test, project_labels(params, ws), params.evaluate,
                                               load_data_version(ws).md5)
     tuned = tuning_record(params, ws)
     if tuned:

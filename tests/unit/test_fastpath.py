@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from tasks import fastpath
-from tasks.classifier import pad_batch
+from tasks.classifier import pad_batch, pool
 from tasks.finetune import FinetuneConfig, build_model
 
 LABELS = ["negative", "positive"]
@@ -19,9 +19,23 @@ def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return ids, mask, torch.tensor([1, 1, 0, 0])
 
 
-def model_with_trained_adapters(tiny_bert, method: str = "lora") -> torch.nn.Module:
+def sequence_classifier(tiny_bert, method: str) -> torch.nn.Module:
+    """A transformers BertForSequenceClassification ([CLS] pooler), LoRA-wrapped or not:
+    the model tuneloop trained before `TextClassifier`, which registry versions still hold."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=len(LABELS))
+    if method == "full":
+        return model
+    return get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=32, lora_dropout=0.05,
+                                            target_modules=["query", "key", "value", "dense"]))
+
+
+def model_with_trained_adapters(tiny_bert, method: str = "lora", text_classifier: bool = False) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = build_model(tiny_bert, LABELS, FinetuneConfig(method=method, lora_r=4))
+    model = (build_model(tiny_bert, LABELS, FinetuneConfig(method=method, lora_r=4)) if text_classifier
+             else sequence_classifier(tiny_bert, method))
     for name, param in model.named_parameters():
         if "lora_B" in name:  # zero at initialisation, which would hide a wrong adapter path
             param.data.normal_(0.0, 0.1)
@@ -59,6 +73,32 @@ def test_fast_path_gives_the_models_own_loss_and_gradients(tiny_bert, method):
         if name.endswith("key.bias") or name.endswith("key.base_layer.bias"):
             continue  # softmax ignores a shift shared by all keys: its true gradient is 0, both sides hold rounding noise
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def own_forward_logits(model, ids, mask) -> torch.Tensor:
+    """A TextClassifier's logits through its encoder's own (transformers, PEFT) forward."""
+    hidden = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    return model.head(pool(hidden, mask, model.pooling))
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_text_classifier_takes_the_fast_path_and_gives_its_encoders_own_logits_and_gradients(tiny_bert, method):
+    model = without_dropout(model_with_trained_adapters(tiny_bert, method, text_classifier=True)).train()
+    assert fastpath.supports_encoder(fastpath.unwrap(model.encoder))
+    ids, mask, labels = batch()
+    F.cross_entropy(own_forward_logits(model, ids, mask), labels).backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(ids, mask), labels).backward()
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == expected.keys() and any(n.startswith("head.") for n in got)
+    for name in expected:
+        if name.endswith("key.bias") or name.endswith("key.base_layer.bias"):
+            continue  # see above: a shared shift of every key has gradient 0
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():
+        model.eval()
+        torch.testing.assert_close(model(ids, mask), own_forward_logits(model, ids, mask), rtol=1e-5, atol=1e-6)
 
 
 def test_fast_encoder_gives_the_encoders_own_hidden_states(tiny_bert):

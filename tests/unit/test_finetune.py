@@ -15,7 +15,7 @@ from tasks.finetune import FinetuneConfig, finetune, length_grouped_order, linea
 from tasks.metrics import macro_f1
 
 FAST = FinetuneConfig(epochs=6, learning_rate=1e-2, batch_size=16, lora_r=8, max_length=32,
-                      checkpoint_every_steps=10, patience=6)
+                      checkpoint_every_steps=10, patience=6, min_steps=0, min_examples_per_class=0)
 
 
 def train(tiny_bert: Path, toy_task: dict, out: Path, config: FinetuneConfig = FAST, data_key: str = "v1"):
@@ -45,8 +45,9 @@ def test_lora_run_saves_adapter_as_safetensors_with_tokenizer_and_label_map(lora
     assert json.loads((result.model_dir / "labels.json").read_text()) == ["negative", "positive"]
     tensors = load_file(str(result.model_dir / "adapter_model.safetensors"))
     assert any("lora_A" in name for name in tensors)
-    assert any("classifier" in name for name in tensors)  # the new head is saved with the adapter
     assert all("word_embeddings" not in name for name in tensors)  # frozen base weights are not copied
+    head = load_file(str(result.model_dir / "head.safetensors"))  # the head, beside the adapter
+    assert head["weight"].shape == (2, 32) and head["bias"].shape == (2,)
 
 
 def test_saved_model_reloads_with_the_validation_score_it_reported(lora_run, tiny_bert, toy_task):

@@ -55,7 +55,7 @@ def test_shipped_params_yaml_loads_with_its_values(shipped_raw: dict) -> None:
     assert params.ingest.length_slices == (10, 25)
     assert params.split.seed == shipped_raw["split"]["seed"]
     assert params.finetune.method == shipped_raw["finetune"]["method"]
-    assert params.finetune.target_modules == tuple(shipped_raw["finetune"]["target_modules"])
+    assert params.finetune.target_modules == shipped_raw["finetune"]["target_modules"] == "all-linear"
     assert params.evaluate.slice_columns is None
     assert params.gate == GateConfig(**shipped_raw["gate"])
     assert params.mlflow.tracking_uri is None
@@ -68,8 +68,26 @@ def test_shipped_params_name_every_section(shipped_raw: dict) -> None:
 def test_validate_yaml_key_maps_to_params_labels(raw: dict) -> None:
     raw["validate"]["labels"] = ["bad", "good", "meh"]
     params = parse_params(raw)
-    assert params.labels == ("bad", "good", "meh")
-    assert params.validate_.labels == params.labels
+    assert params.declared_labels == ("bad", "good", "meh")
+    assert params.validate_.labels == params.declared_labels
+
+
+@pytest.mark.parametrize("value", ["auto", None])
+def test_labels_auto_or_null_read_the_label_set_from_the_data(raw: dict, value) -> None:
+    raw["validate"]["labels"] = value
+    params = parse_params(raw)
+    assert params.validate_.labels == "auto" and params.declared_labels is None
+
+
+def test_a_label_list_in_block_style_holds_labels_yaml_flow_style_would_break(tmp_path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("validate:\n  labels:\n    - what time is it?\n    - 'yes: please'\n")
+    assert load_params(path).declared_labels == ("what time is it?", "yes: please")
+
+
+def test_labels_given_as_another_word_than_auto_are_refused(raw: dict) -> None:
+    raw["validate"]["labels"] = "all"
+    assert "labels must be `auto` or a list of labels" in error_of(raw)
 
 
 def test_empty_params_give_every_default() -> None:

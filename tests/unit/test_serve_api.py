@@ -146,7 +146,7 @@ def test_smoke_check_passes_a_working_model_and_refuses_one_that_answers_nan(tin
     model = load_classifier(tiny_model_dir, base_model=str(tiny_bert), device="cpu")
     smoke_check(model)
     with torch.no_grad():
-        model.model.classifier.weight.fill_(float("nan"))
+        model.model.head.weight.fill_(float("nan"))
     with pytest.raises(ValueError, match="smoke prediction gave probabilities"):
         smoke_check(model)
 

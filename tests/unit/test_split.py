@@ -1,4 +1,4 @@
-"""The split: deterministic, stratified, duplicate-safe, and faithful to a declared split."""
+"""The split: stable as data grows, stratified in expectation, duplicate-safe, faithful to a declared split."""
 
 from __future__ import annotations
 
@@ -41,25 +41,28 @@ def test_different_seed_gives_different_test_rows() -> None:
     frame = synthetic_frame()
     test_a = set(split_dataset(frame, SplitConfig(seed=1)).query("split == 'test'")["row"])
     test_b = set(split_dataset(frame, SplitConfig(seed=2)).query("split == 'test'")["row"])
-    assert len(test_a) == len(test_b) == 100
-    assert test_a != test_b
+    assert len(test_a) == pytest.approx(100, abs=30) and len(test_b) == pytest.approx(100, abs=30)
+    assert len(test_a & test_b) < 40  # about 10 expected by chance
 
 
-def test_split_is_stratified_by_label() -> None:
-    frame = synthetic_frame(1000, positive_share=0.7)
+def test_split_is_stratified_by_label_in_expectation() -> None:
+    # a pure hash of the text stratifies in expectation: on 1,000-row splits the
+    # share's standard deviation is 0.0145, so 3 of them bound it
+    frame = synthetic_frame(10000, positive_share=0.7)
     out = split_dataset(frame, SplitConfig(validation_fraction=0.1, test_fraction=0.1, seed=5))
     overall = (out["label"] == "positive").mean()
     for name in ("train", "validation", "test"):
         share = (out.loc[out["split"] == name, "label"] == "positive").mean()
-        assert share == pytest.approx(overall, abs=0.02), name
+        assert share == pytest.approx(overall, abs=0.05), name
 
 
 def test_fractions_are_respected() -> None:
     out = split_dataset(synthetic_frame(1000), SplitConfig(validation_fraction=0.15, test_fraction=0.2, seed=3))
     counts = out["split"].value_counts()
-    assert counts["test"] == pytest.approx(200, abs=2)
-    assert counts["validation"] == pytest.approx(150, abs=2)
-    assert counts["train"] == pytest.approx(650, abs=4)
+    # binomial counts: within 3 standard deviations (13, 11 and 15 rows)
+    assert counts["test"] == pytest.approx(200, abs=39)
+    assert counts["validation"] == pytest.approx(150, abs=33)
+    assert counts["train"] == pytest.approx(650, abs=45)
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -96,25 +99,63 @@ def test_a_declared_split_with_an_unknown_value_is_an_error_not_a_random_split()
 
 def test_declared_split_is_the_same_whatever_the_seed() -> None:
     frame = synthetic_frame(50)
-    frame["split"] = ["test" if i % 5 == 0 else "train" for i in range(50)]
+    frame["split"] = ["test" if i % 5 == 0 else "validation" if i % 5 == 1 else "train" for i in range(50)]
     for seed in (0, 1, 99):
         assert split_dataset(frame, SplitConfig(seed=seed))["split"].tolist() == frame["split"].tolist()
 
 
-@pytest.mark.parametrize("validation, test", [(0.5, 0.5), (0.6, 0.5), (0.0, 0.0)])
-def test_split_config_rejects_fractions_summing_outside_zero_to_one(validation: float, test: float) -> None:
-    with pytest.raises(ValueError, match="validation_fraction \\+ test_fraction must be between 0 and 1"):
+@pytest.mark.parametrize("validation, test", [(0.5, 0.5), (0.6, 0.5)])
+def test_split_config_rejects_fractions_summing_to_one_or_more(validation: float, test: float) -> None:
+    with pytest.raises(ValueError, match="validation_fraction \\+ test_fraction must be below 1"):
         SplitConfig(validation_fraction=validation, test_fraction=test)
 
 
-def test_split_config_rejects_a_negative_fraction_even_when_the_sum_is_valid() -> None:
-    with pytest.raises(ValueError, match="must not be negative"):
-        SplitConfig(validation_fraction=-0.1, test_fraction=0.2)
+@pytest.mark.parametrize("validation, test", [(-0.1, 0.2), (0.0, 0.2), (0.1, 0.0)])
+def test_split_config_rejects_an_empty_or_negative_fraction(validation: float, test: float) -> None:
+    # fine-tuning early-stops on validation and the gate scores test: neither may be empty
+    with pytest.raises(ValueError, match="must be positive"):
+        SplitConfig(validation_fraction=validation, test_fraction=test)
 
 
-def test_split_config_allows_an_empty_validation_split() -> None:
-    out = split_dataset(synthetic_frame(100), SplitConfig(validation_fraction=0.0, test_fraction=0.2))
-    assert out["split"].value_counts().to_dict() == {"train": 80, "test": 20}
+def test_no_row_ever_changes_split_as_the_data_grows() -> None:
+    rng = np.random.default_rng(7)
+    texts = [f"request {i} about topic {rng.integers(50)}" for i in range(5200)]
+    labels = rng.choice(["a", "b", "c"], size=5200)
+    seen: dict[str, str] = {}
+    for size in (1000, 2000, 3000, 5000, 5200):
+        frame = pd.DataFrame({"row": np.arange(size), "text": texts[:size], "label": labels[:size]})
+        out = split_dataset(frame, SplitConfig(seed=42))
+        moved = [t for t, s in zip(out["text"], out["split"]) if seen.setdefault(t, s) != s]
+        assert moved == [], f"{len(moved)} rows changed split at {size} rows"
+    assert pd.Series(list(seen.values())).value_counts().to_dict().keys() == {"train", "validation", "test"}
+
+
+def test_a_declared_split_without_validation_gets_it_carved_from_train_rows() -> None:
+    frame = synthetic_frame(1000)
+    frame["split"] = ["test" if i % 10 == 0 else "train" for i in range(1000)]
+    out = split_dataset(frame, SplitConfig(validation_fraction=0.1, seed=3))
+    assert (out.loc[frame["split"] == "test", "split"] == "test").all()  # declared test rows stay test
+    carved = out.loc[frame["split"] == "train", "split"].value_counts().to_dict()
+    assert set(carved) == {"train", "validation"}
+    assert carved["validation"] == pytest.approx(90, abs=30)
+    for label in ("positive", "negative"):  # every class gets validation rows
+        assert ((out["split"] == "validation") & (out["label"] == label)).sum() > 10
+    again = split_dataset(frame, SplitConfig(validation_fraction=0.1, seed=3))
+    assert again["split"].tolist() == out["split"].tolist()
+
+
+def test_a_declared_split_with_only_train_gets_validation_and_test_carved() -> None:
+    frame = synthetic_frame(500)
+    frame["split"] = "train"
+    counts = split_dataset(frame, SplitConfig(seed=1))["split"].value_counts().to_dict()
+    assert set(counts) == {"train", "validation", "test"} and counts["train"] > 350
+
+
+def test_a_declared_split_without_train_rows_is_an_error_naming_the_fix() -> None:
+    frame = synthetic_frame(20)
+    frame["split"] = ["validation"] * 10 + ["test"] * 10
+    with pytest.raises(ValueError, match="no row is a train row"):
+        split_dataset(frame, SplitConfig())
 
 
 def test_run_split_writes_splits_parquet_and_counts_rows(tmp_path) -> None:
@@ -122,9 +163,9 @@ def test_run_split_writes_splits_parquet_and_counts_rows(tmp_path) -> None:
     workspace.dataset.parent.mkdir(parents=True)
     synthetic_frame(100).to_parquet(workspace.dataset, index=False)
     counts = run_split(SplitConfig(validation_fraction=0.1, test_fraction=0.2, seed=4), workspace)
-    assert counts == {"train": 70, "validation": 10, "test": 20}
+    assert sum(counts.values()) == 100 and min(counts.values()) > 0
     written = pd.read_parquet(workspace.splits)
-    assert written["split"].value_counts().to_dict() == {"train": 70, "test": 20, "validation": 10}
+    assert written["split"].value_counts().to_dict() == {k: v for k, v in counts.items()}
     test = load_split(workspace, "test")
-    assert len(test) == 20 and list(test.index) == list(range(20))
+    assert len(test) == counts["test"] and list(test.index) == list(range(counts["test"]))
     assert set(test["row"]) == set(written.loc[written["split"] == "test", "row"])

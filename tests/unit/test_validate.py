@@ -32,7 +32,7 @@ NEGATIVE = [
     "wooden acting", "painfully slow", "loud and empty", "a real chore",
 ]
 # small enough that the clean frame (8 per class) passes the class rules
-CONFIG = ValidateConfig(min_rows_per_class=3, max_class_imbalance=3.0)
+CONFIG = ValidateConfig(labels=("negative", "positive"), min_rows_per_class=3, max_class_imbalance=3.0)
 
 
 def clean_records() -> list[tuple[int, str, str, str]]:

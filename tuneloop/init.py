@@ -1,0 +1,239 @@
+"""`tuneloop init DATA [DIR]`: a project for a user's own labelled file.
+
+Reads the file as ingest will (CSV with `,` `;` tab or `|`, JSON Lines,
+Parquet; UTF-8 with or without BOM), proposes its text, label, split and slice
+columns, fits the validation bounds to what it read (naming the rows the
+defaults would have refused), and writes a commented `params.yaml`, a
+`dvc.yaml` and a `.gitignore`; git and DVC are initialised if needed.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from tasks.errors import TuneloopError
+from tasks.ingest import IngestConfig, read_table
+from tasks.split import SPLIT_ALIASES, SPLITS
+from tasks.validate import ValidateConfig
+
+LABEL_NAMES = ("label", "labels", "intent", "category", "class", "target", "y", "sentiment", "topic", "tag")
+TEXT_NAMES = ("text", "sentence", "utterance", "query", "question", "review", "content", "body", "message")
+SPLIT_NAMES = ("split", "set", "partition", "subset", "fold")
+GITIGNORE = """.venv/
+__pycache__/
+# produced by runs (the data snapshot is tracked by DVC, the registry by MLflow)
+/mlflow.db
+/optuna.db
+/mlartifacts/
+/models/
+/reports/
+/metrics/
+/state/
+/data/prepared/
+/data/split/
+/data/incoming/
+/data/restored/
+/.dvc-remote/
+"""
+SECTION_NOTES = {
+    "model": "the base model: all-MiniLM-L6-v2 ships with tuneloop; any local Hugging Face folder works",
+    "mlflow": "null tracking_uri: SQLite (mlflow.db) in this folder; every run adds a registry version",
+    "ingest": "your file and its columns, as `tuneloop init` read them",
+    "validate": "bounds fitted to your data by `tuneloop init`; labels: auto reads the label set from the data",
+    "split": "a row's split is a hash of its text: it never moves when the data grows",
+    "baseline": "the frozen base model + a linear probe (C chosen on validation): what fine-tuning must beat",
+    "tune": "optional search of finetune's settings (tuneloop run --tune)",
+    "finetune": "LoRA from the probe's head; more epochs for small or many-class data",
+    "evaluate": "base probe, champion and challenger on the same test rows",
+    "gate": "promote only with a gain whose bootstrap interval is above zero",
+}
+
+
+class InitError(TuneloopError, ValueError):
+    """The file cannot start a project as it is."""
+
+
+@dataclass(frozen=True)
+class Columns:
+    text: str
+    label: str
+    split: str | None = None
+    slices: tuple[str, ...] = ()
+
+
+@dataclass
+class Proposal:
+    """What init read and what it proposes."""
+
+    rows: int
+    columns: Columns
+    labels: list[str]
+    validate: dict
+    notes: list[str] = field(default_factory=list)
+
+
+def text_like(frame: pd.DataFrame) -> list[str]:
+    """Columns of text values (not numbers), in file order."""
+    return [c for c in frame.columns if frame[c].dropna().map(lambda v: isinstance(v, str)).all()
+            and frame[c].notna().any()]
+
+
+def propose_columns(frame: pd.DataFrame, text: str | None = None, label: str | None = None,
+                    split: str | None = None) -> Columns:
+    """The text column (by name, else the longest texts), the label column (by
+    name, else the text column with fewest distinct values), a split column whose
+    values are train/validation/test, and the other few-valued columns as slices.
+
+    Raises:
+        InitError: a named column is missing, or none fits.
+    """
+    for name in (text, label, split):
+        if name is not None and name not in frame.columns:
+            raise InitError(f"column {name!r} is not in the file; it has {list(frame.columns)}")
+    strings = text_like(frame)
+    by_name = {str(c).lower(): c for c in frame.columns}
+    text = text or next((by_name[n] for n in TEXT_NAMES if n in by_name), None) or max(
+        strings, key=lambda c: frame[c].astype(str).str.len().mean(), default=None)
+    if text is None:
+        raise InitError("no column holds text; name it with --text")
+    split = split or next((by_name[n] for n in SPLIT_NAMES if n in by_name and is_split(frame[by_name[n]])), None)
+    candidates = [c for c in frame.columns if c not in (text, split)]
+    label = label or next((by_name[n] for n in LABEL_NAMES if n in by_name and by_name[n] in candidates), None) or min(
+        (c for c in candidates if 2 <= frame[c].nunique() <= max(2, len(frame) // 2)),
+        key=lambda c: frame[c].nunique(), default=None)
+    if label is None:
+        raise InitError("no column looks like a label (2 or more values, repeated); name it with --label")
+    slices = tuple(c for c in candidates if c != label and 2 <= frame[c].nunique() <= 50 and not is_split(frame[c]))
+    return Columns(str(text), str(label), None if split is None else str(split), tuple(map(str, slices)))
+
+
+def is_split(values: pd.Series) -> bool:
+    normalised = values.dropna().astype(str).str.strip().str.lower().replace(SPLIT_ALIASES)
+    return len(normalised) > 0 and normalised.isin(SPLITS).all() and (normalised == "train").any()
+
+
+def fitted_bounds(texts: pd.Series, labels: pd.Series) -> tuple[dict, list[str]]:
+    """validate's bounds widened to what the data holds, and a note for each
+    rule the defaults would have broken (with the rows they would have refused).
+
+    Empty texts stay refused (min_text_chars >= 1); a class below 10 rows
+    stays refused too: too few to learn or to measure.
+    """
+    defaults, notes = ValidateConfig(), []
+    chars = texts.astype(str).str.strip().str.len()
+    counts = labels.value_counts()
+    bounds = {"min_text_chars": defaults.min_text_chars, "max_text_chars": defaults.max_text_chars,
+              "min_rows_per_class": defaults.min_rows_per_class, "max_class_imbalance": defaults.max_class_imbalance}
+    shortest = int(chars[chars > 0].min()) if (chars > 0).any() else 1
+    if shortest < defaults.min_text_chars:
+        bounds["min_text_chars"] = max(1, shortest)
+        refused = texts[(chars > 0) & (chars < defaults.min_text_chars)]
+        notes.append(f"min_text_chars {defaults.min_text_chars} -> {bounds['min_text_chars']}: the default would "
+                     f"refuse {len(refused)} short texts, e.g. rows {[int(i) + 1 for i in refused.index[:5]]}")
+    if chars.max() > defaults.max_text_chars:
+        bounds["max_text_chars"] = int(chars.max())
+        notes.append(f"max_text_chars {defaults.max_text_chars} -> {bounds['max_text_chars']}: "
+                     f"{int((chars > defaults.max_text_chars).sum())} texts are longer")
+    if counts.min() < defaults.min_rows_per_class:
+        bounds["min_rows_per_class"] = max(10, int(counts.min()))
+        small = counts[counts < defaults.min_rows_per_class]
+        notes.append(f"min_rows_per_class {defaults.min_rows_per_class} -> {bounds['min_rows_per_class']}: "
+                     f"{len(small)} classes are smaller, e.g. {dict(small.head(3).astype(int))}")
+    ratio = float(counts.max() / counts.min())
+    if ratio > defaults.max_class_imbalance:
+        bounds["max_class_imbalance"] = float(round(ratio + 0.5))
+        notes.append(f"max_class_imbalance {defaults.max_class_imbalance:g} -> {bounds['max_class_imbalance']:g}: "
+                     f"largest/smallest class is {ratio:.1f}")
+    return bounds, notes
+
+
+def propose(frame: pd.DataFrame, columns: Columns) -> Proposal:
+    labels = frame[columns.label].dropna().astype(str).str.strip()
+    labels = labels[labels != ""]
+    if labels.nunique() < 2:
+        raise InitError(f"column {columns.label!r} holds fewer than 2 labels: nothing to classify")
+    bounds, notes = fitted_bounds(frame[columns.text].fillna(""), labels)
+    tiny = labels.value_counts()[lambda c: c < bounds["min_rows_per_class"]]
+    if len(tiny):
+        notes.append(f"classes with fewer than {bounds['min_rows_per_class']} rows will stop validation: "
+                     f"{dict(tiny.astype(int))}; add rows or list them in ingest.exclude_labels")
+    return Proposal(len(frame), columns, sorted(labels.unique()), bounds, notes)
+
+
+def params_text(proposal: Proposal, source: str, name: str, base_model: str) -> str:
+    """A commented params.yaml: every section at its defaults but for the data's own."""
+    from tuneloop.params import Params
+
+    columns = proposal.columns
+    ingest = IngestConfig(source=source, text_column=columns.text, label_column=columns.label,
+                          slice_columns=columns.slices, split_column=columns.split)
+    params = Params.model_validate({
+        "model": {"base": base_model}, "mlflow": {"model_name": name},
+        "ingest": {k: v for k, v in vars(ingest).items()},
+        "validate": {"labels": "auto", **proposal.validate},
+    })
+    sections = params.model_dump(mode="json", by_alias=True)
+    sections["validate"].pop("pii_patterns")  # the built-in patterns; add your own here
+    out = [f"# tuneloop project for {source} ({proposal.rows} rows, {len(proposal.labels)} labels),",
+           "# written by `tuneloop init`. Run it: tuneloop run. Each section is one stage's settings;",
+           "# unknown keys are errors. The README explains every knob.", ""]
+    for section, values in sections.items():
+        if section in SECTION_NOTES:
+            out.append(f"# {SECTION_NOTES[section]}")
+        out.append(yaml.safe_dump({section: values}, sort_keys=False, default_flow_style=False,
+                                  allow_unicode=True).rstrip())
+        out.append("")
+    return "\n".join(out)
+
+
+def dvc_yaml_text() -> str | None:
+    """The pipeline's dvc.yaml for a user's project: tuneloop's own stages,
+    without the dependencies on tuneloop's source files (they live in its
+    checkout); None when tuneloop is not installed from a checkout."""
+    shipped = Path(__file__).resolve().parents[1] / "dvc.yaml"
+    if not shipped.exists():
+        return None
+    pipeline = yaml.safe_load(shipped.read_text())
+    for stage in pipeline["stages"].values():
+        stage["deps"] = [d for d in stage.get("deps", []) if not str(d).startswith(("tasks/", "tuneloop/"))]
+    return "# dvc repro runs these stages (tuneloop run runs the same as one Prefect flow)\n" + yaml.safe_dump(
+        pipeline, sort_keys=False)
+
+
+def run_git(folder: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=folder, capture_output=True, check=False)
+
+
+def init_project(data: Path, folder: Path, text: str | None = None, label: str | None = None,
+                 split: str | None = None, base_model: str = "all-MiniLM-L6-v2", force: bool = False) -> Proposal:
+    """Writes params.yaml, dvc.yaml and .gitignore into `folder` for `data`.
+
+    Raises:
+        InitError: the file cannot be read as a labelled table, or `folder`
+            already holds a params.yaml (unless `force`).
+    """
+    from tasks.ingest import open_dvc_repo
+
+    data, folder = data.resolve(), folder.resolve()
+    frame = read_table(data)
+    proposal = propose(frame, propose_columns(frame, text, label, split))
+    if (folder / "params.yaml").exists() and not force:
+        raise InitError(f"{folder / 'params.yaml'} exists; pass --force to overwrite it")
+    folder.mkdir(parents=True, exist_ok=True)
+    source = str(data.relative_to(folder)) if folder in data.parents else str(data)
+    name = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in folder.name).strip("-.") or "project"
+    (folder / "params.yaml").write_text(params_text(proposal, source, f"{name}-classifier", base_model))
+    dvc_yaml = dvc_yaml_text()
+    if dvc_yaml is not None and not (folder / "dvc.yaml").exists():
+        (folder / "dvc.yaml").write_text(dvc_yaml)
+    if not (folder / ".gitignore").exists():
+        (folder / ".gitignore").write_text(GITIGNORE)
+    if not (folder / ".git").exists():
+        run_git(folder, "init", "-q")
+    open_dvc_repo(folder, IngestConfig().dvc_remote).close()
+    return proposal
