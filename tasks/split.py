@@ -67,6 +67,19 @@ def declared_split(frame: pd.DataFrame) -> pd.Series | None:
     return declared
 
 
+def check_declared_split(frame: pd.DataFrame) -> None:
+    """Refuses a declared split that has no train rows (before any compute).
+
+    Raises:
+        SplitError: naming the fix.
+    """
+    declared = declared_split(frame) if "split" in frame.columns else None
+    if declared is not None and not (declared == "train").any():
+        counts = declared.value_counts().to_dict()
+        raise SplitError(f"split: no row is a train row ({counts}): mark some rows `train` "
+                         "in the split column, or drop ingest.split_column to let tuneloop split")
+
+
 def stable_unit(texts: pd.Series, seed: int) -> np.ndarray:
     """A number in [0, 1) per text, from a SHA-256 of the seed and the normalised
     text: the same text gives the same number in every data version."""
@@ -103,8 +116,7 @@ def split_dataset(frame: pd.DataFrame, config: SplitConfig) -> pd.DataFrame:
             if not (split == missing).any():
                 split[(split == "train") & (hashed == missing)] = missing
         out["split"] = split
-    if not (out["split"] == "train").any():
-        raise SplitError("split: no row is a train row: declare some rows `train` (or drop the split column)")
+        check_declared_split(frame)
     return out
 
 

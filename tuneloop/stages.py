@@ -22,7 +22,7 @@ from tasks.finetune import FinetuneConfig, FinetuneResult, finetune as finetune_
 from tasks.gate import Decision, decide_promotion
 from tasks.ingest import DataVersion, load_data_version, run_ingest
 from tasks.report import write_evaluation_report, write_tuning_plots
-from tasks.split import load_split, run_split
+from tasks.split import SplitError, check_declared_split, load_split, run_split
 from tasks.validate import DataValidationError, ValidationReport, check_report, validate_dataset
 from tasks.workspace import Workspace, read_json, write_json
 from tuneloop.params import Params
@@ -59,7 +59,8 @@ def ingest(params: Params, ws: Workspace) -> DataVersion:
 
 def validate(params: Params, ws: Workspace) -> ValidationReport:
     """Raises DataValidationError (and closes the run as failed) on a blocking rule."""
-    report = validate_dataset(pd.read_parquet(ws.dataset), params.validate_, ws.validation_dir)
+    frame = pd.read_parquet(ws.dataset)
+    report = validate_dataset(frame, params.validate_, ws.validation_dir)
     if params.declared_labels is None:
         say("validate", f"{len(load_data_version(ws).labels)} labels read from the data (validate.labels: auto)")
     write_json(ws.validation_summary, report.to_dict())
@@ -69,7 +70,8 @@ def validate(params: Params, ws: Workspace) -> ValidationReport:
         say("validate", f"warning: {warning.message}")
     try:
         check_report(report)
-    except DataValidationError:
+        check_declared_split(frame)
+    except (DataValidationError, SplitError):
         finish_run(ws, "FAILED", "stopped at validation")
         raise
     say("validate", f"{len(report.results)} rules passed or warned, Data Docs at {report.data_docs}")

@@ -1,0 +1,114 @@
+"""The fine-tuning recipe: a head started from the validation-tuned probe, pooled
+features shared by probe and classifier, epochs that grow for small or many-class
+data, and champions scored fairly when the label set changes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from tasks.baseline import BaselineConfig, fit_probe, probe_head, save_probe, select_probe
+from tasks.classifier import (Classifier, load_classifier, load_encoder, load_tokenizer, pooled_embeddings,
+                              predict_proba)
+from tasks.errors import TuneloopError
+from tasks.evaluate import Candidate, EvaluateConfig, aligned, evaluate_models
+from tasks.finetune import FinetuneConfig, build_model, finetune
+
+LABELS = ["negative", "positive"]
+
+
+def separable(n: int, classes: int, seed: int, spread: float = 0.6) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(99).normal(size=(classes, 16))
+    y = rng.integers(classes, size=n)
+    x = centres[y] + rng.normal(scale=spread * 3, size=(n, 16))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), y
+
+
+def test_the_probe_is_scikit_learns_logistic_regression_with_c_chosen_on_validation() -> None:
+    train, validation, test = separable(600, 5, 0), separable(300, 5, 1), separable(300, 5, 2)
+    labels = [f"c{i}" for i in range(5)]
+    probe, scores = select_probe(train, validation, labels, BaselineConfig(probe_c=(0.01, 1.0, 100.0)))
+    assert set(scores) == {0.01, 1.0, 100.0}
+    assert probe.c == max(scores, key=lambda c: (scores[c], -c))
+    reference = LogisticRegression(C=probe.c, max_iter=1000).fit(*train)
+    np.testing.assert_array_equal(probe.predict_proba(test[0]).argmax(1), reference.predict(test[0]))
+
+
+def test_a_binary_probe_gives_scikit_learns_probabilities_as_two_logits() -> None:
+    x, y = separable(200, 2, 3)
+    probe = fit_probe(x, y, LABELS, 1.0, 1000)
+    reference = LogisticRegression(C=1.0, max_iter=1000).fit(x, y)
+    np.testing.assert_allclose(probe.predict_proba(x), reference.predict_proba(x), atol=1e-5)
+
+
+def test_the_probe_started_classifier_predicts_exactly_what_the_probe_does(tiny_bert: Path, toy_task: dict) -> None:
+    texts, y = toy_task["train"]
+    encoder, tokenizer = load_encoder(tiny_bert, "cpu"), load_tokenizer(tiny_bert)
+    features = pooled_embeddings(encoder, tokenizer, texts, 32)
+    probe = fit_probe(features, np.asarray(y), LABELS, 10.0, 1000)
+    model = build_model(tiny_bert, LABELS, FinetuneConfig(), head=(probe.weight, probe.bias)).eval()
+    ours = predict_proba(Classifier(model, tokenizer, LABELS, 32, torch.device("cpu")), texts)
+    np.testing.assert_allclose(ours, probe.predict_proba(features), atol=1e-5)
+
+
+def test_fine_tuning_that_never_beats_the_probe_on_validation_keeps_the_probe(
+        tiny_bert: Path, toy_task: dict, tmp_path: Path) -> None:
+    texts, y = toy_task["train"]
+    encoder, tokenizer = load_encoder(tiny_bert, "cpu"), load_tokenizer(tiny_bert)
+    probe = fit_probe(pooled_embeddings(encoder, tokenizer, texts, 32), np.asarray(y), LABELS, 10.0, 1000)
+    ruinous = FinetuneConfig(epochs=2, learning_rate=5.0, batch_size=16, max_length=32, checkpoint_every_steps=0,
+                             patience=2, min_steps=0, min_examples_per_class=0)
+    result = finetune(str(tiny_bert), tiny_bert, toy_task["train"], toy_task["validation"], LABELS, ruinous,
+                      tmp_path / "model", tmp_path / "ck", "v1", progress=False, head=(probe.weight, probe.bias))
+    start = result.history[0]
+    assert (start["epoch"], start["step"]) == (0, 0)
+    assert all(h["val_macro_f1"] < start["val_macro_f1"] for h in result.history[1:])  # a learning rate of 5 ruins it
+    assert result.best_val_macro_f1 == start["val_macro_f1"]
+    val_texts = toy_task["validation"][0]
+    saved = predict_proba(load_classifier(tmp_path / "model", device="cpu"), val_texts)
+    expected = probe.predict_proba(pooled_embeddings(encoder, tokenizer, val_texts, 32))
+    np.testing.assert_allclose(saved, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows, classes, epochs", [
+    (8845, 64, 3),   # HWU64: ~140 rows a class, seen 400 times = 3 epochs
+    (8456, 2, 1),    # movie reviews: one pass
+    (2000, 2, 4),    # small data: 63 steps an epoch, 250 steps = 4 epochs
+    (150000, 4, 1),  # large data: never fewer than `epochs`
+])
+def test_epochs_grow_for_small_or_many_class_data(rows: int, classes: int, epochs: int) -> None:
+    assert FinetuneConfig(epochs=1, batch_size=32).epochs_for(rows, classes) == epochs
+
+
+def test_a_probe_for_other_labels_or_another_model_is_refused_as_a_head(tmp_path: Path) -> None:
+    x, y = separable(100, 2, 4)
+    save_probe(fit_probe(x, y, LABELS, 1.0, 100), tmp_path)
+    weight, bias = probe_head(tmp_path, LABELS, 16)
+    assert weight.shape == (2, 16) and bias.shape == (2,)
+    with pytest.raises(TuneloopError, match="fitted for other labels or another base model"):
+        probe_head(tmp_path, ["a", "b"], 16)
+    with pytest.raises(TuneloopError, match="fitted for other labels or another base model"):
+        probe_head(tmp_path, LABELS, 32)
+    with pytest.raises(FileNotFoundError, match="run `tuneloop baseline` first"):
+        probe_head(tmp_path / "none", LABELS, 16)
+
+
+def test_a_champion_without_a_new_label_scores_zero_on_its_rows_and_says_so() -> None:
+    own = ["alarm", "music"]
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]], dtype=np.float32)
+    np.testing.assert_allclose(aligned(probs, own, ["alarm", "lights", "music"]),
+                               [[0.9, 0.0, 0.1], [0.2, 0.0, 0.8], [0.6, 0.0, 0.4]])
+    test = pd.DataFrame({"row": [1, 2, 3], "text": ["wake me", "play jazz", "lights off"],
+                         "label": ["alarm", "music", "lights"]})
+    champion = Candidate("champion", "champion", lambda texts: probs, labels=own)
+    evaluation, predictions = evaluate_models([champion], test, ["alarm", "lights", "music"], EvaluateConfig(), "v2")
+    summary = evaluation["models"]["champion"]
+    assert summary["unknown_labels"] == ["lights"]
+    assert summary["accuracy"] == pytest.approx(2 / 3)
+    assert predictions["champion"].tolist() == [0, 2, 0]
