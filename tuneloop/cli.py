@@ -238,7 +238,7 @@ def serve(host: Optional[str] = typer.Option(None, help="interface to bind (defa
     import logging
     from dataclasses import replace
 
-    from tasks.serve import run_service
+    from tasks.serve import ServeRefused, run_service
     from tasks.tracking import configure_tracking
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -246,7 +246,10 @@ def serve(host: Optional[str] = typer.Option(None, help="interface to bind (defa
     configure_tracking(loaded.mlflow, workspace.root)
     config = replace(loaded.serve, host=host or loaded.serve.host,
                      port=loaded.serve.port if port is None else port)
-    run_service(config, loaded.mlflow.model_name, loaded.model.base, workspace.root)
+    try:
+        run_service(config, loaded.mlflow.model_name, loaded.model.base, workspace.root)
+    except ServeRefused as error:
+        fail(f"serve refused: {error}")
 
 
 @app.command()
