@@ -136,7 +136,8 @@ class PredictionStore:
                 if current[item] == label:
                     continue
                 # the old label in the WHERE: a concurrent writer makes this match nothing, not overwrite
-                old = PREDICTIONS.c.true_label.is_(None) if current[item] is None else PREDICTIONS.c.true_label == current[item]
+                was = current[item]
+                old = PREDICTIONS.c.true_label.is_(None) if was is None else PREDICTIONS.c.true_label == was
                 done = conn.execute(PREDICTIONS.update().where(where, PREDICTIONS.c.item == item, old)
                                     .values(true_label=label, feedback_ts=now, feedback_by=by))
                 if done.rowcount != 1:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -57,20 +59,57 @@ def load(params: Path, root: Path):
         fail(str(error))
 
 
+@contextmanager
+def writing(loaded, workspace, command: str, continues_run: bool = False):
+    """Holds the project's writer lock (refusing clearly when another command
+    has it), marks runs whose process died KILLED, and closes this process's
+    own runs FAILED or KILLED when the command dies of an error or a signal."""
+    from tasks import tracking
+    from tasks.lock import ProjectBusy, project_lock
+
+    try:
+        lock = project_lock(workspace.root, command)
+        lock.__enter__()
+    except ProjectBusy as error:
+        fail(str(error))
+    try:
+        tracking.configure_tracking(loaded.mlflow, workspace.root)
+        keep = tracking.current_run_id(workspace) if continues_run and workspace.run_state.exists() else None
+        tracking.reap_dead_runs(loaded.mlflow.experiment, keep=keep)
+        if keep:
+            tracking.claim_run(workspace)
+        yield
+    except (KeyboardInterrupt, SystemExit) as error:
+        tracking.close_own_runs(loaded.mlflow.experiment, "KILLED", f"killed: {type(error).__name__} in {command}")
+        raise
+    except Exception as error:
+        if not isinstance(error, typer.Exit):
+            tracking.close_own_runs(loaded.mlflow.experiment, "FAILED", f"failed in {command}: {type(error).__name__}")
+        raise
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def terminate_on_sigterm() -> None:
+    """SIGTERM ends the command like Ctrl-C: exit handlers run (Prefect's
+    temporary server stops) and the command's MLflow run is closed KILLED."""
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def run_stage(name: str, params: Path, root: Path) -> None:
     from tasks.ingest import IngestError
     from tasks.validate import DataValidationError
     from tuneloop import stages
 
     loaded, workspace = load(params, root)
-    if name != "ingest":
-        from tasks.tracking import configure_tracking
-
-        configure_tracking(loaded.mlflow, workspace.root)
-    try:
-        getattr(stages, name)(loaded, workspace)
-    except (DataValidationError, IngestError, FileNotFoundError) as error:
-        fail(f"{name} failed: {error}")
+    with writing(loaded, workspace, name, continues_run=name != "ingest"):
+        try:
+            getattr(stages, name)(loaded, workspace)
+        except (DataValidationError, IngestError, FileNotFoundError) as error:
+            fail(f"{name} failed: {error}")
 
 
 def stage_command(name: str, doc: str) -> None:
@@ -104,12 +143,15 @@ def run(params: Path = ParamsOption, root: Path = RootOption,
     from tasks.validate import DataValidationError
 
     loaded, workspace = load(params, root)
+    from flows.ephemeral import start_ephemeral_server
     from flows.retrain import retrain_flow
 
-    try:
-        result = retrain_flow(params_path=str(params), root=str(workspace.root), tune_settings=tune)
-    except (DataValidationError, IngestError) as error:
-        fail(f"retraining stopped, the registry is unchanged:\n{error}")
+    with writing(loaded, workspace, "run"):
+        start_ephemeral_server()  # dies with this command, even a SIGKILLed one
+        try:
+            result = retrain_flow(params_path=str(params), root=str(workspace.root), tune_settings=tune)
+        except (DataValidationError, IngestError) as error:
+            fail(f"retraining stopped, the registry is unchanged:\n{error}")
     verdict = "promoted to champion" if result["promoted"] else "not promoted"
     typer.echo(f"\n{result['model']} version {result['version']} {verdict}; "
                f"champion: version {result['champion']}")
@@ -125,6 +167,9 @@ def status(params: Path = ParamsOption, root: Path = RootOption,
 
     loaded, workspace = load(params, root)
     configure_tracking(loaded.mlflow, workspace.root)
+    from tasks.tracking import reap_dead_runs
+
+    reap_dead_runs(loaded.mlflow.experiment)  # a killed run reads KILLED, not RUNNING forever
     info = model_status(loaded.mlflow.model_name, loaded.mlflow.experiment)
     if as_json:
         typer.echo(json.dumps(info, indent=2))
@@ -139,9 +184,12 @@ def status(params: Path = ParamsOption, root: Path = RootOption,
 def incoming(params: Path = ParamsOption, root: Path = RootOption) -> None:
     """Retrain if data/incoming/ holds enough new labelled rows (what the `incoming` deployment runs)."""
     loaded, workspace = load(params, root)
+    from flows.ephemeral import start_ephemeral_server
     from flows.incoming import incoming_flow
 
-    result = incoming_flow(params_path=str(params), root=str(workspace.root))
+    with writing(loaded, workspace, "incoming"):
+        start_ephemeral_server()
+        result = incoming_flow(params_path=str(params), root=str(workspace.root))
     typer.echo(json.dumps({k: v for k, v in result.items() if k != "request"}, indent=2))
 
 
@@ -150,9 +198,12 @@ def monitor(params: Path = ParamsOption, root: Path = RootOption,
             as_json: bool = typer.Option(False, "--json", help="print the whole summary as JSON")) -> None:
     """Drift, live metrics and automatic rollback of the champion (what the `monitor` deployment runs)."""
     loaded, workspace = load(params, root)
+    from flows.ephemeral import start_ephemeral_server
     from flows.monitor import monitor_flow
 
-    result = monitor_flow(params_path=str(params), root=str(workspace.root))
+    with writing(loaded, workspace, "monitor"):
+        start_ephemeral_server()
+        result = monitor_flow(params_path=str(params), root=str(workspace.root))
     if as_json:
         typer.echo(json.dumps(result, indent=2, default=str))
         return
@@ -196,17 +247,13 @@ def demo(root: Path = RootOption,
                                      "fewer dilute their gain in a test split of mostly movie reviews"),
          later_tweets: int = typer.Option(160, help="tweets sent to the forced bad version"),
          workspace: Path = typer.Option(Path("/tmp/tuneloop-demo"), help="the demo's own project folder "
-                                        "(recreated; outside this repo so its DVC and registry stay apart)")) -> None:
+                                        "(recreated if the demo made it, else new or empty; outside this repo)")) -> None:
     """Play the production story on the shipped data: train, serve, drift, retrain, bad version, rollback."""
-    import shutil
-
-    from tuneloop.demo import DemoError, run_demo
+    from tuneloop.demo import DemoError, fresh_workspace, run_demo
 
     root, workspace = root.resolve(), workspace.resolve()
-    if workspace == root or root in workspace.parents:
-        fail("--workspace must be outside the project: the demo is a project of its own")
-    shutil.rmtree(workspace, ignore_errors=True)  # a fresh registry every time
     try:
+        fresh_workspace(workspace, root)  # deletes only a folder the demo created (its marker file)
         table = run_demo(root, workspace, movies, tweets, later_tweets)
     except DemoError as error:
         fail(f"demo stopped: {error}")
@@ -221,12 +268,25 @@ def restore_data_command(version: str, out: Optional[Path] = typer.Option(None, 
     from tasks.ingest import restore_data
     from tasks.tracking import configure_tracking
 
+    try:
+        version = registry.checked_version(version)
+    except registry.TagError as error:
+        fail(f"restore-data refused: {error}")
     loaded, workspace = load(params, root)
     configure_tracking(loaded.mlflow, workspace.root)
-    tags = registry.get_version(loaded.mlflow.model_name, version).tags
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tags = registry.checked_tags(registry.get_version(loaded.mlflow.model_name, version).tags,
+                                     ("data.md5", "data.size", "data.path"))
+    except MlflowException:
+        fail(f"restore-data refused: {loaded.mlflow.model_name} has no version {version}")
+    except registry.TagError as error:
+        fail(f"restore-data refused, nothing was written: version {version}'s tags are not usable: {error}")
     target = out or workspace.root / "data" / "restored" / f"v{version}"
-    path = restore_data(tags["data.md5"], int(tags["data.size"]), tags["data.path"], workspace.root,
-                        target.resolve(), loaded.ingest.dvc_remote)
+    with writing(loaded, workspace, "restore-data"):
+        path = restore_data(tags["data.md5"], int(tags["data.size"]), tags["data.path"], workspace.root,
+                            target.resolve(), loaded.ingest.dvc_remote)
     typer.echo(f"version {version}'s data ({tags['data.md5']}) restored to {path}")
 
 
@@ -262,16 +322,18 @@ def rollback(to: Optional[str] = typer.Option(None, "--to", help="version to ser
 
     loaded, workspace = load(params, root)
     configure_tracking(loaded.mlflow, workspace.root)
-    try:
-        entry = registry.rollback(loaded.mlflow.model_name, to, why)
-    except registry.RollbackError as error:
-        fail(f"rollback refused, the registry is unchanged: {error}")
+    with writing(loaded, workspace, "rollback"):
+        try:
+            entry = registry.rollback(loaded.mlflow.model_name, to, why)
+        except registry.RollbackError as error:
+            fail(f"rollback refused, the registry is unchanged: {error}")
     typer.echo(f"{loaded.mlflow.model_name}: champion rolled back from version {entry['from']} "
                f"to version {entry['to']} ({entry['why']}); version {entry['from']} is now `previous`")
 
 
 def main() -> None:
     offline_environment()
+    terminate_on_sigterm()
     app()
 
 
