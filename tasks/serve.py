@@ -374,6 +374,8 @@ def describe_invalid(error: RequestValidationError) -> str:
     """Pydantic's errors as one sentence of locations and messages; the input is never included."""
     parts = []
     for item in error.errors()[:5]:
+        if item.get("type") == "json_invalid":
+            return f"invalid request: the body is not JSON (from character {item['loc'][-1]})"
         where = ".".join(str(p) for p in item.get("loc", ()) if p != "body") or "body"
         parts.append(f"{where}: {item.get('msg', 'invalid')}")
     return "invalid request: " + "; ".join(parts)
