@@ -106,7 +106,7 @@ def acquire(path: Path, command: str, wait: float) -> IO:
             waited = time.monotonic() - started
             if waited >= wait:
                 handle.close()
-                raise ProjectBusy(busy_message(path, command, waited)) from None
+                raise ProjectBusy(busy_message(path, command, waited if wait else 0)) from None
             time.sleep(min(0.2, wait - waited))
     handle.seek(0)
     handle.truncate()
