@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import uuid
 from contextlib import asynccontextmanager
@@ -232,6 +233,10 @@ class ChampionFollower:
 # --- the HTTP API ---------------------------------------------------------------------------
 
 REQUEST_ID = r"^[A-Za-z0-9_-]{1,64}$"  # what /predict issues (32 hex); anything else is refused unechoed
+# A text must hold one character that is not blank, blank being exactly what str.isspace() says;
+# spelled out so the spec's pattern (ECMA regex) and the check here agree on every character.
+BLANKS = r"\u0009-\u000d\u001c-\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+NOT_BLANK = f"[^{BLANKS}]"
 MAX_LABEL_CHARS = 128  # the store's label column
 
 
@@ -322,7 +327,7 @@ def request_texts(body: PredictRequest, config: ServeConfig) -> list[str]:
         raise HTTPException(413, f"{len(texts)} texts in one request; the limit is serve.max_batch = "
                                  f"{config.max_batch}")
     for index, text in enumerate(texts):
-        if not text.strip():
+        if not re.search(NOT_BLANK, text):
             raise HTTPException(422, f"text {index} is empty")
         if len(text) > config.max_text_chars:
             raise HTTPException(413, f"text {index} has {len(text)} characters; the limit is "
@@ -389,7 +394,7 @@ def errors(*statuses: int) -> dict:
 def tightened_contract(schema: dict, config: ServeConfig) -> dict:
     """The request bodies as the service enforces them: exactly one of text/texts
     (label/labels), non-blank texts within serve.max_text_chars, at most serve.max_batch."""
-    text = {"type": "string", "minLength": 1, "maxLength": config.max_text_chars, "pattern": r"\S"}
+    text = {"type": "string", "minLength": 1, "maxLength": config.max_text_chars, "pattern": NOT_BLANK}
     label = {"type": "string", "minLength": 1, "maxLength": MAX_LABEL_CHARS}
     request_id = {"type": "string", "pattern": REQUEST_ID}
     schemas = schema["components"]["schemas"]

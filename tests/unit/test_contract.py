@@ -10,7 +10,7 @@ import time
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, given, seed, settings
 from schemathesis import GenerationMode
 from schemathesis.config import SchemathesisConfig
 
@@ -48,6 +48,7 @@ def run_operation(operation, mode: GenerationMode) -> int:
     """Sends EXAMPLES generated requests of one operation and mode; returns how many were sent."""
     sent = []
 
+    @seed(2026)
     @given(case=operation.as_strategy(generation_mode=mode))
     @settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
               suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])

@@ -255,6 +255,7 @@ RAW = [  # (body bytes, status, detail)
     (b'{"text": "good", "model_version": "2"}', 422, "invalid request: model_version: Extra inputs are not "
                                                      "permitted"),
     (b'{"text": "\\u2003\\u00a0\\t"}', 422, "text 0 is empty"),
+    (b'{"texts": ["\\u001f\\u0085"]}', 422, "text 0 is empty"),  # blank to str.isspace, not to ECMA \\s
     (b'{"texts": ["good", "good", "good", "good", "good"]}', 413, "5 texts in one request; the limit is "
                                                                    "serve.max_batch = 4"),
     (b'{"text": "' + b"y" * 51 + b'"}', 413, "text 0 has 51 characters; the limit is serve.max_text_chars = 50"),
