@@ -247,13 +247,15 @@ def demo(root: Path = RootOption,
                                      "fewer dilute their gain in a test split of mostly movie reviews"),
          later_tweets: int = typer.Option(160, help="tweets sent to the forced bad version"),
          workspace: Path = typer.Option(Path("/tmp/tuneloop-demo"), help="the demo's own project folder "
-                                        "(recreated if the demo made it, else new or empty; outside this repo)")) -> None:
+                                        "(new, empty, or one the demo made; outside this repo)")) -> None:
     """Play the production story on the shipped data: train, serve, drift, retrain, bad version, rollback."""
+    from flows.ephemeral import start_ephemeral_server
     from tuneloop.demo import DemoError, fresh_workspace, run_demo
 
     root, workspace = root.resolve(), workspace.resolve()
     try:
         fresh_workspace(workspace, root)  # deletes only a folder the demo created (its marker file)
+        start_ephemeral_server()
         table = run_demo(root, workspace, movies, tweets, later_tweets)
     except DemoError as error:
         fail(f"demo stopped: {error}")

@@ -300,7 +300,7 @@ ONE_MB_ID = "r" * 1_000_000
      "invalid request: correction: Input should be a valid boolean, unable to interpret input"),
     ({"request_id": "a" * 32, "label": "positive", "by": "admin"}, 422, "invalid request: by: Extra inputs are not "
                                                                         "permitted"),
-    ({"request_id": "a" * 32, "label": "positive"}, 404, "no predictions with request_id 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa'"),
+    ({"request_id": "a" * 32, "label": "positive"}, 404, f"no predictions with request_id '{'a' * 32}'"),
 ])
 def test_malformed_feedback_is_refused_without_echoing_it(client, store, logged, body, status, detail):
     before = snapshot(store)
