@@ -154,7 +154,7 @@ def trigger_retraining(params: Params, workspace: Workspace, params_path: str, d
     decision = decide_retraining(len(new), drift_significant=True, config=params.triggers)
     result = {"requested": decision.retrain, "new_labelled_rows": len(new), "reasons": list(decision.reasons)}
     if decision.retrain:
-        path, _ = export_feedback(new, incoming, utcnow())
+        path, _ = export_feedback(new, incoming, utcnow(), mask=params.serve.mask_pii)
         result["exported"] = str(path)
         reason = f"significant drift; {len(new)} new labelled rows exported to {path.name}"
         result["request"] = request_retraining(workspace, params_path, params.mlflow.model_name, reason)

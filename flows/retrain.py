@@ -14,9 +14,10 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.lock import project_lock
 from tasks.workspace import Workspace
 from tuneloop import stages
-from tuneloop.params import load_params
+from tuneloop.params import Params, load_params
 
 
 def stage_task(fn, **options):
@@ -51,6 +52,12 @@ def retrain_flow(params_path: str = "params.yaml", root: str = ".", tune_setting
     params = load_params(workspace.root / params_path)
     if tune_settings:
         params = params.model_copy(update={"tune": replace(params.tune, enabled=True)})
+    with project_lock(workspace.root, "retrain flow"):  # one writer: a CLI run or a deployment, not both
+        return run_stages(params, workspace)
+
+
+def run_stages(params: Params, workspace: Workspace) -> dict:
+    """The stages in order, under the caller's project lock."""
     ingest(params, workspace)
     validate(params, workspace)
     split(params, workspace)

@@ -9,6 +9,7 @@ is recorded in an audit trail on the registered model.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,6 +20,40 @@ CHAMPION = "champion"
 PREVIOUS = "previous"
 REFERENCE_DIR = "reference"  # run artefact folder holding the version's splits.parquet
 MAX_TAG = 4900  # MLflow rejects longer tag values on some backends
+
+
+# Tags are text anyone with registry access can write; these formats are checked before a
+# tag becomes part of a path or a command (a data.md5 of "../../x" must never name a folder).
+TAG_FORMATS = {
+    "data.md5": re.compile(r"^[0-9a-f]{32}$"),  # DVC's md5 of the snapshot
+    "data.size": re.compile(r"^[0-9]{1,15}$"),  # bytes
+    "data.path": re.compile(r"^(?!.*(?:^|/)\.\.?(?:/|$))[A-Za-z0-9._+/-]{1,255}$"),  # relative, no . or .. parts
+}
+VERSION = re.compile(r"^[1-9][0-9]{0,8}$")  # registry versions are positive integers
+
+
+class TagError(ValueError):
+    """A version's tag, or a version number, is not in its format; nothing was used."""
+
+
+def checked_version(version: str) -> str:
+    """Raises TagError unless `version` is a registry version number."""
+    if not VERSION.match(str(version)):
+        raise TagError("a version is a positive whole number (as `tuneloop status` shows)")
+    return str(version)
+
+
+def checked_tags(tags: dict[str, str], names: tuple[str, ...]) -> dict[str, str]:
+    """The named tags, each checked against TAG_FORMATS.
+
+    Raises:
+        TagError: naming each missing or malformed tag (its value is not repeated).
+    """
+    problems = [f"{name} is missing" if name not in tags else f"{name} is not in its format"
+                for name in names if name not in tags or not TAG_FORMATS[name].match(str(tags[name]))]
+    if problems:
+        raise TagError("; ".join(problems))
+    return {name: str(tags[name]) for name in names}
 
 
 @dataclass(frozen=True)

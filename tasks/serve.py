@@ -9,6 +9,7 @@ true labels the monitoring flow scores against.
 
     POST /predict   {"text": "..."} or {"texts": ["...", ...]}
     POST /feedback  {"request_id": "...", "label": "..."} or {"request_id": "...", "labels": [...]}
+                    (+ "correction": true to replace labels already given; every change is kept)
     GET  /health    200 {"status": "ok", ...} with a model loaded, else 503 {"status": "no champion", ...}
     GET  /version   the model name, version, load time and base model
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import uuid
 from contextlib import asynccontextmanager
@@ -26,14 +28,23 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from datetime import timedelta
+from typing import Annotated
+
 import numpy as np
 import pandas as pd
-from fastapi import FastAPI, HTTPException
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from fastapi.security import HTTPBearer
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from tasks.auth import Token, authorize
 from tasks.classifier import Classifier, load_classifier, predict_proba
-from tasks.store import Prediction, PredictionStore
+from tasks.limits import BodyLimit, text_problem
+from tasks.privacy import mask_pii
+from tasks.store import FeedbackConflict, Prediction, PredictionStore
 
 log = logging.getLogger("tuneloop.serve")
 
@@ -51,14 +62,20 @@ class ServeConfig:
     max_batch: int = 64  # more texts in one request get 413
     batch_size: int = 32  # texts per forward pass inside one request
     device: str = "auto"  # "auto" (CUDA when present) | "cpu" | "cuda"
+    tokens_file: str | None = None  # name:scopes:secret lines; $TUNELOOP_TOKENS(_FILE) beat it (tasks/auth.py)
+    max_body_bytes: int = 1_048_576  # bodies over this get 413 before parsing; 64 texts x 2000 chars fit
+    mask_pii: bool = True  # e-mails, phone and card numbers masked before storing and exporting
+    retention_days: float | None = 90.0  # predictions older than this are deleted; None keeps them
     __pydantic_config__ = {"extra": "forbid"}
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"serve.port must be 0-65535, got {self.port}")
-        for name in ("poll_seconds", "max_text_chars", "max_batch", "batch_size"):
+        for name in ("poll_seconds", "max_text_chars", "max_batch", "batch_size", "max_body_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"serve.{name} must be positive, got {getattr(self, name)}")
+        if self.retention_days is not None and self.retention_days <= 0:
+            raise ValueError(f"serve.retention_days must be positive or null, got {self.retention_days}")
 
 
 def store_url(config: ServeConfig, root: Path) -> str:
@@ -215,11 +232,29 @@ class ChampionFollower:
 
 # --- the HTTP API ---------------------------------------------------------------------------
 
+REQUEST_ID = r"^[A-Za-z0-9_-]{1,64}$"  # what /predict issues (32 hex); anything else is refused unechoed
+# A text must hold one character that is not blank, blank being exactly what str.isspace() says;
+# spelled out so the spec's pattern (ECMA regex) and the check here agree on every character.
+BLANKS = r"\u0009-\u000d\u001c-\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+NOT_BLANK = f"[^{BLANKS}]"
+MAX_LABEL_CHARS = 128  # the store's label column
+
+
+def encodable(value: str) -> str:
+    problem = text_problem(value)
+    if problem:
+        raise ValueError(f"the text {problem}")
+    return value
+
+
+Text = Annotated[str, AfterValidator(encodable)]
+Label = Annotated[str, Field(min_length=1, max_length=MAX_LABEL_CHARS), AfterValidator(encodable)]
+
 
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    text: str | None = None
-    texts: list[str] | None = None
+    text: Text | None = None
+    texts: list[Text] | None = None
 
 
 class ItemPrediction(BaseModel):
@@ -239,9 +274,42 @@ class PredictResponse(BaseModel):
 
 class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    request_id: Annotated[str, Field(pattern=REQUEST_ID)]
+    label: Label | None = None
+    labels: list[Label] | None = None
+    correction: bool = False  # replaces labels already given; without it a different label is a 409
+
+
+class FeedbackResponse(BaseModel):
     request_id: str
-    label: str | None = None
-    labels: list[str] | None = None
+    updated: int  # predictions whose label changed (0: the same labels were already there)
+
+
+class Error(BaseModel):
+    """Every error: one sentence naming the problem (and the limit), never the input."""
+
+    detail: str
+
+
+class Health(BaseModel):
+    status: str  # "ok" | "no champion"
+    model: str
+    version: str | None
+    loaded_at: str | None
+    champion: str | None
+    last_check_at: str | None
+    failed_version: str | None
+    last_error: str | None
+    last_error_at: str | None
+    poll_seconds: float
+
+
+class VersionResponse(BaseModel):
+    model: str
+    version: str
+    loaded_at: str | None
+    base_model: str
+    labels: list[str]
 
 
 def request_texts(body: PredictRequest, config: ServeConfig) -> list[str]:
@@ -259,7 +327,7 @@ def request_texts(body: PredictRequest, config: ServeConfig) -> list[str]:
         raise HTTPException(413, f"{len(texts)} texts in one request; the limit is serve.max_batch = "
                                  f"{config.max_batch}")
     for index, text in enumerate(texts):
-        if not text.strip():
+        if not re.search(NOT_BLANK, text):
             raise HTTPException(422, f"text {index} is empty")
         if len(text) > config.max_text_chars:
             raise HTTPException(413, f"text {index} has {len(text)} characters; the limit is "
@@ -300,27 +368,124 @@ def answer(served: Served, texts: list[str], batch_size: int) -> PredictResponse
     return PredictResponse(request_id=request_id, model_version=served.version, predictions=items)
 
 
-def as_logged(response: PredictResponse, texts: list[str]) -> list[Prediction]:
-    return [Prediction(p.request_id, p.item, text, p.label, p.confidence, p.probabilities, p.model_version)
+def as_logged(response: PredictResponse, texts: list[str], mask: bool = False) -> list[Prediction]:
+    """The rows the store keeps: texts masked of e-mails, phones and cards when `mask`."""
+    return [Prediction(p.request_id, p.item, mask_pii(text) if mask else text, p.label, p.confidence,
+                       p.probabilities, p.model_version)
             for p, text in zip(response.predictions, texts)]
 
 
-def create_app(follower: ChampionFollower, store: PredictionStore, config: ServeConfig) -> FastAPI:
-    """The service: loads the champion at startup, follows the alias while it runs."""
+def describe_invalid(error: RequestValidationError) -> str:
+    """Pydantic's errors as one sentence of locations and messages; the input is never included."""
+    parts = []
+    for item in error.errors()[:5]:
+        if item.get("type") == "json_invalid":
+            return f"invalid request: the body is not JSON (from character {item['loc'][-1]})"
+        where = ".".join(str(p) for p in item.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {item.get('msg', 'invalid')}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def errors(*statuses: int) -> dict:
+    """The OpenAPI entries of the error statuses a route answers with."""
+    return {status: {"model": Error} for status in statuses}
+
+
+def tightened_contract(schema: dict, config: ServeConfig) -> dict:
+    """The request bodies as the service enforces them: exactly one of text/texts
+    (label/labels), non-blank texts within serve.max_text_chars, at most serve.max_batch."""
+    text = {"type": "string", "minLength": 1, "maxLength": config.max_text_chars, "pattern": NOT_BLANK}
+    label = {"type": "string", "minLength": 1, "maxLength": MAX_LABEL_CHARS}
+    request_id = {"type": "string", "pattern": REQUEST_ID}
+    schemas = schema["components"]["schemas"]
+    schemas["PredictRequest"] = {"title": "PredictRequest", "oneOf": [
+        {"type": "object", "properties": {"text": text}, "required": ["text"], "additionalProperties": False},
+        {"type": "object", "properties": {"texts": {"type": "array", "items": text, "minItems": 1,
+                                                    "maxItems": config.max_batch}},
+         "required": ["texts"], "additionalProperties": False}]}
+    correction = {"type": "boolean", "default": False}
+    schemas["FeedbackRequest"] = {"title": "FeedbackRequest", "oneOf": [
+        {"type": "object", "properties": {"request_id": request_id, "label": label, "correction": correction},
+         "required": ["request_id", "label"], "additionalProperties": False},
+        {"type": "object", "properties": {"request_id": request_id, "correction": correction,
+                                          "labels": {"type": "array", "items": label, "minItems": 1}},
+         "required": ["request_id", "labels"], "additionalProperties": False}]}
+    return schema
+
+
+def scope_guard(tokens: tuple[Token, ...], scope: str):
+    """The dependency a route uses to require `scope`; returns the caller's name."""
+    bearer = HTTPBearer(auto_error=False, scheme_name="bearer",
+                        description="a token with the `predict` or `feedback` scope (tasks/auth.py)")
+
+    def caller(request: Request) -> str:
+        access = authorize(tokens, request.headers.get("authorization"), scope)
+        if not access.allowed:
+            headers = {"WWW-Authenticate": "Bearer"} if access.status == 401 else None
+            raise HTTPException(access.status, access.reason, headers=headers)
+        return access.name
+
+    if not tokens:
+        return caller  # nothing to send: the spec asks for no credentials
+
+    def caller_with_credentials(request: Request, _credentials=Depends(bearer)) -> str:
+        return caller(request)
+
+    return caller_with_credentials
+
+
+def retention_purger(store: PredictionStore, config: ServeConfig, every: timedelta = timedelta(hours=1)):
+    """A call that deletes predictions older than serve.retention_days, at most once per `every`."""
+    last: list[datetime] = []
+
+    def purge() -> None:
+        now = utcnow()
+        if config.retention_days is None or (last and now - last[0] < every):
+            return
+        last[:] = [now]
+        deleted = store.purge(now - timedelta(days=config.retention_days))
+        if deleted:
+            log.info("deleted %d predictions older than %s days (serve.retention_days)", deleted,
+                     config.retention_days)
+
+    return purge
+
+
+def create_app(follower: ChampionFollower, store: PredictionStore, config: ServeConfig,
+               tokens: tuple[Token, ...] = ()) -> FastAPI:
+    """The service: loads the champion at startup, follows the alias while it runs.
+
+    With `tokens`, /predict and /feedback need a bearer token of their scope;
+    /health and /version stay open (probes, no data)."""
+    purge = retention_purger(store, config)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         import anyio
 
         await anyio.to_thread.run_sync(follower.check)  # ready means loaded, when there is a champion
+        await anyio.to_thread.run_sync(purge)
         follower.start()
         yield
         follower.stop()
 
     app = FastAPI(title="tuneloop", summary="The champion text classifier.", lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     # One forward pass at a time: concurrent requests would split the same cores
     # (or GPU) between them and all finish later; queued, each gets all of it.
     scoring = threading.Lock()
+    auth = (401, 403) if tokens else ()
+    may_predict, may_label = scope_guard(tokens, "predict"), scope_guard(tokens, "feedback")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": describe_invalid(error)}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unexpected error answering %s", request.url.path)
+        return JSONResponse({"detail": f"internal error ({type(error).__name__}); see the service log"},
+                            status_code=500)
 
     def served_or_503() -> Served:
         served = follower.served
@@ -328,52 +493,85 @@ def create_app(follower: ChampionFollower, store: PredictionStore, config: Serve
             raise HTTPException(503, f"no champion of {follower.model_name} is loaded: {follower.last_error or 'none'}")
         return served
 
-    @app.post("/predict", response_model=PredictResponse)
-    def predict(body: PredictRequest) -> PredictResponse:
+    @app.post("/predict", response_model=PredictResponse, responses=errors(400, *auth, 413, 422, 503))
+    def predict(body: PredictRequest, caller: str = Depends(may_predict)) -> PredictResponse:
         texts = request_texts(body, config)
         served = served_or_503()
         with scoring:
             response = answer(served, texts, config.batch_size)
         try:  # a prediction is served only once it is logged: monitoring sees every one
-            store.log(as_logged(response, texts))
+            store.log(as_logged(response, texts, config.mask_pii))
+            purge()
         except Exception as error:
             log.exception("logging request %s failed", response.request_id)
             raise HTTPException(503, f"the prediction store is unavailable: {type(error).__name__}") from None
         return response
 
-    @app.post("/feedback")
-    def feedback(body: FeedbackRequest) -> dict:
+    @app.post("/feedback", response_model=FeedbackResponse, responses=errors(400, *auth, 404, 409, 413, 422))
+    def feedback(body: FeedbackRequest, caller: str = Depends(may_label)) -> FeedbackResponse:
         labels = feedback_labels(body, store.request(body.request_id))
-        return {"request_id": body.request_id, "updated": store.attach_feedback(body.request_id, labels)}
+        try:
+            updated = store.attach_feedback(body.request_id, labels, by=caller, correction=body.correction)
+        except FeedbackConflict as conflict:
+            raise HTTPException(409, str(conflict)) from None
+        return FeedbackResponse(request_id=body.request_id, updated=updated)
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health, responses={503: {"model": Health}})
     def health() -> JSONResponse:
         status = follower.status()
         ok = status["version"] is not None
         return JSONResponse({"status": "ok" if ok else "no champion", **status}, status_code=200 if ok else 503)
 
-    @app.get("/version")
-    def version() -> dict:
+    @app.get("/version", response_model=VersionResponse, responses=errors(503))
+    def version() -> VersionResponse:
         served = served_or_503()
-        return {"model": follower.model_name, "version": served.version, "loaded_at": iso(served.loaded_at),
-                "base_model": follower.base_model, "labels": list(served.classifier.labels)}
+        return VersionResponse(model=follower.model_name, version=served.version, loaded_at=iso(served.loaded_at),
+                               base_model=follower.base_model, labels=list(served.classifier.labels))
 
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = tightened_contract(
+                get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes), config)
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 
-def build_app(config: ServeConfig, model_name: str, base_model: str, root: Path) -> FastAPI:
+def build_app(config: ServeConfig, model_name: str, base_model: str, root: Path,
+              tokens: tuple[Token, ...] = ()) -> FastAPI:
     """The service wired to the registry (tracking already configured) and the store."""
     from tasks.workspace import Workspace
 
     cache = Workspace(Path(root)).models_cache
     follower = ChampionFollower(model_name, base_model, registry_lookup(model_name),
                                 registry_loader(model_name, cache, base_model, config.device), config.poll_seconds)
-    return create_app(follower, PredictionStore(store_url(config, root)), config)
+    return create_app(follower, PredictionStore(store_url(config, root)), config, tokens)
+
+
+class ServeRefused(RuntimeError):
+    """The service will not start as configured; nothing was bound."""
 
 
 def run_service(config: ServeConfig, model_name: str, base_model: str, root: Path) -> None:
-    """Serves until interrupted (Ctrl-C or SIGTERM stop it cleanly)."""
+    """Serves until interrupted (Ctrl-C or SIGTERM stop it cleanly).
+
+    Raises:
+        ServeRefused: the token configuration is broken, or the host is beyond
+            loopback with no tokens configured.
+    """
     import uvicorn
 
-    uvicorn.run(build_app(config, model_name, base_model, root), host=config.host, port=config.port,
+    from tasks.auth import TokenError, bind_refusal, load_tokens
+
+    try:
+        tokens = load_tokens(config.tokens_file, root)
+    except TokenError as error:
+        raise ServeRefused(str(error)) from None
+    refusal = bind_refusal(config.host, tokens)
+    if refusal:
+        raise ServeRefused(refusal)
+    log.info("%s", f"tokens: {', '.join(t.name for t in tokens)}" if tokens else
+             "no tokens configured: anyone on this machine may predict and label (loopback only)")
+    uvicorn.run(build_app(config, model_name, base_model, root, tokens), host=config.host, port=config.port,
                 log_level="info")

@@ -29,9 +29,24 @@ PREDICTIONS = sa.Table(
     sa.Column("model_version", sa.String(32), nullable=False, index=True),
     sa.Column("true_label", sa.String(128), nullable=True),
     sa.Column("feedback_ts", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("feedback_by", sa.String(64), nullable=True),  # the token that labelled it: provenance
     sa.UniqueConstraint("request_id", "item", name="uq_request_item"),
 )
 COLUMNS = [c.name for c in PREDICTIONS.columns]
+# Every label a prediction was given, first labels and corrections alike: nothing is overwritten unseen.
+FEEDBACK_HISTORY = sa.Table(
+    "feedback_history", METADATA,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("request_id", sa.String(64), nullable=False, index=True),
+    sa.Column("item", sa.Integer, nullable=False),
+    sa.Column("ts", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("by", sa.String(64), nullable=False),
+    sa.Column("old_label", sa.String(128), nullable=True),  # None: the first label
+    sa.Column("new_label", sa.String(128), nullable=False),
+    sa.Column("action", sa.String(16), nullable=False),  # "label" | "correction"
+)
+HISTORY_COLUMNS = [c.name for c in FEEDBACK_HISTORY.columns]
+ADDED_COLUMNS = {"feedback_by": "VARCHAR(64)"}  # columns newer than the first stores: added in place
 
 
 @dataclass(frozen=True)
@@ -55,6 +70,24 @@ def as_utc(value: datetime) -> datetime:
     return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
+class FeedbackConflict(ValueError):
+    """Feedback would replace labels already given without saying it is a correction."""
+
+    def __init__(self, request_id: str, items: list[int]):
+        super().__init__(f"request {request_id} item(s) {items} already have a different label; send "
+                         '"correction": true to replace it (every change is kept)')
+        self.items = items
+
+
+def add_missing_columns(engine: sa.Engine) -> None:
+    """Stores created before a column existed get it (nullable, so old rows stay valid)."""
+    present = {c["name"] for c in sa.inspect(engine).get_columns("predictions")}
+    with engine.begin() as conn:
+        for name, kind in ADDED_COLUMNS.items():
+            if name not in present:
+                conn.execute(sa.text(f"ALTER TABLE predictions ADD COLUMN {name} {kind}"))
+
+
 class PredictionStore:
     """A thin handle on one database; safe to share across threads."""
 
@@ -63,6 +96,7 @@ class PredictionStore:
         args = {"check_same_thread": False} if url.startswith("sqlite") else {}
         self.engine = sa.create_engine(url, connect_args=args, pool_pre_ping=True)
         METADATA.create_all(self.engine)
+        add_missing_columns(self.engine)
 
     def log(self, predictions: Iterable[Prediction]) -> int:
         """Appends predictions; returns how many were written."""
@@ -76,21 +110,66 @@ class PredictionStore:
                 conn.execute(PREDICTIONS.insert(), rows)
         return len(rows)
 
-    def attach_feedback(self, request_id: str, true_labels: Sequence[str]) -> int:
-        """Sets true labels on a request's predictions, in item order.
+    def attach_feedback(self, request_id: str, true_labels: Sequence[str], by: str = "anonymous",
+                        correction: bool = False) -> int:
+        """Sets true labels on a request's predictions, in item order, and keeps
+        every change (who, when, old, new) in the feedback history. In one
+        transaction: a conflict changes nothing.
+
+        A label equal to the one already there changes nothing; a different one
+        needs `correction`.
 
         Returns:
-            The number of predictions updated (0 when the request is unknown).
+            The number of predictions whose label changed (0 when the request is unknown).
+        Raises:
+            FeedbackConflict: a label differs from one already given and `correction` is False.
         """
-        updated = 0
+        now, changes = utcnow(), []
         with self.engine.begin() as conn:
-            for item, label in enumerate(true_labels):
-                result = conn.execute(
-                    PREDICTIONS.update()
-                    .where(PREDICTIONS.c.request_id == request_id, PREDICTIONS.c.item == item)
-                    .values(true_label=label, feedback_ts=utcnow()))
-                updated += result.rowcount
-        return updated
+            where = PREDICTIONS.c.request_id == request_id
+            current = dict(conn.execute(sa.select(PREDICTIONS.c.item, PREDICTIONS.c.true_label).where(where)).all())
+            wanted = {item: label for item, label in enumerate(true_labels) if item in current}
+            clashes = [item for item, label in wanted.items() if current[item] not in (None, label)]
+            if clashes and not correction:
+                raise FeedbackConflict(request_id, clashes)
+            for item, label in wanted.items():
+                if current[item] == label:
+                    continue
+                # the old label in the WHERE: a concurrent writer makes this match nothing, not overwrite
+                was = current[item]
+                old = PREDICTIONS.c.true_label.is_(None) if was is None else PREDICTIONS.c.true_label == was
+                done = conn.execute(PREDICTIONS.update().where(where, PREDICTIONS.c.item == item, old)
+                                    .values(true_label=label, feedback_ts=now, feedback_by=by))
+                if done.rowcount != 1:
+                    raise FeedbackConflict(request_id, [item])
+                changes.append({"request_id": request_id, "item": item, "ts": now, "by": by,
+                                "old_label": current[item], "new_label": label,
+                                "action": "correction" if current[item] is not None else "label"})
+            if changes:
+                conn.execute(FEEDBACK_HISTORY.insert(), changes)
+        return len(changes)
+
+    def feedback_history(self, request_id: str | None = None) -> pd.DataFrame:
+        """Every label change (of one request, or all), oldest first."""
+        query = sa.select(FEEDBACK_HISTORY).order_by(FEEDBACK_HISTORY.c.id)
+        if request_id is not None:
+            query = query.where(FEEDBACK_HISTORY.c.request_id == request_id)
+        with self.engine.connect() as conn:
+            frame = pd.DataFrame(conn.execute(query).mappings().all(), columns=HISTORY_COLUMNS)
+        if not frame.empty:
+            frame["ts"] = frame["ts"].map(as_utc)
+        return frame
+
+    def purge(self, before: datetime) -> int:
+        """Deletes predictions (and their feedback history) made before `before`.
+
+        Returns:
+            The number of predictions deleted.
+        """
+        with self.engine.begin() as conn:
+            old = sa.select(PREDICTIONS.c.request_id).where(PREDICTIONS.c.ts < before)
+            conn.execute(FEEDBACK_HISTORY.delete().where(FEEDBACK_HISTORY.c.request_id.in_(old)))
+            return conn.execute(PREDICTIONS.delete().where(PREDICTIONS.c.ts < before)).rowcount
 
     def request(self, request_id: str) -> pd.DataFrame:
         """One request's predictions in item order (empty when the id is unknown)."""

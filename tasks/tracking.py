@@ -8,6 +8,7 @@ Prefect flow, `dvc repro` and single `tuneloop <stage>` calls log alike.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -62,12 +63,99 @@ def configure_tracking(config: MlflowConfig, root: Path) -> str:
     return client.create_experiment(config.experiment, artifact_location=location)
 
 
+def process_started(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def owner_tags() -> dict[str, str]:
+    """Which process runs a pipeline run: how a later command tells a dead run from a live one."""
+    pid = os.getpid()
+    return {"tuneloop.pid": str(pid), "tuneloop.host": socket.gethostname(),
+            "tuneloop.pid_started": process_started(pid) or ""}
+
+
+def process_alive(pid: int, started: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return not started or process_started(pid) in (None, started)
+
+
+def running_runs(experiment: str) -> list:
+    import mlflow
+
+    found = mlflow.MlflowClient().get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    return mlflow.MlflowClient().search_runs([found.experiment_id], "attributes.status = 'RUNNING'", max_results=500)
+
+
+def reap_dead_runs(experiment: str, keep: str | None = None) -> list[str]:
+    """Marks KILLED every RUNNING pipeline run of this host whose process is dead
+    (SIGKILL, power loss): without this it would read RUNNING forever.
+
+    Args:
+        keep: a run id to leave alone (the run a stage command continues, as under `dvc repro`).
+
+    Returns:
+        The run ids marked KILLED.
+    """
+    import mlflow
+
+    client, host, reaped = mlflow.MlflowClient(), socket.gethostname(), []
+    for run in running_runs(experiment):
+        tags, run_id = run.data.tags, run.info.run_id
+        pid = tags.get("tuneloop.pid", "")
+        if run_id == keep or tags.get("tuneloop.host") != host or not pid.isdigit():
+            continue
+        if process_alive(int(pid), tags.get("tuneloop.pid_started")):
+            continue
+        client.set_tag(run_id, "tuneloop.outcome", f"killed: its process {pid} died while the run was running")
+        client.set_terminated(run_id, status="KILLED")
+        reaped.append(run_id)
+    return reaped
+
+
+def close_own_runs(experiment: str, status: str, outcome: str) -> list[str]:
+    """Closes the RUNNING pipeline runs this process owns (a failure or a signal ended it)."""
+    import mlflow
+
+    client, mine, closed = mlflow.MlflowClient(), owner_tags(), []
+    for run in running_runs(experiment):
+        tags = run.data.tags
+        if (tags.get("tuneloop.pid"), tags.get("tuneloop.host")) == (mine["tuneloop.pid"], mine["tuneloop.host"]):
+            client.set_tag(run.info.run_id, "tuneloop.outcome", outcome)
+            client.set_terminated(run.info.run_id, status=status)
+            closed.append(run.info.run_id)
+    return closed
+
+
+def claim_run(workspace: Workspace) -> None:
+    """A stage command continuing the recorded pipeline run becomes its owner."""
+    import mlflow
+
+    if not workspace.run_state.exists():
+        return
+    client = mlflow.MlflowClient()
+    run_id = current_run_id(workspace)
+    for key, value in owner_tags().items():
+        client.set_tag(run_id, key, value)
+
+
 def start_pipeline_run(config: MlflowConfig, workspace: Workspace, tags: dict[str, str]) -> str:
-    """Opens the MLflow run of a new pipeline run and records its id."""
+    """Opens the MLflow run of a new pipeline run and records its id (and, as
+    tags, the process running it)."""
     import mlflow
 
     experiment_id = configure_tracking(config, workspace.root)
-    run = mlflow.MlflowClient().create_run(experiment_id, tags=tags)
+    run = mlflow.MlflowClient().create_run(experiment_id, tags={**tags, **owner_tags()})
     write_json(workspace.run_state, {"run_id": run.info.run_id, "experiment_id": experiment_id})
     return run.info.run_id
 

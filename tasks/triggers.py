@@ -10,7 +10,6 @@ lock, so overlapping requests are dropped the same way.
 
 from __future__ import annotations
 
-import fcntl
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +20,8 @@ from typing import Iterator
 import pandas as pd
 
 from tasks.ingest import IngestConfig, incoming_files, read_table
+from tasks.lock import ProjectBusy, project_lock
+from tasks.privacy import mask_pii
 from tasks.workspace import Workspace
 
 RETRAIN_EVENT = "tuneloop.retrain.requested"
@@ -59,8 +60,12 @@ def pending_incoming(config: IngestConfig, workspace: Workspace, merged: list[st
     return new, sum(len(read_table(p)) for p in new)
 
 
-def export_feedback(window: pd.DataFrame, out_dir: Path, stamp: datetime) -> tuple[Path | None, int]:
-    """Writes feedback-labelled predictions as a labelled incoming file.
+def export_feedback(window: pd.DataFrame, out_dir: Path, stamp: datetime,
+                    mask: bool = False) -> tuple[Path | None, int]:
+    """Writes feedback-labelled predictions as a labelled incoming file, each row
+    with the name of the token that labelled it (`labelled_by`: provenance, kept
+    in the data version's snapshot) and, when `mask`, its text masked of
+    e-mails, phone and card numbers.
 
     Returns:
         The file (None when no row has a true label) and its row count.
@@ -70,26 +75,27 @@ def export_feedback(window: pd.DataFrame, out_dir: Path, stamp: datetime) -> tup
         return None, 0
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"feedback-{stamp:%Y%m%dT%H%M%S}.csv"
-    labelled[["text", "true_label"]].rename(columns={"true_label": "label"}).to_csv(path, index=False)
+    by = labelled["feedback_by"] if "feedback_by" in labelled else pd.Series(None, index=labelled.index)
+    rows = pd.DataFrame({"text": labelled["text"].map(mask_pii) if mask else labelled["text"],
+                         "label": labelled["true_label"], "labelled_by": by.fillna("unknown")})
+    rows.to_csv(path, index=False)
     return path, len(labelled)
 
 
 @contextmanager
 def retrain_lock(workspace: Workspace) -> Iterator[bool]:
-    """Yields True when this process holds the project's retraining lock,
-    False when another retraining is running (the request is then dropped)."""
-    path = workspace.root / "state" / "retrain.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    """Yields True when this process holds the project's writer lock (tasks/lock.py),
+    False when another process is writing (a retraining run, a stage): the request is then dropped."""
+    lock = project_lock(workspace.root, "retrain (requested)", wait=0)
+    try:
+        lock.__enter__()
+    except ProjectBusy:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def request_retraining(workspace: Workspace, params_path: str, model_name: str, reason: str) -> dict:

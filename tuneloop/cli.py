@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -61,15 +63,52 @@ def load(params: Path, root: Path):
         fail(str(error))
 
 
+@contextmanager
+def writing(loaded, workspace, command: str, continues_run: bool = False):
+    """Holds the project's writer lock (refusing clearly when another command
+    has it), marks runs whose process died KILLED, and closes this process's
+    own runs FAILED or KILLED when the command dies of an error or a signal."""
+    from tasks import tracking
+    from tasks.lock import ProjectBusy, project_lock
+
+    try:
+        lock = project_lock(workspace.root, command)
+        lock.__enter__()
+    except ProjectBusy as error:
+        fail(str(error))
+    try:
+        tracking.configure_tracking(loaded.mlflow, workspace.root)
+        keep = tracking.current_run_id(workspace) if continues_run and workspace.run_state.exists() else None
+        tracking.reap_dead_runs(loaded.mlflow.experiment, keep=keep)
+        if keep:
+            tracking.claim_run(workspace)
+        yield
+    except (KeyboardInterrupt, SystemExit) as error:
+        tracking.close_own_runs(loaded.mlflow.experiment, "KILLED", f"killed: {type(error).__name__} in {command}")
+        raise
+    except Exception as error:
+        if not isinstance(error, typer.Exit):
+            tracking.close_own_runs(loaded.mlflow.experiment, "FAILED", f"failed in {command}: {type(error).__name__}")
+        raise
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def terminate_on_sigterm() -> None:
+    """SIGTERM ends the command like Ctrl-C: exit handlers run (Prefect's
+    temporary server stops) and the command's MLflow run is closed KILLED."""
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def run_stage(name: str, params: Path, root: Path) -> None:
     from tuneloop import stages
 
     loaded, workspace = load(params, root)
-    if name != "ingest":
-        from tasks.tracking import configure_tracking
-
-        configure_tracking(loaded.mlflow, workspace.root)
-    getattr(stages, name)(loaded, workspace)
+    with writing(loaded, workspace, name, continues_run=name != "ingest"):
+        getattr(stages, name)(loaded, workspace)
 
 
 def stage_command(name: str, doc: str) -> None:
@@ -125,14 +164,17 @@ def run(params: Path = ParamsOption, root: Path = RootOption,
     from tasks.errors import TuneloopError
 
     loaded, workspace = load(params, root)
+    from flows.ephemeral import start_ephemeral_server
     from flows.retrain import retrain_flow
 
-    try:
-        result = retrain_flow(params_path=str(params), root=str(workspace.root), tune_settings=tune)
-    except TuneloopError as error:
-        if os.environ.get("TUNELOOP_DEBUG"):
-            raise
-        fail(f"retraining stopped, the registry is unchanged:\n{error}")
+    with writing(loaded, workspace, "run"):
+        start_ephemeral_server()  # dies with this command, even a SIGKILLed one
+        try:
+            result = retrain_flow(params_path=str(params), root=str(workspace.root), tune_settings=tune)
+        except TuneloopError as error:
+            if os.environ.get("TUNELOOP_DEBUG"):
+                raise
+            fail(f"retraining stopped, the registry is unchanged:\n{error}")
     verdict = "promoted to champion" if result["promoted"] else "not promoted"
     typer.echo(f"\n{result['model']} version {result['version']} {verdict}; "
                f"champion: version {result['champion']}")
@@ -148,6 +190,9 @@ def status(params: Path = ParamsOption, root: Path = RootOption,
 
     loaded, workspace = load(params, root)
     configure_tracking(loaded.mlflow, workspace.root)
+    from tasks.tracking import reap_dead_runs
+
+    reap_dead_runs(loaded.mlflow.experiment)  # a killed run reads KILLED, not RUNNING forever
     info = model_status(loaded.mlflow.model_name, loaded.mlflow.experiment)
     if as_json:
         typer.echo(json.dumps(info, indent=2))
@@ -162,9 +207,12 @@ def status(params: Path = ParamsOption, root: Path = RootOption,
 def incoming(params: Path = ParamsOption, root: Path = RootOption) -> None:
     """Retrain if data/incoming/ holds enough new labelled rows (what the `incoming` deployment runs)."""
     loaded, workspace = load(params, root)
+    from flows.ephemeral import start_ephemeral_server
     from flows.incoming import incoming_flow
 
-    result = incoming_flow(params_path=str(params), root=str(workspace.root))
+    with writing(loaded, workspace, "incoming"):
+        start_ephemeral_server()
+        result = incoming_flow(params_path=str(params), root=str(workspace.root))
     typer.echo(json.dumps({k: v for k, v in result.items() if k != "request"}, indent=2))
 
 
@@ -173,9 +221,12 @@ def monitor(params: Path = ParamsOption, root: Path = RootOption,
             as_json: bool = typer.Option(False, "--json", help="print the whole summary as JSON")) -> None:
     """Drift, live metrics and automatic rollback of the champion (what the `monitor` deployment runs)."""
     loaded, workspace = load(params, root)
+    from flows.ephemeral import start_ephemeral_server
     from flows.monitor import monitor_flow
 
-    result = monitor_flow(params_path=str(params), root=str(workspace.root))
+    with writing(loaded, workspace, "monitor"):
+        start_ephemeral_server()
+        result = monitor_flow(params_path=str(params), root=str(workspace.root))
     if as_json:
         typer.echo(json.dumps(result, indent=2, default=str))
         return
@@ -219,17 +270,15 @@ def demo(root: Path = RootOption,
                                      "fewer dilute their gain in a test split of mostly movie reviews"),
          later_tweets: int = typer.Option(160, help="tweets sent to the forced bad version"),
          workspace: Path = typer.Option(Path("/tmp/tuneloop-demo"), help="the demo's own project folder "
-                                        "(recreated; outside this repo so its DVC and registry stay apart)")) -> None:
+                                        "(new, empty, or one the demo made; outside this repo)")) -> None:
     """Play the production story on the shipped data: train, serve, drift, retrain, bad version, rollback."""
-    import shutil
-
-    from tuneloop.demo import DemoError, run_demo
+    from flows.ephemeral import start_ephemeral_server
+    from tuneloop.demo import DemoError, fresh_workspace, run_demo
 
     root, workspace = root.resolve(), workspace.resolve()
-    if workspace == root or root in workspace.parents:
-        fail("--workspace must be outside the project: the demo is a project of its own")
-    shutil.rmtree(workspace, ignore_errors=True)  # a fresh registry every time
     try:
+        fresh_workspace(workspace, root)  # deletes only a folder the demo created (its marker file)
+        start_ephemeral_server()
         table = run_demo(root, workspace, movies, tweets, later_tweets)
     except DemoError as error:
         fail(f"demo stopped: {error}")
@@ -244,12 +293,25 @@ def restore_data_command(version: str, out: Optional[Path] = typer.Option(None, 
     from tasks.ingest import restore_data
     from tasks.tracking import configure_tracking
 
+    try:
+        version = registry.checked_version(version)
+    except registry.TagError as error:
+        fail(f"restore-data refused: {error}")
     loaded, workspace = load(params, root)
     configure_tracking(loaded.mlflow, workspace.root)
-    tags = registry.get_version(loaded.mlflow.model_name, version).tags
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tags = registry.checked_tags(registry.get_version(loaded.mlflow.model_name, version).tags,
+                                     ("data.md5", "data.size", "data.path"))
+    except MlflowException:
+        fail(f"restore-data refused: {loaded.mlflow.model_name} has no version {version}")
+    except registry.TagError as error:
+        fail(f"restore-data refused, nothing was written: version {version}'s tags are not usable: {error}")
     target = out or workspace.root / "data" / "restored" / f"v{version}"
-    path = restore_data(tags["data.md5"], int(tags["data.size"]), tags["data.path"], workspace.root,
-                        target.resolve(), loaded.ingest.dvc_remote)
+    with writing(loaded, workspace, "restore-data"):
+        path = restore_data(tags["data.md5"], int(tags["data.size"]), tags["data.path"], workspace.root,
+                            target.resolve(), loaded.ingest.dvc_remote)
     typer.echo(f"version {version}'s data ({tags['data.md5']}) restored to {path}")
 
 
@@ -261,7 +323,7 @@ def serve(host: Optional[str] = typer.Option(None, help="interface to bind (defa
     import logging
     from dataclasses import replace
 
-    from tasks.serve import run_service
+    from tasks.serve import ServeRefused, run_service
     from tasks.tracking import configure_tracking
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -269,7 +331,10 @@ def serve(host: Optional[str] = typer.Option(None, help="interface to bind (defa
     configure_tracking(loaded.mlflow, workspace.root)
     config = replace(loaded.serve, host=host or loaded.serve.host,
                      port=loaded.serve.port if port is None else port)
-    run_service(config, loaded.mlflow.model_name, loaded.model.base, workspace.root)
+    try:
+        run_service(config, loaded.mlflow.model_name, loaded.model.base, workspace.root)
+    except ServeRefused as error:
+        fail(f"serve refused: {error}")
 
 
 @app.command()
@@ -282,10 +347,11 @@ def rollback(to: Optional[str] = typer.Option(None, "--to", help="version to ser
 
     loaded, workspace = load(params, root)
     configure_tracking(loaded.mlflow, workspace.root)
-    try:
-        entry = registry.rollback(loaded.mlflow.model_name, to, why)
-    except registry.RollbackError as error:
-        fail(f"rollback refused, the registry is unchanged: {error}")
+    with writing(loaded, workspace, "rollback"):
+        try:
+            entry = registry.rollback(loaded.mlflow.model_name, to, why)
+        except registry.RollbackError as error:
+            fail(f"rollback refused, the registry is unchanged: {error}")
     typer.echo(f"{loaded.mlflow.model_name}: champion rolled back from version {entry['from']} "
                f"to version {entry['to']} ({entry['why']}); version {entry['from']} is now `previous`")
 
@@ -323,6 +389,7 @@ def main() -> None:
     from tasks.errors import TuneloopError
 
     offline_environment()
+    terminate_on_sigterm()
     debug = "--debug" in sys.argv
     if debug:
         sys.argv.remove("--debug")

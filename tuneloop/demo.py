@@ -23,6 +23,7 @@ import pandas as pd
 import yaml
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "vader_sentiment"
+MARKER = ".tuneloop-demo"  # written into every workspace the demo creates: only those are ever deleted
 
 
 @dataclass
@@ -140,6 +141,40 @@ def summary_table(model_name: str) -> str:
 
 class DemoError(RuntimeError):
     """A step of the story did not happen as it should."""
+
+
+def workspace_refusal(workspace: Path, project: Path) -> str | None:
+    """Why `workspace` may not be (re)created by the demo, or None.
+
+    The demo deletes its workspace to start fresh, so it only ever deletes a
+    folder holding its marker file, or an empty one; never the project or a
+    folder containing it.
+    """
+    workspace, project = workspace.resolve(), project.resolve()
+    if workspace == project or project in workspace.parents or workspace in project.parents:
+        return f"--workspace {workspace} overlaps the project {project}: the demo is a project of its own"
+    if workspace.exists() and not workspace.is_dir():
+        return f"--workspace {workspace} is a file, not a folder"
+    if workspace.is_dir() and any(workspace.iterdir()) and not (workspace / MARKER).is_file():
+        return (f"--workspace {workspace} is not empty and was not created by the demo (no {MARKER} file): "
+                "it is left untouched; pass a new or empty folder")
+    return None
+
+
+def fresh_workspace(workspace: Path, project: Path) -> Path:
+    """Deletes a workspace the demo made before (never anything else) and makes it anew, marked.
+
+    Raises:
+        DemoError: naming why the folder is refused; nothing was deleted.
+    """
+    refusal = workspace_refusal(workspace, project)
+    if refusal:
+        raise DemoError(refusal)
+    if (workspace / MARKER).is_file():
+        shutil.rmtree(workspace)  # a fresh registry every time
+    workspace.mkdir(parents=True, exist_ok=True)
+    (workspace / MARKER).write_text("created by `tuneloop demo`; the demo may delete this folder\n")
+    return workspace
 
 
 def follow_seconds(url: str, model_name: str, version: str) -> float:

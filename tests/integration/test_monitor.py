@@ -195,7 +195,7 @@ def test_drift_with_enough_new_labels_exports_them_and_requests_retraining(monit
     assert retraining["requested"] and retraining["new_labelled_rows"] == TOY_ROWS
     exported = pd.read_csv(retraining["exported"])
     assert Path(retraining["exported"]).parent == project["root"] / "data" / "incoming"
-    assert list(exported.columns) == ["text", "label"] and len(exported) == TOY_ROWS
+    assert list(exported.columns) == ["text", "label", "labelled_by"] and len(exported) == TOY_ROWS
     assert requests == [f"significant drift; {TOY_ROWS} new labelled rows exported to "
                         f"{Path(retraining['exported']).name}"]
 

@@ -1,0 +1,72 @@
+"""A SIGKILLed `tuneloop run` leaves no Prefect server behind.
+
+The real command starts Prefect's ephemeral API server and blocks in ingest
+(its source is a FIFO nobody writes). It is killed with SIGKILL, which runs no
+exit handler; the server must still go, because it asked the kernel to be
+signalled when its parent dies. SIGTERM is tried too: the command exits and
+stops the server itself.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+
+def servers_of(prefect_home: Path) -> list[int]:
+    """Pids of Prefect API servers started with this PREFECT_HOME."""
+    marker = f"PREFECT_HOME={prefect_home}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if (proc.name.isdigit() and b"prefect.server.api.server:create_app" in (proc / "cmdline").read_bytes()
+                    and marker in (proc / "environ").read_bytes().split(b"\0")):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def wait_for(condition, seconds: float, what: str):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.25)
+    pytest.fail(f"{what} did not happen within {seconds} s")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killed_run_leaves_no_prefect_server_behind(tmp_path, how):
+    project, home = tmp_path / "project", tmp_path / "prefect"
+    project.mkdir()
+    os.mkfifo(project / "source.csv")  # ingest blocks reading it: a run that never ends by itself
+    params = {"ingest": {"source": "source.csv", "incoming_dir": None},
+              "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {k: v for k, v in os.environ.items() if k not in {"PREFECT_API_URL", "MLFLOW_TRACKING_URI"}}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    run = subprocess.Popen([sys.executable, "-m", "tuneloop.cli", "run", "--root", str(project)], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        (server,) = wait_for(lambda: servers_of(home), 240, "the ephemeral Prefect server starting")
+        time.sleep(3)  # the flow is under way (or blocked in ingest)
+        assert run.poll() is None
+        run.send_signal(how)
+        run.wait(timeout=60)
+        wait_for(lambda: not servers_of(home), 30, "the Prefect server exiting after its command died")
+    finally:
+        if run.poll() is None:
+            run.kill()
+        for pid in servers_of(home):  # never leave one behind, even when the test fails
+            os.kill(pid, signal.SIGKILL)
+    assert run.returncode == (-signal.SIGKILL if how == signal.SIGKILL else 128 + signal.SIGTERM)

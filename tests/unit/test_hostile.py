@@ -1,0 +1,509 @@
+"""Hostile requests and malformed inputs against the service and the paths taken
+from tags and flags: each gets its exact status and message, echoes none of its
+input, and leaves the prediction store (predictions, labels, feedback history)
+or the file system as it was.
+
+The service runs in-process (TestClient) on a tiny LoRA model, with tokens:
+`web` may predict, `labeller` may give feedback, `admin` may do both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from fastapi.testclient import TestClient
+
+from tasks.auth import Token, TokenError, bind_refusal, load_tokens, parse_tokens
+from tasks.classifier import load_classifier
+from tasks.finetune import FinetuneConfig, finetune
+from tasks.limits import BodyLimit
+from tasks.privacy import mask_pii
+from tasks.serve import ChampionFollower, ServeConfig, create_app
+from tasks.store import Prediction, PredictionStore, utcnow
+from tasks.triggers import export_feedback
+
+FAST = FinetuneConfig(epochs=1, max_steps=4, learning_rate=1e-2, batch_size=16, lora_r=8, max_length=32)
+LIMITS = ServeConfig(max_text_chars=50, max_batch=4, poll_seconds=60.0, max_body_bytes=1_100_000)
+SECRETS = {"web": "web-secret-0123456789", "labeller": "label-secret-0123456789", "admin": "admin-secret-0123456789"}
+TOKENS = (Token("web", frozenset({"predict"}), SECRETS["web"]),
+          Token("labeller", frozenset({"feedback"}), SECRETS["labeller"]),
+          Token("admin", frozenset({"predict", "feedback"}), SECRETS["admin"]))
+
+
+def bearer(name: str) -> dict:
+    return {"Authorization": f"Bearer {SECRETS[name]}"}
+
+
+@pytest.fixture(scope="module")
+def classifier(tiny_bert, toy_task, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hostile-model")
+    result = finetune("tiny", tiny_bert, toy_task["train"], toy_task["validation"], toy_task["labels"], FAST,
+                      out / "model", out / "checkpoints", "hostile", progress=False)
+    return load_classifier(result.model_dir, base_model=str(tiny_bert), device="cpu")
+
+
+@pytest.fixture
+def store(tmp_path) -> PredictionStore:
+    return PredictionStore(f"sqlite:///{tmp_path}/predictions.db")
+
+
+def app_for(classifier, store, tokens=TOKENS, config=LIMITS):
+    follower = ChampionFollower("tiny-model", "tiny-base", lambda: "1", lambda version: classifier, 60.0)
+    return create_app(follower, store, config, tokens)
+
+
+@pytest.fixture
+def client(classifier, store):
+    with TestClient(app_for(classifier, store)) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def logged(client) -> dict:
+    """One single-text and one two-text request, answered and logged; the single one labelled `negative`."""
+    single = client.post("/predict", json={"text": "the film was bad"}, headers=bearer("web")).json()["request_id"]
+    pair = client.post("/predict", json={"texts": ["the plot was bad", "the cast was great"]},
+                       headers=bearer("web")).json()["request_id"]
+    assert client.post("/feedback", json={"request_id": single, "label": "negative"},
+                       headers=bearer("labeller")).status_code == 200
+    return {"single": single, "pair": pair}
+
+
+def snapshot(store: PredictionStore) -> tuple:
+    """Everything the store holds, for before/after comparisons."""
+    rows = store.window().drop(columns=["id"]).astype(str).values.tolist()
+    return rows, store.feedback_history().drop(columns=["id"]).astype(str).values.tolist()
+
+
+def assert_refused(response, status: int, detail: str, *unechoed: str) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    assert response.json()["detail"] == detail
+    for value in unechoed:
+        assert value not in response.text
+
+
+# --- authentication and scopes -------------------------------------------------------------------
+
+NO_BEARER = "send Authorization: Bearer <token>"
+
+
+@pytest.mark.parametrize("path, body, headers, status, detail", [
+    ("/predict", {"text": "good"}, {}, 401, NO_BEARER),
+    ("/predict", {"text": "good"}, {"Authorization": "Basic d2ViOnNlY3JldA=="}, 401, NO_BEARER),
+    ("/predict", {"text": "good"}, {"Authorization": "Bearer "}, 401, NO_BEARER),
+    ("/predict", {"text": "good"}, {"Authorization": "Bearer guessed-secret-0123456789"}, 401,
+     "the bearer token is not a known token"),
+    ("/predict", {"text": "good"}, {"Authorization": "Bearer " + SECRETS["web"][:-1]}, 401,
+     "the bearer token is not a known token"),
+    ("/predict", {"text": "good"}, bearer("labeller"), 403, "token 'labeller' has scopes ['feedback'], not 'predict'"),
+    ("/feedback", {"request_id": "a" * 32, "label": "positive"}, {}, 401, NO_BEARER),
+    ("/feedback", {"request_id": "a" * 32, "label": "positive"}, bearer("web"), 403,
+     "token 'web' has scopes ['predict'], not 'feedback'"),
+])
+def test_requests_without_a_token_of_the_right_scope_are_refused_and_change_nothing(
+        client, store, logged, path, body, headers, status, detail):
+    before = snapshot(store)
+    response = client.post(path, json=body, headers=headers)
+    assert_refused(response, status, detail, "secret")
+    assert (response.headers.get("www-authenticate") == "Bearer") == (status == 401)
+    assert snapshot(store) == before
+
+
+def test_health_and_version_stay_open_for_probes_while_data_routes_need_tokens(client):
+    assert client.get("/health").status_code == 200
+    assert client.get("/version").json()["version"] == "1"
+
+
+def test_without_tokens_loopback_callers_are_anonymous_and_their_feedback_says_so(classifier, store):
+    with TestClient(app_for(classifier, store, tokens=())) as anonymous:
+        request_id = anonymous.post("/predict", json={"text": "the film was bad"}).json()["request_id"]
+        assert anonymous.post("/feedback", json={"request_id": request_id, "label": "negative"}).status_code == 200
+    assert store.request(request_id)["feedback_by"].tolist() == ["anonymous"]
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.20", "10.0.0.5", "example.com", "[::]"])
+def test_binding_beyond_loopback_without_tokens_is_refused(host):
+    assert bind_refusal(host, ()).startswith(f"refusing to serve on {host} without tokens")
+    assert bind_refusal(host, TOKENS) is None
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+def test_loopback_binds_without_tokens(host):
+    assert bind_refusal(host, ()) is None
+
+
+def test_serve_command_refuses_0_0_0_0_without_tokens_and_binds_nothing(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from tuneloop.cli import app
+
+    monkeypatch.delenv("TUNELOOP_TOKENS", raising=False)
+    monkeypatch.delenv("TUNELOOP_TOKENS_FILE", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "params.yaml").write_text("mlflow: {tracking_uri: 'sqlite:///" + str(tmp_path) + "/m.db'}\n")
+    result = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--root", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "serve refused: refusing to serve on 0.0.0.0 without tokens" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("text, message", [
+    ("web:predict:short", "$TUNELOOP_TOKENS, token 1 (web): the secret must be at least 16"),
+    ("web:admin:" + "x" * 20, "$TUNELOOP_TOKENS, token 1 (web): scopes must be some of ['predict', 'feedback']"),
+    ("w/b:predict:" + "x" * 20, "$TUNELOOP_TOKENS, token 1: a name is 1-64 letters"),
+    ("a:predict:" + "x" * 20 + " b:feedback:" + "x" * 20, "$TUNELOOP_TOKENS, token 2 (b): names and secrets"),
+    ("a:predict:" + "x" * 20 + "\na:feedback:" + "y" * 20, "$TUNELOOP_TOKENS, token 2 (a): names and secrets"),
+    (":predict:" + "x" * 20, "$TUNELOOP_TOKENS, token 1: a name is 1-64 letters"),
+])
+def test_malformed_token_configuration_is_refused_without_repeating_the_secret(text, message):
+    with pytest.raises(TokenError) as refused:
+        parse_tokens(text, "$TUNELOOP_TOKENS")
+    assert str(refused.value).startswith(message)
+    assert "x" * 16 not in str(refused.value) and "short" not in str(refused.value)
+
+
+def test_tokens_come_from_the_variable_then_the_file_and_a_missing_file_is_named(tmp_path, monkeypatch):
+    monkeypatch.delenv("TUNELOOP_TOKENS", raising=False)
+    monkeypatch.delenv("TUNELOOP_TOKENS_FILE", raising=False)
+    (tmp_path / "tokens").write_text("# who may do what\nweb:predict:" + "s" * 20 + "\n")
+    assert [(t.name, sorted(t.scopes)) for t in load_tokens("tokens", tmp_path)] == [("web", ["predict"])]
+    monkeypatch.setenv("TUNELOOP_TOKENS", "app:predict,feedback:" + "v" * 20)
+    assert [t.name for t in load_tokens("tokens", tmp_path)] == ["app"]
+    monkeypatch.delenv("TUNELOOP_TOKENS")
+    with pytest.raises(TokenError, match="token file .*/absent does not exist"):
+        load_tokens("absent", tmp_path)
+    assert "s" * 20 not in repr(load_tokens("tokens", tmp_path))
+
+
+# --- bodies: size, encoding, shape ---------------------------------------------------------------
+
+
+def call_asgi(app, headers: list, chunks: list[bytes]) -> tuple[int, dict, int]:
+    """Sends one POST /predict straight to an ASGI app; returns (status, body, chunks the app read)."""
+    sent, read = [], [0]
+
+    async def receive():
+        if read[0] < len(chunks):
+            read[0] += 1
+            return {"type": "http.request", "body": chunks[read[0] - 1], "more_body": read[0] < len(chunks)}
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/predict", "headers": headers, "query_string": b"",
+             "http_version": "1.1", "scheme": "http", "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1)}
+    asyncio.run(app(scope, receive, send))
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return sent[0]["status"], json.loads(body), read[0]
+
+
+def never_called(scope, receive, send):
+    raise AssertionError("the app behind the limit was reached")
+
+
+def test_declared_oversized_body_is_refused_before_a_byte_is_read():
+    limit = BodyLimit(never_called, max_bytes=1000)
+    status, body, read = call_asgi(limit, [(b"content-length", b"50000000")], [b"x" * 10])
+    assert (status, body, read) == (413, {"detail": "the request body is over serve.max_body_bytes = 1000 bytes"}, 0)
+
+
+def test_streamed_body_without_length_is_cut_at_the_first_chunk_past_the_limit():
+    limit = BodyLimit(never_called, max_bytes=1000)
+    status, body, read = call_asgi(limit, [], [b"x" * 400] * 100)  # 40 KB, chunked
+    assert (status, read) == (413, 3)  # 1200 bytes read of 40,000
+    assert body["detail"] == "the request body is over serve.max_body_bytes = 1000 bytes"
+
+
+@pytest.mark.parametrize("length", [b"abc", b"-5", b"1e9"])
+def test_malformed_content_length_is_a_400(length):
+    status, body, read = call_asgi(BodyLimit(never_called, 1000), [(b"content-length", length)], [b"{}"])
+    assert (status, body, read) == (400, {"detail": "the Content-Length header is not one non-negative integer"}, 0)
+
+
+def test_fifty_megabyte_body_is_refused_with_413_and_nothing_logged(client, store, logged):
+    before = snapshot(store)
+    response = client.post("/predict", content=b'{"text": "' + b"a" * 50_000_000 + b'"}',
+                           headers={**bearer("web"), "content-type": "application/json"})
+    assert_refused(response, 413, "the request body is over serve.max_body_bytes = 1100000 bytes")
+    assert len(response.content) < 200
+    assert snapshot(store) == before
+
+
+RAW = [  # (body bytes, status, detail)
+    (b'{"text": "\xff\xfe bad bytes"}', 422, "the request body is not valid UTF-8 (byte 10)"),
+    (b'{"text": "\\ud800"}', 422, "invalid request: text: Value error, the text is not valid Unicode: "
+                                  "a lone surrogate at character 0"),
+    (b'{"text": "fine \\udfff"}', 422, "invalid request: text: Value error, the text is not valid Unicode: "
+                                       "a lone surrogate at character 5"),
+    (b'{"texts": ["fine", "\\ud83d"]}', 422, "invalid request: texts.1: Value error, the text is not valid "
+                                            "Unicode: a lone surrogate at character 0"),
+    (b'{"text": "unterminated', 422, "invalid request: the body is not JSON (from character 9)"),
+    (b'not json at all', 422, "invalid request: the body is not JSON (from character 0)"),
+    (b'[]', 422, "invalid request: body: Input should be a valid dictionary or object to extract fields from"),
+    (b'null', 422, "invalid request: body: Field required"),
+    (b'"text"', 422, "invalid request: body: Input should be a valid dictionary or object to extract fields from"),
+    (b'{"text": 42}', 422, "invalid request: text: Input should be a valid string"),
+    (b'{"texts": {"a": "b"}}', 422, "invalid request: texts: Input should be a valid list"),
+    (b'{"texts": ["good", null]}', 422, "invalid request: texts.1: Input should be a valid string"),
+    (b'{"text": "good", "model_version": "2"}', 422, "invalid request: model_version: Extra inputs are not "
+                                                     "permitted"),
+    (b'{"text": "\\u2003\\u00a0\\t"}', 422, "text 0 is empty"),
+    (b'{"texts": ["\\u001f\\u0085"]}', 422, "text 0 is empty"),  # blank to str.isspace, not to ECMA \\s
+    (b'{"texts": ["good", "good", "good", "good", "good"]}', 413, "5 texts in one request; the limit is "
+                                                                   "serve.max_batch = 4"),
+    (b'{"text": "' + b"y" * 51 + b'"}', 413, "text 0 has 51 characters; the limit is serve.max_text_chars = 50"),
+    (b"[" * 100_000 + b"]" * 100_000, 400, "There was an error parsing the body"),
+]
+
+
+@pytest.mark.parametrize("raw, status, detail", RAW, ids=range(len(RAW)))
+def test_malformed_or_undecodable_predict_bodies_get_a_4xx_naming_the_problem(client, store, logged, raw, status,
+                                                                              detail):
+    before = snapshot(store)
+    response = client.post("/predict", content=raw, headers={**bearer("web"), "content-type": "application/json"})
+    assert_refused(response, status, detail)
+    assert len(response.content) < 400  # nothing of the input comes back
+    assert snapshot(store) == before
+
+
+def test_wrong_method_and_unknown_path_are_json_errors(client):
+    assert_refused(client.get("/predict"), 405, "Method Not Allowed")
+    assert client.get("/predict").headers["allow"] == "POST"
+    assert_refused(client.post("/admin", json={}), 404, "Not Found")
+
+
+# --- feedback ----------------------------------------------------------------------------------
+
+ONE_MB_ID = "r" * 1_000_000
+
+
+@pytest.mark.parametrize("body, status, detail", [
+    ({"request_id": ONE_MB_ID, "label": "positive"}, 422, "invalid request: request_id: String should match "
+                                                          "pattern '^[A-Za-z0-9_-]{1,64}$'"),
+    ({"request_id": "' OR 1=1 --", "label": "positive"}, 422, "invalid request: request_id: String should match "
+                                                              "pattern '^[A-Za-z0-9_-]{1,64}$'"),
+    ({"request_id": "../../etc/passwd", "label": "positive"}, 422, "invalid request: request_id: String should "
+                                                                   "match pattern '^[A-Za-z0-9_-]{1,64}$'"),
+    ({"request_id": "", "label": "positive"}, 422, "invalid request: request_id: String should match pattern "
+                                                   "'^[A-Za-z0-9_-]{1,64}$'"),
+    ({"request_id": "a" * 32, "label": "L" * 10_000}, 422, "invalid request: label: String should have at most "
+                                                           "128 characters"),
+    ({"request_id": "a" * 32, "label": ""}, 422, "invalid request: label: String should have at least 1 character"),
+    ({"request_id": "a" * 32, "label": "positive", "correction": "maybe"}, 422,
+     "invalid request: correction: Input should be a valid boolean, unable to interpret input"),
+    ({"request_id": "a" * 32, "label": "positive", "by": "admin"}, 422, "invalid request: by: Extra inputs are not "
+                                                                        "permitted"),
+    ({"request_id": "a" * 32, "label": "positive"}, 404, f"no predictions with request_id '{'a' * 32}'"),
+])
+def test_malformed_feedback_is_refused_without_echoing_it(client, store, logged, body, status, detail):
+    before = snapshot(store)
+    response = client.post("/feedback", json=body, headers=bearer("labeller"))
+    assert_refused(response, status, detail, "r" * 100, "L" * 200)
+    assert snapshot(store) == before
+
+
+@pytest.mark.parametrize("raw, detail", [
+    (b'{"request_id": "\\ud800", "label": "positive"}', "invalid request: request_id: Input should be a valid "
+                                                        "string, unable to parse raw data as a unicode string"),
+    (b'{"request_id": "abc", "label": "pos\\udc80"}', "invalid request: label: Input should be a valid string, "
+                                                      "unable to parse raw data as a unicode string"),
+])
+def test_lone_surrogates_in_feedback_are_422_not_a_database_error(client, store, logged, raw, detail):
+    before = snapshot(store)
+    response = client.post("/feedback", content=raw,
+                           headers={**bearer("labeller"), "content-type": "application/json"})
+    assert_refused(response, 422, detail)
+    assert snapshot(store) == before
+
+
+def test_a_different_second_label_is_a_409_and_the_first_label_stays(client, store, logged):
+    before = snapshot(store)
+    response = client.post("/feedback", json={"request_id": logged["single"], "label": "positive"},
+                           headers=bearer("admin"))
+    assert_refused(response, 409, f"request {logged['single']} item(s) [0] already have a different label; send "
+                                  '"correction": true to replace it (every change is kept)')
+    assert snapshot(store) == before
+    assert store.request(logged["single"])[["true_label", "feedback_by"]].values.tolist() == [["negative", "labeller"]]
+
+
+def test_explicit_correction_false_is_still_a_409(client, store, logged):
+    before = snapshot(store)
+    response = client.post("/feedback", json={"request_id": logged["single"], "label": "positive",
+                                              "correction": False}, headers=bearer("labeller"))
+    assert response.status_code == 409
+    assert snapshot(store) == before
+
+
+def test_the_same_label_again_changes_nothing_and_adds_no_history(client, store, logged):
+    before = snapshot(store)
+    response = client.post("/feedback", json={"request_id": logged["single"], "label": "negative"},
+                           headers=bearer("admin"))
+    assert (response.status_code, response.json()) == (200, {"request_id": logged["single"], "updated": 0})
+    assert snapshot(store) == before
+
+
+def test_a_batch_with_one_clashing_label_changes_none_of_its_items(client, store, logged):
+    pair = logged["pair"]
+    assert client.post("/feedback", json={"request_id": pair, "labels": ["negative", "positive"]},
+                       headers=bearer("labeller")).json()["updated"] == 2
+    before = snapshot(store)
+    response = client.post("/feedback", json={"request_id": pair, "labels": ["negative", "negative"]},
+                           headers=bearer("labeller"))
+    assert response.status_code == 409 and "item(s) [1] already have a different label" in response.json()["detail"]
+    assert snapshot(store) == before
+
+
+def test_a_correction_replaces_the_label_and_keeps_who_when_old_and_new(client, store, logged):
+    response = client.post("/feedback", json={"request_id": logged["single"], "label": "positive",
+                                              "correction": True}, headers=bearer("admin"))
+    assert response.json() == {"request_id": logged["single"], "updated": 1}
+    assert store.request(logged["single"])[["true_label", "feedback_by"]].values.tolist() == [["positive", "admin"]]
+    history = store.feedback_history(logged["single"])
+    assert history[["item", "by", "old_label", "new_label", "action"]].values.tolist() == [
+        [0, "labeller", None, "negative", "label"], [0, "admin", "negative", "positive", "correction"]]
+    assert history["ts"].is_monotonic_increasing
+
+
+def test_feedback_label_count_and_unknown_labels_are_422_and_change_nothing(client, store, logged):
+    before = snapshot(store)
+    count = client.post("/feedback", json={"request_id": logged["pair"], "labels": ["negative"]},
+                        headers=bearer("labeller"))
+    assert_refused(count, 422, f"request {logged['pair']} has 2 predictions; got 1 labels")
+    unknown = client.post("/feedback", json={"request_id": logged["pair"], "labels": ["negative", "spam"]},
+                          headers=bearer("labeller"))
+    assert_refused(unknown, 422, "unknown label(s) ['spam']; the model's labels are ['negative', 'positive']")
+    assert snapshot(store) == before
+
+
+# --- personal data and retention ------------------------------------------------------------------
+
+
+def test_emails_phones_and_cards_are_masked_in_the_store_but_the_answer_is_unchanged(client, store):
+    text = "mail jo@example.com or +44 20 7946 0958, card 4111 1111 1111 1111"
+    body = client.post("/predict", json={"text": text[:50]}, headers=bearer("web"))
+    assert body.status_code == 200
+    assert store.request(body.json()["request_id"])["text"].tolist() == ["mail [email] or [phone], card 4111"]
+    assert mask_pii(text) == "mail [email] or [phone], card [card]"
+
+
+def test_ordinary_numbers_are_not_mistaken_for_personal_data():
+    text = "the 1999-2001 seasons, 10/10, score 3-2, 2019 2020 2021, 1234 5678 9012 3456"
+    assert mask_pii(text) == text
+
+
+def test_exported_training_rows_carry_who_labelled_them_and_are_masked(tmp_path, store):
+    store.log([Prediction("r1", 0, "call me on 555-123-4567", "positive", 0.9, {"negative": 0.1, "positive": 0.9}, "1"),
+               Prediction("r2", 0, "plain", "negative", 0.8, {"negative": 0.8, "positive": 0.2}, "1")])
+    store.attach_feedback("r1", ["negative"], by="labeller")
+    store.attach_feedback("r2", ["negative"])
+    path, rows = export_feedback(store.labelled(), tmp_path / "incoming", utcnow(), mask=True)
+    assert rows == 2
+    assert pd.read_csv(path).values.tolist() == [["call me on [phone]", "negative", "labeller"],
+                                                 ["plain", "negative", "anonymous"]]
+
+
+def test_retention_deletes_predictions_and_their_history_older_than_the_window(store):
+    old, new = utcnow() - timedelta(days=100), utcnow()
+    probabilities = {"negative": 0.5, "positive": 0.5}
+    store.log([Prediction("old", 0, "a", "negative", 0.5, probabilities, "1", ts=old),
+               Prediction("new", 0, "b", "negative", 0.5, probabilities, "1", ts=new)])
+    store.attach_feedback("old", ["negative"], by="labeller")
+    assert store.purge(utcnow() - timedelta(days=90)) == 1
+    assert store.window()["request_id"].tolist() == ["new"]
+    assert store.feedback_history().empty
+
+
+def test_a_store_made_before_feedback_provenance_gains_the_column_and_keeps_its_rows(tmp_path):
+    import sqlalchemy as sa
+
+    url = f"sqlite:///{tmp_path}/old.db"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE predictions (id INTEGER PRIMARY KEY, request_id VARCHAR(64), item INTEGER,"
+                             " ts DATETIME, text TEXT, label VARCHAR(128), confidence FLOAT, probabilities TEXT, "
+                             "model_version VARCHAR(32), true_label VARCHAR(128), feedback_ts DATETIME)"))
+        conn.execute(sa.text("INSERT INTO predictions VALUES (1, 'r', 0, '2026-01-01 00:00:00', 't', 'negative', 0.5,"
+                             " '{}', '1', NULL, NULL)"))
+    store = PredictionStore(url)
+    assert store.attach_feedback("r", ["positive"], by="labeller") == 1
+    assert store.request("r")[["text", "true_label", "feedback_by"]].values.tolist() == [["t", "positive", "labeller"]]
+
+
+# --- paths from tags and flags -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tags, message", [
+    ({"data.md5": "../../../x", "data.size": "1", "data.path": "a.csv"}, "data.md5 is not in its format"),
+    ({"data.md5": "A" * 32, "data.size": "1", "data.path": "a.csv"}, "data.md5 is not in its format"),
+    ({"data.md5": "0" * 31, "data.size": "1", "data.path": "a.csv"}, "data.md5 is not in its format"),
+    ({"data.md5": "0" * 32, "data.size": "-1", "data.path": "a.csv"}, "data.size is not in its format"),
+    ({"data.md5": "0" * 32, "data.size": "1", "data.path": "../../etc/passwd"}, "data.path is not in its format"),
+    ({"data.md5": "0" * 32, "data.size": "1", "data.path": "data/.."}, "data.path is not in its format"),
+    ({"data.md5": "0" * 32, "data.size": "1"}, "data.path is missing"),
+])
+def test_tags_that_would_escape_the_project_are_refused_before_use(tags, message):
+    from tasks import registry
+
+    with pytest.raises(registry.TagError) as refused:
+        registry.checked_tags(tags, ("data.md5", "data.size", "data.path"))
+    assert message in str(refused.value) and "../" not in str(refused.value)
+
+
+def test_well_formed_data_tags_pass():
+    from tasks import registry
+
+    tags = {"data.md5": "6e3d7759" + "0" * 24, "data.size": "123", "data.path": "data/raw/movie+incoming.csv"}
+    assert registry.checked_tags(tags, ("data.md5", "data.size", "data.path")) == tags
+
+
+@pytest.mark.parametrize("version", ["../1", "0", "1.5", "v1", "", "1; rm -rf /"])
+def test_restore_data_refuses_a_version_that_is_not_a_number_and_writes_nothing(tmp_path, version):
+    from typer.testing import CliRunner
+
+    from tuneloop.cli import app
+
+    result = CliRunner().invoke(app, ["restore-data", version, "--root", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "restore-data refused: a version is a positive whole number" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_never_deletes_a_folder_it_did_not_create(tmp_path):
+    from typer.testing import CliRunner
+
+    from tuneloop.cli import app
+
+    precious = tmp_path / "thesis"
+    precious.mkdir()
+    (precious / "chapter1.tex").write_text("years of work")
+    result = CliRunner().invoke(app, ["demo", "--workspace", str(precious), "--root", str(tmp_path / "project")])
+    assert result.exit_code == 2
+    assert "was not created by the demo (no .tuneloop-demo file): it is left untouched" in result.output
+    assert (precious / "chapter1.tex").read_text() == "years of work"
+
+
+def test_demo_workspace_overlapping_the_project_is_refused(tmp_path):
+    from tuneloop.demo import DemoError, fresh_workspace
+
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    for workspace in (project, project / "src", tmp_path):
+        with pytest.raises(DemoError, match="overlaps the project"):
+            fresh_workspace(workspace, project)
+    assert (project / "src").is_dir()
+
+
+def test_demo_recreates_only_its_own_marked_workspace(tmp_path):
+    from tuneloop.demo import MARKER, fresh_workspace
+
+    workspace = fresh_workspace(tmp_path / "demo", tmp_path / "project")
+    (workspace / "old-registry.db").write_text("stale")
+    fresh_workspace(workspace, tmp_path / "project")
+    assert sorted(p.name for p in workspace.iterdir()) == [MARKER]
