@@ -103,14 +103,15 @@ def force_bad_version(model_name: str, workspace: Path, experiment: str) -> str:
     from safetensors.torch import load_file, save_file
 
     from tasks import registry
+    from tasks.classifier import HEAD_FILE
 
     champion = registry.alias_version(model_name, registry.CHAMPION)
     source = registry.download_version(model_name, champion.version, workspace / "state" / "registry_cache")
     bad = workspace / "state" / "bad-model"
     shutil.rmtree(bad, ignore_errors=True)
     shutil.copytree(source, bad)
-    weights = bad / "adapter_model.safetensors"
-    tensors = {k: (-v if "classifier" in k else v) for k, v in load_file(str(weights)).items()}
+    weights = bad / HEAD_FILE
+    tensors = {k: -v for k, v in load_file(str(weights)).items()}
     save_file(tensors, str(weights))
     client = mlflow.MlflowClient()
     experiment_id = client.get_experiment_by_name(experiment).experiment_id

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 def demo(tmp_path_factory) -> subprocess.CompletedProcess:
     project = tmp_path_factory.mktemp("project")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["finetune"].update(epochs=1, batch_size=16, max_length=64)
+    params["finetune"].update(epochs=1, batch_size=16, max_length=64, min_steps=0, min_examples_per_class=0)
     # 1,500 rows cannot beat the probe or a champion with confidence: the gate
     # asks for non-inferiority here, so the test proves the story's mechanics.
     params["gate"].update(min_gain_over_base=-1.0, min_gain_over_champion=-1.0, max_slice_regression=1.0)

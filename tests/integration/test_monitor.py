@@ -43,7 +43,8 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 TWEETS = REPO / "data" / "vader_sentiment" / "tweets.csv"
 LABELS = ["negative", "positive"]
-FAST = FinetuneConfig(epochs=3, learning_rate=1e-2, batch_size=16, lora_r=8, max_length=32)
+FAST = FinetuneConfig(epochs=3, learning_rate=1e-2, batch_size=16, lora_r=8, max_length=32, min_steps=0,
+                      min_examples_per_class=0)
 TOY_ROWS, TWEET_ROWS, OLD_ROWS = 150, 150, 20
 
 

@@ -37,7 +37,7 @@ def write_params(project: Path, name: str, source: str) -> None:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["ingest"]["source"] = source
     params["validate"]["min_rows_per_class"] = 20
-    params["finetune"].update(epochs=1, batch_size=16, max_length=64)
+    params["finetune"].update(epochs=1, batch_size=16, max_length=64, min_steps=0, min_examples_per_class=0)
     # 35 optimizer steps on a few hundred rows cannot beat the probe with
     # confidence, so the base comparison is opened wide (non-inferiority margin
     # -1, any slice change allowed): these tests prove the flow's mechanics. The
@@ -162,6 +162,27 @@ def test_bad_data_stops_at_validation_and_leaves_the_registry_as_it_was(project,
         assert f"row {row} (" in line or f"rows {row} (" in line, line
     assert "] split:" not in result.stdout  # stopped before the split stage
     assert registry_versions(project) == before
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output  # one clear message, not Prefect's task and flow tracebacks
+    assert sum("- label_set:" in line for line in output.splitlines()) == 1
+
+
+def test_a_declared_split_without_train_rows_stops_at_validation_with_one_message(project, second_run):
+    before = registry_versions(project)
+    rows = pd.read_csv(project / "reviews.csv").head(300)
+    rows["split"] = ["validation", "test"] * 150
+    rows.to_csv(project / "no_train.csv", index=False)
+    write_params(project, "no_train.yaml", "no_train.csv")
+    params = yaml.safe_load((project / "no_train.yaml").read_text())
+    params["ingest"]["split_column"] = "split"
+    (project / "no_train.yaml").write_text(yaml.safe_dump(params))
+    result = tuneloop(project, "run", "--params", "no_train.yaml")
+    assert result.returncode == 2
+    assert "no row is a train row" in result.stderr and "Traceback" not in result.stdout + result.stderr
+    assert "] split:" not in result.stdout and "] baseline:" not in result.stdout  # no compute spent
+    assert registry_versions(project) == before
+    debug = tuneloop(project, "validate", "--params", "no_train.yaml", "--debug")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "SplitError" in debug.stderr
 
 
 def test_changed_data_retrains_and_restore_brings_back_version_1_exact_bytes(project, second_run, tmp_path):
