@@ -1,0 +1,134 @@
+"""The default recipe on real data, as a new user runs it: probe vs champion.
+
+    .venv/bin/python -m benchmarks.recipe              # three runs, about 15 minutes on 2 cores
+    .venv/bin/python -m benchmarks.recipe --only hwu64
+
+Each case is a fresh project in a temporary folder, made and run with the real
+CLI (`tuneloop init DATA DIR`, then `tuneloop run`; the movie reviews use the
+shipped params.yaml), so the numbers include everything a user waits for:
+
+- hwu64: 64 home-assistant intents, tuneloop's own split (no split column);
+- hwu64-folds: the same file with the authors' folds as a split column
+  (folds 1-8 train, 9 validation, 10 test);
+- movies: the shipped VADER movie reviews with the shipped params.yaml.
+
+Prints a table (test macro-F1 and accuracy of the validation-tuned probe and of
+the champion on the same test rows, the gain's bootstrap interval, the whole
+run's wall time, fine-tuning's examples/s) and writes
+benchmarks/results/recipe-<date>.json. Not a test: nothing here asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from benchmarks.measure import machine
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+HWU64 = ROOT.parent / "shared" / "datasets" / "hwu64" / "hwu64.csv"
+
+
+def tuneloop(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "PREFECT_API_URL"}}
+    return subprocess.run([sys.executable, "-m", "tuneloop.cli", *args], cwd=folder, env=env,
+                          capture_output=True, text=True)
+
+
+def hwu64_with_folds(target: Path) -> Path:
+    frame = pd.read_csv(HWU64)
+    fold = frame["fold"].str.replace("KFold_", "").astype(int)
+    frame["split"] = ["train" if f <= 8 else "validation" if f == 9 else "test" for f in fold]
+    frame.drop(columns="fold").to_csv(target, index=False)
+    return target
+
+
+def prepare(case: str, folder: Path) -> None:
+    """A project folder for the case, as a user would make it."""
+    if case == "movies":
+        folder.mkdir(parents=True)
+        shutil.copytree(ROOT / "data" / "vader_sentiment", folder / "data" / "vader_sentiment")
+        shutil.copy(ROOT / "params.yaml", folder / "params.yaml")
+        shutil.copy(ROOT / "dvc.yaml", folder / "dvc.yaml")
+        subprocess.run(["git", "init", "-q"], cwd=folder, check=True)
+        return
+    data = HWU64 if case == "hwu64" else hwu64_with_folds(folder.parent / f"{case}.csv")
+    done = tuneloop(folder.parent, "init", str(data), str(folder))
+    if done.returncode != 0:
+        raise RuntimeError(f"init failed: {done.stderr[-2000:]}")
+
+
+def measure(case: str, scratch: Path) -> dict:
+    folder = scratch / case
+    prepare(case, folder)
+    started = time.perf_counter()
+    done = tuneloop(folder, "run")
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        return {"case": case, "error": (done.stdout + done.stderr)[-3000:]}
+    evaluation = json.loads((folder / "metrics" / "evaluation.json").read_text())
+    finetune = json.loads((folder / "metrics" / "finetune.json").read_text())
+    gate = json.loads((folder / "metrics" / "gate.json").read_text())
+    base = next(c for c in gate["checks"] if c["name"] == "beats_base")
+    found = re.search(r"gain ([+-][\d.]+) .*CI \[([+-][\d.]+), ([+-][\d.]+)\]", base["reason"])
+    models = evaluation["models"]
+    return {
+        "case": case, "test_rows": evaluation["test_rows"], "labels": len(evaluation["labels"]),
+        "probe": {k: models["base_probe"][k] for k in ("macro_f1", "accuracy")},
+        "champion": {k: models["challenger"][k] for k in ("macro_f1", "accuracy")},
+        "gain": float(found.group(1)), "ci": [float(found.group(2)), float(found.group(3))],
+        "promoted": gate["promote"], "gate_reason": base["reason"],
+        "run_seconds": seconds, "finetune_seconds": finetune["seconds"], "epochs": finetune["epochs_run"],
+        "train_examples_per_s": finetune["train_examples_per_s"],
+    }
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| data | labels | test rows | probe macro-F1 / acc | champion macro-F1 / acc | gain [95% CI] | "
+             "promoted | run | fine-tuning |", "|---|---:|---:|---|---|---|---|---:|---|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['case']} | failed: {r['error'][-200:]!r} |")
+            continue
+        ci = f"[{r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}]" if r.get("ci") else ""
+        lines.append(
+            f"| {r['case']} | {r['labels']} | {r['test_rows']} | {r['probe']['macro_f1']:.4f} / "
+            f"{r['probe']['accuracy']:.4f} | {r['champion']['macro_f1']:.4f} / {r['champion']['accuracy']:.4f} | "
+            f"{r['gain']:+.4f} {ci} | {'yes' if r['promoted'] else 'no'} | {r['run_seconds'] / 60:.1f} min | "
+            f"{r['epochs']} epochs, {r['finetune_seconds']:.0f} s, {r['train_examples_per_s']:.0f} ex/s |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=("hwu64", "hwu64-folds", "movies"), action="append")
+    cases = parser.parse_args().only or ["hwu64", "hwu64-folds", "movies"]
+    if not HWU64.exists():
+        cases = [c for c in cases if not c.startswith("hwu64")]
+    where = machine()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="tuneloop-recipe-") as scratch:
+        for case in cases:
+            results.append(measure(case, Path(scratch)))
+            print(table(results[-1:]).splitlines()[-1], flush=True)
+    print(f"\n{where['cpu']}, {where['cores']} cores, torch {where['torch']}\n\n{table(results)}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"recipe-{datetime.now(timezone.utc):%Y-%m-%d}.json"
+    out.write_text(json.dumps({"machine": where, "results": results}, indent=2) + "\n")
+    print(f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()
