@@ -121,22 +121,23 @@ def sniff_delimiter(text: str) -> str:
 def read_csv(path: Path, text: str) -> pd.DataFrame:
     import csv
     import io
-    import re
 
     delimiter = sniff_delimiter(text)
-    header = next(csv.reader(io.StringIO(text), delimiter=delimiter))
+    name = {",": "comma", ";": "semicolon", "\t": "tab", "|": "pipe"}[delimiter]
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
+    header = next(reader)
     duplicated = sorted({c for c in header if header.count(c) > 1})
     if duplicated:  # pandas would rename the second one silently (text, text.1)
         raise IngestError(f"{path}: column(s) {duplicated} appear more than once in the header; rename them")
     try:
-        # keep_default_na=False: an empty text stays "" for validation to name
-        return pd.read_csv(io.StringIO(text), sep=delimiter, dtype=str, keep_default_na=False)
-    except pd.errors.ParserError as error:
-        where = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(error))
-        detail = (f"line {where.group(2)} has {where.group(3)} fields where the header has {where.group(1)}"
-                  if where else "it cannot be parsed as CSV")
-        name = {",": "comma", ";": "semicolon", "\t": "tab", "|": "pipe"}[delimiter]
-        raise IngestError(f"{path}: {detail} ({name}-separated); quote fields that contain the separator") from None
+        for fields in reader:  # pandas would take a row with one field too many as an index
+            if fields and len(fields) != len(header):
+                raise IngestError(f"{path}: line {reader.line_num} has {len(fields)} fields where the header has "
+                                  f"{len(header)} ({name}-separated); quote fields that contain the separator")
+    except csv.Error as error:
+        raise IngestError(f"{path}: line {reader.line_num} cannot be read as CSV ({error})") from None
+    # keep_default_na=False: an empty text stays "" for validation to name
+    return pd.read_csv(io.StringIO(text), sep=delimiter, dtype=str, keep_default_na=False)
 
 
 def read_jsonl(path: Path, text: str) -> pd.DataFrame:
@@ -291,11 +292,11 @@ def run_ingest(config: IngestConfig, workspace: Workspace) -> DataVersion:
     incoming = incoming_files(config, workspace.root)
     if incoming:
         snapshot = merge_incoming(source, incoming, workspace.raw_dir, config)
-    elif not source.exists():
-        raise IngestError(f"data source {source} does not exist")
+        raw = read_table(snapshot)
     else:
+        raw = read_table(source)  # errors name the user's file, and nothing is copied before it reads
         snapshot = snapshot_source(source, workspace.raw_dir)
-    frame, excluded = canonicalize(read_table(snapshot), config)
+    frame, excluded = canonicalize(raw, config)
     md5, size = track_with_dvc(snapshot, workspace.root, config.dvc_remote)
     version = DataVersion(md5, size, str(snapshot.relative_to(workspace.root)), str(config.source),
                           len(frame), excluded, [str(p.relative_to(workspace.root)) for p in incoming],

@@ -42,6 +42,7 @@ def test_every_supported_format_reads_to_the_same_table(tmp_path: Path, name: st
     (b"  \n\n", "is empty"),
     (b"text,label\nfine,a\ntoo,many,fields\n", "line 3 has 3 fields where the header has 2 .comma-separated."),
     (b"text,text\nhello,a\n", r"column\(s\) \['text'\] appear more than once"),
+    (b"text;label\nx;y;z\n", "line 2 has 3 fields where the header has 2 .semicolon-separated."),
 ])
 def test_a_malformed_csv_is_one_clear_error_naming_the_line_and_never_its_contents(
         tmp_path: Path, content: bytes, message: str) -> None:
