@@ -59,6 +59,7 @@ def load(params: Path, root: Path):
 
 def run_stage(name: str, params: Path, root: Path) -> None:
     from tasks.ingest import IngestError
+    from tasks.integrity import IntegrityError
     from tasks.validate import DataValidationError
     from tuneloop import stages
 
@@ -69,7 +70,7 @@ def run_stage(name: str, params: Path, root: Path) -> None:
         configure_tracking(loaded.mlflow, workspace.root)
     try:
         getattr(stages, name)(loaded, workspace)
-    except (DataValidationError, IngestError, FileNotFoundError) as error:
+    except (DataValidationError, IngestError, FileNotFoundError, IntegrityError) as error:
         fail(f"{name} failed: {error}")
 
 
@@ -260,7 +261,8 @@ def rollback(to: Optional[str] = typer.Option(None, "--to", help="version to ser
     loaded, workspace = load(params, root)
     configure_tracking(loaded.mlflow, workspace.root)
     try:
-        entry = registry.rollback(loaded.mlflow.model_name, to, why)
+        entry = registry.rollback(loaded.mlflow.model_name, to, why, check=lambda version: registry.verified_version(
+            loaded.mlflow.model_name, version, workspace.models_cache, loaded.model.base))
     except registry.RollbackError as error:
         fail(f"rollback refused, the registry is unchanged: {error}")
     typer.echo(f"{loaded.mlflow.model_name}: champion rolled back from version {entry['from']} "

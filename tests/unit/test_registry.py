@@ -6,6 +6,7 @@ and each uses its own registered-model name (`mlflow_model_name`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from tasks.registry import (
     move_champion,
     reject_version,
 )
+from tasks.integrity import MANIFEST_TAG, IntegrityError
 from tasks.tracking import start_pipeline_run
 from tasks.workspace import Workspace
 
@@ -63,13 +65,17 @@ def test_create_version_registers_version_one_with_its_tags(
     tags = {"data.md5": "a" * 32, "test.macro_f1": 0.875, "base_model.name": "all-MiniLM-L6-v2"}
     info = create_version(mlflow_model_name, pipeline_run_id, model_dir, tags)
     assert info.version == "1"
-    assert info.run_id == pipeline_run_id
-    assert info.tags == {"data.md5": "a" * 32, "test.macro_f1": "0.875", "base_model.name": "all-MiniLM-L6-v2"}
+    assert registry.client().get_run(info.run_id).data.tags["mlflow.parentRunId"] == pipeline_run_id
+    assert {k: v for k, v in info.tags.items() if k != MANIFEST_TAG} == {
+        "data.md5": "a" * 32, "test.macro_f1": "0.875", "base_model.name": "all-MiniLM-L6-v2"}
+    assert json.loads(info.tags[MANIFEST_TAG]) == {
+        name: hashlib.sha256(text.encode()).hexdigest() for name, text in MODEL_FILES.items()}
     assert info.aliases == ()
-    assert info.source.endswith(f"{pipeline_run_id}/artifacts/model")
+    assert info.source.endswith(f"{info.run_id}/artifacts/model")
     assert get_version(mlflow_model_name, "1") == info
     second = create_version(mlflow_model_name, pipeline_run_id, model_dir, {})
     assert second.version == "2"
+    assert second.run_id != info.run_id  # one version, one run, one artefact folder
     assert [v.version for v in list_versions(mlflow_model_name)] == ["1", "2"]
 
 
@@ -166,7 +172,7 @@ def test_model_status_reports_champion_data_metrics_and_last_run_outcome(
     run_id = start_pipeline_run(config, workspace, {"data.md5": "d" * 32, "git.commit": "abc123"})
     tags = {"data.md5": "d" * 32, "data.size": "1234", "test.macro_f1": "0.8512", "test.accuracy": "0.86",
             "base_model.name": "all-MiniLM-L6-v2"}
-    create_version(name, run_id, model_dir, tags)
+    first = create_version(name, run_id, model_dir, tags)
     create_version(name, run_id, model_dir, {**tags, "test.macro_f1": "0.9"})
     move_champion(name, "1", "promote", "first")
     client = registry.client()
@@ -177,7 +183,7 @@ def test_model_status_reports_champion_data_metrics_and_last_run_outcome(
     status = model_status(name, "status-test")
     assert status["model"] == name
     assert status["champion"] == {
-        "version": "1", "data_md5": "d" * 32, "test": {"macro_f1": 0.8512, "accuracy": 0.86}, "run_id": run_id,
+        "version": "1", "data_md5": "d" * 32, "test": {"macro_f1": 0.8512, "accuracy": 0.86}, "run_id": first.run_id,
     }
     assert status["previous"] is None
     assert status["versions"] == 2
