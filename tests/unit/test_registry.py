@@ -199,3 +199,63 @@ def test_model_status_without_champion_or_runs(mlflow_sandbox, mlflow_model_name
     status = model_status(mlflow_model_name, "empty-test")
     assert status == {"model": mlflow_model_name, "champion": None, "previous": None, "versions": 0,
                       "last_run": None}
+
+
+# --- one version, one artefact folder; files checked on every download --------------------------
+
+
+def registered_folder(info) -> Path:
+    """Where the local artefact store keeps a version's model files."""
+    from urllib.parse import urlparse
+
+    return Path(urlparse(info.source).path)
+
+
+def flip_byte(path: Path, at: int = 0) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_registering_again_in_the_same_pipeline_run_never_touches_an_earlier_versions_files(
+    mlflow_sandbox, pipeline_run_id: str, model_dir: Path, mlflow_model_name: str, tmp_path: Path
+) -> None:
+    retrained = tmp_path / "retrained"
+    retrained.mkdir()
+    for name, content in {**MODEL_FILES, "adapter_model.safetensors": "other weights"}.items():
+        (retrained / name).write_text(content)
+    first = create_version(mlflow_model_name, pipeline_run_id, model_dir, {})
+    second = create_version(mlflow_model_name, pipeline_run_id, retrained, {})  # no new ingest, same pipeline run
+    assert first.source != second.source
+    folder = download_version(mlflow_model_name, first.version, tmp_path / "cache")
+    assert {p.name: p.read_text() for p in folder.iterdir()} == MODEL_FILES
+
+
+def test_one_flipped_byte_in_a_registered_weight_file_is_refused_on_download(
+    mlflow_sandbox, pipeline_run_id: str, model_dir: Path, mlflow_model_name: str, tmp_path: Path
+) -> None:
+    info = create_version(mlflow_model_name, pipeline_run_id, model_dir, {})
+    flip_byte(registered_folder(info) / "adapter_model.safetensors")
+    with pytest.raises(IntegrityError, match=f"version 1 of {mlflow_model_name} as registered .* refusing to "
+                                             "load it: adapter_model.safetensors: sha256"):
+        download_version(mlflow_model_name, info.version, tmp_path / "cache")
+
+
+def test_another_model_put_in_the_cache_under_a_version_number_is_refused(
+    mlflow_sandbox, pipeline_run_id: str, model_dir: Path, mlflow_model_name: str, tmp_path: Path
+) -> None:
+    info = create_version(mlflow_model_name, pipeline_run_id, model_dir, {})
+    folder = download_version(mlflow_model_name, info.version, tmp_path / "cache")
+    (folder / "adapter_model.safetensors").write_text("a different adapter")
+    with pytest.raises(IntegrityError, match="the cached copy of version 1 .* adapter_model.safetensors: sha256"):
+        download_version(mlflow_model_name, info.version, tmp_path / "cache")
+
+
+def test_a_version_registered_without_hashes_still_downloads_with_a_warning(
+    mlflow_sandbox, pipeline_run_id: str, model_dir: Path, mlflow_model_name: str, tmp_path: Path, caplog
+) -> None:
+    info = create_version(mlflow_model_name, pipeline_run_id, model_dir, {})
+    registry.client().delete_model_version_tag(mlflow_model_name, info.version, MANIFEST_TAG)  # as older code left it
+    folder = download_version(mlflow_model_name, info.version, tmp_path / "cache")
+    assert (folder / "labels.json").read_text() == MODEL_FILES["labels.json"]
+    assert "records no file hashes" in caplog.text
