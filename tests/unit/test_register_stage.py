@@ -38,7 +38,8 @@ def evaluated(ws: Workspace, challenger: Path, promote: bool) -> None:
     shutil.rmtree(ws.challenger_dir, ignore_errors=True)
     shutil.copytree(challenger, ws.challenger_dir)
     scores = {"accuracy": 0.9, "macro_f1": 0.9, "ece": 0.05, "latency_ms_per_example": 1.0}
-    write_json(ws.evaluation, {"models": {"challenger": scores}, "challenger_files": folder_manifest(ws.challenger_dir)})
+    write_json(ws.evaluation, {"models": {"challenger": scores},
+                               "challenger_files": folder_manifest(ws.challenger_dir)})
     write_json(ws.decision, {"promote": promote, "reasons": ["test"]})
 
 

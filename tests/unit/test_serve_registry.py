@@ -184,7 +184,7 @@ def test_rollback_to_a_version_whose_files_changed_is_refused_and_the_champion_s
         three_versions, mlflow_sandbox, tmp_path) -> None:
     from tuneloop.cli import app
 
-    flip_byte(registered_folder(three_versions, "1") / "adapter_model.safetensors", at=-10)  # in the tensor data: still loads
+    flip_byte(registered_folder(three_versions, "1") / "adapter_model.safetensors", at=-10)
     root = project(tmp_path / "project", mlflow_sandbox, three_versions)
     result = CliRunner().invoke(app, ["rollback", "--root", str(root)])
     assert result.exit_code == 2
