@@ -13,7 +13,6 @@ dependency), so it runs on a bare GPU machine and in fast unit tests.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,18 +50,6 @@ def resolve_model_path(name_or_path: str) -> Path:
             f"Hugging Face model folder with a config.json (looked in {path})"
         )
     return path
-
-
-def hash_model_weights(model_dir: Path) -> str:
-    """SHA-256 over the weight files of a model folder, in name order."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in model_dir.iterdir() if p.suffix in {".safetensors", ".bin"})
-    for path in files:
-        digest.update(path.name.encode())
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def pick_device(requested: str = "auto") -> torch.device:

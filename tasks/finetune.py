@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tasks import integrity
 from tasks.classifier import (HEAD_FILE, LABELS_FILE, META_FILE, Classifier, TextClassifier, load_encoder,
                               load_tokenizer, pad_batch, pick_device, predict_proba, resolve_pooling, tokenize)
 from tasks.metrics import macro_f1
@@ -162,18 +164,43 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Writes atomically, so an interruption never leaves a half-written file."""
+    """Writes atomically, so an interruption never leaves a half-written file,
+    with the file's sha256 beside it (`last.pt.sha256`) for `load_checkpoint` to check."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
+    digest = integrity.sha256_file(tmp)
     os.replace(tmp, path)
+    digest_path(path).write_text(digest + "\n")
+
+
+def digest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
 
 
 def load_checkpoint(path: Path, fingerprint: str) -> dict | None:
-    """The checkpoint of the same run, or None when there is none to resume."""
+    """The checkpoint of the same run, or None when there is none to resume.
+
+    Read without pickle (`weights_only=True`: tensors, numbers, strings,
+    lists and dicts only), after its bytes are checked against the sha256
+    written with it, so a crafted or damaged file is refused, never run.
+
+    Raises:
+        IntegrityError: the file does not match its recorded sha256, or is not
+            a plain-tensor checkpoint; the message says how to start afresh.
+    """
     if not path.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    afresh = f"delete {path.parent} to train from the start"
+    recorded = digest_path(path).read_text().strip() if digest_path(path).exists() else None
+    if recorded != integrity.sha256_file(path):
+        raise integrity.IntegrityError(f"refusing to resume from {path}: its sha256 does not match the one "
+                                       f"written with it ({digest_path(path).name}); {afresh}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise integrity.IntegrityError(f"refusing to resume from {path}: it holds more than tensors and numbers "
+                                       f"({str(error).splitlines()[0]}); {afresh}") from None
     return state if state.get("fingerprint") == fingerprint else None
 
 
@@ -199,17 +226,22 @@ def score_macro_f1(model, tokenizer, labels, texts, y_true, config, device) -> f
 
 @dataclass
 class TrainState:
-    """What a checkpoint must carry to continue a run exactly where it stopped."""
+    """What a checkpoint must carry to continue a run exactly where it stopped:
+    numbers, tensors and lists/dicts of them only, so it loads without pickle."""
 
     step: int = 0
     epoch: int = 0
     best_f1: float = -1.0
-    best_state: dict | None = None
+    best_state: dict[str, torch.Tensor] | None = None
     bad_epochs: int = 0
     history: list[dict] = field(default_factory=list)
     examples: int = 0
     tokens: int = 0
     seconds: float = 0.0
+
+    def to_plain(self) -> dict:
+        """A plain dict (no dataclass to unpickle); `TrainState(**plain)` reverses it."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
 
 def make_optimizer(model: torch.nn.Module, config: FinetuneConfig, device: torch.device, total_steps: int):
@@ -232,14 +264,15 @@ def restore(model, optimizer, scheduler, checkpoint: dict) -> TrainState:
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
     torch.set_rng_state(checkpoint["torch_rng"])
-    return checkpoint["state"]
+    return TrainState(**checkpoint["state"])
 
 
 def snapshot(model, optimizer, scheduler, state: TrainState, fingerprint: str) -> dict:
+    """Everything a resume needs, as tensors, numbers and strings (loadable with weights_only=True)."""
     return {
         "fingerprint": fingerprint, "trainable": trainable_state(model),
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "torch_rng": torch.get_rng_state(), "state": state,
+        "torch_rng": torch.get_rng_state(), "state": state.to_plain(),
     }
 
 

@@ -13,6 +13,9 @@ import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
+
+from tasks import integrity
 
 from tasks.errors import TuneloopError
 
@@ -111,25 +114,92 @@ def list_versions(name: str) -> list[VersionInfo]:
 
 
 def download_version(name: str, version: str, cache_dir: Path) -> Path:
-    """The version's model folder, downloaded once into `cache_dir/<version>`."""
+    """The version's model folder, downloaded once into `cache_dir/<version>`
+    and checked against the file hashes the version recorded, cached or not.
+
+    Raises:
+        IntegrityError: the folder's files differ from the recorded hashes
+            (a changed cache or registry artefact); nothing is loaded.
+    """
     import mlflow
 
+    info = get_version(name, version)
     target = Path(cache_dir) / str(version)
-    if (target / "model" / "tuneloop.json").exists():
-        return target / "model"
-    target.mkdir(parents=True, exist_ok=True)
-    source = get_version(name, version).source
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(target)))
+    model_dir = target / "model"
+    cached = (model_dir / "tuneloop.json").exists()
+    if not cached:
+        target.mkdir(parents=True, exist_ok=True)
+        model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=info.source, dst_path=str(target)))
+    where = f"the cached copy of version {version} of {name} (remove {target} to download it again)" if cached \
+        else f"version {version} of {name} as registered ({info.source})"
+    integrity.check_version_files(model_dir, info.tags, where)
+    return model_dir
+
+
+def version_run(name: str, parent_run_id: str) -> str:
+    """A new run, child of `parent_run_id` (same experiment), that holds one version's model files."""
+    c = client()
+    parent = c.get_run(parent_run_id)
+    run = c.create_run(parent.info.experiment_id, run_name="register",
+                       tags={"mlflow.parentRunId": parent_run_id, "tuneloop.stage": "register",
+                             "tuneloop.model": name})
+    return run.info.run_id
 
 
 def create_version(name: str, run_id: str, model_dir: Path, tags: dict[str, str]) -> VersionInfo:
-    """Uploads the model folder to the run's artefacts and registers it."""
+    """Registers a copy of the model folder as a new version with its own run.
+
+    Every version gets a run of its own (a child of `run_id`, the pipeline's
+    run), so its `model/` artefact folder is written once and never shared:
+    registering again, in any order of stages, cannot replace an older
+    version's files. The files are copied first and hashed from the copy, so
+    the recorded sha256s (tag `model.files`) are those of the uploaded bytes
+    even if the folder changes meanwhile.
+
+    Returns:
+        The new version; its `run_id` is the version's own run.
+    """
+    import shutil
+    import tempfile
+
     c = client()
     ensure_registered_model(name)
-    c.log_artifacts(run_id, str(model_dir), artifact_path="model")
-    source = f"{c.get_run(run_id).info.artifact_uri}/model"
+    own_run = version_run(name, run_id)
+    with tempfile.TemporaryDirectory(prefix="tuneloop-register-") as scratch:
+        frozen = Path(shutil.copytree(model_dir, Path(scratch) / "model"))
+        manifest = integrity.folder_manifest(frozen)
+        c.log_artifacts(own_run, str(frozen), artifact_path="model")
+    source = f"{c.get_run(own_run).info.artifact_uri}/model"
     clean = {k: str(v)[:MAX_TAG] for k, v in tags.items()}
-    return as_info(c.create_model_version(name, source=source, run_id=run_id, tags=clean))
+    manifest_json = json.dumps(manifest, sort_keys=True)
+    if len(manifest_json) > MAX_TAG:
+        raise ValueError(f"{model_dir} holds too many files to record their hashes in one tag ({len(manifest)})")
+    clean[integrity.MANIFEST_TAG] = manifest_json
+    info = as_info(c.create_model_version(name, source=source, run_id=own_run, tags=clean))
+    c.set_terminated(own_run)
+    return info
+
+
+def verified_version(name: str, version: str, cache_dir: Path, fallback_base: str | None = None
+                     ) -> tuple[Path, Path | None]:
+    """A version's model folder and, for a LoRA adapter, the base model it was
+    trained on, both checked against the hashes the version recorded.
+
+    Args:
+        fallback_base: the base model for a version that records none (registered by older code).
+
+    Returns:
+        (model folder, base model folder; None for a fully fine-tuned model, which needs no base).
+
+    Raises:
+        IntegrityError: a file differs from its recorded hash.
+        FileNotFoundError: the version's base model is not on this machine.
+    """
+    model_dir = download_version(name, version, cache_dir)
+    if not (model_dir / "adapter_config.json").exists():
+        return model_dir, None
+    what = f"version {version} of {name}"
+    return model_dir, integrity.verified_base(get_version(name, version).tags, what, fallback_base)
 
 
 def audit_trail(name: str) -> list[dict]:
@@ -168,18 +238,24 @@ class RollbackError(TuneloopError, ValueError):
     """A rollback that cannot happen; the registry is unchanged."""
 
 
-def rollback(name: str, to_version: str | None = None, why: str = "manual rollback") -> dict:
+def rollback(name: str, to_version: str | None = None, why: str = "manual rollback",
+             check: Callable[[str], object] | None = None) -> dict:
     """Moves `champion` back to `previous` (or to `to_version`) in one step.
 
     The version it leaves becomes `previous`, so a second rollback rolls
     forward again. The move is recorded in the audit trail as `rollback`.
+
+    Args:
+        check: called with the target version before the alias moves
+            (`tuneloop rollback` passes `verified_version`); an IntegrityError
+            or FileNotFoundError it raises refuses the rollback.
 
     Returns:
         The audit entry written: {at, action, from, to, why}.
 
     Raises:
         RollbackError: no champion, no previous version (and no `to_version`),
-            an unknown version, or the target already is the champion.
+            an unknown version, the target already is the champion, or it fails `check`.
     """
     from mlflow.exceptions import MlflowException
 
@@ -198,6 +274,12 @@ def rollback(name: str, to_version: str | None = None, why: str = "manual rollba
         get_version(name, to_version)
     except MlflowException:
         raise RollbackError(f"{name} has no version {to_version}") from None
+    if check is not None:
+        try:
+            check(to_version)
+        except (integrity.IntegrityError, FileNotFoundError) as error:
+            raise RollbackError(f"version {to_version} of {name} cannot serve, version {champion.version} stays "
+                                f"champion: {error}") from None
     return move_champion(name, to_version, "rollback", why)
 
 
@@ -209,14 +291,15 @@ def reject_version(name: str, version: str, reasons: list[str]) -> None:
 
 
 def last_run(experiment: str) -> dict | None:
-    """The newest pipeline run: its outcome, status, data version and new version."""
+    """The newest pipeline run: its outcome, status, data version and new version.
+    Stage, version and tuning runs are children of a pipeline run and do not count."""
     import mlflow
 
-    found = mlflow.search_runs(experiment_names=[experiment], max_results=1, order_by=["start_time DESC"],
+    found = mlflow.search_runs(experiment_names=[experiment], max_results=200, order_by=["start_time DESC"],
                                output_format="list")
-    if not found:
+    run = next((r for r in found if "mlflow.parentRunId" not in r.data.tags), None)
+    if run is None:
         return None
-    run = found[0]
     return {"run_id": run.info.run_id, "status": run.info.status,
             "outcome": run.data.tags.get("tuneloop.outcome", "running"),
             "version": run.data.tags.get("tuneloop.version"), "data_md5": run.data.tags.get("data.md5")}
@@ -246,6 +329,8 @@ def download_reference(name: str, version: str, cache_dir: Path) -> Path:
     if (target / "splits.parquet").exists():
         return target / "splits.parquet"
     run_id = get_version(name, version).run_id
+    if not any(f.path == REFERENCE_DIR for f in client().list_artifacts(run_id)):
+        run_id = client().get_run(run_id).data.tags.get("mlflow.parentRunId", run_id)  # logged on the pipeline's run
     path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=REFERENCE_DIR,
                                                dst_path=str(target.parent))
     return Path(path) / "splits.parquet"

@@ -103,12 +103,19 @@ def smoke_check(classifier: Classifier) -> None:
 
 def registry_loader(model_name: str, cache_dir: Path, base_model: str, device: str = "auto"
                     ) -> Callable[[str], Classifier]:
-    """Download, load and smoke-check one registry version: what the follower calls."""
+    """Download, verify, load and smoke-check one registry version: what the follower calls.
+
+    The version's files must match the sha256s it recorded, and a LoRA version
+    is rebuilt on the base model it was trained on (its recorded path or name,
+    checked against its recorded hash), not on today's `params.model.base`;
+    `base_model` only stands in for a version that records no base. A mismatch
+    or a missing base raises, so the follower keeps the old model serving.
+    """
     from tasks import registry
 
     def load(version: str) -> Classifier:
-        model_dir = registry.download_version(model_name, version, cache_dir)
-        classifier = load_classifier(model_dir, base_model=base_model, device=device)
+        model_dir, base = registry.verified_version(model_name, version, cache_dir, base_model)
+        classifier = load_classifier(model_dir, base_model=str(base) if base else None, device=device)
         smoke_check(classifier)
         return classifier
 

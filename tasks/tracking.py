@@ -1,8 +1,15 @@
-"""MLflow experiment tracking: one MLflow run per pipeline run.
+"""MLflow experiment tracking: one MLflow run per pipeline run, one child run per stage run.
 
-The ingest stage opens a run and records its id under `state/`; every later
-stage logs into that run through the client (no global active run), so the
+The ingest stage opens the pipeline's run and records its id under `state/`;
+every later stage logs through the client (no global active run), so the
 Prefect flow, `dvc repro` and single `tuneloop <stage>` calls log alike.
+
+What a run says must be what ran. Each stage run gets a child run of its own
+holding its settings and numbers, so a stage run again after a params change
+(`dvc repro`, `dvc exp run -S ...`, by hand) adds a run instead of rewriting
+one. A pipeline run ends at registration (or failure); a stage run after that,
+without a new ingest, opens a new pipeline run continuing the ended one (tag
+`tuneloop.continues`), so each pipeline run registers at most one version.
 """
 
 from __future__ import annotations
@@ -160,8 +167,44 @@ def start_pipeline_run(config: MlflowConfig, workspace: Workspace, tags: dict[st
     return run.info.run_id
 
 
-def current_run_id(workspace: Workspace) -> str:
+def recorded_run_id(workspace: Workspace) -> str:
+    """The pipeline run recorded under `state/`, whether or not it has ended."""
     return read_json(workspace.run_state)["run_id"]
+
+
+def current_run_id(workspace: Workspace) -> str:
+    """The pipeline run stages log under: the recorded one while it runs, else
+    a new one continuing it (recorded in its place)."""
+    import mlflow
+
+    state = read_json(workspace.run_state)
+    run = mlflow.MlflowClient().get_run(state["run_id"])
+    if run.info.status == "RUNNING":
+        return run.info.run_id
+    return continue_pipeline_run(workspace, state["experiment_id"], run)
+
+
+def continue_pipeline_run(workspace: Workspace, experiment_id: str, ended) -> str:
+    """Opens the pipeline run that continues an ended one: same data tags, a
+    link back (`tuneloop.continues`), recorded as the current pipeline run."""
+    import mlflow
+
+    tags = {k: v for k, v in ended.data.tags.items() if k.startswith("data.")}
+    tags["tuneloop.continues"] = ended.info.run_id
+    run = mlflow.MlflowClient().create_run(experiment_id, tags=tags)
+    write_json(workspace.run_state, {"run_id": run.info.run_id, "experiment_id": experiment_id})
+    return run.info.run_id
+
+
+def start_stage_run(workspace: Workspace, stage: str) -> str:
+    """A new run for one run of `stage`, child of the current pipeline run."""
+    import mlflow
+
+    parent = current_run_id(workspace)
+    experiment_id = read_json(workspace.run_state)["experiment_id"]
+    run = mlflow.MlflowClient().create_run(experiment_id, run_name=stage, tags={
+        "mlflow.parentRunId": parent, "tuneloop.stage": stage})
+    return run.info.run_id
 
 
 def flatten(prefix: str, values: Any) -> dict[str, float]:
@@ -176,28 +219,38 @@ def flatten(prefix: str, values: Any) -> dict[str, float]:
 
 
 def log_stage(workspace: Workspace, stage: str, metrics: Any = None, params: dict | None = None,
-              artifacts: Iterable[Path] = ()) -> None:
-    """Logs a stage's numbers, settings and files into the pipeline's run."""
+              artifacts: Iterable[Path] = ()) -> str:
+    """Logs one run of a stage: its settings, numbers and files go to a new
+    child run of the pipeline's run; its numbers also go to the pipeline's run
+    (latest value first, earlier ones kept as metric history).
+
+    Returns:
+        The stage run's id.
+    """
     import time
 
     import mlflow
     from mlflow.entities import Metric, Param
 
     client = mlflow.MlflowClient()
-    run_id = current_run_id(workspace)
+    run_id = start_stage_run(workspace, stage)
     now = int(time.time() * 1000)
     metric_list = [Metric(k, v, now, 0) for k, v in flatten(stage, metrics or {}).items()]
     param_list = [Param(f"{stage}.{k}", str(v)[:6000]) for k, v in (params or {}).items()]
     client.log_batch(run_id, metrics=metric_list, params=param_list)
+    if metric_list:
+        client.log_batch(current_run_id(workspace), metrics=metric_list)
     for path in artifacts:
         path = Path(path)
         if path.is_dir():
             client.log_artifacts(run_id, str(path), artifact_path=f"{stage}/{path.name}")
         elif path.exists():
             client.log_artifact(run_id, str(path), artifact_path=stage)
+    client.set_terminated(run_id)
+    return run_id
 
 
 def end_pipeline_run(workspace: Workspace, status: str = "FINISHED") -> None:
     import mlflow
 
-    mlflow.MlflowClient().set_terminated(current_run_id(workspace), status=status)
+    mlflow.MlflowClient().set_terminated(recorded_run_id(workspace), status=status)

@@ -349,7 +349,8 @@ def rollback(to: Optional[str] = typer.Option(None, "--to", help="version to ser
     configure_tracking(loaded.mlflow, workspace.root)
     with writing(loaded, workspace, "rollback"):
         try:
-            entry = registry.rollback(loaded.mlflow.model_name, to, why)
+            entry = registry.rollback(loaded.mlflow.model_name, to, why, check=lambda version: registry.verified_version(
+                loaded.mlflow.model_name, version, workspace.models_cache, loaded.model.base))
         except registry.RollbackError as error:
             fail(f"rollback refused, the registry is unchanged: {error}")
     typer.echo(f"{loaded.mlflow.model_name}: champion rolled back from version {entry['from']} "

@@ -13,10 +13,10 @@ from dataclasses import asdict
 
 import pandas as pd
 
-from tasks import registry, tracking
+from tasks import integrity, registry, tracking
 from tasks import tune as tuning
 from tasks.baseline import probe_head, run_baseline
-from tasks.classifier import hash_model_weights, resolve_model_path
+from tasks.classifier import resolve_model_path
 from tasks.evaluate import classifier_candidate, evaluate_models, probe_candidate
 from tasks.finetune import FinetuneConfig, FinetuneResult, finetune as finetune_model
 from tasks.gate import Decision, decide_promotion
@@ -152,7 +152,7 @@ def tune(params: Params, ws: Workspace) -> dict:
                            labelled_rows(load_split(ws, "train"), labels),
                            labelled_rows(load_split(ws, "validation"), labels), labels, version.md5)
     storage = params.tune.storage or tuning.default_storage(ws.root, tracking.tracking_uri(params.mlflow, ws.root))
-    pipeline = read_json(ws.run_state)
+    pipeline = {"run_id": tracking.current_run_id(ws), "experiment_id": read_json(ws.run_state)["experiment_id"]}
     tune_run = tuning.open_tune_run(pipeline["experiment_id"], pipeline["run_id"],
                                     tuning.study_name(params.tune, params.finetune, data), params.tune, storage)
     try:
@@ -202,15 +202,20 @@ def finetune(params: Params, ws: Workspace) -> FinetuneResult:
 
 
 def champion_candidate(params: Params, ws: Workspace):
-    """The registry's current champion as an evaluation candidate, or None."""
+    """The registry's current champion as an evaluation candidate, or None.
+
+    Raises:
+        IntegrityError: its files or its base model differ from the hashes it recorded.
+    """
     tracking.configure_tracking(params.mlflow, ws.root)
     champion = registry.alias_version(params.mlflow.model_name, registry.CHAMPION)
     if champion is None:
         return None
-    model_dir = registry.download_version(params.mlflow.model_name, champion.version, ws.models_cache)
-    # the champion's own recorded base model: params.model.base may have moved on since
-    return classifier_candidate("champion", f"champion (v{champion.version})", model_dir, None,
-                                params.evaluate.batch_size, version=champion.version)
+    # the champion's own recorded base model, verified: params.model.base may have moved on since
+    model_dir, base = registry.verified_version(params.mlflow.model_name, champion.version, ws.models_cache,
+                                                params.model.base)
+    return classifier_candidate("champion", f"champion (v{champion.version})", model_dir,
+                                str(base) if base else None, params.evaluate.batch_size, version=champion.version)
 
 
 def evaluate(params: Params, ws: Workspace) -> dict:
@@ -230,6 +235,7 @@ def evaluate(params: Params, ws: Workspace) -> dict:
         params.evaluate.batch_size, train_val_gap=trained["train_macro_f1"] - trained["best_val_macro_f1"]))
     evaluation, predictions = evaluate_models(candidates, test, project_labels(params, ws), params.evaluate,
                                               load_data_version(ws).md5)
+    evaluation["challenger_files"] = integrity.folder_manifest(ws.challenger_dir)  # what register may upload
     tuned = tuning_record(params, ws)
     if tuned:
         evaluation["tuning"] = tuned  # the report's Tuning section
@@ -265,7 +271,7 @@ def version_tags(params: Params, ws: Workspace) -> dict[str, str]:
     tags = {
         "data.md5": data.md5, "data.size": str(data.size), "data.path": data.path, "data.source": data.source,
         "git.commit": git_commit(ws), "base_model.name": params.model.base, "base_model.path": str(base_path),
-        "base_model.sha256": hash_model_weights(base_path),
+        "base_model.sha256": integrity.base_weights_sha256(base_path),
         "params": json.dumps(params.model_dump(mode="json", by_alias=True), sort_keys=True),
     }
     tags.update({f"test.{k}": f"{challenger[k]:.6f}" for k in ("accuracy", "macro_f1", "ece", "latency_ms_per_example")})
@@ -287,10 +293,11 @@ def register(params: Params, ws: Workspace) -> dict:
     decision = read_json(ws.decision)
     name = params.mlflow.model_name
     tracking.configure_tracking(params.mlflow, ws.root)
+    check_challenger_unchanged(ws)
     run_id = tracking.current_run_id(ws)
     info = registry.create_version(name, run_id, ws.challenger_dir, version_tags(params, ws))
-    # the split this version learned from: drift monitoring's reference data
-    registry.client().log_artifact(run_id, str(ws.splits), artifact_path=registry.REFERENCE_DIR)
+    # the split this version learned from: drift monitoring's reference data, in the version's own run
+    registry.client().log_artifact(info.run_id, str(ws.splits), artifact_path=registry.REFERENCE_DIR)
     if decision["promote"]:
         registry.move_champion(name, info.version, "promote", "gate passed: " + "; ".join(decision["reasons"]))
         registry.client().set_model_version_tag(name, info.version, "decision", "promoted")
@@ -306,10 +313,22 @@ def register(params: Params, ws: Workspace) -> dict:
     return result
 
 
+def check_challenger_unchanged(ws: Workspace) -> None:
+    """The challenger about to be registered must be the one evaluate scored
+    (another run writing models/challenger meanwhile would otherwise slip in).
+
+    Raises:
+        IntegrityError: naming every changed file.
+    """
+    evaluated = read_json(ws.evaluation).get("challenger_files")
+    if evaluated is not None:
+        integrity.check_folder(ws.challenger_dir, evaluated, "the challenger evaluate scored")
+
+
 def finish_run(ws: Workspace, status: str, outcome: str, version: str | None = None) -> None:
     """Closes the pipeline's MLflow run with its outcome, for `tuneloop status`."""
     client = registry.client()
-    run_id = tracking.current_run_id(ws)
+    run_id = tracking.recorded_run_id(ws)
     client.set_tag(run_id, "tuneloop.outcome", outcome)
     if version:
         client.set_tag(run_id, "tuneloop.version", version)

@@ -75,7 +75,7 @@ def test_interrupted_run_resumes_from_its_checkpoint_and_ends_with_the_same_weig
 
     def save_then_die(path, state):
         original_save(path, state)
-        saves.append(state["state"].step)
+        saves.append(state["state"]["step"])
         if len(saves) == 2:  # the second checkpoint: step 16's epoch end came first, then step 26
             raise Interrupted
 

@@ -6,6 +6,7 @@ and each uses its own registered-model name (`mlflow_model_name`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from tasks.registry import (
     move_champion,
     reject_version,
 )
+from tasks.integrity import MANIFEST_TAG, IntegrityError
 from tasks.tracking import start_pipeline_run
 from tasks.workspace import Workspace
 
@@ -63,13 +65,17 @@ def test_create_version_registers_version_one_with_its_tags(
     tags = {"data.md5": "a" * 32, "test.macro_f1": 0.875, "base_model.name": "all-MiniLM-L6-v2"}
     info = create_version(mlflow_model_name, pipeline_run_id, model_dir, tags)
     assert info.version == "1"
-    assert info.run_id == pipeline_run_id
-    assert info.tags == {"data.md5": "a" * 32, "test.macro_f1": "0.875", "base_model.name": "all-MiniLM-L6-v2"}
+    assert registry.client().get_run(info.run_id).data.tags["mlflow.parentRunId"] == pipeline_run_id
+    assert {k: v for k, v in info.tags.items() if k != MANIFEST_TAG} == {
+        "data.md5": "a" * 32, "test.macro_f1": "0.875", "base_model.name": "all-MiniLM-L6-v2"}
+    assert json.loads(info.tags[MANIFEST_TAG]) == {
+        name: hashlib.sha256(text.encode()).hexdigest() for name, text in MODEL_FILES.items()}
     assert info.aliases == ()
-    assert info.source.endswith(f"{pipeline_run_id}/artifacts/model")
+    assert info.source.endswith(f"{info.run_id}/artifacts/model")
     assert get_version(mlflow_model_name, "1") == info
     second = create_version(mlflow_model_name, pipeline_run_id, model_dir, {})
     assert second.version == "2"
+    assert second.run_id != info.run_id  # one version, one run, one artefact folder
     assert [v.version for v in list_versions(mlflow_model_name)] == ["1", "2"]
 
 
@@ -166,7 +172,7 @@ def test_model_status_reports_champion_data_metrics_and_last_run_outcome(
     run_id = start_pipeline_run(config, workspace, {"data.md5": "d" * 32, "git.commit": "abc123"})
     tags = {"data.md5": "d" * 32, "data.size": "1234", "test.macro_f1": "0.8512", "test.accuracy": "0.86",
             "base_model.name": "all-MiniLM-L6-v2"}
-    create_version(name, run_id, model_dir, tags)
+    first = create_version(name, run_id, model_dir, tags)
     create_version(name, run_id, model_dir, {**tags, "test.macro_f1": "0.9"})
     move_champion(name, "1", "promote", "first")
     client = registry.client()
@@ -177,7 +183,7 @@ def test_model_status_reports_champion_data_metrics_and_last_run_outcome(
     status = model_status(name, "status-test")
     assert status["model"] == name
     assert status["champion"] == {
-        "version": "1", "data_md5": "d" * 32, "test": {"macro_f1": 0.8512, "accuracy": 0.86}, "run_id": run_id,
+        "version": "1", "data_md5": "d" * 32, "test": {"macro_f1": 0.8512, "accuracy": 0.86}, "run_id": first.run_id,
     }
     assert status["previous"] is None
     assert status["versions"] == 2
@@ -193,3 +199,63 @@ def test_model_status_without_champion_or_runs(mlflow_sandbox, mlflow_model_name
     status = model_status(mlflow_model_name, "empty-test")
     assert status == {"model": mlflow_model_name, "champion": None, "previous": None, "versions": 0,
                       "last_run": None}
+
+
+# --- one version, one artefact folder; files checked on every download --------------------------
+
+
+def registered_folder(info) -> Path:
+    """Where the local artefact store keeps a version's model files."""
+    from urllib.parse import urlparse
+
+    return Path(urlparse(info.source).path)
+
+
+def flip_byte(path: Path, at: int = 0) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_registering_again_in_the_same_pipeline_run_never_touches_an_earlier_versions_files(
+    mlflow_sandbox, pipeline_run_id: str, model_dir: Path, mlflow_model_name: str, tmp_path: Path
+) -> None:
+    retrained = tmp_path / "retrained"
+    retrained.mkdir()
+    for name, content in {**MODEL_FILES, "adapter_model.safetensors": "other weights"}.items():
+        (retrained / name).write_text(content)
+    first = create_version(mlflow_model_name, pipeline_run_id, model_dir, {})
+    second = create_version(mlflow_model_name, pipeline_run_id, retrained, {})  # no new ingest, same pipeline run
+    assert first.source != second.source
+    folder = download_version(mlflow_model_name, first.version, tmp_path / "cache")
+    assert {p.name: p.read_text() for p in folder.iterdir()} == MODEL_FILES
+
+
+def test_one_flipped_byte_in_a_registered_weight_file_is_refused_on_download(
+    mlflow_sandbox, pipeline_run_id: str, model_dir: Path, mlflow_model_name: str, tmp_path: Path
+) -> None:
+    info = create_version(mlflow_model_name, pipeline_run_id, model_dir, {})
+    flip_byte(registered_folder(info) / "adapter_model.safetensors")
+    with pytest.raises(IntegrityError, match=f"version 1 of {mlflow_model_name} as registered .* refusing to "
+                                             "load it: adapter_model.safetensors: sha256"):
+        download_version(mlflow_model_name, info.version, tmp_path / "cache")
+
+
+def test_another_model_put_in_the_cache_under_a_version_number_is_refused(
+    mlflow_sandbox, pipeline_run_id: str, model_dir: Path, mlflow_model_name: str, tmp_path: Path
+) -> None:
+    info = create_version(mlflow_model_name, pipeline_run_id, model_dir, {})
+    folder = download_version(mlflow_model_name, info.version, tmp_path / "cache")
+    (folder / "adapter_model.safetensors").write_text("a different adapter")
+    with pytest.raises(IntegrityError, match="the cached copy of version 1 .* adapter_model.safetensors: sha256"):
+        download_version(mlflow_model_name, info.version, tmp_path / "cache")
+
+
+def test_a_version_registered_without_hashes_still_downloads_with_a_warning(
+    mlflow_sandbox, pipeline_run_id: str, model_dir: Path, mlflow_model_name: str, tmp_path: Path, caplog
+) -> None:
+    info = create_version(mlflow_model_name, pipeline_run_id, model_dir, {})
+    registry.client().delete_model_version_tag(mlflow_model_name, info.version, MANIFEST_TAG)  # as older code left it
+    folder = download_version(mlflow_model_name, info.version, tmp_path / "cache")
+    assert (folder / "labels.json").read_text() == MODEL_FILES["labels.json"]
+    assert "records no file hashes" in caplog.text

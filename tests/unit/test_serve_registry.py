@@ -149,3 +149,98 @@ def test_follower_serves_promotions_and_rollbacks_and_never_a_broken_version(
     assert "version 3 was not switched to (version 1 keeps serving)" in follower.last_error
     registry.rollback(name, why="3 cannot load")  # back to 1: still serving, nothing to load
     assert follower.check() is False and follower.served.version == "1" and follower.failed_version is None
+
+
+# --- verified before serving, on the version's own base model ----------------------------------
+
+
+def registered_folder(name: str, version: str) -> Path:
+    from urllib.parse import urlparse
+
+    return Path(urlparse(registry.get_version(name, version).source).path)
+
+
+def flip_byte(path: Path, at: int = 0) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_follower_refuses_a_version_whose_registered_weights_changed_and_keeps_serving(
+        three_versions, tiny_bert, tmp_path) -> None:
+    name = three_versions
+    follower = ChampionFollower(name, str(tiny_bert), registry_lookup(name),
+                                registry_loader(name, tmp_path / "cache", str(tiny_bert), "cpu"), poll_seconds=60)
+    assert follower.check() and follower.served.version == "2"
+    flip_byte(registered_folder(name, "1") / "adapter_model.safetensors", at=-10)  # in the tensor data: still loads
+    registry.rollback(name, why="test")
+    assert follower.check() is False
+    assert follower.served.version == "2" and follower.failed_version == "1"
+    assert "version 1 was not switched to (version 2 keeps serving): IntegrityError" in follower.last_error
+    assert "adapter_model.safetensors: sha256" in follower.last_error
+
+
+def test_rollback_to_a_version_whose_files_changed_is_refused_and_the_champion_stays(
+        three_versions, mlflow_sandbox, tmp_path) -> None:
+    from tuneloop.cli import app
+
+    flip_byte(registered_folder(three_versions, "1") / "adapter_model.safetensors", at=-10)
+    root = project(tmp_path / "project", mlflow_sandbox, three_versions)
+    result = CliRunner().invoke(app, ["rollback", "--root", str(root)])
+    assert result.exit_code == 2
+    assert "rollback refused, the registry is unchanged" in result.output
+    assert "version 1 of" in result.output and "adapter_model.safetensors: sha256" in result.output
+    assert aliases(three_versions) == ("2", "1")
+
+
+@pytest.fixture(scope="module")
+def other_bert(tmp_path_factory) -> Path:
+    """Another tiny BERT (other random weights): what params.model.base says today."""
+    from tiny_model import build_tiny_bert
+
+    return build_tiny_bert(tmp_path_factory.mktemp("other-bert"), seed=1)
+
+
+def base_tags(base: Path, name: str = "tiny") -> dict[str, str]:
+    from tasks.integrity import base_weights_sha256
+
+    return {"base_model.name": name, "base_model.path": str(base), "base_model.sha256": base_weights_sha256(base)}
+
+
+def test_a_lora_version_serves_on_the_base_model_it_recorded_not_on_params_base(
+        mlflow_sandbox, mlflow_model_name, model_dirs, tiny_bert, other_bert, tmp_path) -> None:
+    from tasks.classifier import load_classifier, predict_proba
+
+    name, texts = mlflow_model_name, ["the film was great", "the plot was awful really"]
+    workspace = Workspace(Path(tempfile.mkdtemp(dir=tmp_path)))
+    run_id = start_pipeline_run(mlflow_sandbox.config(model_name=name), workspace, {})
+    version = registry.create_version(name, run_id, model_dirs["good"], base_tags(tiny_bert)).version
+    served = registry_loader(name, tmp_path / "cache", str(other_bert), "cpu")(version)
+    trained_on = predict_proba(load_classifier(model_dirs["good"], str(tiny_bert), "cpu"), texts)
+    on_params_base = predict_proba(load_classifier(model_dirs["good"], str(other_bert), "cpu"), texts)
+    assert predict_proba(served, texts) == pytest.approx(trained_on, abs=1e-6)
+    assert not predict_proba(served, texts) == pytest.approx(on_params_base, abs=1e-3)
+
+
+@pytest.mark.parametrize("case, error, message", [
+    ("base weights changed", "IntegrityError", "was trained on base model 'tiny' with weights sha256"),
+    ("base not on this machine", "FileNotFoundError", "the base model this version was trained on is not on this "
+                                                      "machine: name '/nowhere/tiny'"),
+])
+def test_a_version_whose_base_model_changed_or_is_missing_never_serves(
+        mlflow_sandbox, mlflow_model_name, model_dirs, tiny_bert, other_bert, tmp_path, case, error, message) -> None:
+    name = mlflow_model_name
+    tags = base_tags(tiny_bert)
+    if case == "base weights changed":
+        tags["base_model.path"] = str(other_bert)  # the recorded folder now holds other weights
+    else:
+        tags.update({"base_model.name": "/nowhere/tiny", "base_model.path": "/nowhere/tiny"})
+    workspace = Workspace(Path(tempfile.mkdtemp(dir=tmp_path)))
+    run_id = start_pipeline_run(mlflow_sandbox.config(model_name=name), workspace, {})
+    registry.create_version(name, run_id, model_dirs["good"], tags)
+    move_champion(name, "1", "promote", "first")
+    follower = ChampionFollower(name, str(tiny_bert), registry_lookup(name),
+                                registry_loader(name, tmp_path / "cache", str(tiny_bert), "cpu"), poll_seconds=60)
+    assert follower.check() is False and follower.served is None
+    assert f"version 1 was not switched to (nothing is served): {error}: " in follower.last_error
+    assert message in follower.last_error

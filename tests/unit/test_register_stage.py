@@ -1,0 +1,102 @@
+"""The register stage as `dvc repro` calls it: versions registered one after
+another without a fresh ingest each keep their own files, verified, and serve."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tasks import registry
+from tasks.classifier import load_classifier, predict_proba
+from tasks.finetune import FinetuneConfig, finetune
+from tasks.ingest import DataVersion
+from tasks.integrity import IntegrityError, folder_manifest
+from tasks.serve import registry_loader
+from tasks.tracking import start_pipeline_run
+from tasks.workspace import Workspace, write_json
+from tuneloop.params import parse_params
+
+FAST = FinetuneConfig(epochs=1, max_steps=4, learning_rate=1e-2, batch_size=16, lora_r=8, max_length=32)
+TEXTS = ["the film was great", "the plot was awful really", "this movie was boring"]
+
+
+@pytest.fixture(scope="module")
+def challengers(tiny_bert, toy_task, tmp_path_factory) -> list[Path]:
+    """Two tiny LoRA models, as two finetune runs with different settings would leave them."""
+    out = tmp_path_factory.mktemp("challengers")
+    return [finetune("tiny", tiny_bert, toy_task["train"], toy_task["validation"], toy_task["labels"],
+                     FinetuneConfig(**{**asdict(FAST), "seed": seed}), out / f"seed{seed}", out / "checkpoints",
+                     "register", progress=False).model_dir for seed in (1, 2)]
+
+
+def evaluated(ws: Workspace, challenger: Path, promote: bool) -> None:
+    """What finetune, evaluate and gate leave in the workspace for register."""
+    shutil.rmtree(ws.challenger_dir, ignore_errors=True)
+    shutil.copytree(challenger, ws.challenger_dir)
+    scores = {"accuracy": 0.9, "macro_f1": 0.9, "ece": 0.05, "latency_ms_per_example": 1.0}
+    write_json(ws.evaluation, {"models": {"challenger": scores},
+                               "challenger_files": folder_manifest(ws.challenger_dir)})
+    write_json(ws.decision, {"promote": promote, "reasons": ["test"]})
+
+
+@pytest.fixture
+def workspace(tmp_path, toy_task, mlflow_sandbox) -> Workspace:
+    """A workspace after ingest (one pipeline run opened) and split."""
+    ws = Workspace(tmp_path)
+    texts, labels = toy_task["validation"]
+    ws.splits.parent.mkdir(parents=True)
+    pd.DataFrame({"text": texts, "label": labels, "split": "test"}).to_parquet(ws.splits)
+    write_json(ws.data_version, asdict(DataVersion("e" * 32, 1, "data/raw/x.csv", "x.csv", 64, 0)))
+    return ws
+
+
+def stage_params(tiny_bert, sandbox, name: str):
+    return parse_params({"model": {"base": str(tiny_bert)}, "validate": {"labels": ["negative", "positive"]},
+                         "mlflow": {"tracking_uri": sandbox.tracking_uri, "experiment": sandbox.experiment,
+                                    "model_name": name}})
+
+
+def test_two_versions_registered_without_a_fresh_ingest_keep_their_own_files_and_both_serve(
+        workspace, challengers, tiny_bert, mlflow_sandbox, mlflow_model_name, tmp_path) -> None:
+    from tuneloop import stages
+
+    params = stage_params(tiny_bert, mlflow_sandbox, mlflow_model_name)
+    first_pipeline = start_pipeline_run(params.mlflow, workspace, {"data.md5": "e" * 32})  # ingest, once
+    evaluated(workspace, challengers[0], promote=True)
+    first = stages.register(params, workspace)
+    evaluated(workspace, challengers[1], promote=False)  # params changed: finetune, evaluate, gate again
+    second = stages.register(params, workspace)
+    assert (first["version"], second["version"], second["champion"]) == ("1", "2", "1")
+
+    name = mlflow_model_name
+    v1, v2 = registry.get_version(name, "1"), registry.get_version(name, "2")
+    downloaded = registry.download_version(name, "1", tmp_path / "cache")
+    assert folder_manifest(downloaded) == folder_manifest(challengers[0])  # byte-identical to what was trained
+    assert folder_manifest(registry.download_version(name, "2", tmp_path / "cache")) == folder_manifest(challengers[1])
+    served = registry_loader(name, tmp_path / "serve-cache", "/params/base/moved/on", "cpu")("1")
+    expected = predict_proba(load_classifier(challengers[0], str(tiny_bert), "cpu"), TEXTS)
+    assert predict_proba(served, TEXTS) == pytest.approx(expected, abs=1e-6)
+
+    client = registry.client()
+    parents = [client.get_run(v.run_id).data.tags["mlflow.parentRunId"] for v in (v1, v2)]
+    assert parents[0] == first_pipeline != parents[1]  # the ended pipeline run is not reused
+    assert client.get_run(parents[1]).data.tags["tuneloop.continues"] == first_pipeline
+    assert client.get_run(first_pipeline).data.tags["tuneloop.version"] == "1"
+    assert client.get_run(parents[1]).data.tags["tuneloop.version"] == "2"
+
+
+def test_register_refuses_a_challenger_that_changed_after_evaluate_scored_it(
+        workspace, challengers, tiny_bert, mlflow_sandbox, mlflow_model_name) -> None:
+    from tuneloop import stages
+
+    params = stage_params(tiny_bert, mlflow_sandbox, mlflow_model_name)
+    start_pipeline_run(params.mlflow, workspace, {})
+    evaluated(workspace, challengers[0], promote=True)
+    shutil.copy(challengers[1] / "adapter_model.safetensors", workspace.challenger_dir)  # another run's finetune
+    with pytest.raises(IntegrityError, match="the challenger evaluate scored .* adapter_model.safetensors: sha256"):
+        stages.register(params, workspace)
+    assert registry.list_versions(mlflow_model_name) == []
