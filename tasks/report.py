@@ -106,7 +106,9 @@ def _header_html(evaluation: dict, title: str) -> str:
     parts = [
         f"<h1>{_esc(title)}</h1>",
         f'<p class="meta">Data version: <code>{_esc(evaluation.get("data_version"))}</code></p>',
-        f'<p class="meta">Test rows: <b>{_esc(evaluation.get("test_rows"))}</b> &middot; '
+        f'<p class="meta">Test rows: <b>{_esc(evaluation.get("test_rows"))}</b>'
+        + (f' ({_esc(evaluation["new_test_rows"])} new since the champion\'s data version)'
+           if "new_test_rows" in evaluation else "") + ' &middot; '
         f'Labels: {", ".join(_esc(label) for label in evaluation.get("labels") or []) or MISSING}</p>',
     ]
     gate = evaluation.get("gate")

@@ -201,6 +201,16 @@ def finetune(params: Params, ws: Workspace) -> FinetuneResult:
     return result
 
 
+def new_test_rows(params: Params, ws: Workspace, version: str, test: pd.DataFrame) -> int:
+    """Test rows whose text the champion's data version did not hold: with stable
+    splits every other test row was a test row for the champion too."""
+    from tasks.validate import normalise_text
+
+    reference = pd.read_parquet(registry.download_reference(params.mlflow.model_name, version, ws.models_cache))
+    known = set(normalise_text(reference["text"].astype(str)))
+    return int((~normalise_text(test["text"].astype(str)).isin(known)).sum())
+
+
 def champion_candidate(params: Params, ws: Workspace):
     """The registry's current champion as an evaluation candidate, or None.
 
@@ -236,6 +246,8 @@ def evaluate(params: Params, ws: Workspace) -> dict:
     evaluation, predictions = evaluate_models(candidates, test, project_labels(params, ws), params.evaluate,
                                               load_data_version(ws).md5)
     evaluation["challenger_files"] = integrity.folder_manifest(ws.challenger_dir)  # what register may upload
+    if champion is not None:
+        evaluation["new_test_rows"] = new_test_rows(params, ws, champion.version, test)
     tuned = tuning_record(params, ws)
     if tuned:
         evaluation["tuning"] = tuned  # the report's Tuning section
@@ -246,7 +258,9 @@ def evaluate(params: Params, ws: Workspace) -> dict:
                 for key, m in evaluation["models"].items()}
     tracking.log_stage(ws, "evaluate", headline, artifacts=[ws.evaluation, ws.evaluation_report])
     say("evaluate", ", ".join(f"{k} macro-F1 {m['macro_f1']:.4f}" for k, m in headline.items())
-        + f" on {evaluation['test_rows']} test rows; report {ws.evaluation_report}")
+        + f" on {evaluation['test_rows']} test rows"
+        + (f" ({evaluation['new_test_rows']} new since the champion's data)" if "new_test_rows" in evaluation else "")
+        + f"; report {ws.evaluation_report}")
     return evaluation
 
 

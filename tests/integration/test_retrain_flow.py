@@ -140,6 +140,7 @@ def test_rerun_on_unchanged_data_promotes_nothing_and_says_why(project, second_r
     assert status(project)["champion"]["version"] == "1"
     # the same data version: identical test rows, so the comparison is paired
     assert versions[0]["tags"]["data.md5"] == versions[1]["tags"]["data.md5"]
+    assert json.loads((project / "metrics" / "evaluation.json").read_text())["new_test_rows"] == 0
 
 
 def test_bad_data_stops_at_validation_and_leaves_the_registry_as_it_was(project, second_run):
@@ -193,6 +194,9 @@ def test_changed_data_retrains_and_restore_brings_back_version_1_exact_bytes(pro
     assert result.returncode == 0, result.stderr[-3000:]
     newest = registry_versions(project)[-1]
     assert newest["tags"]["data.md5"] == md5(project / "reviews.csv") != hashlib.md5(original).hexdigest()
+    # stable splits: only the added rows can be new test rows (about 10 of the 100)
+    evaluation = json.loads((project / "metrics" / "evaluation.json").read_text())
+    assert 0 < evaluation["new_test_rows"] <= 30 and "new since the champion's data" in result.stdout
     shutil.rmtree(project / ".dvc" / "cache")  # the bytes must come from the DVC remote
     restored = tuneloop(project, "restore-data", "1", "--out", str(tmp_path / "v1"))
     assert restored.returncode == 0, restored.stderr[-3000:]
