@@ -20,6 +20,7 @@ from tasks.metrics import accuracy, classification_summary, macro_f1
 
 Scorer = Callable[[Sequence[str]], np.ndarray]
 CORE_COLUMNS = {"row", "text", "label", "split", "id", "score"}
+SLICE_PREFIX = "slice:"  # test_predictions columns holding each row's slice values
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,8 @@ def evaluate_models(candidates: Sequence[Candidate], test: pd.DataFrame, labels:
     slices = slice_columns_of(test, config)
     evaluation = {"data_version": data_version, "labels": list(labels), "test_rows": int(len(test)), "models": {}}
     predictions = pd.DataFrame({"row": test["row"].to_numpy(), "y_true": y_true})
+    for column in slices:  # the gate bootstraps each slice on its own rows
+        predictions[f"{SLICE_PREFIX}{column}"] = test[column].astype(str).to_numpy()
     for candidate in candidates:
         summary, probs = score_candidate(candidate, test, y_true, labels, slices, config)
         evaluation["models"][candidate.key] = summary

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tasks.evaluate import SLICE_PREFIX
 from tasks.metrics import interval_position, metric_function, paired_bootstrap
 
 
@@ -75,25 +76,43 @@ def compare(name: str, other: str, evaluation: dict, predictions: dict[str, np.n
     return Check(name, passed, reason)
 
 
-def check_slices(evaluation: dict, reference: str, config: GateConfig) -> Check:
+def check_slices(evaluation: dict, reference: str, config: GateConfig,
+                 predictions: dict[str, np.ndarray] | None = None) -> Check:
     """No slice value with enough rows loses more than the tolerance against
-    the reference model (the champion, else the base probe)."""
+    the reference model (the champion, else the base probe). Where the per-row
+    predictions carry the slices (`slice:<column>`), a loss counts only when the
+    slice's own paired bootstrap interval lies below zero: a 30-row slice of a
+    many-class task moves by more than the tolerance by chance alone."""
     ours = evaluation["models"]["challenger"].get("slices", {})
     theirs = evaluation["models"][reference].get("slices", {})
-    worst: list[str] = []
+    score = metric_function(config.metric, len(evaluation["labels"])) if "labels" in evaluation else None
+    worst, noise = [], []
     for column, values in ours.items():
+        members = (predictions or {}).get(f"{SLICE_PREFIX}{column}")
         for value, stats in values.items():
             ref = theirs.get(column, {}).get(value)
             if ref is None or stats["rows"] < config.min_slice_rows:
                 continue
             drop = ref[config.metric] - stats[config.metric]
-            if drop > config.max_slice_regression:
-                worst.append(f"{column}={value} {stats[config.metric]:.4f} vs {ref[config.metric]:.4f}")
+            if drop <= config.max_slice_regression:
+                continue
+            said = f"{column}={value} {stats[config.metric]:.4f} vs {ref[config.metric]:.4f}"
+            if members is not None and score is not None:
+                rows = members == value
+                ci = paired_bootstrap(predictions["y_true"][rows], predictions["challenger"][rows],
+                                      predictions[reference][rows], score, config.bootstrap_samples,
+                                      config.confidence, config.seed)
+                if ci["high"] >= 0:
+                    noise.append(f"{said} (CI [{ci['low']:+.4f}, {ci['high']:+.4f}] includes zero)")
+                    continue
+                said += f" (CI [{ci['low']:+.4f}, {ci['high']:+.4f}])"
+            worst.append(said)
+    within = f"; within noise: {'; '.join(noise)}" if noise else ""
     if worst:
         return Check("slices", False, f"slices regress by more than {config.max_slice_regression} "
-                     f"against {reference}: " + "; ".join(worst))
+                     f"against {reference}: " + "; ".join(worst) + within)
     return Check("slices", True, f"no slice with >= {config.min_slice_rows} rows regresses by more "
-                 f"than {config.max_slice_regression} against {reference}")
+                 f"than {config.max_slice_regression} against {reference}{within}")
 
 
 def check_latency(evaluation: dict, config: GateConfig) -> Check:
@@ -122,6 +141,6 @@ def decide_promotion(evaluation: dict, predictions: dict[str, np.ndarray], confi
                               config.min_gain_over_champion, config))
     else:
         checks.append(Check("beats_champion", True, "no champion yet: the first passing model becomes champion"))
-    checks.append(check_slices(evaluation, "champion" if has_champion else "base_probe", config))
+    checks.append(check_slices(evaluation, "champion" if has_champion else "base_probe", config, predictions))
     checks.append(check_latency(evaluation, config))
     return Decision(all(c.passed for c in checks), tuple(checks))

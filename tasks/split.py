@@ -112,12 +112,23 @@ def split_dataset(frame: pd.DataFrame, config: SplitConfig) -> pd.DataFrame:
         out["split"] = hashed
     else:
         split = declared.to_numpy(dtype=object).copy()
+        split[leaked_rows(out["text"], split)] = "train"
         for missing in ("validation", "test"):
             if not (split == missing).any():
                 split[(split == "train") & (hashed == missing)] = missing
         out["split"] = split
         check_declared_split(frame)
     return out
+
+
+def leaked_rows(texts: pd.Series, split: np.ndarray) -> np.ndarray:
+    """Validation/test rows whose normalised text is also a train row's: a
+    declared split's leak, which the validate stage refuses unless
+    `split_leakage` is a warning; such rows are moved to train, so no model is
+    scored on a text it trained on."""
+    keys = normalise_text(texts.astype(str)).to_numpy()
+    train = set(keys[split == "train"])
+    return (split != "train") & np.fromiter((k in train for k in keys), dtype=bool, count=len(keys))
 
 
 def split_counts(frame: pd.DataFrame) -> dict[str, int]:
@@ -128,12 +139,17 @@ def run_split(config: SplitConfig, workspace: Workspace) -> dict[str, int]:
     """Reads the ingested dataset, writes `data/split/splits.parquet`.
 
     Returns:
-        Row counts per split.
+        Row counts per split (and `leaked_to_train`, when declared validation/test
+        rows repeating a train text were moved).
     """
-    frame = split_dataset(pd.read_parquet(workspace.dataset), config)
+    source = pd.read_parquet(workspace.dataset)
+    frame = split_dataset(source, config)
     workspace.splits.parent.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(workspace.splits, index=False)
-    return split_counts(frame)
+    counts = split_counts(frame)
+    declared = declared_split(source)
+    moved = int(leaked_rows(source["text"], declared.to_numpy()).sum()) if declared is not None else 0
+    return {**counts, "leaked_to_train": moved} if moved else counts
 
 
 def load_split(workspace: Workspace, name: str) -> pd.DataFrame:

@@ -13,12 +13,13 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 
 from tasks.errors import TuneloopError
 from tasks.ingest import IngestConfig, read_table
-from tasks.split import SPLIT_ALIASES, SPLITS
+from tasks.split import SPLIT_ALIASES, SPLITS, leaked_rows
 from tasks.validate import ValidateConfig
 
 LABEL_NAMES = ("label", "labels", "intent", "category", "class", "target", "y", "sentiment", "topic", "tag")
@@ -153,6 +154,12 @@ def fitted_bounds(texts: pd.Series, labels: pd.Series) -> tuple[dict, list[str]]
     return bounds, notes
 
 
+def declared_leaks(frame: pd.DataFrame, columns: Columns) -> np.ndarray:
+    """Row positions of the declared split's validation/test rows that repeat a train text."""
+    split = frame[columns.split].astype(str).str.strip().str.lower().replace(SPLIT_ALIASES).to_numpy()
+    return np.flatnonzero(leaked_rows(frame[columns.text].fillna("").astype(str), split))
+
+
 def as_counts(counts: pd.Series) -> dict[str, int]:
     return {str(k): int(v) for k, v in counts.items()}
 
@@ -170,6 +177,13 @@ def propose(frame: pd.DataFrame, columns: Columns) -> Proposal:
     if labels.nunique() < 2:
         raise InitError(f"column {columns.label!r} holds fewer than 2 labels: nothing to classify")
     bounds, notes = fitted_bounds(frame[columns.text].fillna(""), labels)
+    if columns.split:
+        leaked = declared_leaks(frame, columns)
+        if len(leaked):
+            bounds["severity"] = {"split_leakage": "warning"}
+            notes.append(f"split_leakage error -> warning: {len(leaked)} validation/test rows of your split repeat "
+                         f"a train text (rows {[int(i) + 1 for i in leaked[:5]]}); the split stage moves them to "
+                         "train, so no model is scored on a text it trained on")
     tiny = labels.value_counts()[lambda c: c < bounds["min_rows_per_class"]]
     if len(tiny):
         notes.append(f"classes with fewer than {bounds['min_rows_per_class']} rows will stop validation: "
@@ -189,7 +203,7 @@ def params_text(proposal: Proposal, source: str, name: str, base_model: str) -> 
     params = Params.model_validate({
         "model": {"base": base_model}, "mlflow": {"model_name": name},
         "ingest": {k: v for k, v in vars(ingest).items()},
-        "validate": {"labels": "auto", **proposal.validate},
+        "validate": {"labels": "auto", **proposal.validate},  # severity: only the rules init changed
     })
     sections = params.model_dump(mode="json", by_alias=True)
     sections["validate"].pop("pii_patterns")  # the built-in patterns; add your own here

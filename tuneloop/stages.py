@@ -81,7 +81,9 @@ def validate(params: Params, ws: Workspace) -> ValidationReport:
 def split(params: Params, ws: Workspace) -> dict[str, int]:
     counts = run_split(params.split, ws)
     tracking.log_stage(ws, "split", counts, params=asdict(params.split))
-    say("split", ", ".join(f"{name} {n}" for name, n in counts.items()))
+    moved = counts.get("leaked_to_train")
+    say("split", ", ".join(f"{name} {counts[name]}" for name in ("train", "validation", "test"))
+        + (f"; {moved} validation/test rows repeating a train text moved to train" if moved else ""))
     return counts
 
 

@@ -66,9 +66,12 @@ def test_every_model_scores_the_same_test_texts_once_in_order(evaluated) -> None
 
 
 def test_predictions_frame_has_one_row_per_test_row_in_order(evaluated) -> None:
-    _, predictions, _ = evaluated
-    assert list(predictions.columns) == ["row", "y_true", "base_probe", "base_probe_confidence",
-                                         "challenger", "challenger_confidence"]
+    evaluation, predictions, _ = evaluated
+    assert [c for c in predictions.columns if not c.startswith("slice:")] == [
+        "row", "y_true", "base_probe", "base_probe_confidence", "challenger", "challenger_confidence"]
+    # each row's slice values, for the gate's per-slice bootstrap
+    assert {c[len("slice:"):] for c in predictions.columns if c.startswith("slice:")} == set(
+        evaluation["models"]["challenger"]["slices"])
     assert predictions["row"].tolist() == [14, 3, 27, 8, 1, 19]
     assert predictions["y_true"].tolist() == Y_TRUE
     assert predictions["challenger"].tolist() == [0, 0, 1, 1, 1, 1]

@@ -175,3 +175,24 @@ def test_gate_can_decide_on_accuracy() -> None:
 def test_gate_config_rejects_an_unknown_metric() -> None:
     with pytest.raises(ValueError, match="gate.metric must be 'macro_f1' or 'accuracy', got 'auc'"):
         GateConfig(metric="auc")
+
+
+def test_a_slice_drop_within_its_own_bootstrap_noise_does_not_block_and_is_named() -> None:
+    # 2 of 31 rows of a slice flip against the probe (0.935 vs 1.0 accuracy-like macro-F1): over the
+    # tolerance of 0.05, but a 31-row slice's paired interval includes zero
+    evaluation, predictions = build_case(challenger_wrong=[0, 1], probe_wrong=spread(60, 31, 200), short_rows=31)
+    slice_of = np.where(np.arange(N_ROWS) < 31, "short", "long")
+    without = decide_promotion(evaluation, predictions, GateConfig())
+    assert not next(c for c in without.checks if c.name == "slices").passed  # aggregates alone: a regression
+    with_rows = decide_promotion(evaluation, {**predictions, "slice:length_bucket": slice_of}, GateConfig())
+    (slices,) = [c for c in with_rows.checks if c.name == "slices"]
+    assert slices.passed and "within noise: length_bucket=short" in slices.reason and "includes zero" in slices.reason
+
+
+def test_a_slice_drop_beyond_its_noise_still_blocks_with_its_interval() -> None:
+    evaluation, predictions = build_case(challenger_wrong=spread(8, 0, 40), probe_wrong=spread(60, 40, 200),
+                                         short_rows=40)
+    slice_of = np.where(np.arange(N_ROWS) < 40, "short", "long")
+    decision = decide_promotion(evaluation, {**predictions, "slice:length_bucket": slice_of}, GateConfig())
+    (slices,) = [c for c in decision.checks if c.name == "slices"]
+    assert not slices.passed and "length_bucket=short 0.8" in slices.reason and "(CI [" in slices.reason

@@ -134,3 +134,19 @@ def test_init_refuses_a_file_without_two_labels(tmp_path: Path) -> None:
     pd.DataFrame({"text": ["a b c", "d e f"] * 10, "label": ["x"] * 20}).to_csv(data, index=False)
     with pytest.raises(InitError, match="fewer than 2 labels|no column looks like a label"):
         init_project(data, tmp_path / "p")
+
+
+def test_a_declared_split_that_leaks_is_named_and_its_rule_becomes_a_warning(tmp_path: Path) -> None:
+    data = frame().assign(split=["train"] * 50 + ["test"] * 10)
+    data.loc[55, "utterance"] = "WAKE me up at seven!"  # repeats a train text
+    path = tmp_path / "folds.csv"
+    data.to_csv(path, index=False)
+    proposal = init_project(path, tmp_path / "p")
+    params = load_params(tmp_path / "p" / "params.yaml")
+    assert params.ingest.split_column == "split"
+    assert params.validate_.severity["split_leakage"] == "warning"
+    assert any("repeat a train text" in note and "moves them to train" in note for note in proposal.notes)
+    clean = frame().assign(split=["train"] * 50 + ["test"] * 10, utterance=[f"text {i}" for i in range(60)])
+    clean.to_csv(path, index=False)
+    init_project(path, tmp_path / "q")
+    assert load_params(tmp_path / "q" / "params.yaml").validate_.severity["split_leakage"] == "error"

@@ -87,7 +87,8 @@ def test_declared_split_column_is_kept_with_aliases_normalised() -> None:
         "split": ["train", "val", "test", "Validation", "dev", "test"],
     })
     out = split_dataset(frame, SplitConfig(seed=0))
-    assert out["split"].tolist() == ["train", "validation", "test", "validation", "validation", "test"]
+    # row 6 ("a b c!") repeats train row 1 after normalisation: it joins train, never scored on
+    assert out["split"].tolist() == ["train", "validation", "test", "validation", "validation", "train"]
 
 
 def test_a_declared_split_with_an_unknown_value_is_an_error_not_a_random_split() -> None:
@@ -169,3 +170,16 @@ def test_run_split_writes_splits_parquet_and_counts_rows(tmp_path) -> None:
     test = load_split(workspace, "test")
     assert len(test) == counts["test"] and list(test.index) == list(range(counts["test"]))
     assert set(test["row"]) == set(written.loc[written["split"] == "test", "row"])
+
+
+def test_declared_validation_or_test_rows_repeating_a_train_text_join_train(tmp_path) -> None:
+    frame = synthetic_frame(100)
+    frame["split"] = ["train"] * 80 + ["validation"] * 10 + ["test"] * 10
+    frame.loc[95, "text"] = frame.loc[3, "text"].upper() + "!"  # a test row repeating train row 3
+    out = split_dataset(frame, SplitConfig())
+    assert out.loc[95, "split"] == "train"
+    assert (out["split"] != frame["split"]).sum() == 1
+    workspace = Workspace(tmp_path)
+    workspace.dataset.parent.mkdir(parents=True)
+    frame.to_parquet(workspace.dataset, index=False)
+    assert run_split(SplitConfig(), workspace) == {"train": 81, "validation": 10, "test": 9, "leaked_to_train": 1}
