@@ -327,3 +327,23 @@ def test_partial_severity_keeps_defaults_for_other_rules() -> None:
 def test_normalise_text_ignores_case_punctuation_and_spacing() -> None:
     texts = pd.Series(["Great movie!", "great   movie", " GREAT, movie. "])
     assert normalise_text(texts).tolist() == ["great movie"] * 3
+
+
+def test_labels_auto_takes_the_datas_labels_and_a_new_label_must_still_have_enough_rows(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    auto = replace(CONFIG, labels="auto")
+    records = clean_records() + [(70 + i, f"set an alarm number {i}", "alarm", "train") for i in range(8)]
+    report = validate_dataset(make_frame(records), auto, tmp_path / "auto")
+    assert rule(report, "label_set").passed and not report.errors  # a third class, 8 rows: a new intent
+    few = clean_records() + [(80, "set an alarm", "alarm", "train")]
+    report = validate_dataset(make_frame(few), auto, tmp_path / "few")
+    assert [r.rule for r in report.errors] == ["min_rows_per_class", "class_imbalance"]  # 8 vs 1 rows
+    assert "'alarm' (1 rows)" in rule(report, "min_rows_per_class").message
+
+
+def test_missing_value_marks_are_not_texts(tmp_path: Path) -> None:
+    records = clean_records() + [(990, "NaN", "positive", "train"), (991, " null ", "negative", "train"),
+                                 (992, "N/A", "positive", "train")]
+    report = validate_dataset(make_frame(records), CONFIG, tmp_path)
+    assert rule(report, "non_empty_text").example_rows == (990, 991, 992)
