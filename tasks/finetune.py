@@ -403,13 +403,18 @@ def score_start(model, tokenizer, labels, validation, config, device, state: Tra
 
 
 def end_epoch(model, tokenizer, labels, validation, config, device, state: TrainState) -> bool:
-    """Scores validation, keeps the best weights; True when patience ran out."""
+    """Scores validation, keeps the best weights; True when patience ran out.
+
+    Patience counts epochs that do not beat the best trained epoch: the probe's
+    start (epoch 0) is kept if nothing beats it, but an early epoch below it,
+    its learning rate still high, does not end the run.
+    """
     f1 = score_macro_f1(model, tokenizer, labels, validation[0], validation[1], config, device)
+    trained_best = max((h["val_macro_f1"] for h in state.history if h["epoch"] >= 1), default=-1.0)
     state.history.append({"epoch": state.epoch + 1, "step": state.step, "val_macro_f1": f1})
     if f1 > state.best_f1:
-        state.best_f1, state.best_state, state.bad_epochs = f1, trainable_state(model), 0
-    else:
-        state.bad_epochs += 1
+        state.best_f1, state.best_state = f1, trainable_state(model)
+    state.bad_epochs = 0 if f1 > trained_best else state.bad_epochs + 1
     state.epoch += 1
     return state.bad_epochs >= config.patience
 

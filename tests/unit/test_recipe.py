@@ -112,3 +112,16 @@ def test_a_champion_without_a_new_label_scores_zero_on_its_rows_and_says_so() ->
     assert summary["unknown_labels"] == ["lights"]
     assert summary["accuracy"] == pytest.approx(2 / 3)
     assert predictions["champion"].tolist() == [0, 2, 0]
+
+
+def test_an_early_epoch_below_the_probes_start_does_not_end_training(monkeypatch) -> None:
+    import tasks.finetune as ft
+
+    scores = iter([0.85, 0.95, 0.94])
+    monkeypatch.setattr(ft, "score_macro_f1", lambda *args: next(scores))
+    model, config = torch.nn.Linear(2, 2), FinetuneConfig(patience=1)
+    state = ft.TrainState(best_f1=0.9, best_state=ft.trainable_state(model),
+                          history=[{"epoch": 0, "step": 0, "val_macro_f1": 0.9}])
+    stop = [ft.end_epoch(model, None, LABELS, ([], []), config, None, state) for _ in range(3)]
+    assert stop == [False, False, True]  # epoch 1 (0.85 < the start's 0.9) goes on; epoch 3 < epoch 2 stops
+    assert state.best_f1 == 0.95
