@@ -43,8 +43,8 @@ class FinetuneConfig:
     lora_dropout: float = 0.05
     # PEFT's "all-linear" (every linear layer of any architecture) or module names
     target_modules: str | tuple[str, ...] = "all-linear"
-    learning_rate: float = 1e-3
-    head_learning_rate: float | None = None  # None: learning_rate
+    learning_rate: float = 2e-3
+    head_learning_rate: float | None = 1e-4  # the probe-started head moves slowly; None: learning_rate
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     epochs: int = 1

@@ -68,7 +68,7 @@ def default_space() -> dict[str, ParamSpec]:
     """The search space shipped in params.yaml."""
     return {
         "method": ParamSpec(choices=("lora",)),
-        "learning_rate": ParamSpec(low=2e-4, high=2e-3, log=True),
+        "learning_rate": ParamSpec(low=3e-4, high=4e-3, log=True),
         "lora_r": ParamSpec(choices=(8, 16, 32)),
         "lora_alpha": ParamSpec(choices=(16, 32)),
         "lora_dropout": ParamSpec(low=0.0, high=0.2),
