@@ -14,6 +14,7 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from tasks import registry
 from tasks.lock import project_lock
 from tasks.workspace import Workspace
 from tuneloop import stages
@@ -69,5 +70,9 @@ def run_stages(params: Params, workspace: Workspace) -> dict:
         gate(params, workspace)
         return register(params, workspace)
     except Exception:
-        stages.finish_run(workspace, "FAILED", "failed before registration")
+        try:
+            stages.finish_run(workspace, "FAILED", "failed before registration")
+        except Exception as closing:
+            if not registry.unreachable(closing):  # a lost server: the reaper closes the run later
+                raise
         raise

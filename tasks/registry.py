@@ -4,6 +4,14 @@ Every challenger becomes a version, tagged with what made it (data hash, git
 commit, base model and its hash, params, metrics). Aliases carry the state:
 `champion` is what serves, `previous` is where a rollback goes. Each alias move
 is recorded in an audit trail on the registered model.
+
+A registration takes several calls to the MLflow server, and the server can be
+lost between any two. A version is therefore created marked `incomplete` (tag
+`tuneloop.registration`, set in the same request that creates it) and marked
+`complete` only once its files, hashes, lineage tags and reference data are all
+written; nothing serves, promotes or rolls back to an incomplete version. Each
+version also records which registration made it (`tuneloop.registration_key`),
+so running the registration again finishes that version instead of adding one.
 """
 
 from __future__ import annotations
@@ -11,9 +19,10 @@ from __future__ import annotations
 import json
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 from tasks import integrity
 
@@ -23,6 +32,9 @@ CHAMPION = "champion"
 PREVIOUS = "previous"
 REFERENCE_DIR = "reference"  # run artefact folder holding the version's splits.parquet
 MAX_TAG = 4900  # MLflow rejects longer tag values on some backends
+REGISTRATION_TAG = "tuneloop.registration"  # INCOMPLETE from the version's creation until every part is written
+INCOMPLETE, COMPLETE = "incomplete", "complete"
+KEY_TAG = "tuneloop.registration_key"  # on the version and its run: which evaluated challenger and decision made it
 
 
 # Tags are text anyone with registry access can write; these formats are checked before a
@@ -78,12 +90,78 @@ def as_info(mv) -> VersionInfo:
     return VersionInfo(str(mv.version), mv.run_id, mv.source, dict(mv.tags), tuple(mv.aliases or ()))
 
 
+class IncompleteVersion(integrity.IntegrityError):
+    """A version whose registration did not finish; it is not loaded, promoted or rolled back to."""
+
+
+def is_complete(tags: dict[str, str]) -> bool:
+    """Whether a version's registration finished. A version registered before
+    tuneloop marked registrations carries no mark and counts as complete."""
+    return tags.get(REGISTRATION_TAG, COMPLETE) == COMPLETE
+
+
+def check_complete(name: str, info: VersionInfo) -> None:
+    """Raises IncompleteVersion unless the version's registration finished."""
+    if not is_complete(info.tags):
+        raise IncompleteVersion(
+            f"version {info.version} of {name} is an unfinished registration ({REGISTRATION_TAG}: "
+            f"{info.tags.get(REGISTRATION_TAG)}): its files or tags may be missing, so it is never served, promoted "
+            f"or rolled back to; `tuneloop register` run again in its workspace finishes it")
+
+
+class RegistryUnavailable(TuneloopError, ConnectionError):
+    """The MLflow server did not answer; the message says what to do next."""
+
+
+def unreachable(error: BaseException) -> bool:
+    """Whether `error` (or one it was raised from or during) means the MLflow
+    server did not answer: connection refused or lost, or a timeout. MLflow
+    wraps these in an MlflowException after its own retries."""
+    import requests
+
+    lost = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError)
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, lost):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def server_problem(error: BaseException) -> str:
+    """A few words for why the server did not answer (MLflow's own message runs to several lines)."""
+    text = " ".join(str(e) for e in (error, error.__cause__, error.__context__) if e is not None).lower()
+    if "refused" in text:
+        return "connection refused"
+    return "timed out" if "timed out" in text or "timeout" in text else "connection lost"
+
+
+@contextmanager
+def reachable(doing: str, after: str = "run the command again") -> Iterator[None]:
+    """Turns 'the MLflow server did not answer' inside the block into one
+    RegistryUnavailable naming the server, what was being done and what to do."""
+    try:
+        yield
+    except RegistryUnavailable:
+        raise
+    except Exception as error:
+        if not unreachable(error):
+            raise
+        import mlflow
+
+        raise RegistryUnavailable(f"the MLflow server at {mlflow.get_tracking_uri()} did not answer while {doing} "
+                                  f"({server_problem(error)}); once it is back, {after}") from error
+
+
 def ensure_registered_model(name: str) -> None:
     from mlflow.exceptions import MlflowException
 
     try:
         client().get_registered_model(name)
-    except MlflowException:
+    except MlflowException as error:
+        if unreachable(error):
+            raise
         client().create_registered_model(name, description="Managed by tuneloop: see tags and aliases.")
 
 
@@ -93,7 +171,9 @@ def alias_version(name: str, alias: str) -> VersionInfo | None:
 
     try:
         return as_info(client().get_model_version_by_alias(name, alias))
-    except MlflowException:
+    except MlflowException as error:
+        if unreachable(error):  # a lost server is not "no champion"
+            raise
         return None
 
 
@@ -120,10 +200,12 @@ def download_version(name: str, version: str, cache_dir: Path) -> Path:
     Raises:
         IntegrityError: the folder's files differ from the recorded hashes
             (a changed cache or registry artefact); nothing is loaded.
+        IncompleteVersion: the version's registration did not finish.
     """
     import mlflow
 
     info = get_version(name, version)
+    check_complete(name, info)  # before any download: an unfinished version may lack files
     target = Path(cache_dir) / str(version)
     model_dir = target / "model"
     cached = (model_dir / "tuneloop.json").exists()
@@ -136,25 +218,45 @@ def download_version(name: str, version: str, cache_dir: Path) -> Path:
     return model_dir
 
 
-def version_run(name: str, parent_run_id: str) -> str:
+def version_run(name: str, parent_run_id: str, key: str | None = None) -> str:
     """A new run, child of `parent_run_id` (same experiment), that holds one version's model files."""
     c = client()
     parent = c.get_run(parent_run_id)
-    run = c.create_run(parent.info.experiment_id, run_name="register",
-                       tags={"mlflow.parentRunId": parent_run_id, "tuneloop.stage": "register",
-                             "tuneloop.model": name})
-    return run.info.run_id
+    tags = {"mlflow.parentRunId": parent_run_id, "tuneloop.stage": "register", "tuneloop.model": name}
+    if key:
+        tags[KEY_TAG] = key
+        close_abandoned_runs(parent.info.experiment_id, key)
+    return c.create_run(parent.info.experiment_id, run_name="register", tags=tags).info.run_id
 
 
-def create_version(name: str, run_id: str, model_dir: Path, tags: dict[str, str]) -> VersionInfo:
-    """Registers a copy of the model folder as a new version with its own run.
+def close_abandoned_runs(experiment_id: str, key: str) -> list[str]:
+    """Marks KILLED the version runs an earlier attempt at this registration
+    opened but never turned into a version (the server was lost mid-upload)."""
+    c = client()
+    found = c.search_runs([experiment_id], f"tags.`{KEY_TAG}` = '{key}' and attributes.status = 'RUNNING'")
+    for run in found:
+        c.set_tag(run.info.run_id, "tuneloop.outcome", "abandoned: the registration was cut off before its version "
+                                                       "was created")
+        c.set_terminated(run.info.run_id, status="KILLED")
+    return [run.info.run_id for run in found]
+
+
+def create_version(name: str, run_id: str, model_dir: Path, tags: dict[str, str], reference: Path | None = None,
+                   key: str | None = None) -> VersionInfo:
+    """Registers a copy of the model folder as a new, complete version with its own run.
 
     Every version gets a run of its own (a child of `run_id`, the pipeline's
     run), so its `model/` artefact folder is written once and never shared:
     registering again, in any order of stages, cannot replace an older
     version's files. The files are copied first and hashed from the copy, so
     the recorded sha256s (tag `model.files`) are those of the uploaded bytes
-    even if the folder changes meanwhile.
+    even if the folder changes meanwhile. The version is created only after its
+    files are uploaded, with every tag, marked incomplete; `finish_version`
+    then adds the reference data and marks it complete.
+
+    Args:
+        reference: the splits the version learned from (drift monitoring's reference data).
+        key: the registration's key (`registration_key`), so a re-run can find this version.
 
     Returns:
         The new version; its `run_id` is the version's own run.
@@ -164,7 +266,7 @@ def create_version(name: str, run_id: str, model_dir: Path, tags: dict[str, str]
 
     c = client()
     ensure_registered_model(name)
-    own_run = version_run(name, run_id)
+    own_run = version_run(name, run_id, key)
     with tempfile.TemporaryDirectory(prefix="tuneloop-register-") as scratch:
         frozen = Path(shutil.copytree(model_dir, Path(scratch) / "model"))
         manifest = integrity.folder_manifest(frozen)
@@ -174,10 +276,83 @@ def create_version(name: str, run_id: str, model_dir: Path, tags: dict[str, str]
     manifest_json = json.dumps(manifest, sort_keys=True)
     if len(manifest_json) > MAX_TAG:
         raise ValueError(f"{model_dir} holds too many files to record their hashes in one tag ({len(manifest)})")
-    clean[integrity.MANIFEST_TAG] = manifest_json
+    clean.update({integrity.MANIFEST_TAG: manifest_json, REGISTRATION_TAG: INCOMPLETE})
+    if key:
+        clean[KEY_TAG] = key
     info = as_info(c.create_model_version(name, source=source, run_id=own_run, tags=clean))
-    c.set_terminated(own_run)
-    return info
+    return finish_version(name, info.version, reference)
+
+
+def finish_version(name: str, version: str, reference: Path | None = None) -> VersionInfo:
+    """Completes a version: its reference data uploaded, its run closed, then
+    marked complete (the last write, so a version marked complete has every part).
+    Each step may be repeated: a registration cut off part-way runs it again."""
+    c = client()
+    info = get_version(name, version)
+    if reference is not None:
+        c.log_artifact(info.run_id, str(reference), artifact_path=REFERENCE_DIR)
+    c.set_terminated(info.run_id)
+    c.set_model_version_tag(name, version, REGISTRATION_TAG, COMPLETE)
+    return get_version(name, version)
+
+
+def registration_key(evaluation: dict, decision: dict) -> str:
+    """What identifies one registration: the evaluated challenger (its files'
+    hashes are part of the evaluation) and the gate's decision on it. A re-run
+    on the same evaluation and decision has the same key; a new finetune,
+    evaluate or gate gives a new one."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps({"evaluation": evaluation, "decision": decision}, sort_keys=True,
+                                     default=str).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class RegistrationPlan:
+    action: str  # "create" a version, "resume" an incomplete one, or "finish" after a complete one
+    version: str | None
+    reason: str
+
+
+def plan_registration(versions: Sequence[VersionInfo], key: str) -> RegistrationPlan:
+    """What registering does, given the versions earlier attempts with this key left.
+
+    A complete version is never registered twice: the newest complete one is
+    kept. Otherwise the newest incomplete one is finished (its files were
+    uploaded before it was created). Without either, a new version is created.
+    """
+    mine = [v for v in versions if v.tags.get(KEY_TAG) == key]
+    complete = [v for v in mine if is_complete(v.tags)]
+    if complete:
+        return RegistrationPlan("finish", complete[-1].version,
+                                f"version {complete[-1].version} already holds this challenger, complete")
+    if mine:
+        return RegistrationPlan("resume", mine[-1].version,
+                                f"version {mine[-1].version} holds this challenger, left incomplete by an "
+                                "interrupted registration: finishing it")
+    return RegistrationPlan("create", None, "a new version")
+
+
+def promotion_steps(promote: bool, decided: str | None, champion: str | None, version: str,
+                    audited: bool) -> list[str]:
+    """What is left of applying the gate's decision to a complete version.
+
+    Args:
+        decided: the version's `decision` tag, written last: set, the decision
+            was applied and a re-run changes nothing (it must not undo a later rollback).
+        champion: the version behind `champion` now.
+        audited: the audit trail holds this version's promotion.
+
+    Returns:
+        Steps in order, from "move champion", "record audit", "tag promoted", "reject".
+    """
+    if decided:
+        return []
+    if not promote:
+        return ["reject"]
+    if champion != version:
+        return ["move champion", "tag promoted"]
+    return ([] if audited else ["record audit"]) + ["tag promoted"]
 
 
 def verified_version(name: str, version: str, cache_dir: Path, fallback_base: str | None = None
@@ -222,13 +397,16 @@ def move_champion(name: str, to_version: str, action: str, why: str) -> dict:
 
     Returns:
         The audit entry written.
+
+    Raises:
+        IncompleteVersion: `to_version`'s registration did not finish; no alias moved.
     """
     c = client()
     old = alias_version(name, CHAMPION)
     if old is not None and old.version == str(to_version):
         raise ValueError(f"version {to_version} of {name} is already the champion")
-    get_version(name, to_version)  # fails with a clear MLflow error if the version does not exist
-    if old is not None:
+    check_complete(name, get_version(name, to_version))  # an MLflow error if the version does not exist
+    if old is not None:  # `previous` first: cut off here, champion has not moved and a rollback refuses
         c.set_registered_model_alias(name, PREVIOUS, old.version)
     c.set_registered_model_alias(name, CHAMPION, str(to_version))
     return record_audit(name, action, old.version if old else None, str(to_version), why)
@@ -255,7 +433,8 @@ def rollback(name: str, to_version: str | None = None, why: str = "manual rollba
 
     Raises:
         RollbackError: no champion, no previous version (and no `to_version`),
-            an unknown version, the target already is the champion, or it fails `check`.
+            an unknown version, the target already is the champion, its
+            registration did not finish, or it fails `check`.
     """
     from mlflow.exceptions import MlflowException
 
@@ -271,9 +450,14 @@ def rollback(name: str, to_version: str | None = None, why: str = "manual rollba
     if to_version == champion.version:
         raise RollbackError(f"version {to_version} of {name} already is the champion")
     try:
-        get_version(name, to_version)
-    except MlflowException:
+        target = get_version(name, to_version)
+    except MlflowException as error:
+        if unreachable(error):
+            raise
         raise RollbackError(f"{name} has no version {to_version}") from None
+    if not is_complete(target.tags):
+        raise RollbackError(f"version {to_version} of {name} is an unfinished registration, version "
+                            f"{champion.version} stays champion")
     if check is not None:
         try:
             check(to_version)
@@ -285,9 +469,9 @@ def rollback(name: str, to_version: str | None = None, why: str = "manual rollba
 
 def reject_version(name: str, version: str, reasons: list[str]) -> None:
     c = client()
-    c.set_model_version_tag(name, version, "decision", "rejected")
-    c.set_model_version_tag(name, version, "rejected", "true")
     c.set_model_version_tag(name, version, "reasons", "\n".join(reasons)[:MAX_TAG])
+    c.set_model_version_tag(name, version, "rejected", "true")
+    c.set_model_version_tag(name, version, "decision", "rejected")  # last: `decision` says the decision was applied
 
 
 def last_run(experiment: str) -> dict | None:
@@ -316,8 +500,10 @@ def model_status(name: str, experiment: str) -> dict:
             "test": {k.split(".", 1)[1]: float(v) for k, v in champion.tags.items() if k.startswith("test.")},
             "run_id": champion.run_id,
         }
+    versions = list_versions(name)
     return {"model": name, "champion": described, "previous": previous.version if previous else None,
-            "versions": len(list_versions(name)), "last_run": last_run(experiment)}
+            "versions": len(versions), "incomplete": [v.version for v in versions if not is_complete(v.tags)],
+            "last_run": last_run(experiment)}
 
 
 def download_reference(name: str, version: str, cache_dir: Path) -> Path:

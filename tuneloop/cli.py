@@ -10,8 +10,9 @@
     tuneloop rollback [--to V]    move `champion` back to `previous` (or to V)
     tuneloop monitor              drift, live metrics and automatic rollback of the champion
 
-An expected failure (bad data, bad params, a missing file, no champion) prints
-one message and exits 2; `--debug` anywhere on the line shows its traceback.
+An expected failure (bad data, bad params, a missing file, no champion, an
+MLflow server that does not answer) prints one message and exits 2; `--debug`
+anywhere on the line shows its traceback.
 """
 
 from __future__ import annotations
@@ -84,14 +85,27 @@ def writing(loaded, workspace, command: str, continues_run: bool = False):
             tracking.claim_run(workspace)
         yield
     except (KeyboardInterrupt, SystemExit) as error:
-        tracking.close_own_runs(loaded.mlflow.experiment, "KILLED", f"killed: {type(error).__name__} in {command}")
+        close_own_runs(loaded, "KILLED", f"killed: {type(error).__name__} in {command}")
         raise
     except Exception as error:
         if not isinstance(error, typer.Exit):
-            tracking.close_own_runs(loaded.mlflow.experiment, "FAILED", f"failed in {command}: {type(error).__name__}")
+            close_own_runs(loaded, "FAILED", f"failed in {command}: {type(error).__name__}")
         raise
     finally:
         lock.__exit__(None, None, None)
+
+
+def close_own_runs(loaded, status: str, outcome: str) -> None:
+    """Closes this process's runs, unless the MLflow server is what failed: the
+    error that stopped the command is then the one to tell, and the next
+    command's reaper marks the runs KILLED."""
+    from tasks import registry, tracking
+
+    try:
+        tracking.close_own_runs(loaded.mlflow.experiment, status, outcome)
+    except Exception as error:
+        if not registry.unreachable(error):
+            raise
 
 
 def terminate_on_sigterm() -> None:
@@ -172,9 +186,12 @@ def run(params: Path = ParamsOption, root: Path = RootOption,
         try:
             result = retrain_flow(params_path=str(params), root=str(workspace.root), tune_settings=tune)
         except TuneloopError as error:
+            from tasks.registry import RegistryUnavailable
+
             if os.environ.get("TUNELOOP_DEBUG"):
                 raise
-            fail(f"retraining stopped, the registry is unchanged:\n{error}")
+            unchanged = "" if isinstance(error, RegistryUnavailable) else ", the registry is unchanged"
+            fail(f"retraining stopped{unchanged}:\n{error}")
     verdict = "promoted to champion" if result["promoted"] else "not promoted"
     typer.echo(f"\n{result['model']} version {result['version']} {verdict}; "
                f"champion: version {result['champion']}")
@@ -201,6 +218,8 @@ def status(params: Path = ParamsOption, root: Path = RootOption,
     typer.echo(f"model: {info['model']}\nchampion: version {champion.get('version')} "
                f"(data {str(champion.get('data_md5'))[:8]}, test macro-F1 {champion.get('test', {}).get('macro_f1')})\n"
                f"last run: {info['last_run']}")
+    if info["incomplete"]:
+        typer.echo(f"unfinished registrations (never served): versions {', '.join(info['incomplete'])}")
 
 
 @app.command()
@@ -405,6 +424,18 @@ def main() -> None:
             raise
         message = str(error) if isinstance(error, TuneloopError) else f"{error}"
         typer.secho(message, fg=typer.colors.RED, err=True)
+        sys.exit(2)
+    except Exception as error:
+        from tasks import registry
+
+        if debug or not registry.unreachable(error):
+            raise
+        import mlflow
+
+        typer.secho(f"the MLflow server at {mlflow.get_tracking_uri()} did not answer "
+                    f"({registry.server_problem(error)}): start it, or point mlflow.tracking_uri (or "
+                    "MLFLOW_TRACKING_URI) at a running one, and run the command again",
+                    fg=typer.colors.RED, err=True)
         sys.exit(2)
 
 

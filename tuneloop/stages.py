@@ -305,28 +305,60 @@ def tuning_tags(params: Params, ws: Workspace) -> dict[str, str]:
 
 
 def register(params: Params, ws: Workspace) -> dict:
-    """Registers the challenger; moves `champion` only if the gate passed."""
+    """Registers the challenger; moves `champion` only if the gate passed.
+
+    Run again after being cut off (the MLflow server lost, the process
+    killed), it finishes the job: a version left incomplete is completed, a
+    complete one is not registered twice, and the gate's decision is applied
+    once. `champion` moves only to a complete version.
+
+    Raises:
+        RegistryUnavailable: the MLflow server did not answer; running the stage again finishes it.
+    """
     decision = read_json(ws.decision)
     name = params.mlflow.model_name
-    tracking.configure_tracking(params.mlflow, ws.root)
-    check_challenger_unchanged(ws)
-    run_id = tracking.current_run_id(ws)
-    info = registry.create_version(name, run_id, ws.challenger_dir, version_tags(params, ws))
-    # the split this version learned from: drift monitoring's reference data, in the version's own run
-    registry.client().log_artifact(info.run_id, str(ws.splits), artifact_path=registry.REFERENCE_DIR)
-    if decision["promote"]:
-        registry.move_champion(name, info.version, "promote", "gate passed: " + "; ".join(decision["reasons"]))
-        registry.client().set_model_version_tag(name, info.version, "decision", "promoted")
-    else:
-        registry.reject_version(name, info.version, decision["reasons"])
-    champion = registry.alias_version(name, registry.CHAMPION)
-    result = {"model": name, "version": info.version, "promoted": decision["promote"],
-              "champion": champion.version if champion else None, "reasons": decision["reasons"]}
-    write_json(ws.registration, result)
-    finish_run(ws, "FINISHED", "promoted" if decision["promote"] else "rejected", version=info.version)
+    with registry.reachable(f"registering a version of {name}", "run `tuneloop register` again to finish it "
+                            "(an unfinished version is never served)"):
+        tracking.configure_tracking(params.mlflow, ws.root)
+        check_challenger_unchanged(ws)
+        key = registry.registration_key(read_json(ws.evaluation), decision)
+        plan = registry.plan_registration(registry.list_versions(name), key)
+        run_id = tracking.current_run_id(ws)
+        if plan.action == "create":
+            # the split this version learned from goes with it: drift monitoring's reference data
+            info = registry.create_version(name, run_id, ws.challenger_dir, version_tags(params, ws), ws.splits, key)
+        else:
+            say("register", plan.reason)
+            info = registry.finish_version(name, plan.version, ws.splits) if plan.action == "resume" \
+                else registry.get_version(name, plan.version)
+        apply_decision(name, info, decision)
+        champion = registry.alias_version(name, registry.CHAMPION)
+        result = {"model": name, "version": info.version, "promoted": decision["promote"],
+                  "champion": champion.version if champion else None, "reasons": decision["reasons"]}
+        write_json(ws.registration, result)
+        finish_run(ws, "FINISHED", "promoted" if decision["promote"] else "rejected", version=info.version)
     say("register", f"{name} version {info.version} {'promoted to champion' if decision['promote'] else 'rejected'}; "
                     f"champion is version {result['champion']}")
     return result
+
+
+def apply_decision(name: str, info: registry.VersionInfo, decision: dict) -> None:
+    """The gate's decision on a complete version, whatever part of it an
+    interrupted registration already applied (see `registry.promotion_steps`)."""
+    champion = registry.alias_version(name, registry.CHAMPION)
+    audited = any(e["action"] == "promote" and e["to"] == info.version for e in registry.audit_trail(name))
+    why = "gate passed: " + "; ".join(decision["reasons"])
+    for step in registry.promotion_steps(decision["promote"], info.tags.get("decision"),
+                                         champion.version if champion else None, info.version, audited):
+        if step == "move champion":
+            registry.move_champion(name, info.version, "promote", why)
+        elif step == "record audit":  # the alias moved but the server was lost before its audit entry
+            previous = registry.alias_version(name, registry.PREVIOUS)
+            registry.record_audit(name, "promote", previous.version if previous else None, info.version, why)
+        elif step == "tag promoted":
+            registry.client().set_model_version_tag(name, info.version, "decision", "promoted")
+        else:
+            registry.reject_version(name, info.version, decision["reasons"])
 
 
 def check_challenger_unchanged(ws: Workspace) -> None:

@@ -100,3 +100,46 @@ def test_register_refuses_a_challenger_that_changed_after_evaluate_scored_it(
     with pytest.raises(IntegrityError, match="the challenger evaluate scored .* adapter_model.safetensors: sha256"):
         stages.register(params, workspace)
     assert registry.list_versions(mlflow_model_name) == []
+
+
+def test_registering_the_same_evaluated_challenger_again_adds_no_version(
+        workspace, challengers, tiny_bert, mlflow_sandbox, mlflow_model_name) -> None:
+    from tuneloop import stages
+
+    params = stage_params(tiny_bert, mlflow_sandbox, mlflow_model_name)
+    start_pipeline_run(params.mlflow, workspace, {"data.md5": "e" * 32})
+    evaluated(workspace, challengers[0], promote=True)
+    first, again = stages.register(params, workspace), stages.register(params, workspace)
+    assert first == again and first["version"] == "1"
+    assert [v.version for v in registry.list_versions(mlflow_model_name)] == ["1"]
+    assert [(e["action"], e["to"]) for e in registry.audit_trail(mlflow_model_name)] == [("promote", "1")]
+
+
+def test_a_registration_cut_off_after_its_version_was_created_is_finished_by_the_next_run(
+        workspace, challengers, tiny_bert, mlflow_sandbox, mlflow_model_name, monkeypatch, tmp_path) -> None:
+    import requests
+    from mlflow import MlflowClient
+
+    from tuneloop import stages
+
+    name = mlflow_model_name
+    params = stage_params(tiny_bert, mlflow_sandbox, name)
+    start_pipeline_run(params.mlflow, workspace, {"data.md5": "e" * 32})
+    evaluated(workspace, challengers[0], promote=True)
+
+    def lost(*args, **kwargs):  # the reference upload, right after the version was created
+        raise requests.exceptions.ConnectionError("[Errno 111] Connection refused")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MlflowClient, "log_artifact", lost)
+        with pytest.raises(registry.RegistryUnavailable, match="run `tuneloop register` again to finish it"):
+            stages.register(params, workspace)
+    (left,) = registry.list_versions(name)
+    assert left.tags[registry.REGISTRATION_TAG] == "incomplete" and registry.alias_version(name, "champion") is None
+
+    result = stages.register(params, workspace)
+    (done,) = registry.list_versions(name)
+    assert (result["version"], result["champion"], done.version) == ("1", "1", "1")
+    assert done.tags[registry.REGISTRATION_TAG] == "complete" and done.tags["decision"] == "promoted"
+    assert registry.download_reference(name, "1", tmp_path / "cache").exists()  # monitoring's reference data
+    assert registry.client().get_run(done.run_id).info.status == "FINISHED"

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 
 import pytest
+import requests
+from mlflow.exceptions import MlflowException
 
 from tasks import registry
 from tasks.registry import (
@@ -67,7 +69,8 @@ def test_create_version_registers_version_one_with_its_tags(
     assert info.version == "1"
     assert registry.client().get_run(info.run_id).data.tags["mlflow.parentRunId"] == pipeline_run_id
     assert {k: v for k, v in info.tags.items() if k != MANIFEST_TAG} == {
-        "data.md5": "a" * 32, "test.macro_f1": "0.875", "base_model.name": "all-MiniLM-L6-v2"}
+        "data.md5": "a" * 32, "test.macro_f1": "0.875", "base_model.name": "all-MiniLM-L6-v2",
+        "tuneloop.registration": "complete"}
     assert json.loads(info.tags[MANIFEST_TAG]) == {
         name: hashlib.sha256(text.encode()).hexdigest() for name, text in MODEL_FILES.items()}
     assert info.aliases == ()
@@ -198,7 +201,7 @@ def test_model_status_without_champion_or_runs(mlflow_sandbox, mlflow_model_name
     configure_tracking(mlflow_sandbox.config(experiment="empty-test"), mlflow_sandbox.root)
     status = model_status(mlflow_model_name, "empty-test")
     assert status == {"model": mlflow_model_name, "champion": None, "previous": None, "versions": 0,
-                      "last_run": None}
+                      "incomplete": [], "last_run": None}
 
 
 # --- one version, one artefact folder; files checked on every download --------------------------
@@ -259,3 +262,107 @@ def test_a_version_registered_without_hashes_still_downloads_with_a_warning(
     folder = download_version(mlflow_model_name, info.version, tmp_path / "cache")
     assert (folder / "labels.json").read_text() == MODEL_FILES["labels.json"]
     assert "records no file hashes" in caplog.text
+
+
+# --- registrations cut off part-way: incomplete versions, resuming, a lost server ----------------
+
+
+def info(version: str, key: str | None, state: str | None) -> registry.VersionInfo:
+    tags = {**({registry.KEY_TAG: key} if key else {}), **({registry.REGISTRATION_TAG: state} if state else {})}
+    return registry.VersionInfo(version, None, "", tags, ())
+
+
+@pytest.mark.parametrize("versions, action, version", [
+    ([], "create", None),
+    ([info("1", "other", "complete")], "create", None),  # another challenger's version
+    ([info("1", None, None)], "create", None),  # registered before keys existed
+    ([info("1", "k", "incomplete")], "resume", "1"),
+    ([info("1", "k", "incomplete"), info("2", "k", "incomplete")], "resume", "2"),
+    ([info("1", "k", "complete")], "finish", "1"),
+    ([info("1", "k", "incomplete"), info("2", "k", "complete")], "finish", "2"),
+    ([info("1", "k", "complete"), info("2", "k", "incomplete")], "finish", "1"),  # never a second complete one
+])
+def test_plan_registration_resumes_or_keeps_what_an_earlier_attempt_left(versions, action, version) -> None:
+    plan = registry.plan_registration(versions, "k")
+    assert (plan.action, plan.version) == (action, version)
+    assert plan.reason
+
+
+@pytest.mark.parametrize("promote, decided, champion, audited, steps", [
+    (True, None, "1", False, ["move champion", "tag promoted"]),  # nothing applied yet
+    (True, None, None, False, ["move champion", "tag promoted"]),  # the first champion
+    (True, None, "2", False, ["record audit", "tag promoted"]),  # cut off after the alias moved, before its audit
+    (True, None, "2", True, ["tag promoted"]),  # cut off before the decision tag
+    (True, "promoted", "1", True, []),  # applied, then rolled back: a re-run must not undo the rollback
+    (False, None, "1", False, ["reject"]),
+    (False, "rejected", "1", False, []),
+])
+def test_promotion_steps_apply_the_gates_decision_exactly_once(promote, decided, champion, audited, steps) -> None:
+    assert registry.promotion_steps(promote, decided, champion, "2", audited) == steps
+
+
+def raised_from(inner: BaseException, outer: BaseException) -> BaseException:
+    """`outer` as raised while handling `inner` (how MLflow wraps a requests error)."""
+    try:
+        try:
+            raise inner
+        except BaseException:
+            raise outer
+    except BaseException as error:
+        return error
+
+
+@pytest.mark.parametrize("error, lost, problem", [
+    (raised_from(requests.exceptions.ConnectionError("[Errno 111] Connection refused"),
+                 MlflowException("API request failed")), True, "connection refused"),
+    (requests.exceptions.ReadTimeout("read timed out"), True, "timed out"),
+    (ConnectionResetError("reset by peer"), True, "connection lost"),
+    (MlflowException("RESOURCE_DOES_NOT_EXIST: no version 9"), False, None),
+    (ValueError("bad tag"), False, None),
+])
+def test_unreachable_tells_a_lost_server_from_a_refusal(error, lost, problem) -> None:
+    assert registry.unreachable(error) is lost
+    if lost:
+        assert registry.server_problem(error) == problem
+
+
+def test_registration_key_changes_with_the_evaluation_or_the_decision() -> None:
+    evaluation, decision = {"challenger_files": {"a": "1"}, "models": {}}, {"promote": True, "reasons": ["x"]}
+    key = registry.registration_key(evaluation, decision)
+    assert key == registry.registration_key(json.loads(json.dumps(evaluation)), dict(decision))
+    assert key != registry.registration_key({**evaluation, "challenger_files": {"a": "2"}}, decision)
+    assert key != registry.registration_key(evaluation, {**decision, "promote": False})
+
+
+def test_an_incomplete_version_is_never_downloaded_promoted_or_rolled_back_to(
+    mlflow_sandbox, pipeline_run_id: str, model_dir: Path, mlflow_model_name: str, tmp_path: Path
+) -> None:
+    name = mlflow_model_name
+    register(name, pipeline_run_id, model_dir, 2)
+    move_champion(name, "1", "promote", "first")
+    registry.client().set_model_version_tag(name, "2", registry.REGISTRATION_TAG, registry.INCOMPLETE)  # cut off
+    with pytest.raises(registry.IncompleteVersion, match="version 2 of .* is an unfinished registration"):
+        download_version(name, "2", tmp_path / "cache")
+    assert not (tmp_path / "cache" / "2").exists()  # refused before any download
+    with pytest.raises(registry.IncompleteVersion):
+        move_champion(name, "2", "promote", "gate passed")
+    with pytest.raises(registry.RollbackError, match="version 2 of .* is an unfinished registration, version 1 "
+                                                     "stays champion"):
+        registry.rollback(name, to_version="2")
+    assert alias_version(name, CHAMPION).version == "1" and alias_version(name, PREVIOUS) is None
+    assert [e["to"] for e in audit_trail(name)] == ["1"]
+    assert model_status(name, mlflow_sandbox.experiment)["incomplete"] == ["2"]
+
+
+def test_a_lost_server_is_not_read_as_no_champion(mlflow_sandbox, mlflow_model_name: str, monkeypatch) -> None:
+    from mlflow import MlflowClient
+
+    def refused(*args, **kwargs):  # as MLflow fails once its retries are spent
+        raise raised_from(requests.exceptions.ConnectionError("[Errno 111] Connection refused"),
+                          MlflowException("API request to http://127.0.0.1:5000/... failed"))
+
+    monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", refused)
+    with pytest.raises(registry.RegistryUnavailable,
+                       match=r"did not answer while reading the champion \(connection refused\)"):
+        with registry.reachable("reading the champion"):
+            alias_version(mlflow_model_name, CHAMPION)

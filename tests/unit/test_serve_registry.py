@@ -151,6 +151,33 @@ def test_follower_serves_promotions_and_rollbacks_and_never_a_broken_version(
     assert follower.check() is False and follower.served.version == "1" and follower.failed_version is None
 
 
+def test_follower_never_serves_a_version_whose_registration_did_not_finish(
+        three_versions, tiny_bert, tmp_path) -> None:
+    name = three_versions
+    follower = ChampionFollower(name, str(tiny_bert), registry_lookup(name),
+                                registry_loader(name, tmp_path / "cache", str(tiny_bert), "cpu"), poll_seconds=60)
+    assert follower.check() and follower.served.version == "2"
+    client = registry.client()
+    client.set_model_version_tag(name, "1", registry.REGISTRATION_TAG, registry.INCOMPLETE)  # cut off part-way
+    client.set_registered_model_alias(name, CHAMPION, "1")  # by hand, around move_champion's check
+    assert follower.check() is False and follower.served.version == "2" and follower.failed_version == "1"
+    assert "version 1 was not switched to (version 2 keeps serving): IncompleteVersion" in follower.last_error
+    assert not (tmp_path / "cache" / "1").exists()
+
+
+def test_rollback_command_refuses_a_version_whose_registration_did_not_finish(
+        three_versions, mlflow_sandbox, tmp_path) -> None:
+    from tuneloop.cli import app
+
+    registry.client().set_model_version_tag(three_versions, "1", registry.REGISTRATION_TAG, registry.INCOMPLETE)
+    root = project(tmp_path / "project", mlflow_sandbox, three_versions)
+    result = CliRunner().invoke(app, ["rollback", "--root", str(root)])
+    assert result.exit_code == 2
+    assert "rollback refused, the registry is unchanged" in result.output
+    assert "version 1 of" in result.output and "is an unfinished registration" in result.output
+    assert aliases(three_versions) == ("2", "1")
+
+
 # --- verified before serving, on the version's own base model ----------------------------------
 
 
