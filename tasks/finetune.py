@@ -50,7 +50,7 @@ class FinetuneConfig:
     epochs: int = 1
     # More epochs for small or many-class data: until this many optimizer steps, and until the
     # average class has been seen this many times (0 turns either off).
-    min_steps: int = 250  # a 2,000-row set trains 4 epochs, not 63 steps
+    min_steps: int = 500  # a 2,000-row set trains 8 epochs, not 63 steps
     min_examples_per_class: int = 400  # 64 classes of ~140 rows: 3 epochs
     head_init: str = "probe"  # "probe" starts the head from the baseline's linear probe | "random"
     batch_size: int = 32

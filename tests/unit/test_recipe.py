@@ -78,8 +78,8 @@ def test_fine_tuning_that_never_beats_the_probe_on_validation_keeps_the_probe(
 
 @pytest.mark.parametrize("rows, classes, epochs", [
     (8845, 64, 3),   # HWU64: ~140 rows a class, seen 400 times = 3 epochs
-    (8456, 2, 1),    # movie reviews: one pass
-    (2000, 2, 4),    # small data: 63 steps an epoch, 250 steps = 4 epochs
+    (8456, 2, 2),    # movie reviews: 265 steps an epoch, 500 steps = 2 epochs
+    (2000, 2, 8),    # small data: 63 steps an epoch, 500 steps = 8 epochs
     (150000, 4, 1),  # large data: never fewer than `epochs`
 ])
 def test_epochs_grow_for_small_or_many_class_data(rows: int, classes: int, epochs: int) -> None:
