@@ -33,9 +33,9 @@ def md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def write_params(project: Path, name: str, source: str) -> None:
+def write_params(project: Path, name: str, source: str, split_column: str | None = None) -> None:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["ingest"]["source"] = source
+    params["ingest"].update(source=source, split_column=split_column)
     params["validate"]["min_rows_per_class"] = 20
     params["finetune"].update(epochs=1, batch_size=16, max_length=64, min_steps=0, min_examples_per_class=0)
     # 35 optimizer steps on a few hundred rows cannot beat the probe with
@@ -151,10 +151,7 @@ def test_bad_data_stops_at_validation_and_leaves_the_registry_as_it_was(project,
     rows.loc[rows.index[50], "label"] = "positve"  # unknown label
     rows.loc[rows.index[60], "text"] = ""  # empty text
     pd.concat([rows, leaked]).to_csv(project / "bad.csv", index=False)
-    write_params(project, "bad_params.yaml", "bad.csv")
-    params = yaml.safe_load((project / "bad_params.yaml").read_text())
-    params["ingest"]["split_column"] = "split"
-    (project / "bad_params.yaml").write_text(yaml.safe_dump(params))
+    write_params(project, "bad_params.yaml", "bad.csv", split_column="split")
     result = tuneloop(project, "run", "--params", "bad_params.yaml")
     assert result.returncode == 2
     assert "registry is unchanged" in result.stderr
@@ -173,10 +170,7 @@ def test_a_declared_split_without_train_rows_stops_at_validation_with_one_messag
     rows = pd.read_csv(project / "reviews.csv").head(300)
     rows["split"] = ["validation", "test"] * 150
     rows.to_csv(project / "no_train.csv", index=False)
-    write_params(project, "no_train.yaml", "no_train.csv")
-    params = yaml.safe_load((project / "no_train.yaml").read_text())
-    params["ingest"]["split_column"] = "split"
-    (project / "no_train.yaml").write_text(yaml.safe_dump(params))
+    write_params(project, "no_train.yaml", "no_train.csv", split_column="split")
     result = tuneloop(project, "run", "--params", "no_train.yaml")
     assert result.returncode == 2
     assert "no row is a train row" in result.stderr and "Traceback" not in result.stdout + result.stderr
