@@ -45,7 +45,7 @@ def load_rows(train_rows: int, seed: int) -> tuple[dict, tuple[str, ...]]:
     params = load_params(ROOT / "params.yaml")
     frame, _ = canonicalize(read_table(ROOT / params.ingest.source), params.ingest)
     frame = split_dataset(frame, params.split)
-    labels = tuple(params.labels)
+    labels = params.declared_labels or tuple(sorted(frame["label"].dropna().unique()))
     index = {name: i for i, name in enumerate(labels)}
     rows = {}
     for name in ("train", "validation", "test"):
