@@ -44,7 +44,7 @@ class FinetuneConfig:
     # PEFT's "all-linear" (every linear layer of any architecture) or module names
     target_modules: str | tuple[str, ...] = "all-linear"
     learning_rate: float = 2e-3
-    head_learning_rate: float | None = 1e-4  # the probe-started head moves slowly; None: learning_rate
+    head_learning_rate: float | None = 1e-4  # a probe-started head moves slowly; None: learning_rate
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     epochs: int = 1
@@ -244,14 +244,17 @@ class TrainState:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
 
-def make_optimizer(model: torch.nn.Module, config: FinetuneConfig, device: torch.device, total_steps: int):
-    """AdamW over the trainable parameters only (the head at its own learning
-    rate), with a linear warm-up/decay schedule. The fused kernel updates every tensor in one operation (CPU and
-    CUDA), instead of a dozen operations per tensor."""
+def make_optimizer(model: torch.nn.Module, config: FinetuneConfig, device: torch.device, total_steps: int,
+                   probe_started: bool = False):
+    """AdamW over the trainable parameters only, with a linear warm-up/decay
+    schedule. A head started from the probe trains at `head_learning_rate`; a
+    random head has everything to learn and trains at `learning_rate`. The fused
+    kernel updates every tensor in one operation (CPU and CUDA), instead of a
+    dozen operations per tensor."""
     head = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("head.")]
     body = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
     groups = [{"params": body, "lr": config.learning_rate},
-              {"params": head, "lr": config.head_learning_rate or config.learning_rate}]
+              {"params": head, "lr": (probe_started and config.head_learning_rate) or config.learning_rate}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate,
                                   weight_decay=config.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total_steps, config.warmup_ratio))
@@ -357,7 +360,7 @@ def finetune(
     total_steps = steps_per_epoch * epochs
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
-    optimizer, scheduler = make_optimizer(model, config, device, total_steps)
+    optimizer, scheduler = make_optimizer(model, config, device, total_steps, probe_started=head is not None)
     head_key = "random" if head is None else hashlib.sha256(
         b"".join(t.detach().cpu().float().numpy().tobytes() for t in head)).hexdigest()
     fingerprint = run_fingerprint(config, f"{data_key}/{head_key}/{pooling}", base_path)

@@ -125,3 +125,15 @@ def test_an_early_epoch_below_the_probes_start_does_not_end_training(monkeypatch
     stop = [ft.end_epoch(model, None, LABELS, ([], []), config, None, state) for _ in range(3)]
     assert stop == [False, False, True]  # epoch 1 (0.85 < the start's 0.9) goes on; epoch 3 < epoch 2 stops
     assert state.best_f1 == 0.95
+
+
+def test_only_a_probe_started_head_trains_at_the_head_learning_rate() -> None:
+    from tasks.finetune import make_optimizer
+
+    model = torch.nn.Module()
+    model.body, model.head = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    config = FinetuneConfig(learning_rate=2e-3, head_learning_rate=1e-4)
+    started, _ = make_optimizer(model, config, torch.device("cpu"), 10, probe_started=True)
+    fresh, _ = make_optimizer(model, config, torch.device("cpu"), 10, probe_started=False)
+    assert [g["initial_lr"] for g in started.param_groups] == [2e-3, 1e-4]
+    assert [g["initial_lr"] for g in fresh.param_groups] == [2e-3, 2e-3]
