@@ -111,7 +111,7 @@ def probe_head(probe_dir: Path, labels: Sequence[str], hidden_size: int) -> tupl
 
     Raises:
         FileNotFoundError: no probe: run the baseline stage first.
-        ValueError: it was fitted for other labels or another base model.
+        TuneloopError: it was fitted for other labels or another base model.
     """
     if not (probe_dir / PROBE_WEIGHTS).exists():
         raise FileNotFoundError(f"{probe_dir / PROBE_WEIGHTS} is missing: run `tuneloop baseline` first "
@@ -119,7 +119,7 @@ def probe_head(probe_dir: Path, labels: Sequence[str], hidden_size: int) -> tupl
     probe = load_probe(probe_dir)
     if probe.labels != list(labels) or probe.weight.shape[1] != hidden_size:
         raise TuneloopError(f"the probe in {probe_dir} was fitted for other labels or another base model: "
-                         "run `tuneloop baseline` again")
+                            "run `tuneloop baseline` again")
     return probe.weight, probe.bias
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.errors import TuneloopError
-from tasks.validate import normalise_text
+from tasks.validate import leaked_from, normalise_text
 from tasks.workspace import Workspace
 
 SPLITS = ("train", "validation", "test")
@@ -122,13 +122,13 @@ def split_dataset(frame: pd.DataFrame, config: SplitConfig) -> pd.DataFrame:
 
 
 def leaked_rows(texts: pd.Series, split: np.ndarray) -> np.ndarray:
-    """Validation/test rows whose normalised text is also a train row's: a
-    declared split's leak, which the validate stage refuses unless
-    `split_leakage` is a warning; such rows are moved to train, so no model is
-    scored on a text it trained on."""
-    keys = normalise_text(texts.astype(str)).to_numpy()
-    train = set(keys[split == "train"])
-    return (split != "train") & np.fromiter((k in train for k in keys), dtype=bool, count=len(keys))
+    """Validation/test rows whose text is also a train row's, by the validate
+    stage's own `split_leakage` rule: a declared split's leak, which that stage
+    refuses unless the rule is a warning; such rows are moved to train, so no
+    model is scored on a text it trained on."""
+    text = texts.astype(str).reset_index(drop=True)
+    rows = pd.Series(np.arange(1, len(text) + 1))
+    return leaked_from(text, pd.Series(split, dtype=object), rows).notna().to_numpy()
 
 
 def split_counts(frame: pd.DataFrame) -> dict[str, int]:

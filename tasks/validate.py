@@ -272,7 +272,7 @@ def _rows_frame(frame: pd.DataFrame) -> pd.DataFrame:
     rows["text_stripped"] = stripped
     rows["text_chars"] = text.str.len().where(~blank)
     rows["duplicate_of"] = _duplicate_of(text.where(~blank), rows["row"])
-    rows["leaked_from"] = _leaked_from(text.where(~blank), source["split"], rows["row"])
+    rows["leaked_from"] = leaked_from(text.where(~blank), source["split"], rows["row"])
     return rows
 
 
@@ -299,7 +299,7 @@ def _duplicate_of(text: pd.Series, row: pd.Series) -> pd.Series:
     return _row_numbers(text.map(first).where(repeat))
 
 
-def _leaked_from(text: pd.Series, split: pd.Series, row: pd.Series) -> pd.Series:
+def leaked_from(text: pd.Series, split: pd.Series, row: pd.Series) -> pd.Series:
     """For validation/test rows whose text is also in train, the train row; else None.
 
     Matches the exact text first, then the normalised text, so "great   movie"
