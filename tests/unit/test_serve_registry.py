@@ -134,11 +134,16 @@ def test_rollback_command_refuses_an_unknown_version_and_leaves_the_registry(
 # --- the follower on the registry ---------------------------------------------------------------
 
 
+def registry_follower(name: str, tiny_bert, tmp_path) -> ChampionFollower:
+    """A follower of `name`'s champion that loads versions into tmp_path/cache and polls by hand."""
+    return ChampionFollower(name, str(tiny_bert), registry_lookup(name),
+                            registry_loader(name, tmp_path / "cache", str(tiny_bert), "cpu"), poll_seconds=60)
+
+
 def test_follower_serves_promotions_and_rollbacks_and_never_a_broken_version(
         three_versions, tiny_bert, tmp_path) -> None:
     name = three_versions
-    follower = ChampionFollower(name, str(tiny_bert), registry_lookup(name),
-                                registry_loader(name, tmp_path / "cache", str(tiny_bert), "cpu"), poll_seconds=60)
+    follower = registry_follower(name, tiny_bert, tmp_path)
     assert follower.check() and follower.served.version == "2"
     registry.rollback(name, why="test")
     assert follower.check() and follower.served.version == "1"
@@ -154,8 +159,7 @@ def test_follower_serves_promotions_and_rollbacks_and_never_a_broken_version(
 def test_follower_never_serves_a_version_whose_registration_did_not_finish(
         three_versions, tiny_bert, tmp_path) -> None:
     name = three_versions
-    follower = ChampionFollower(name, str(tiny_bert), registry_lookup(name),
-                                registry_loader(name, tmp_path / "cache", str(tiny_bert), "cpu"), poll_seconds=60)
+    follower = registry_follower(name, tiny_bert, tmp_path)
     assert follower.check() and follower.served.version == "2"
     client = registry.client()
     client.set_model_version_tag(name, "1", registry.REGISTRATION_TAG, registry.INCOMPLETE)  # cut off part-way
@@ -165,17 +169,24 @@ def test_follower_never_serves_a_version_whose_registration_did_not_finish(
     assert not (tmp_path / "cache" / "1").exists()
 
 
-def test_rollback_command_refuses_a_version_whose_registration_did_not_finish(
-        three_versions, mlflow_sandbox, tmp_path) -> None:
+def refused_rollback(name: str, mlflow_sandbox, tmp_path) -> str:
+    """`tuneloop rollback` to `previous`, which must be refused with champion and
+    previous as they were; returns what the command printed."""
     from tuneloop.cli import app
 
-    registry.client().set_model_version_tag(three_versions, "1", registry.REGISTRATION_TAG, registry.INCOMPLETE)
-    root = project(tmp_path / "project", mlflow_sandbox, three_versions)
+    root = project(tmp_path / "project", mlflow_sandbox, name)
     result = CliRunner().invoke(app, ["rollback", "--root", str(root)])
     assert result.exit_code == 2
     assert "rollback refused, the registry is unchanged" in result.output
-    assert "version 1 of" in result.output and "is an unfinished registration" in result.output
-    assert aliases(three_versions) == ("2", "1")
+    assert aliases(name) == ("2", "1")
+    return result.output
+
+
+def test_rollback_command_refuses_a_version_whose_registration_did_not_finish(
+        three_versions, mlflow_sandbox, tmp_path) -> None:
+    registry.client().set_model_version_tag(three_versions, "1", registry.REGISTRATION_TAG, registry.INCOMPLETE)
+    output = refused_rollback(three_versions, mlflow_sandbox, tmp_path)
+    assert "version 1 of" in output and "is an unfinished registration" in output
 
 
 # --- verified before serving, on the version's own base model ----------------------------------
@@ -196,8 +207,7 @@ def flip_byte(path: Path, at: int = 0) -> None:
 def test_follower_refuses_a_version_whose_registered_weights_changed_and_keeps_serving(
         three_versions, tiny_bert, tmp_path) -> None:
     name = three_versions
-    follower = ChampionFollower(name, str(tiny_bert), registry_lookup(name),
-                                registry_loader(name, tmp_path / "cache", str(tiny_bert), "cpu"), poll_seconds=60)
+    follower = registry_follower(name, tiny_bert, tmp_path)
     assert follower.check() and follower.served.version == "2"
     flip_byte(registered_folder(name, "1") / "adapter_model.safetensors", at=-10)  # in the tensor data: still loads
     registry.rollback(name, why="test")
@@ -209,15 +219,9 @@ def test_follower_refuses_a_version_whose_registered_weights_changed_and_keeps_s
 
 def test_rollback_to_a_version_whose_files_changed_is_refused_and_the_champion_stays(
         three_versions, mlflow_sandbox, tmp_path) -> None:
-    from tuneloop.cli import app
-
     flip_byte(registered_folder(three_versions, "1") / "adapter_model.safetensors", at=-10)
-    root = project(tmp_path / "project", mlflow_sandbox, three_versions)
-    result = CliRunner().invoke(app, ["rollback", "--root", str(root)])
-    assert result.exit_code == 2
-    assert "rollback refused, the registry is unchanged" in result.output
-    assert "version 1 of" in result.output and "adapter_model.safetensors: sha256" in result.output
-    assert aliases(three_versions) == ("2", "1")
+    output = refused_rollback(three_versions, mlflow_sandbox, tmp_path)
+    assert "version 1 of" in output and "adapter_model.safetensors: sha256" in output
 
 
 @pytest.fixture(scope="module")
@@ -266,8 +270,7 @@ def test_a_version_whose_base_model_changed_or_is_missing_never_serves(
     run_id = start_pipeline_run(mlflow_sandbox.config(model_name=name), workspace, {})
     registry.create_version(name, run_id, model_dirs["good"], tags)
     move_champion(name, "1", "promote", "first")
-    follower = ChampionFollower(name, str(tiny_bert), registry_lookup(name),
-                                registry_loader(name, tmp_path / "cache", str(tiny_bert), "cpu"), poll_seconds=60)
+    follower = registry_follower(name, tiny_bert, tmp_path)
     assert follower.check() is False and follower.served is None
     assert f"version 1 was not switched to (nothing is served): {error}: " in follower.last_error
     assert message in follower.last_error
