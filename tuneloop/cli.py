@@ -422,8 +422,7 @@ def main() -> None:
     except (TuneloopError, FileNotFoundError) as error:
         if debug:
             raise
-        message = str(error) if isinstance(error, TuneloopError) else f"{error}"
-        typer.secho(message, fg=typer.colors.RED, err=True)
+        typer.secho(str(error), fg=typer.colors.RED, err=True)
         sys.exit(2)
     except Exception as error:
         from tasks import registry
