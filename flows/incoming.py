@@ -9,8 +9,8 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.triggers import decide_retraining, pending_incoming, request_retraining
-from tasks.workspace import Workspace
+from tuneloop.tasks.triggers import decide_retraining, pending_incoming, request_retraining
+from tuneloop.tasks.workspace import Workspace
 from tuneloop.params import load_params
 
 

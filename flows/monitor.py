@@ -20,8 +20,8 @@ import pandas as pd
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import registry
-from tasks.drift import (
+from tuneloop.tasks import registry
+from tuneloop.tasks.drift import (
     DriftDecision,
     DriftMetrics,
     LiveMetrics,
@@ -39,8 +39,8 @@ from tasks.drift import (
     reference_frame,
     rollback_blocker,
 )
-from tasks.store import PredictionStore, utcnow
-from tasks.workspace import Workspace
+from tuneloop.tasks.store import PredictionStore, utcnow
+from tuneloop.tasks.workspace import Workspace
 from tuneloop.params import Params, load_params
 
 
@@ -49,7 +49,7 @@ def say(message: str) -> None:
 
 
 def prediction_store(params: Params, workspace: Workspace) -> PredictionStore:
-    from tasks.serve import store_url  # the URL the service logs to ($TUNELOOP_STORE_URL, serve.store_url, SQLite)
+    from tuneloop.tasks.serve import store_url  # the URL the service logs to ($TUNELOOP_STORE_URL, serve.store_url, SQLite)
 
     return PredictionStore(store_url(params.serve, workspace.root))
 
@@ -65,7 +65,7 @@ def read_window(params: Params, workspace: Workspace, version: str) -> pd.DataFr
 def measure_drift(params: Params, workspace: Workspace, version: str, window: pd.DataFrame,
                   report_path: Path) -> DriftMetrics:
     """The champion's reference sample (scored by the champion) against the window."""
-    from tasks.classifier import resolve_model_path
+    from tuneloop.tasks.classifier import resolve_model_path
 
     name, config = params.mlflow.model_name, params.monitor
     splits = pd.read_parquet(registry.download_reference(name, version, workspace.models_cache))
@@ -110,7 +110,7 @@ def log_monitoring(params: Params, workspace: Workspace, version: str, summary: 
 
     from mlflow.entities import Metric, Param
 
-    from tasks.tracking import configure_tracking, flatten
+    from tuneloop.tasks.tracking import configure_tracking, flatten
 
     name = params.mlflow.model_name
     experiment_id = configure_tracking(replace(params.mlflow, experiment=f"{params.mlflow.experiment}-monitor"),
@@ -143,7 +143,7 @@ def trigger_retraining(params: Params, workspace: Workspace, params_path: str, d
     exports those rows to the incoming folder (the next data version includes
     them) and asks for retraining (`tasks.triggers.request_retraining`: a Prefect
     event with a server, else the retrain flow in-process)."""
-    from tasks.triggers import decide_retraining, export_feedback, request_retraining
+    from tuneloop.tasks.triggers import decide_retraining, export_feedback, request_retraining
 
     if not drift.significant:
         return {"requested": False, "reasons": [f"drift: {drift.status}"]}
@@ -183,7 +183,7 @@ def monitor_flow(params_path: str = "params.yaml", root: str = ".") -> dict:
         metrics), rollback (rolled_back, reasons, comparison), retraining,
         the report's path and the MLflow run id.
     """
-    from tasks.tracking import configure_tracking
+    from tuneloop.tasks.tracking import configure_tracking
 
     workspace = Workspace(Path(root).resolve())
     params = load_params(workspace.root / params_path)

@@ -14,9 +14,9 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import registry
-from tasks.lock import project_lock
-from tasks.workspace import Workspace
+from tuneloop.tasks import registry
+from tuneloop.tasks.lock import project_lock
+from tuneloop.tasks.workspace import Workspace
 from tuneloop import stages
 from tuneloop.params import Params, load_params
 

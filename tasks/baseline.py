@@ -18,9 +18,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from tasks.classifier import load_encoder as load_base_encoder
-from tasks.classifier import load_tokenizer, pooled_embeddings, resolve_pooling
-from tasks.errors import TuneloopError
+from tuneloop.tasks.classifier import load_encoder as load_base_encoder
+from tuneloop.tasks.classifier import load_tokenizer, pooled_embeddings, resolve_pooling
+from tuneloop.tasks.errors import TuneloopError
 
 PROBE_WEIGHTS = "probe.safetensors"
 
@@ -79,7 +79,7 @@ def select_probe(train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndar
                  labels: Sequence[str], config: BaselineConfig) -> tuple[Probe, dict[float, float]]:
     """Fits one probe per `probe_c` on train; returns the best on validation
     macro-F1 (the stronger regularisation on a tie) and every C's score."""
-    from tasks.metrics import macro_f1
+    from tuneloop.tasks.metrics import macro_f1
 
     scores: dict[float, float] = {}
     best: Probe | None = None
@@ -154,9 +154,9 @@ def run_baseline(config: BaselineConfig, base_path: Path, labels: Sequence[str],
         {"probe": {...}, "zero_shot": {...}} with accuracy and macro-F1 each;
         the probe's also its C and every C's validation macro-F1.
     """
-    from tasks.metrics import accuracy, macro_f1
-    from tasks.split import load_split
-    from tasks.workspace import write_json
+    from tuneloop.tasks.metrics import accuracy, macro_f1
+    from tuneloop.tasks.split import load_split
+    from tuneloop.tasks.workspace import write_json
 
     pooling = resolve_pooling(pooling, base_path)
     frames = {name: load_split(workspace, name) for name in ("train", "validation", "test")}

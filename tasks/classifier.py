@@ -157,7 +157,7 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[n
 def hidden_states_function(encoder: nn.Module):
     """(input_ids, attention_mask) -> last hidden states, by `tasks.fastpath` when it
     computes the same function as the encoder, else by the encoder's own forward."""
-    from tasks import fastpath
+    from tuneloop.tasks import fastpath
 
     inner = fastpath.unwrap(encoder)
     if fastpath.supports_encoder(inner):
@@ -266,7 +266,7 @@ def logits_function(model: torch.nn.Module):
     """(input_ids, attention_mask) -> logits: a `TextClassifier` as it is (it takes
     the fast path itself); an older sequence classifier by `tasks.fastpath` when
     it computes the same function, else by the model's own forward."""
-    from tasks import fastpath
+    from tuneloop.tasks import fastpath
 
     if isinstance(fastpath.unwrap(model), TextClassifier):
         return model

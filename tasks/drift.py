@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from tasks.metrics import interval_position
+from tuneloop.tasks.metrics import interval_position
 
 TEXT, PREDICTION, CONFIDENCE = "text", "prediction", "confidence"
 EMBEDDING = "text_embedding"  # the Evidently embedding set: columns emb_0 ... emb_<hidden-1>
@@ -183,8 +183,8 @@ def current_frame(window: pd.DataFrame, config: MonitorConfig, embed: Embed) -> 
 def encoder_embedder(base_path: Path, config: MonitorConfig) -> Embed:
     """Mean-pooled sentence embeddings from the base model's encoder: the same
     instrument for both sides, whatever the champion's weights."""
-    from tasks.baseline import load_encoder
-    from tasks.classifier import mean_pooled_embeddings
+    from tuneloop.tasks.baseline import load_encoder
+    from tuneloop.tasks.classifier import mean_pooled_embeddings
 
     encoder, tokenizer = load_encoder(base_path, config.device)
     return lambda texts: mean_pooled_embeddings(encoder, tokenizer, list(texts), config.max_length, config.batch_size)
@@ -192,7 +192,7 @@ def encoder_embedder(base_path: Path, config: MonitorConfig) -> Embed:
 
 def classifier_predictor(model_dir: Path, base_model: str, config: MonitorConfig) -> Predict:
     """A registered version's predicted labels and confidences."""
-    from tasks.classifier import load_classifier, predict_proba
+    from tuneloop.tasks.classifier import load_classifier, predict_proba
 
     classifier = load_classifier(model_dir, base_model, config.device)
 
@@ -295,7 +295,7 @@ def encode(values: Sequence[str], labels: Sequence[str]) -> np.ndarray:
 
 def live_metrics(window: pd.DataFrame, labels: Sequence[str]) -> LiveMetrics:
     """Accuracy and macro-F1 of the logged predictions against their feedback labels."""
-    from tasks.metrics import accuracy, macro_f1
+    from tuneloop.tasks.metrics import accuracy, macro_f1
 
     rows = labelled_rows(window, labels)
     if rows.empty:
@@ -308,7 +308,7 @@ def compare_live(true: Sequence[str], champion: Sequence[str], previous: Sequenc
                  previous_version: str, config: MonitorConfig) -> LiveComparison:
     """Both models' metric on the same labelled rows, with a paired bootstrap
     interval of previous - champion."""
-    from tasks.metrics import metric_function, paired_bootstrap
+    from tuneloop.tasks.metrics import metric_function, paired_bootstrap
 
     y_true, y_champion, y_previous = (encode(column, labels) for column in (true, champion, previous))
     score = metric_function(config.rollback_metric, len(labels) + 1)

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from tasks.metrics import accuracy, classification_summary, macro_f1
+from tuneloop.tasks.metrics import accuracy, classification_summary, macro_f1
 
 Scorer = Callable[[Sequence[str]], np.ndarray]
 CORE_COLUMNS = {"row", "text", "label", "split", "id", "score"}
@@ -136,8 +136,8 @@ def evaluate_models(candidates: Sequence[Candidate], test: pd.DataFrame, labels:
 def probe_candidate(base_path: Path, probe_dir: Path, max_length: int, batch_size: int,
                     pooling: str = "auto") -> Candidate:
     """The base model's frozen encoder with the probe fitted by the baseline stage."""
-    from tasks.baseline import load_encoder, load_probe
-    from tasks.classifier import pooled_embeddings, resolve_pooling
+    from tuneloop.tasks.baseline import load_encoder, load_probe
+    from tuneloop.tasks.classifier import pooled_embeddings, resolve_pooling
 
     encoder, tokenizer = load_encoder(base_path)
     probe = load_probe(probe_dir)
@@ -161,7 +161,7 @@ def classifier_candidate(key: str, name: str, model_dir: Path, base_model: str |
     """
     import json
 
-    from tasks.classifier import META_FILE, load_classifier, predict_proba, resolve_model_path
+    from tuneloop.tasks.classifier import META_FILE, load_classifier, predict_proba, resolve_model_path
 
     classifier = load_classifier(model_dir, base_model)
     size = directory_size_mb(model_dir)

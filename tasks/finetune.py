@@ -27,10 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tasks import integrity
-from tasks.classifier import (HEAD_FILE, LABELS_FILE, META_FILE, Classifier, TextClassifier, load_encoder,
+from tuneloop.tasks import integrity
+from tuneloop.tasks.classifier import (HEAD_FILE, LABELS_FILE, META_FILE, Classifier, TextClassifier, load_encoder,
                               load_tokenizer, pad_batch, pick_device, predict_proba, resolve_pooling, tokenize)
-from tasks.metrics import macro_f1
+from tuneloop.tasks.metrics import macro_f1
 
 CHECKPOINT_FILE = "last.pt"
 

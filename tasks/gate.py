@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tasks.evaluate import SLICE_PREFIX
-from tasks.metrics import interval_position, metric_function, paired_bootstrap
+from tuneloop.tasks.evaluate import SLICE_PREFIX
+from tuneloop.tasks.metrics import interval_position, metric_function, paired_bootstrap
 
 
 @dataclass(frozen=True)

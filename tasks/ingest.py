@@ -18,9 +18,9 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from tasks.errors import TuneloopError
-from tasks.split import SPLIT_ALIASES
-from tasks.workspace import Workspace, read_json, write_json
+from tuneloop.tasks.errors import TuneloopError
+from tuneloop.tasks.split import SPLIT_ALIASES
+from tuneloop.tasks.workspace import Workspace, read_json, write_json
 
 REMOTE_NAME = "tuneloop"
 

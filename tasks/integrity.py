@@ -20,7 +20,7 @@ import logging
 from pathlib import Path
 from typing import Mapping
 
-from tasks.errors import TuneloopError
+from tuneloop.tasks.errors import TuneloopError
 
 log = logging.getLogger("tuneloop.integrity")
 
@@ -108,7 +108,7 @@ def locate_base(tags: Mapping[str, str], fallback: str | None = None) -> Path:
     Raises:
         FileNotFoundError: the version's base model is not on this machine.
     """
-    from tasks.classifier import resolve_model_path
+    from tuneloop.tasks.classifier import resolve_model_path
 
     recorded_path = tags.get(BASE_PATH_TAG)
     if recorded_path and (Path(recorded_path) / "config.json").exists():

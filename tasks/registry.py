@@ -24,9 +24,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from tasks import integrity
+from tuneloop.tasks import integrity
 
-from tasks.errors import TuneloopError
+from tuneloop.tasks.errors import TuneloopError
 
 CHAMPION = "champion"
 PREVIOUS = "previous"

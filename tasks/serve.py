@@ -40,11 +40,11 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from tasks.auth import Token, authorize
-from tasks.classifier import Classifier, load_classifier, predict_proba
-from tasks.limits import BodyLimit, text_problem
-from tasks.privacy import mask_pii
-from tasks.store import FeedbackConflict, Prediction, PredictionStore
+from tuneloop.tasks.auth import Token, authorize
+from tuneloop.tasks.classifier import Classifier, load_classifier, predict_proba
+from tuneloop.tasks.limits import BodyLimit, text_problem
+from tuneloop.tasks.privacy import mask_pii
+from tuneloop.tasks.store import FeedbackConflict, Prediction, PredictionStore
 
 log = logging.getLogger("tuneloop.serve")
 
@@ -111,7 +111,7 @@ def registry_loader(model_name: str, cache_dir: Path, base_model: str, device: s
     `base_model` only stands in for a version that records no base. A mismatch
     or a missing base raises, so the follower keeps the old model serving.
     """
-    from tasks import registry
+    from tuneloop.tasks import registry
 
     def load(version: str) -> Classifier:
         model_dir, base = registry.verified_version(model_name, version, cache_dir, base_model)
@@ -124,7 +124,7 @@ def registry_loader(model_name: str, cache_dir: Path, base_model: str, device: s
 
 def registry_lookup(model_name: str) -> Callable[[], str | None]:
     """The version behind `champion` now, or None."""
-    from tasks import registry
+    from tuneloop.tasks import registry
 
     def lookup() -> str | None:
         info = registry.alias_version(model_name, registry.CHAMPION)
@@ -548,7 +548,7 @@ def create_app(follower: ChampionFollower, store: PredictionStore, config: Serve
 def build_app(config: ServeConfig, model_name: str, base_model: str, root: Path,
               tokens: tuple[Token, ...] = ()) -> FastAPI:
     """The service wired to the registry (tracking already configured) and the store."""
-    from tasks.workspace import Workspace
+    from tuneloop.tasks.workspace import Workspace
 
     cache = Workspace(Path(root)).models_cache
     follower = ChampionFollower(model_name, base_model, registry_lookup(model_name),
@@ -569,7 +569,7 @@ def run_service(config: ServeConfig, model_name: str, base_model: str, root: Pat
     """
     import uvicorn
 
-    from tasks.auth import TokenError, bind_refusal, load_tokens
+    from tuneloop.tasks.auth import TokenError, bind_refusal, load_tokens
 
     try:
         tokens = load_tokens(config.tokens_file, root)

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from tasks.errors import TuneloopError
-from tasks.validate import leaked_from, normalise_text
-from tasks.workspace import Workspace
+from tuneloop.tasks.errors import TuneloopError
+from tuneloop.tasks.validate import leaked_from, normalise_text
+from tuneloop.tasks.workspace import Workspace
 
 SPLITS = ("train", "validation", "test")
 SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation", "eval": "validation"}

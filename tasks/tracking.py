@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from tasks.workspace import Workspace, read_json, write_json
+from tuneloop.tasks.workspace import Workspace, read_json, write_json
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,10 @@ from typing import Iterator
 
 import pandas as pd
 
-from tasks.ingest import IngestConfig, incoming_files, read_table
-from tasks.lock import ProjectBusy, project_lock
-from tasks.privacy import mask_pii
-from tasks.workspace import Workspace
+from tuneloop.tasks.ingest import IngestConfig, incoming_files, read_table
+from tuneloop.tasks.lock import ProjectBusy, project_lock
+from tuneloop.tasks.privacy import mask_pii
+from tuneloop.tasks.workspace import Workspace
 
 RETRAIN_EVENT = "tuneloop.retrain.requested"
 
@@ -111,7 +111,7 @@ def request_retraining(workspace: Workspace, params_path: str, model_name: str, 
         emit_event(RETRAIN_EVENT, resource={"prefect.resource.id": f"tuneloop.model.{model_name}"},
                    payload={"reason": reason, "root": str(workspace.root), "params_path": params_path})
         return {"mode": "event", "event": RETRAIN_EVENT, "reason": reason}
-    from flows.retrain import retrain_flow
+    from tuneloop.flows.retrain import retrain_flow
 
     with retrain_lock(workspace) as held:
         if not held:

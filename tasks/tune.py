@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from tasks.finetune import FinetuneConfig, finetune
+from tuneloop.tasks.finetune import FinetuneConfig, finetune
 
 SCALAR_TYPES = (type(None), bool, int, float, str)  # what Optuna stores as a categorical choice
 COUNTED_STATES = ("COMPLETE", "PRUNED", "FAIL")  # trials that use up the budget (interrupted ones do not)

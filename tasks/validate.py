@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from tasks.errors import TuneloopError
+from tuneloop.tasks.errors import TuneloopError
 
 RULES: tuple[str, ...] = (
     "schema",

@@ -54,7 +54,7 @@ def fail(message: str, code: int = 2) -> None:
 
 def load(params: Path, root: Path):
     """Validates params once, at the edge; returns (params, workspace)."""
-    from tasks.workspace import Workspace
+    from tuneloop.tasks.workspace import Workspace
     from tuneloop.params import ParamsError, load_params
 
     root = root.resolve()
@@ -69,8 +69,8 @@ def writing(loaded, workspace, command: str, continues_run: bool = False):
     """Holds the project's writer lock (refusing clearly when another command
     has it), marks runs whose process died KILLED, and closes this process's
     own runs FAILED or KILLED when the command dies of an error or a signal."""
-    from tasks import tracking
-    from tasks.lock import ProjectBusy, project_lock
+    from tuneloop.tasks import tracking
+    from tuneloop.tasks.lock import ProjectBusy, project_lock
 
     try:
         lock = project_lock(workspace.root, command)
@@ -99,7 +99,7 @@ def close_own_runs(loaded, status: str, outcome: str) -> None:
     """Closes this process's runs, unless the MLflow server is what failed: the
     error that stopped the command is then the one to tell, and the next
     command's reaper marks the runs KILLED."""
-    from tasks import registry, tracking
+    from tuneloop.tasks import registry, tracking
 
     try:
         tracking.close_own_runs(loaded.mlflow.experiment, status, outcome)
@@ -175,18 +175,18 @@ def run(params: Path = ParamsOption, root: Path = RootOption,
         tune: bool = typer.Option(False, "--tune", help="search finetune's settings first (tune.enabled: true)"),
         ) -> None:
     """Run the whole retraining flow and print the decision."""
-    from tasks.errors import TuneloopError
+    from tuneloop.tasks.errors import TuneloopError
 
     loaded, workspace = load(params, root)
-    from flows.ephemeral import start_ephemeral_server
-    from flows.retrain import retrain_flow
+    from tuneloop.flows.ephemeral import start_ephemeral_server
+    from tuneloop.flows.retrain import retrain_flow
 
     with writing(loaded, workspace, "run"):
         start_ephemeral_server()  # dies with this command, even a SIGKILLed one
         try:
             result = retrain_flow(params_path=str(params), root=str(workspace.root), tune_settings=tune)
         except TuneloopError as error:
-            from tasks.registry import RegistryUnavailable
+            from tuneloop.tasks.registry import RegistryUnavailable
 
             if os.environ.get("TUNELOOP_DEBUG"):
                 raise
@@ -202,12 +202,12 @@ def run(params: Path = ParamsOption, root: Path = RootOption,
 def status(params: Path = ParamsOption, root: Path = RootOption,
            as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
     """The registered model, its champion (data version, test metrics) and the last run's decision."""
-    from tasks.tracking import configure_tracking
-    from tasks.registry import model_status
+    from tuneloop.tasks.tracking import configure_tracking
+    from tuneloop.tasks.registry import model_status
 
     loaded, workspace = load(params, root)
     configure_tracking(loaded.mlflow, workspace.root)
-    from tasks.tracking import reap_dead_runs
+    from tuneloop.tasks.tracking import reap_dead_runs
 
     reap_dead_runs(loaded.mlflow.experiment)  # a killed run reads KILLED, not RUNNING forever
     info = model_status(loaded.mlflow.model_name, loaded.mlflow.experiment)
@@ -226,8 +226,8 @@ def status(params: Path = ParamsOption, root: Path = RootOption,
 def incoming(params: Path = ParamsOption, root: Path = RootOption) -> None:
     """Retrain if data/incoming/ holds enough new labelled rows (what the `incoming` deployment runs)."""
     loaded, workspace = load(params, root)
-    from flows.ephemeral import start_ephemeral_server
-    from flows.incoming import incoming_flow
+    from tuneloop.flows.ephemeral import start_ephemeral_server
+    from tuneloop.flows.incoming import incoming_flow
 
     with writing(loaded, workspace, "incoming"):
         start_ephemeral_server()
@@ -240,8 +240,8 @@ def monitor(params: Path = ParamsOption, root: Path = RootOption,
             as_json: bool = typer.Option(False, "--json", help="print the whole summary as JSON")) -> None:
     """Drift, live metrics and automatic rollback of the champion (what the `monitor` deployment runs)."""
     loaded, workspace = load(params, root)
-    from flows.ephemeral import start_ephemeral_server
-    from flows.monitor import monitor_flow
+    from tuneloop.flows.ephemeral import start_ephemeral_server
+    from tuneloop.flows.monitor import monitor_flow
 
     with writing(loaded, workspace, "monitor"):
         start_ephemeral_server()
@@ -291,7 +291,7 @@ def demo(root: Path = RootOption,
          workspace: Path = typer.Option(Path("/tmp/tuneloop-demo"), help="the demo's own project folder "
                                         "(new, empty, or one the demo made; outside this repo)")) -> None:
     """Play the production story on the shipped data: train, serve, drift, retrain, bad version, rollback."""
-    from flows.ephemeral import start_ephemeral_server
+    from tuneloop.flows.ephemeral import start_ephemeral_server
     from tuneloop.demo import DemoError, fresh_workspace, run_demo
 
     root, workspace = root.resolve(), workspace.resolve()
@@ -308,9 +308,9 @@ def demo(root: Path = RootOption,
 def restore_data_command(version: str, out: Optional[Path] = typer.Option(None, help="folder to restore into"),
                          params: Path = ParamsOption, root: Path = RootOption) -> None:
     """Restore, through DVC, the exact data a registered model version was trained on."""
-    from tasks import registry
-    from tasks.ingest import restore_data
-    from tasks.tracking import configure_tracking
+    from tuneloop.tasks import registry
+    from tuneloop.tasks.ingest import restore_data
+    from tuneloop.tasks.tracking import configure_tracking
 
     try:
         version = registry.checked_version(version)
@@ -342,8 +342,8 @@ def serve(host: Optional[str] = typer.Option(None, help="interface to bind (defa
     import logging
     from dataclasses import replace
 
-    from tasks.serve import ServeRefused, run_service
-    from tasks.tracking import configure_tracking
+    from tuneloop.tasks.serve import ServeRefused, run_service
+    from tuneloop.tasks.tracking import configure_tracking
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     loaded, workspace = load(params, root)
@@ -361,8 +361,8 @@ def rollback(to: Optional[str] = typer.Option(None, "--to", help="version to ser
              why: str = typer.Option("manual rollback", "--why", help="reason kept in the audit trail"),
              params: Path = ParamsOption, root: Path = RootOption) -> None:
     """Move `champion` back to `previous` (or --to VERSION) in one step, with an audit entry."""
-    from tasks import registry
-    from tasks.tracking import configure_tracking
+    from tuneloop.tasks import registry
+    from tuneloop.tasks.tracking import configure_tracking
 
     loaded, workspace = load(params, root)
     configure_tracking(loaded.mlflow, workspace.root)
@@ -381,7 +381,7 @@ class QuietExpectedFailures:
     an expected error is told once, by the CLI, not also as Prefect tracebacks."""
 
     def filter(self, record) -> bool:
-        from tasks.errors import TuneloopError
+        from tuneloop.tasks.errors import TuneloopError
 
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, TuneloopError):
@@ -392,7 +392,7 @@ class QuietExpectedFailures:
 
 
 def expected_error_names() -> set[str]:
-    from tasks.errors import TuneloopError
+    from tuneloop.tasks.errors import TuneloopError
 
     found, todo = set(), [TuneloopError]
     while todo:
@@ -406,7 +406,7 @@ def main() -> None:
     """The `tuneloop` command: expected failures end in one message and exit 2."""
     import logging
 
-    from tasks.errors import TuneloopError
+    from tuneloop.tasks.errors import TuneloopError
 
     offline_environment()
     terminate_on_sigterm()
@@ -425,7 +425,7 @@ def main() -> None:
         typer.secho(str(error), fg=typer.colors.RED, err=True)
         sys.exit(2)
     except Exception as error:
-        from tasks import registry
+        from tuneloop.tasks import registry
 
         if debug or not registry.unreachable(error):
             raise

@@ -102,8 +102,8 @@ def force_bad_version(model_name: str, workspace: Path, experiment: str) -> str:
     import mlflow
     from safetensors.torch import load_file, save_file
 
-    from tasks import registry
-    from tasks.classifier import HEAD_FILE
+    from tuneloop.tasks import registry
+    from tuneloop.tasks.classifier import HEAD_FILE
 
     champion = registry.alias_version(model_name, registry.CHAMPION)
     source = registry.download_version(model_name, champion.version, workspace / "state" / "registry_cache")
@@ -127,7 +127,7 @@ def force_bad_version(model_name: str, workspace: Path, experiment: str) -> str:
 
 def summary_table(model_name: str) -> str:
     """Versions, their decisions, test and live metrics, and the aliases."""
-    from tasks import registry
+    from tuneloop.tasks import registry
 
     lines = [f"{'version':>7}  {'decision':<10} {'data':<8} {'test macro-F1':>13} {'live macro-F1':>13}  aliases"]
     for v in registry.list_versions(model_name):
@@ -183,7 +183,7 @@ def follow_seconds(url: str, model_name: str, version: str) -> float:
     its load time minus the audit trail's time of the move."""
     from datetime import datetime
 
-    from tasks import registry
+    from tuneloop.tasks import registry
 
     wait_for_version(url, version)
     moved = [e for e in registry.audit_trail(model_name) if e["to"] == str(version)][-1]["at"]
@@ -193,10 +193,10 @@ def follow_seconds(url: str, model_name: str, version: str) -> float:
 
 def run_demo(project: Path, workspace: Path, movies: int, tweets: int, later_tweets: int) -> str:
     """Plays the story; returns the closing summary table."""
-    from flows.monitor import monitor_flow
-    from flows.retrain import retrain_flow
-    from tasks import registry
-    from tasks.tracking import configure_tracking
+    from tuneloop.flows.monitor import monitor_flow
+    from tuneloop.flows.retrain import retrain_flow
+    from tuneloop.tasks import registry
+    from tuneloop.tasks.tracking import configure_tracking
     from tuneloop.params import load_params
 
     story = Story()

@@ -17,10 +17,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from tasks.errors import TuneloopError
-from tasks.ingest import IngestConfig, read_table
-from tasks.split import SPLIT_ALIASES, SPLITS, leaked_rows
-from tasks.validate import ValidateConfig
+from tuneloop.tasks.errors import TuneloopError
+from tuneloop.tasks.ingest import IngestConfig, read_table
+from tuneloop.tasks.split import SPLIT_ALIASES, SPLITS, leaked_rows
+from tuneloop.tasks.validate import ValidateConfig
 
 LABEL_NAMES = ("label", "labels", "intent", "category", "class", "target", "y", "sentiment", "topic", "tag")
 TEXT_NAMES = ("text", "sentence", "utterance", "query", "question", "review", "content", "body", "message")
@@ -245,7 +245,7 @@ def init_project(data: Path, folder: Path, text: str | None = None, label: str |
         InitError: the file cannot be read as a labelled table, or `folder`
             already holds a params.yaml (unless `force`).
     """
-    from tasks.ingest import open_dvc_repo
+    from tuneloop.tasks.ingest import open_dvc_repo
 
     data, folder = data.resolve(), folder.resolve()
     frame = read_table(data)

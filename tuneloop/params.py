@@ -13,20 +13,20 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tasks.baseline import BaselineConfig
-from tasks.errors import TuneloopError
-from tasks.classifier import POOLINGS
-from tasks.drift import MonitorConfig
-from tasks.evaluate import EvaluateConfig
-from tasks.finetune import FinetuneConfig
-from tasks.gate import GateConfig
-from tasks.ingest import IngestConfig
-from tasks.serve import ServeConfig
-from tasks.split import SplitConfig
-from tasks.tracking import MlflowConfig
-from tasks.triggers import TriggerConfig
-from tasks.tune import TuneConfig
-from tasks.validate import ValidateConfig
+from tuneloop.tasks.baseline import BaselineConfig
+from tuneloop.tasks.errors import TuneloopError
+from tuneloop.tasks.classifier import POOLINGS
+from tuneloop.tasks.drift import MonitorConfig
+from tuneloop.tasks.evaluate import EvaluateConfig
+from tuneloop.tasks.finetune import FinetuneConfig
+from tuneloop.tasks.gate import GateConfig
+from tuneloop.tasks.ingest import IngestConfig
+from tuneloop.tasks.serve import ServeConfig
+from tuneloop.tasks.split import SplitConfig
+from tuneloop.tasks.tracking import MlflowConfig
+from tuneloop.tasks.triggers import TriggerConfig
+from tuneloop.tasks.tune import TuneConfig
+from tuneloop.tasks.validate import ValidateConfig
 
 
 @dataclass(frozen=True)

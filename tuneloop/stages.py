@@ -13,18 +13,18 @@ from dataclasses import asdict
 
 import pandas as pd
 
-from tasks import integrity, registry, tracking
-from tasks import tune as tuning
-from tasks.baseline import probe_head, run_baseline
-from tasks.classifier import resolve_model_path
-from tasks.evaluate import classifier_candidate, evaluate_models, probe_candidate
-from tasks.finetune import FinetuneConfig, FinetuneResult, finetune as finetune_model
-from tasks.gate import Decision, decide_promotion
-from tasks.ingest import DataVersion, load_data_version, run_ingest
-from tasks.report import write_evaluation_report, write_tuning_plots
-from tasks.split import SplitError, check_declared_split, load_split, run_split
-from tasks.validate import DataValidationError, ValidationReport, check_report, validate_dataset
-from tasks.workspace import Workspace, read_json, write_json
+from tuneloop.tasks import integrity, registry, tracking
+from tuneloop.tasks import tune as tuning
+from tuneloop.tasks.baseline import probe_head, run_baseline
+from tuneloop.tasks.classifier import resolve_model_path
+from tuneloop.tasks.evaluate import classifier_candidate, evaluate_models, probe_candidate
+from tuneloop.tasks.finetune import FinetuneConfig, FinetuneResult, finetune as finetune_model
+from tuneloop.tasks.gate import Decision, decide_promotion
+from tuneloop.tasks.ingest import DataVersion, load_data_version, run_ingest
+from tuneloop.tasks.report import write_evaluation_report, write_tuning_plots
+from tuneloop.tasks.split import SplitError, check_declared_split, load_split, run_split
+from tuneloop.tasks.validate import DataValidationError, ValidationReport, check_report, validate_dataset
+from tuneloop.tasks.workspace import Workspace, read_json, write_json
 from tuneloop.params import Params
 
 STAGES = ("ingest", "validate", "split", "baseline", "tune", "finetune", "evaluate", "gate", "register")
@@ -206,7 +206,7 @@ def finetune(params: Params, ws: Workspace) -> FinetuneResult:
 def new_test_rows(params: Params, ws: Workspace, version: str, test: pd.DataFrame) -> int:
     """Test rows whose text the champion's data version did not hold: with stable
     splits every other test row was a test row for the champion too."""
-    from tasks.validate import normalise_text
+    from tuneloop.tasks.validate import normalise_text
 
     reference = pd.read_parquet(registry.download_reference(params.mlflow.model_name, version, ws.models_cache))
     known = set(normalise_text(reference["text"].astype(str)))

@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.baseline import fit_probe
-from tasks.classifier import resolve_model_path
-from tasks.drift import compute_drift, current_frame, decide_drift, encoder_embedder, reference_frame
+from tuneloop.tasks.baseline import fit_probe
+from tuneloop.tasks.classifier import resolve_model_path
+from tuneloop.tasks.drift import compute_drift, current_frame, decide_drift, encoder_embedder, reference_frame
 from tuneloop.params import load_params
 
 pytestmark = pytest.mark.slow

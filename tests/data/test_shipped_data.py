@@ -7,9 +7,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tasks.ingest import IngestConfig, canonicalize, read_table
-from tasks.split import SplitConfig, split_dataset
-from tasks.validate import ValidateConfig, validate_dataset, normalise_text
+from tuneloop.tasks.ingest import IngestConfig, canonicalize, read_table
+from tuneloop.tasks.split import SplitConfig, split_dataset
+from tuneloop.tasks.validate import ValidateConfig, validate_dataset, normalise_text
 
 DATA = Path(__file__).resolve().parents[2] / "data" / "vader_sentiment"
 

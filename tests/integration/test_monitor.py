@@ -30,13 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ helpers (
 
 from tiny_model import build_tiny_bert, sentiment_rows  # noqa: E402
 
-from tasks import registry  # noqa: E402
-from tasks.drift import MonitorConfig, classifier_predictor  # noqa: E402
-from tasks.finetune import FinetuneConfig, finetune  # noqa: E402
-from tasks.registry import CHAMPION, PREVIOUS, alias_version, audit_trail, move_champion  # noqa: E402
-from tasks.store import Prediction, PredictionStore  # noqa: E402
-from tasks.tracking import start_pipeline_run  # noqa: E402
-from tasks.workspace import Workspace  # noqa: E402
+from tuneloop.tasks import registry  # noqa: E402
+from tuneloop.tasks.drift import MonitorConfig, classifier_predictor  # noqa: E402
+from tuneloop.tasks.finetune import FinetuneConfig, finetune  # noqa: E402
+from tuneloop.tasks.registry import CHAMPION, PREVIOUS, alias_version, audit_trail, move_champion  # noqa: E402
+from tuneloop.tasks.store import Prediction, PredictionStore  # noqa: E402
+from tuneloop.tasks.tracking import start_pipeline_run  # noqa: E402
+from tuneloop.tasks.workspace import Workspace  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -123,12 +123,12 @@ def project(mlflow_sandbox, model_dirs, tiny_bert, tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def monitored(project):
     """One in-process run of the flow; the retraining request is recorded, not run."""
-    from flows.monitor import monitor_flow
+    from tuneloop.flows.monitor import monitor_flow
 
     requests = []
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("PREFECT_API_URL", raising=False)
-        patch.setattr("tasks.triggers.request_retraining",
+        patch.setattr("tuneloop.tasks.triggers.request_retraining",
                       lambda workspace, params_path, model_name, reason: requests.append(reason) or {"mode": "test"})
         result = monitor_flow(params_path="params.yaml", root=str(project["root"]))
     return result, requests

@@ -35,12 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ helpers (
 
 from tiny_model import build_tiny_bert, sentiment_rows  # noqa: E402
 
-from tasks import registry  # noqa: E402
-from tasks.finetune import FinetuneConfig, finetune  # noqa: E402
-from tasks.ingest import DataVersion  # noqa: E402
-from tasks.integrity import folder_manifest  # noqa: E402
-from tasks.tracking import start_pipeline_run  # noqa: E402
-from tasks.workspace import Workspace, write_json  # noqa: E402
+from tuneloop.tasks import registry  # noqa: E402
+from tuneloop.tasks.finetune import FinetuneConfig, finetune  # noqa: E402
+from tuneloop.tasks.ingest import DataVersion  # noqa: E402
+from tuneloop.tasks.integrity import folder_manifest  # noqa: E402
+from tuneloop.tasks.tracking import start_pipeline_run  # noqa: E402
+from tuneloop.tasks.workspace import Workspace, write_json  # noqa: E402
 from tuneloop.params import parse_params  # noqa: E402
 
 LABELS = ["negative", "positive"]
@@ -289,8 +289,8 @@ def tuneloop(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_tuneloop_register_says_the_server_is_down_in_one_line_then_finishes_the_version_and_it_serves(
         running, tiny, tmp_path, monkeypatch) -> None:
-    from tasks.classifier import load_classifier, predict_proba
-    from tasks.serve import registry_loader
+    from tuneloop.tasks.classifier import load_classifier, predict_proba
+    from tuneloop.tasks.serve import registry_loader
     from tuneloop import stages
 
     name = "killed-cli"

@@ -89,7 +89,7 @@ def set_seed(project: Path, seed: int) -> None:
 
 def test_dvc_repro_after_a_params_change_and_dvc_exp_run_register_new_versions_beside_an_untouched_champion(
         project, registry_of, tmp_path) -> None:
-    from tasks import registry
+    from tuneloop.tasks import registry
 
     out = ok(run(project, sys.executable, "-m", "tuneloop.cli", "run"))  # the champion, by the Prefect flow
     assert "version 1 promoted to champion" in out, out[-3000:]

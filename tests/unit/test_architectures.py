@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.classifier import default_pooling, load_classifier, predict_proba
-from tasks.finetune import FinetuneConfig, finetune
+from tuneloop.tasks.classifier import default_pooling, load_classifier, predict_proba
+from tuneloop.tasks.finetune import FinetuneConfig, finetune
 from tiny_model import build_tiny_model, sentiment_rows
 
 FAMILIES = {"bert": "mean", "roberta": "mean", "distilbert": "mean", "deberta-v2": "mean",
@@ -39,7 +39,7 @@ def test_each_architecture_trains_saves_and_scores_with_lora_on_all_linear_layer
 
 
 def test_a_decoder_without_a_pad_token_gets_one_and_scores_its_last_real_token(tmp_path: Path) -> None:
-    from tasks.classifier import load_tokenizer
+    from tuneloop.tasks.classifier import load_tokenizer
 
     base = build_tiny_model(tmp_path / "llama", "llama", pad_token=False)
     tokenizer = load_tokenizer(base)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.evaluate import Candidate, EvaluateConfig, directory_size_mb, evaluate_models
+from tuneloop.tasks.evaluate import Candidate, EvaluateConfig, directory_size_mb, evaluate_models
 
 LABELS = ["negative", "positive"]
 

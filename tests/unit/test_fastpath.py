@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tasks import fastpath
-from tasks.classifier import pad_batch, pool
-from tasks.finetune import FinetuneConfig, build_model
+from tuneloop.tasks import fastpath
+from tuneloop.tasks.classifier import pad_batch, pool
+from tuneloop.tasks.finetune import FinetuneConfig, build_model
 
 LABELS = ["negative", "positive"]
 

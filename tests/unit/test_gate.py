@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from tasks.gate import Decision, GateConfig, decide_promotion
-from tasks.metrics import accuracy, macro_f1
+from tuneloop.tasks.gate import Decision, GateConfig, decide_promotion
+from tuneloop.tasks.metrics import accuracy, macro_f1
 
 N_ROWS = 200
 CHECKS = ["beats_base", "beats_champion", "slices", "latency"]

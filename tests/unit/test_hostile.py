@@ -18,14 +18,14 @@ import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 
-from tasks.auth import Token, TokenError, bind_refusal, load_tokens, parse_tokens
-from tasks.classifier import load_classifier
-from tasks.finetune import FinetuneConfig, finetune
-from tasks.limits import BodyLimit
-from tasks.privacy import mask_pii
-from tasks.serve import ChampionFollower, ServeConfig, create_app
-from tasks.store import Prediction, PredictionStore, utcnow
-from tasks.triggers import export_feedback
+from tuneloop.tasks.auth import Token, TokenError, bind_refusal, load_tokens, parse_tokens
+from tuneloop.tasks.classifier import load_classifier
+from tuneloop.tasks.finetune import FinetuneConfig, finetune
+from tuneloop.tasks.limits import BodyLimit
+from tuneloop.tasks.privacy import mask_pii
+from tuneloop.tasks.serve import ChampionFollower, ServeConfig, create_app
+from tuneloop.tasks.store import Prediction, PredictionStore, utcnow
+from tuneloop.tasks.triggers import export_feedback
 
 FAST = FinetuneConfig(epochs=1, max_steps=4, learning_rate=1e-2, batch_size=16, lora_r=8, max_length=32)
 LIMITS = ServeConfig(max_text_chars=50, max_batch=4, poll_seconds=60.0, max_body_bytes=1_100_000)
@@ -449,7 +449,7 @@ def test_a_store_made_before_feedback_provenance_gains_the_column_and_keeps_its_
     ({"data.md5": "0" * 32, "data.size": "1"}, "data.path is missing"),
 ])
 def test_tags_that_would_escape_the_project_are_refused_before_use(tags, message):
-    from tasks import registry
+    from tuneloop.tasks import registry
 
     with pytest.raises(registry.TagError) as refused:
         registry.checked_tags(tags, ("data.md5", "data.size", "data.path"))
@@ -457,7 +457,7 @@ def test_tags_that_would_escape_the_project_are_refused_before_use(tags, message
 
 
 def test_well_formed_data_tags_pass():
-    from tasks import registry
+    from tuneloop.tasks import registry
 
     tags = {"data.md5": "6e3d7759" + "0" * 24, "data.size": "123", "data.path": "data/raw/movie+incoming.csv"}
     assert registry.checked_tags(tags, ("data.md5", "data.size", "data.path")) == tags

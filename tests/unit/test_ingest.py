@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tasks.ingest import (
+from tuneloop.tasks.ingest import (
     DataVersion,
     IngestConfig,
     IngestError,
@@ -27,7 +27,7 @@ from tasks.ingest import (
     restore_data,
     run_ingest,
 )
-from tasks.workspace import Workspace
+from tuneloop.tasks.workspace import Workspace
 
 TWELVE_WORDS = "the plot drags in the middle but the ending lands very well"
 LONG_TEXT = " ".join(["a long and winding review that keeps going"] * 3 + ["on", "and", "on"])

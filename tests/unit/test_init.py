@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tasks.ingest import IngestError, read_table
+from tuneloop.tasks.ingest import IngestError, read_table
 from tuneloop.init import InitError, fitted_bounds, init_project, propose_columns
 from tuneloop.params import load_params
 

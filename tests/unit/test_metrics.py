@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.metrics import (
+from tuneloop.tasks.metrics import (
     accuracy,
     interval_position,
     classification_summary,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.gate import GateConfig
+from tuneloop.tasks.gate import GateConfig
 from tuneloop.params import Params, ParamsError, load_params, parse_params
 
 PROJECT = Path(__file__).resolve().parents[2]

@@ -12,12 +12,12 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from tasks.baseline import BaselineConfig, fit_probe, probe_head, save_probe, select_probe
-from tasks.classifier import (Classifier, load_classifier, load_encoder, load_tokenizer, pooled_embeddings,
+from tuneloop.tasks.baseline import BaselineConfig, fit_probe, probe_head, save_probe, select_probe
+from tuneloop.tasks.classifier import (Classifier, load_classifier, load_encoder, load_tokenizer, pooled_embeddings,
                               predict_proba)
-from tasks.errors import TuneloopError
-from tasks.evaluate import Candidate, EvaluateConfig, aligned, evaluate_models
-from tasks.finetune import FinetuneConfig, build_model, finetune
+from tuneloop.tasks.errors import TuneloopError
+from tuneloop.tasks.evaluate import Candidate, EvaluateConfig, aligned, evaluate_models
+from tuneloop.tasks.finetune import FinetuneConfig, build_model, finetune
 
 LABELS = ["negative", "positive"]
 
@@ -115,7 +115,7 @@ def test_a_champion_without_a_new_label_scores_zero_on_its_rows_and_says_so() ->
 
 
 def test_an_early_epoch_below_the_probes_start_does_not_end_training(monkeypatch) -> None:
-    import tasks.finetune as ft
+    import tuneloop.tasks.finetune as ft
 
     scores = iter([0.85, 0.95, 0.94])
     monkeypatch.setattr(ft, "score_macro_f1", lambda *args: next(scores))
@@ -128,7 +128,7 @@ def test_an_early_epoch_below_the_probes_start_does_not_end_training(monkeypatch
 
 
 def test_only_a_probe_started_head_trains_at_the_head_learning_rate() -> None:
-    from tasks.finetune import make_optimizer
+    from tuneloop.tasks.finetune import make_optimizer
 
     model = torch.nn.Module()
     model.body, model.head = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)

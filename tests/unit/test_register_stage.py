@@ -10,14 +10,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tasks import registry
-from tasks.classifier import load_classifier, predict_proba
-from tasks.finetune import FinetuneConfig, finetune
-from tasks.ingest import DataVersion
-from tasks.integrity import IntegrityError, folder_manifest
-from tasks.serve import registry_loader
-from tasks.tracking import start_pipeline_run
-from tasks.workspace import Workspace, write_json
+from tuneloop.tasks import registry
+from tuneloop.tasks.classifier import load_classifier, predict_proba
+from tuneloop.tasks.finetune import FinetuneConfig, finetune
+from tuneloop.tasks.ingest import DataVersion
+from tuneloop.tasks.integrity import IntegrityError, folder_manifest
+from tuneloop.tasks.serve import registry_loader
+from tuneloop.tasks.tracking import start_pipeline_run
+from tuneloop.tasks.workspace import Workspace, write_json
 from tuneloop.params import parse_params
 
 FAST = FinetuneConfig(epochs=1, max_steps=4, learning_rate=1e-2, batch_size=16, lora_r=8, max_length=32)

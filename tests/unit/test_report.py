@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.report import MISSING, figure_to_data_uri, write_evaluation_report
+from tuneloop.tasks.report import MISSING, figure_to_data_uri, write_evaluation_report
 
 PNG = "data:image/png;base64,"
 

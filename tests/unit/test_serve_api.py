@@ -12,10 +12,10 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from tasks.classifier import load_classifier, predict_proba
-from tasks.finetune import FinetuneConfig, finetune
-from tasks.serve import ChampionFollower, ServeConfig, create_app, smoke_check, store_url
-from tasks.store import PredictionStore
+from tuneloop.tasks.classifier import load_classifier, predict_proba
+from tuneloop.tasks.finetune import FinetuneConfig, finetune
+from tuneloop.tasks.serve import ChampionFollower, ServeConfig, create_app, smoke_check, store_url
+from tuneloop.tasks.store import PredictionStore
 from tuneloop.params import ParamsError, parse_params
 
 # a few steps: these tests need a real LoRA folder and consistent answers, not accuracy

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.split import SplitConfig, load_split, run_split, split_dataset
-from tasks.workspace import Workspace
+from tuneloop.tasks.split import SplitConfig, load_split, run_split, split_dataset
+from tuneloop.tasks.workspace import Workspace
 
 
 def synthetic_frame(n: int = 1000, positive_share: float = 0.7) -> pd.DataFrame:

@@ -8,7 +8,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tasks.tracking import MlflowConfig, configure_tracking, tracking_uri
+from tuneloop.tasks.tracking import MlflowConfig, configure_tracking, tracking_uri
 
 
 @pytest.fixture
@@ -39,8 +39,8 @@ def test_params_beat_the_local_default(tmp_path: Path, no_tracking_env) -> None:
 
 
 def test_a_stage_run_again_with_changed_params_logs_into_a_new_run_of_its_own(mlflow_sandbox, tmp_path: Path) -> None:
-    from tasks.tracking import log_stage, start_pipeline_run
-    from tasks.workspace import Workspace
+    from tuneloop.tasks.tracking import log_stage, start_pipeline_run
+    from tuneloop.tasks.workspace import Workspace
 
     ws = Workspace(tmp_path)
     pipeline = start_pipeline_run(mlflow_sandbox.config(experiment="rerun-test"), ws, {"data.md5": "d" * 32})
@@ -58,8 +58,8 @@ def test_a_stage_run_again_with_changed_params_logs_into_a_new_run_of_its_own(ml
 
 def test_a_stage_after_the_pipeline_run_ended_opens_a_new_pipeline_run_continuing_it(
         mlflow_sandbox, tmp_path: Path) -> None:
-    from tasks.tracking import current_run_id, end_pipeline_run, log_stage, start_pipeline_run
-    from tasks.workspace import Workspace
+    from tuneloop.tasks.tracking import current_run_id, end_pipeline_run, log_stage, start_pipeline_run
+    from tuneloop.tasks.workspace import Workspace
 
     ws = Workspace(tmp_path)
     ended = start_pipeline_run(mlflow_sandbox.config(experiment="continue-test"), ws, {"data.md5": "d" * 32})

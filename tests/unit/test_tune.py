@@ -11,12 +11,12 @@ import optuna
 import pandas as pd
 import pytest
 
-import tasks.tune as tune
-from tasks.finetune import FinetuneConfig, FinetuneResult
-from tasks.ingest import DataVersion
-from tasks.report import render_evaluation_report
-from tasks.tune import ParamSpec, PrunerConfig, TrialRuns, TuneConfig, TuneData, run_study, suggest
-from tasks.workspace import Workspace, write_json
+import tuneloop.tasks.tune as tune
+from tuneloop.tasks.finetune import FinetuneConfig, FinetuneResult
+from tuneloop.tasks.ingest import DataVersion
+from tuneloop.tasks.report import render_evaluation_report
+from tuneloop.tasks.tune import ParamSpec, PrunerConfig, TrialRuns, TuneConfig, TuneData, run_study, suggest
+from tuneloop.tasks.workspace import Workspace, write_json
 from tuneloop.params import ParamsError, parse_params
 
 FAST = FinetuneConfig(epochs=3, learning_rate=1e-2, batch_size=16, lora_r=8, max_length=32,
@@ -243,7 +243,7 @@ def fake_result(f1: float) -> FinetuneResult:
 @pytest.fixture
 def workspace(tmp_path, toy_task, mlflow_sandbox) -> Workspace:
     """A workspace after split: train/validation toy rows and test rows no trial may see."""
-    from tasks import tracking
+    from tuneloop.tasks import tracking
 
     ws = Workspace(tmp_path)
     labels = toy_task["labels"]

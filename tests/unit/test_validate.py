@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tasks.validate import (
+from tuneloop.tasks.validate import (
     RULES,
     DataValidationError,
     RuleResult,

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.lock import ProjectBusy, lock_path, project_lock
-from tasks.tracking import start_pipeline_run
-from tasks.workspace import Workspace
+from tuneloop.tasks.lock import ProjectBusy, lock_path, project_lock
+from tuneloop.tasks.tracking import start_pipeline_run
+from tuneloop.tasks.workspace import Workspace
 
 
 def tuneloop(root: Path, *args: str, wait: float = 0, **popen) -> subprocess.Popen:
@@ -87,7 +87,7 @@ def test_second_writer_is_refused_and_a_killed_writers_run_is_marked_killed(proj
 
 def test_a_waiting_writer_gets_the_lock_once_the_holder_exits(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from tasks.lock import project_lock\n"
+        "import sys, time; from tuneloop.tasks.lock import project_lock\n"
         f"with project_lock({str(tmp_path)!r}, 'run'):\n"
         "    print('held', flush=True); time.sleep(3)")], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
