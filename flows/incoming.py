@@ -9,7 +9,8 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from tuneloop.tasks.triggers import decide_retraining, pending_incoming, request_retraining
+from tuneloop.flows.request import request_retraining
+from tuneloop.tasks.triggers import decide_retraining, pending_incoming
 from tuneloop.tasks.workspace import Workspace
 from tuneloop.params import load_params
 
@@ -28,9 +29,9 @@ def incoming_flow(params_path: str = "params.yaml", root: str = ".") -> dict:
     params = load_params(workspace.root / params_path)
     files, rows = count_pending(params, workspace)
     decision = decide_retraining(rows, drift_significant=False, config=params.triggers)
-    print(("retraining: " if decision.retrain else "not retraining: ") + "; ".join(decision.reasons), flush=True)
-    result = {"files": files, "rows": rows, "retrain": decision.retrain, "reasons": list(decision.reasons)}
-    if decision.retrain:
+    print(("retraining: " if decision.yes else "not retraining: ") + "; ".join(decision.reasons), flush=True)
+    result = {"files": files, "rows": rows, "retrain": decision.yes, "reasons": list(decision.reasons)}
+    if decision.yes:
         result["request"] = request_retraining(workspace, params_path, params.mlflow.model_name,
                                                f"new data: {rows} rows in {', '.join(files)}")
     return result

@@ -21,25 +21,9 @@ import torch
 from tuneloop.tasks.classifier import load_encoder as load_base_encoder
 from tuneloop.tasks.classifier import load_tokenizer, pooled_embeddings, resolve_pooling
 from tuneloop.tasks.errors import TuneloopError
+from tuneloop.tasks.config import BaselineConfig
 
 PROBE_WEIGHTS = "probe.safetensors"
-
-
-@dataclass(frozen=True)
-class BaselineConfig:
-    batch_size: int = 64
-    max_length: int = 128
-    # inverse L2 strengths tried; the one with the best validation macro-F1 is kept
-    probe_c: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0)
-    probe_max_iter: int = 1000
-    zero_shot_template: str = "This text is {label}."
-    zero_shot_temperature: float = 0.05  # cosine similarities are close together; sharpen them
-    device: str = "auto"
-    __pydantic_config__ = {"extra": "forbid"}
-
-    def __post_init__(self) -> None:
-        if not self.probe_c or min(self.probe_c) <= 0:
-            raise ValueError("baseline.probe_c must list at least one positive value")
 
 
 @dataclass

@@ -21,12 +21,12 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 from torch import nn
+from tuneloop.tasks.config import POOLINGS
 
 BUNDLED_MODEL = "all-MiniLM-L6-v2"
 LABELS_FILE = "labels.json"
 META_FILE = "tuneloop.json"
 HEAD_FILE = "head.safetensors"
-POOLINGS = ("mean", "cls", "last")
 
 
 def resolve_model_path(name_or_path: str) -> Path:

@@ -17,18 +17,11 @@ import numpy as np
 import pandas as pd
 
 from tuneloop.tasks.metrics import accuracy, classification_summary, macro_f1
+from tuneloop.tasks.config import EvaluateConfig
 
 Scorer = Callable[[Sequence[str]], np.ndarray]
 CORE_COLUMNS = {"row", "text", "label", "split", "id", "score"}
 SLICE_PREFIX = "slice:"  # test_predictions columns holding each row's slice values
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    batch_size: int = 64
-    slice_columns: tuple[str, ...] | None = None  # None: every extra column of the data is a slice
-    min_slice_rows: int = 1  # slices smaller than this are left out of the report
-    __pydantic_config__ = {"extra": "forbid"}
 
 
 @dataclass

@@ -31,52 +31,9 @@ from tuneloop.tasks import integrity
 from tuneloop.tasks.classifier import (HEAD_FILE, LABELS_FILE, META_FILE, Classifier, TextClassifier, load_encoder,
                               load_tokenizer, pad_batch, pick_device, predict_proba, resolve_pooling, tokenize)
 from tuneloop.tasks.metrics import macro_f1
+from tuneloop.tasks.config import FinetuneConfig
 
 CHECKPOINT_FILE = "last.pt"
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    method: str = "lora"  # "lora" trains low-rank adapters; "full" trains every weight
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    # PEFT's "all-linear" (every linear layer of any architecture) or module names
-    target_modules: str | tuple[str, ...] = "all-linear"
-    learning_rate: float = 2e-3
-    head_learning_rate: float | None = 1e-4  # a probe-started head moves slowly; None: learning_rate
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.06
-    epochs: int = 1
-    # More epochs for small or many-class data: until this many optimizer steps, and until the
-    # average class has been seen this many times (0 turns either off).
-    min_steps: int = 500  # a 2,000-row set trains 8 epochs, not 63 steps
-    min_examples_per_class: int = 400  # 64 classes of ~140 rows: 3 epochs
-    head_init: str = "probe"  # "probe" starts the head from the baseline's linear probe | "random"
-    batch_size: int = 32
-    max_length: int = 128
-    patience: int = 1  # epochs without a better validation macro-F1 before stopping
-    seed: int = 13
-    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" ...
-    precision: str = "auto"  # "auto" (bf16 on a CUDA GPU that has it, else fp32) | "bf16" | "fp32"
-    checkpoint_every_steps: int = 100
-    max_steps: int | None = None  # cap on optimizer steps (smoke runs, benchmarks)
-    __pydantic_config__ = {"extra": "forbid"}
-
-    def __post_init__(self) -> None:
-        if self.method not in {"lora", "full"}:
-            raise ValueError(f"finetune.method must be 'lora' or 'full', got {self.method!r}")
-        if self.precision not in {"auto", "bf16", "fp32"}:
-            raise ValueError(f"finetune.precision must be auto, bf16 or fp32, got {self.precision!r}")
-        if self.head_init not in {"probe", "random"}:
-            raise ValueError(f"finetune.head_init must be probe or random, got {self.head_init!r}")
-
-    def epochs_for(self, rows: int, classes: int) -> int:
-        """`epochs`, or more when that many would take fewer than `min_steps` steps
-        or show the average class fewer than `min_examples_per_class` times."""
-        steps_per_epoch = max(1, math.ceil(rows / self.batch_size))
-        return max(self.epochs, math.ceil(self.min_steps / steps_per_epoch),
-                   math.ceil(self.min_examples_per_class * classes / max(1, rows)))
 
 
 @dataclass

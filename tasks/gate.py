@@ -6,53 +6,12 @@ a "yes" says what it was based on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from tuneloop.tasks.evaluate import SLICE_PREFIX
 from tuneloop.tasks.metrics import interval_position, metric_function, paired_bootstrap
-
-
-@dataclass(frozen=True)
-class GateConfig:
-    metric: str = "macro_f1"  # the main metric every comparison uses
-    # Margins on the main metric. >= 0: the challenger must be better (CI above zero);
-    # < 0: it may be at most that much worse (non-inferiority, CI above the margin).
-    min_gain_over_base: float = 0.01  # fine-tuning must buy at least this over the frozen-encoder probe
-    min_gain_over_champion: float = 0.0  # >0 avoids churning the champion for noise-level gains
-    bootstrap_samples: int = 1000
-    confidence: float = 0.95  # the CI of the paired difference must exclude zero at this level
-    max_slice_regression: float = 0.05  # no slice may lose more than this against the reference
-    min_slice_rows: int = 30  # smaller slices are too noisy to block a promotion
-    max_latency_ms: float = 50.0  # per example, batch scoring on the evaluation machine
-    seed: int = 0
-    __pydantic_config__ = {"extra": "forbid"}
-
-    def __post_init__(self) -> None:
-        if self.metric not in {"macro_f1", "accuracy"}:
-            raise ValueError(f"gate.metric must be 'macro_f1' or 'accuracy', got {self.metric!r}")
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    passed: bool
-    reason: str
-
-
-@dataclass(frozen=True)
-class Decision:
-    promote: bool
-    checks: tuple[Check, ...]
-
-    @property
-    def reasons(self) -> list[str]:
-        return [("PASS " if c.passed else "FAIL ") + c.reason for c in self.checks]
-
-    def to_dict(self) -> dict:
-        return {"promote": self.promote, "reasons": self.reasons,
-                "checks": [{"name": c.name, "passed": c.passed, "reason": c.reason} for c in self.checks]}
+from tuneloop.tasks.config import GateConfig
+from tuneloop.tasks.decision import Check, Decision, all_of, clears
 
 
 def compare(name: str, other: str, evaluation: dict, predictions: dict[str, np.ndarray],
@@ -68,7 +27,7 @@ def compare(name: str, other: str, evaluation: dict, predictions: dict[str, np.n
     # A non-negative margin asks for superiority: the CI must lie above zero. A
     # negative one asks for non-inferiority: the CI must lie above the margin.
     floor = min(0.0, min_gain)
-    passed = ci["diff"] >= min_gain and ci["low"] > floor
+    passed = clears(ci["diff"], ci["low"], min_gain)
     level = int(round(config.confidence * 100))
     reason = (f"challenger {config.metric} {ours:.4f} vs {other} {theirs:.4f}: gain {ci['diff']:+.4f} "
               f"(needs >= {min_gain:+.4f}), {level}% CI [{ci['low']:+.4f}, {ci['high']:+.4f}] "
@@ -132,7 +91,7 @@ def decide_promotion(evaluation: dict, predictions: dict[str, np.ndarray], confi
             those models, plus `y_true`.
 
     Returns:
-        A Decision whose checks all passed when `promote` is True.
+        A `promote` Decision: yes when every check passed.
     """
     has_champion = "champion" in evaluation["models"]
     checks = [compare("beats_base", "base_probe", evaluation, predictions, config.min_gain_over_base, config)]
@@ -143,4 +102,4 @@ def decide_promotion(evaluation: dict, predictions: dict[str, np.ndarray], confi
         checks.append(Check("beats_champion", True, "no champion yet: the first passing model becomes champion"))
     checks.append(check_slices(evaluation, "champion" if has_champion else "base_probe", config, predictions))
     checks.append(check_latency(evaluation, config))
-    return Decision(all(c.passed for c in checks), tuple(checks))
+    return all_of("promote", checks)

@@ -21,26 +21,13 @@ import yaml
 from tuneloop.tasks.errors import TuneloopError
 from tuneloop.tasks.split import SPLIT_ALIASES
 from tuneloop.tasks.workspace import Workspace, read_json, write_json
+from tuneloop.tasks.config import IngestConfig
 
 REMOTE_NAME = "tuneloop"
 
 
 class IngestError(TuneloopError, ValueError):
     """The source cannot be read as a labelled text table."""
-
-
-@dataclass(frozen=True)
-class IngestConfig:
-    source: str = "data/vader_sentiment/movie_reviews.csv"
-    text_column: str = "text"
-    label_column: str = "label"
-    slice_columns: tuple[str, ...] = ()
-    split_column: str | None = None
-    exclude_labels: tuple[str, ...] = ()
-    length_slices: tuple[int, ...] = (10, 25)
-    dvc_remote: str | None = ".dvc-remote"
-    incoming_dir: str | None = "data/incoming"  # labelled files dropped here join the source
-    __pydantic_config__ = {"extra": "forbid"}
 
 
 @dataclass(frozen=True)
@@ -325,7 +312,7 @@ def restore_data(md5: str, size: int, path: str, root: Path, out_dir: Path, remo
         IngestError: DVC could not bring back bytes with this md5.
     """
     name = Path(path).name
-    staging = root / "data" / "restored" / md5[:12]
+    staging = Workspace(root).restored_dir(md5[:12])
     staging.mkdir(parents=True, exist_ok=True)
     dvcfile = staging / f"{name}.dvc"
     dvcfile.write_text(yaml.safe_dump({"outs": [{"md5": md5, "size": size, "hash": "md5", "path": name}]}))

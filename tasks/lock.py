@@ -22,6 +22,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Iterator
 
+from tuneloop.tasks.workspace import Workspace
+
 WAIT_VARIABLE = "TUNELOOP_LOCK_WAIT"  # seconds a writer waits for the lock before refusing (default 0)
 _held: dict[Path, tuple[IO, int]] = {}  # lock path -> (open file, depth) for this process
 _guard = threading.Lock()
@@ -32,7 +34,7 @@ class ProjectBusy(RuntimeError):
 
 
 def lock_path(root: Path) -> Path:
-    return Path(root).resolve() / "state" / "project.lock"
+    return Workspace(Path(root).resolve()).project_lock
 
 
 def holder(path: Path) -> dict:

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import threading
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
@@ -44,48 +43,12 @@ from tuneloop.tasks.auth import Token, authorize
 from tuneloop.tasks.classifier import Classifier, load_classifier, predict_proba
 from tuneloop.tasks.limits import BodyLimit, text_problem
 from tuneloop.tasks.privacy import mask_pii
-from tuneloop.tasks.store import FeedbackConflict, Prediction, PredictionStore
+from tuneloop.tasks.store import FeedbackConflict, Prediction, PredictionStore, store_url, utcnow
+from tuneloop.tasks.config import ServeConfig
 
 log = logging.getLogger("tuneloop.serve")
 
-STORE_URL_VARIABLE = "TUNELOOP_STORE_URL"  # beats serve.store_url: keeps database passwords out of params.yaml
 SMOKE_TEXT = "The service asks every new version this one question before it serves."
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    host: str = "127.0.0.1"  # loopback only; 0.0.0.0 exposes the service to the network
-    port: int = 8000
-    store_url: str | None = None  # any SQLAlchemy URL; None: sqlite:///<root>/state/predictions.db
-    poll_seconds: float = 2.0  # how often the `champion` alias is read: the bound on how stale serving can be
-    max_text_chars: int = 2000  # longer texts get 413 (the validate stage's bound on training texts)
-    max_batch: int = 64  # more texts in one request get 413
-    batch_size: int = 32  # texts per forward pass inside one request
-    device: str = "auto"  # "auto" (CUDA when present) | "cpu" | "cuda"
-    tokens_file: str | None = None  # name:scopes:secret lines; $TUNELOOP_TOKENS(_FILE) beat it (tasks/auth.py)
-    max_body_bytes: int = 1_048_576  # bodies over this get 413 before parsing; 64 texts x 2000 chars fit
-    mask_pii: bool = True  # e-mails, phone and card numbers masked before storing and exporting
-    retention_days: float | None = 90.0  # predictions older than this are deleted; None keeps them
-    __pydantic_config__ = {"extra": "forbid"}
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"serve.port must be 0-65535, got {self.port}")
-        for name in ("poll_seconds", "max_text_chars", "max_batch", "batch_size", "max_body_bytes"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"serve.{name} must be positive, got {getattr(self, name)}")
-        if self.retention_days is not None and self.retention_days <= 0:
-            raise ValueError(f"serve.retention_days must be positive or null, got {self.retention_days}")
-
-
-def store_url(config: ServeConfig, root: Path) -> str:
-    """$TUNELOOP_STORE_URL beats `serve.store_url` beats SQLite under `state/`."""
-    url = os.environ.get(STORE_URL_VARIABLE) or config.store_url
-    if url:
-        return url
-    path = (Path(root) / "state" / "predictions.db").resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path}"
 
 
 def smoke_check(classifier: Classifier) -> None:
@@ -131,10 +94,6 @@ def registry_lookup(model_name: str) -> Callable[[], str | None]:
         return info.version if info else None
 
     return lookup
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def iso(moment: datetime | None) -> str | None:

@@ -19,7 +19,6 @@ the same hash.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -27,6 +26,7 @@ import pandas as pd
 from tuneloop.tasks.errors import TuneloopError
 from tuneloop.tasks.validate import leaked_from, normalise_text
 from tuneloop.tasks.workspace import Workspace
+from tuneloop.tasks.config import SplitConfig
 
 SPLITS = ("train", "validation", "test")
 SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation", "eval": "validation"}
@@ -34,20 +34,6 @@ SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation"
 
 class SplitError(TuneloopError, ValueError):
     """The data cannot be split as declared."""
-
-
-@dataclass(frozen=True)
-class SplitConfig:
-    validation_fraction: float = 0.1
-    test_fraction: float = 0.1
-    seed: int = 42
-    __pydantic_config__ = {"extra": "forbid"}
-
-    def __post_init__(self) -> None:
-        if self.validation_fraction <= 0 or self.test_fraction <= 0:
-            raise ValueError("split: validation_fraction and test_fraction must be positive")
-        if not self.validation_fraction + self.test_fraction < 1:
-            raise ValueError("split: validation_fraction + test_fraction must be below 1")
 
 
 def declared_split(frame: pd.DataFrame) -> pd.Series | None:

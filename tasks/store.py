@@ -9,11 +9,29 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+import os
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import pandas as pd
 import sqlalchemy as sa
+
+from tuneloop.tasks.config import ServeConfig
+from tuneloop.tasks.workspace import Workspace
+
+STORE_URL_VARIABLE = "TUNELOOP_STORE_URL"  # beats serve.store_url: keeps database passwords out of params.yaml
+
+
+def store_url(config: ServeConfig, root: Path) -> str:
+    """$TUNELOOP_STORE_URL beats `serve.store_url` beats SQLite under `state/`."""
+    url = os.environ.get(STORE_URL_VARIABLE) or config.store_url
+    if url:
+        return url
+    path = Workspace(Path(root)).predictions_db.resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
 
 METADATA = sa.MetaData()
 PREDICTIONS = sa.Table(

@@ -16,19 +16,11 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 from tuneloop.tasks.workspace import Workspace, read_json, write_json
-
-
-@dataclass(frozen=True)
-class MlflowConfig:
-    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else SQLite in the project
-    experiment: str = "tuneloop"
-    model_name: str = "tuneloop-sentiment"  # the registered model every run versions
-    __pydantic_config__ = {"extra": "forbid"}
+from tuneloop.tasks.config import MlflowConfig
 
 
 # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: the value we set is not the user's.

@@ -20,52 +20,16 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
 
 from tuneloop.tasks.errors import TuneloopError
+from tuneloop.tasks.config import RULES, ValidateConfig
 
-RULES: tuple[str, ...] = (
-    "schema",
-    "non_empty_text",
-    "text_length",
-    "label_set",
-    "min_rows_per_class",
-    "class_imbalance",
-    "duplicate_texts",
-    "split_leakage",
-    "pii",
-)
 
-# Real corpora carry a few duplicates and the odd e-mail address: flag them,
-# but only structural problems and train/test leakage block the pipeline.
-DEFAULT_SEVERITY: dict[str, str] = {
-    "schema": "error",
-    "non_empty_text": "error",
-    "text_length": "error",
-    "label_set": "error",
-    "min_rows_per_class": "error",
-    "class_imbalance": "error",
-    "duplicate_texts": "warning",
-    "split_leakage": "error",
-    "pii": "warning",
-}
-
-# Non-capturing groups only: pandas warns about capture groups in str.contains.
-DEFAULT_PII_PATTERNS: dict[str, str] = {
-    "email": r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}",
-    "phone": (
-        r"(?:\+\d{1,3}[\s.-]?)?(?:\(\d{3}\)|\b\d{3})[\s.-]?\d{3}[\s.-]?\d{4}\b"
-        r"|\+\d{1,3}(?:[\s.-]?\d{2,4}){2,4}\b"
-    ),
-    # 13-19 digits, bare or in 4-digit groups (Amex: 4-6-5); not ISBNs or prices
-    "card": r"\b(?:\d{13,19}|\d{4}[ -]\d{4}[ -]\d{4}[ -]\d{1,7}|\d{4}[ -]\d{6}[ -]\d{5})\b",
-}
-
-SEVERITIES: tuple[str, ...] = ("error", "warning")
 # what spreadsheets and exports write for a missing value: never a text to learn from
 MISSING_TEXTS = frozenset({"nan", "none", "null", "n/a", "#n/a", "<na>"})
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
@@ -86,53 +50,6 @@ _RULE_COLUMNS: dict[str, tuple[str, ...]] = {
     "split_leakage": ("text",),
     "pii": ("text",),
 }
-
-
-@dataclass(frozen=True)
-class ValidateConfig:
-    """The `validate` section of params.yaml.
-
-    `severity` may name only some rules; the others keep DEFAULT_SEVERITY.
-    """
-
-    # "auto": the label set is read from the data; or a list of the labels the data may hold
-    labels: str | tuple[str, ...] | None = "auto"  # None (YAML null) means auto too
-    min_text_chars: int = 3
-    max_text_chars: int = 2000
-    min_rows_per_class: int = 50
-    max_class_imbalance: float = 10.0  # largest class / smallest class
-    pii_patterns: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PII_PATTERNS))
-    severity: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_SEVERITY))
-
-    __pydantic_config__ = {"extra": "forbid"}
-
-    def __post_init__(self) -> None:
-        """Checks the values and completes `severity` with the defaults.
-
-        Raises:
-            ValueError: an unknown rule or severity in `severity`, a PII
-                pattern that does not compile, or inconsistent bounds.
-        """
-        for rule, level in self.severity.items():
-            if rule not in RULES:
-                raise ValueError(f"severity: unknown rule {rule!r}; known rules: {list(RULES)}")
-            if level not in SEVERITIES:
-                raise ValueError(f"severity[{rule!r}] must be 'error' or 'warning', not {level!r}")
-        for name, pattern in self.pii_patterns.items():
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"pii_patterns[{name!r}] is not a valid regex: {exc}") from exc
-        if not 0 <= self.min_text_chars <= self.max_text_chars:
-            raise ValueError("need 0 <= min_text_chars <= max_text_chars")
-        if self.max_class_imbalance < 1:
-            raise ValueError("max_class_imbalance must be >= 1 (largest / smallest class)")
-        if self.labels is None:
-            object.__setattr__(self, "labels", "auto")
-        if isinstance(self.labels, str) and self.labels != "auto":
-            raise ValueError(f"labels must be `auto` or a list of labels, not {self.labels!r}")
-        # Frozen: fill in the rules the caller left out, so lookups never miss.
-        object.__setattr__(self, "severity", {**DEFAULT_SEVERITY, **self.severity})
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,26 @@ class Workspace:
         """Registry versions downloaded for scoring (champion, rollback targets)."""
         return self.root / "state" / "registry_cache"
 
+    @property
+    def project_lock(self) -> Path:
+        """The one-writer lock (tasks/lock.py)."""
+        return self.root / "state" / "project.lock"
+
+    # serve and monitor
+    @property
+    def predictions_db(self) -> Path:
+        """The prediction store when no other URL is set (SQLite)."""
+        return self.root / "state" / "predictions.db"
+
+    # restore-data: data versions brought back through DVC
+    def restored_dir(self, key: str) -> Path:
+        return self.root / "data" / "restored" / key
+
+    # demo: the deliberately broken version it registers
+    @property
+    def demo_bad_model(self) -> Path:
+        return self.root / "state" / "bad-model"
+
 
 def write_json(path: Path, payload: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)

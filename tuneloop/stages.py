@@ -274,8 +274,8 @@ def gate(params: Params, ws: Workspace) -> Decision:
     write_json(ws.decision, decision.to_dict())
     evaluation["gate"] = decision.to_dict()  # the report shows the decision and its reasons
     write_evaluation_report(evaluation, ws.evaluation_report)
-    tracking.log_stage(ws, "gate", {"promote": int(decision.promote)}, artifacts=[ws.decision, ws.evaluation_report])
-    say("gate", ("PROMOTE" if decision.promote else "REJECT") + "".join(f"\n      {r}" for r in decision.reasons))
+    tracking.log_stage(ws, "gate", {"promote": int(decision.yes)}, artifacts=[ws.decision, ws.evaluation_report])
+    say("gate", ("PROMOTE" if decision.yes else "REJECT") + "".join(f"\n      {r}" for r in decision.reasons))
     return decision
 
 

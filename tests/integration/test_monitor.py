@@ -128,7 +128,7 @@ def monitored(project):
     requests = []
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("PREFECT_API_URL", raising=False)
-        patch.setattr("tuneloop.tasks.triggers.request_retraining",
+        patch.setattr("tuneloop.flows.monitor.request_retraining",
                       lambda workspace, params_path, model_name, reason: requests.append(reason) or {"mode": "test"})
         result = monitor_flow(params_path="params.yaml", root=str(project["root"]))
     return result, requests

@@ -13,20 +13,16 @@ import pytest
 from tuneloop.tasks.drift import (
     DESCRIPTORS,
     DriftMetrics,
-    LiveComparison,
     MonitorConfig,
-    arrival_action,
-    compare_live,
     compute_drift,
     current_frame,
     decide_drift,
-    decide_rollback,
     drift_frame,
-    last_feedback_export,
-    live_metrics,
+    drift_status,
     reference_frame,
-    rollback_blocker,
 )
+from tuneloop.tasks.feedback import last_feedback_export, live_metrics
+from tuneloop.tasks.rollback import LiveComparison, arrival_action, compare_live, decide_rollback, rollback_blocker
 
 LABELS = ["negative", "positive"]
 CONFIG = MonitorConfig(min_rows=100, embedding_auc=0.6, descriptor_distance=0.15, descriptor_share=0.5,
@@ -62,9 +58,9 @@ DRIFT_CASES = {
 def test_decide_drift(case: str) -> None:
     given, rows, status, firing = DRIFT_CASES[case]
     decision = decide_drift(given, rows, CONFIG)
-    assert decision.status == status
-    assert decision.significant == (status == "drift")
-    assert [s.name for s in decision.signals if s.drifted] == firing
+    assert drift_status(decision) == status
+    assert decision.yes == (status == "drift")
+    assert [s.name for s in decision.checks if s.passed] == firing
 
 
 def test_every_drift_signal_gives_its_reason_with_value_and_threshold() -> None:
@@ -113,7 +109,7 @@ ROLLBACK_CASES = {
 def test_decide_rollback(case: str) -> None:
     given, config, labelled, previous, arrival, expected, words = ROLLBACK_CASES[case]
     decision = decide_rollback(config, labelled, previous, arrival, given)
-    assert decision.rollback is expected
+    assert decision.yes is expected
     assert words in " ".join(decision.reasons)
 
 
@@ -240,7 +236,7 @@ def test_evidently_finds_no_drift_between_two_samples_of_one_source(scored) -> N
     same = scored["same"]
     assert same.embedding_auc < 0.6
     assert same.descriptor_share == 0.0
-    assert decide_drift(same, 120, CONFIG).status == "no drift"
+    assert drift_status(decide_drift(same, 120, CONFIG)) == "no drift"
 
 
 def test_evidently_finds_every_text_signal_and_the_label_shift(scored) -> None:
@@ -249,7 +245,7 @@ def test_evidently_finds_every_text_signal_and_the_label_shift(scored) -> None:
     assert shifted.descriptor_share == 1.0
     assert min(shifted.descriptor_distance.values()) > 0.15
     assert shifted.prediction_p_value < 0.01  # 50% -> 90% positive
-    assert decide_drift(shifted, 120, CONFIG).status == "drift"
+    assert drift_status(decide_drift(shifted, 120, CONFIG)) == "drift"
 
 
 def test_html_report_is_written_and_scores_embeddings_as_the_direct_method_does(scored, tmp_path) -> None:

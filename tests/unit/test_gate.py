@@ -138,7 +138,7 @@ def decide(case: Case) -> Decision:
 def test_decide_promotion(case: Case) -> None:
     decision = decide(case)
     checks = {c.name: c for c in decision.checks}
-    assert decision.promote is case.promote
+    assert decision.yes is case.promote
     assert {name for name, c in checks.items() if not c.passed} == case.failing
     for name, text in case.says.items():
         assert text in checks[name].reason, checks[name].reason
@@ -151,9 +151,9 @@ def test_every_decision_gives_one_pass_or_fail_reason_per_check(case: Case) -> N
     assert len(decision.reasons) == 4
     for check, reason in zip(decision.checks, decision.reasons):
         assert reason == ("PASS " if check.passed else "FAIL ") + check.reason
-    assert decision.promote is all(c.passed for c in decision.checks)
+    assert decision.yes is all(c.passed for c in decision.checks)
     as_dict = decision.to_dict()
-    assert as_dict["promote"] is decision.promote and as_dict["reasons"] == decision.reasons
+    assert as_dict["promote"] is decision.yes and as_dict["reasons"] == decision.reasons
     assert [c["name"] for c in as_dict["checks"]] == CHECKS
 
 
@@ -168,7 +168,7 @@ def test_slice_check_compares_against_base_probe_when_there_is_no_champion() -> 
 def test_gate_can_decide_on_accuracy() -> None:
     evaluation, predictions = build_case(challenger_wrong=spread(4), probe_wrong=spread(50))
     decision = decide_promotion(evaluation, predictions, GateConfig(metric="accuracy", bootstrap_samples=200))
-    assert decision.promote is True
+    assert decision.yes is True
     assert decision.checks[0].reason.startswith("challenger accuracy 0.9800 vs base_probe 0.7500")
 
 

