@@ -1,0 +1,155 @@
+"""The house: one import name, floors that import only downward, no circles.
+
+Read from the code itself (every `import`, at the top of a module or inside a
+function), so a lazy import cannot hide an upward one.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parents[2]
+PACKAGES = {"tuneloop": PROJECT / "tuneloop", "tuneloop.flows": PROJECT / "flows", "tuneloop.tasks": PROJECT / "tasks"}
+
+# Floors, top down: a module may import its own floor or any floor below it.
+BASE = {"config", "errors", "decision", "workspace"}  # plain values: settings, errors, decisions, paths
+CORE = {"classifier", "fastpath", "metrics"}  # the model: torch, transformers, peft, numpy only
+ENTRY = {"cli", "demo", "init", "__main__"}
+STAGE_IO = {"params", "stages", "monitoring"}
+FLOORS = ("base", "core", "tasks", "stage I/O", "flows", "entry")
+
+
+def floor_of(module: str) -> str:
+    if module in {"tuneloop", "tuneloop.tasks"}:  # package files: a version string, a docstring
+        return "base"
+    package, _, name = module.rpartition(".")
+    if package == "tuneloop.tasks":
+        return "base" if name in BASE else "core" if name in CORE else "tasks"
+    if module == "tuneloop.flows" or package == "tuneloop.flows":
+        return "flows"
+    if name in ENTRY:
+        return "entry"
+    assert name in STAGE_IO, f"{module} is on no floor: add it to one in this test"
+    return "stage I/O"
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for package, folder in PACKAGES.items():
+        for path in sorted(folder.glob("*.py")):
+            found[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+    return found
+
+
+def imports(module: str, path: Path, known: set[str]) -> set[str]:
+    """The project modules `module` imports anywhere in its file."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        out.update(name for name in names if name in known and name != module)
+    return out
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    found = modules()
+    return {module: imports(module, path, set(found)) for module, path in found.items()}
+
+
+def test_every_import_runs_to_the_same_floor_or_below(graph) -> None:
+    upward = [f"{a} ({floor_of(a)}) -> {b} ({floor_of(b)})" for a, targets in graph.items() for b in targets
+              if FLOORS.index(floor_of(b)) > FLOORS.index(floor_of(a))]
+    assert upward == []
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected group of more than one module (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph[node]):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_module_imports_itself_through_others(graph) -> None:
+    assert circles(graph) == []
+
+
+def test_the_circle_finder_finds_a_circle() -> None:
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_model_core_imports_no_orchestration() -> None:
+    heavy_but_allowed = {"torch", "transformers", "peft", "numpy", "safetensors"}
+    orchestration = {"prefect", "mlflow", "dvc", "great_expectations", "evidently", "optuna", "fastapi"}
+    for module, path in modules().items():
+        if floor_of(module) != "core":
+            continue
+        tree = ast.parse(path.read_text())
+        roots = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                 for alias in node.names}
+        roots |= {node.module.split(".")[0] for node in ast.walk(tree)
+                  if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+        assert not roots & orchestration, (module, roots & orchestration)
+        assert heavy_but_allowed  # documents what the core may use
+
+
+def test_installing_tuneloop_claims_only_the_tuneloop_import_name(tmp_path: Path) -> None:
+    """A wheel built from the checkout lists one top-level name."""
+    import importlib.util
+
+    isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]  # offline-safe
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q", "-w", str(tmp_path),
+                    str(PROJECT)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("tuneloop-*.whl")
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as archive:
+        top = {name.split("/")[0] for name in archive.namelist() if not name.split("/")[0].endswith(".dist-info")}
+        assert top == {"tuneloop"}
+        files = set(archive.namelist())
+    assert {"tuneloop/tasks/classifier.py", "tuneloop/flows/retrain.py", "tuneloop/cli.py"} <= files
+
+
+def test_a_users_own_tasks_and_flows_modules_do_not_shadow_tuneloop(tmp_path: Path) -> None:
+    """A user's tasks.py and flows.py beside their data are theirs; tuneloop still imports."""
+    (tmp_path / "tasks.py").write_text("raise SystemExit('the user tasks.py was imported')\n")
+    (tmp_path / "flows.py").write_text("raise SystemExit('the user flows.py was imported')\n")
+    done = subprocess.run([sys.executable, "-c", "import tuneloop.flows.retrain, tuneloop.tasks.registry, "
+                           "tuneloop.cli; print('ok')"], cwd=tmp_path, capture_output=True, text=True)
+    assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr[-2000:]
+    shown = subprocess.run([sys.executable, "-m", "tuneloop.cli", "--help"], cwd=tmp_path, capture_output=True,
+                           text=True)
+    assert shown.returncode == 0 and "the user" not in shown.stdout + shown.stderr
