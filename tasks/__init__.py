@@ -1,7 +1,12 @@
 """The pipeline's work as plain functions, one module per stage.
 
-Each stage module holds a frozen config dataclass (its `params.yaml` section),
-core functions that do the work on in-memory values, and one `run_<stage>`
-function that reads its inputs from the workspace and writes its outputs there
-(what `dvc.yaml` and the Prefect flow call).
+A stage module (`ingest`, `validate`, `split`, `baseline`, `tune`, `finetune`,
+`evaluate`, `gate`, `registry`, `drift`, `rollback`, `triggers`, `serve`) takes
+in-memory values and its section of params (a dataclass of `config.py`) and
+returns values; a few also read and write their own files in the workspace
+(`run_ingest`, `run_split`, `run_baseline`). What every stage reads from the
+workspace and writes back, and what it logs, is `tuneloop/stages.py`: the layer
+`dvc.yaml` and the Prefect flows call. Below the stages sit the model core
+(`classifier`, `fastpath`, `metrics`: torch and numpy only) and plain values
+(`config`, `decision`, `errors`, `workspace`).
 """
