@@ -22,6 +22,7 @@ from tuneloop.tasks.classifier import load_encoder as load_base_encoder
 from tuneloop.tasks.classifier import load_tokenizer, pooled_embeddings, resolve_pooling
 from tuneloop.tasks.errors import TuneloopError
 from tuneloop.tasks.config import BaselineConfig
+from tuneloop.tasks.labels import label_indices
 
 PROBE_WEIGHTS = "probe.safetensors"
 
@@ -120,11 +121,6 @@ def zero_shot_proba(encoder, tokenizer, embeddings: np.ndarray, labels: Sequence
 def embed(encoder, tokenizer, texts: Sequence[str], config: BaselineConfig, pooling: str,
           progress: bool = True) -> np.ndarray:
     return pooled_embeddings(encoder, tokenizer, list(texts), config.max_length, config.batch_size, progress, pooling)
-
-
-def label_indices(labels_column, labels: Sequence[str]) -> np.ndarray:
-    index = {name: i for i, name in enumerate(labels)}
-    return np.asarray([index[v] for v in labels_column], dtype=np.int64)
 
 
 def run_baseline(config: BaselineConfig, base_path: Path, labels: Sequence[str], workspace,

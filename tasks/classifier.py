@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 from tuneloop.tasks.config import POOLINGS
+from tuneloop.tasks.labels import label_index
 
 BUNDLED_MODEL = "all-MiniLM-L6-v2"
 LABELS_FILE = "labels.json"
@@ -257,7 +258,7 @@ def load_sequence_classifier(model_dir: Path, meta: dict, labels: list[str], bas
 
     base = AutoModelForSequenceClassification.from_pretrained(
         resolve_model_path(base_model or meta["base_model"]), num_labels=len(labels),
-        id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)},
+        id2label=dict(enumerate(labels)), label2id=label_index(labels),
     )
     return PeftModel.from_pretrained(base, model_dir).merge_and_unload()
 

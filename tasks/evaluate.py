@@ -18,6 +18,7 @@ import pandas as pd
 
 from tuneloop.tasks.metrics import accuracy, classification_summary, macro_f1
 from tuneloop.tasks.config import EvaluateConfig
+from tuneloop.tasks.labels import label_index, label_indices
 
 Scorer = Callable[[Sequence[str]], np.ndarray]
 CORE_COLUMNS = {"row", "text", "label", "split", "id", "score"}
@@ -42,7 +43,7 @@ def aligned(probs: np.ndarray, own: Sequence[str], labels: Sequence[str]) -> np.
     `labels`: a label the model never learned (a new intent) gets probability 0,
     a label the evaluation no longer has is dropped."""
     out = np.zeros((len(probs), len(labels)), dtype=probs.dtype)
-    index = {name: i for i, name in enumerate(labels)}
+    index = label_index(labels)
     for j, name in enumerate(own):
         if name in index:
             out[:, index[name]] = probs[:, j]
@@ -111,8 +112,7 @@ def evaluate_models(candidates: Sequence[Candidate], test: pd.DataFrame, labels:
         confusion matrix, ECE and reliability bins, slices, latency, size, gap)
         and a per-row frame of true and predicted label indices for the gate.
     """
-    index = {name: i for i, name in enumerate(labels)}
-    y_true = np.asarray([index[v] for v in test["label"]], dtype=np.int64)
+    y_true = label_indices(test["label"], labels)
     slices = slice_columns_of(test, config)
     evaluation = {"data_version": data_version, "labels": list(labels), "test_rows": int(len(test)), "models": {}}
     predictions = pd.DataFrame({"row": test["row"].to_numpy(), "y_true": y_true})

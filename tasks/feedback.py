@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from tuneloop.tasks.labels import label_indices
 from tuneloop.tasks.privacy import mask_pii
 
 FEEDBACK_FILE = "feedback-%Y%m%dT%H%M%S.csv"  # an export's name: when it was written
@@ -35,8 +36,7 @@ def labelled_rows(window: pd.DataFrame, labels: Sequence[str]) -> pd.DataFrame:
 def encode(values: Sequence[str], labels: Sequence[str]) -> np.ndarray:
     """Label names as class indices; a name outside `labels` (another model's
     label set) becomes class len(labels), a class of its own: always wrong."""
-    index = {name: i for i, name in enumerate(labels)}
-    return np.asarray([index.get(v, len(labels)) for v in values], dtype=int)
+    return label_indices(values, labels, unknown=len(labels))
 
 
 def live_metrics(window: pd.DataFrame, labels: Sequence[str]) -> LiveMetrics:

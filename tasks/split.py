@@ -24,11 +24,10 @@ import numpy as np
 import pandas as pd
 
 from tuneloop.tasks.errors import TuneloopError
-from tuneloop.tasks.validate import leaked_from, normalise_text
+from tuneloop.tasks.validate import SPLITS, leaked_from, normalise_text
 from tuneloop.tasks.workspace import Workspace
 from tuneloop.tasks.config import SplitConfig
 
-SPLITS = ("train", "validation", "test")
 SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation", "eval": "validation"}
 
 

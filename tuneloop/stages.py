@@ -21,6 +21,7 @@ from tuneloop.tasks.evaluate import classifier_candidate, evaluate_models, probe
 from tuneloop.tasks.finetune import FinetuneConfig, FinetuneResult, finetune as finetune_model
 from tuneloop.tasks.gate import Decision, decide_promotion
 from tuneloop.tasks.ingest import DataVersion, load_data_version, run_ingest
+from tuneloop.tasks.labels import label_indices
 from tuneloop.tasks.report import write_evaluation_report, write_tuning_plots
 from tuneloop.tasks.split import SplitError, check_declared_split, load_split, run_split
 from tuneloop.tasks.validate import DataValidationError, ValidationReport, check_report, validate_dataset
@@ -108,8 +109,7 @@ def project_labels(params: Params, ws: Workspace) -> tuple[str, ...]:
 
 def labelled_rows(frame: pd.DataFrame, labels: tuple[str, ...]) -> tuple[list[str], list[int]]:
     """(texts, label indices) of a split."""
-    index = {name: i for i, name in enumerate(labels)}
-    return frame["text"].tolist(), frame["label"].map(index).tolist()
+    return frame["text"].tolist(), label_indices(frame["label"], labels).tolist()
 
 
 def tuning_record(params: Params, ws: Workspace) -> dict | None:

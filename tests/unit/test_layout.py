@@ -17,7 +17,7 @@ PROJECT = Path(__file__).resolve().parents[2]
 PACKAGES = {"tuneloop": PROJECT / "tuneloop", "tuneloop.flows": PROJECT / "flows", "tuneloop.tasks": PROJECT / "tasks"}
 
 # Floors, top down: a module may import its own floor or any floor below it.
-BASE = {"config", "errors", "decision", "workspace"}  # plain values: settings, errors, decisions, paths
+BASE = {"config", "errors", "decision", "labels", "workspace"}  # plain values: settings, errors, decisions, paths
 CORE = {"classifier", "fastpath", "metrics"}  # the model: torch, transformers, peft, numpy only
 ENTRY = {"cli", "demo", "init", "__main__"}
 STAGE_IO = {"params", "stages", "monitoring"}
