@@ -13,7 +13,7 @@ from dataclasses import asdict
 
 import pandas as pd
 
-from tuneloop.tasks import integrity, registry, tracking
+from tuneloop.tasks import integrity, mlflow_model, registry, tracking
 from tuneloop.tasks import tune as tuning
 from tuneloop.tasks.baseline import probe_head, run_baseline
 from tuneloop.tasks.classifier import resolve_model_path
@@ -286,8 +286,8 @@ def version_tags(params: Params, ws: Workspace) -> dict[str, str]:
     challenger = read_json(ws.evaluation)["models"]["challenger"]
     tags = {
         "data.md5": data.md5, "data.size": str(data.size), "data.path": data.path, "data.source": data.source,
-        "git.commit": git_commit(ws), "base_model.name": params.model.base, "base_model.path": str(base_path),
-        "base_model.sha256": integrity.base_weights_sha256(base_path),
+        "git.commit": git_commit(ws), "base_model.name": params.model.base,
+        "base_model.sha256": integrity.base_weights_sha256(base_path),  # no path: it names this machine
         "params": json.dumps(params.model_dump(mode="json", by_alias=True), sort_keys=True),
     }
     tags.update({f"test.{k}": f"{challenger[k]:.6f}" for k in ("accuracy", "macro_f1", "ece", "latency_ms_per_example")})
@@ -325,8 +325,7 @@ def register(params: Params, ws: Workspace) -> dict:
         plan = registry.plan_registration(registry.list_versions(name), key)
         run_id = tracking.current_run_id(ws)
         if plan.action == "create":
-            # the split this version learned from goes with it: drift monitoring's reference data
-            info = registry.create_version(name, run_id, ws.challenger_dir, version_tags(params, ws), ws.splits, key)
+            info = create_version(params, ws, run_id, key)
         else:
             say("register", plan.reason)
             info = registry.finish_version(name, plan.version, ws.splits) if plan.action == "resume" \
@@ -340,6 +339,27 @@ def register(params: Params, ws: Workspace) -> dict:
     say("register", f"{name} version {info.version} {'promoted to champion' if decision['promote'] else 'rejected'}; "
                     f"champion is version {result['champion']}")
     return result
+
+
+def create_version(params: Params, ws: Workspace, run_id: str, key: str) -> registry.VersionInfo:
+    """The challenger packaged as an MLflow model (with its model card) and
+    registered with its tags and, as drift monitoring's reference data, the
+    split it learned from."""
+    import tempfile
+    from pathlib import Path
+
+    tags = version_tags(params, ws)
+    lora = json.loads((ws.challenger_dir / "tuneloop.json").read_text())["method"] == "lora"
+    card = mlflow_model.CardFacts(params.mlflow.model_name, tags["data.md5"], tags["data.source"],
+                                  mlflow_model.base_description(params.model.base, lora),
+                                  tags["base_model.sha256"], tags["git.commit"],
+                                  {k.split(".", 1)[1]: float(v) for k, v in tags.items() if k.startswith("test.")})
+    with tempfile.TemporaryDirectory(prefix="tuneloop-package-") as scratch:
+        packaged = mlflow_model.save_version_model(
+            ws.challenger_dir, params.model.base, resolve_model_path(params.model.base) if lora else None, card,
+            Path(scratch) / "model", Path(scratch))
+        description = (packaged / "README.md").read_text()
+        return registry.create_version(params.mlflow.model_name, run_id, packaged, tags, ws.splits, key, description)
 
 
 def apply_decision(name: str, info: registry.VersionInfo, decision: dict) -> None:
