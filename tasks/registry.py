@@ -287,6 +287,7 @@ def create_version(name: str, run_id: str, model_dir: Path, tags: dict[str, str]
     if key:
         clean[KEY_TAG] = key
     info = as_info(c.create_model_version(name, source=source, run_id=own_run, tags=clean, description=description))
+    c.update_run(own_run, name=f"register {name} v{info.version}")
     return finish_version(name, info.version, reference)
 
 

@@ -21,7 +21,7 @@ from tuneloop.tasks.evaluate import classifier_candidate, evaluate_models, probe
 from tuneloop.tasks.finetune import FinetuneConfig, FinetuneResult, finetune as finetune_model
 from tuneloop.tasks.gate import Decision, decide_promotion
 from tuneloop.tasks.ingest import DataVersion, load_data_version, run_ingest
-from tuneloop.tasks.report import write_evaluation_report, write_tuning_plots
+from tuneloop.tasks.report import write_evaluation_plots, write_evaluation_report, write_tuning_plots
 from tuneloop.tasks.split import SplitError, check_declared_split, load_split, run_split
 from tuneloop.tasks.validate import DataValidationError, ValidationReport, check_report, validate_dataset
 from tuneloop.tasks.workspace import Workspace, read_json, write_json
@@ -49,7 +49,9 @@ def git_commit(ws: Workspace) -> str:
 
 def ingest(params: Params, ws: Workspace) -> DataVersion:
     version = run_ingest(params.ingest, ws)
-    tracking.start_pipeline_run(params.mlflow, ws, {"data.md5": version.md5, "git.commit": git_commit(ws)})
+    commit = git_commit(ws)
+    tracking.start_pipeline_run(params.mlflow, ws, {"data.md5": version.md5, "git.commit": commit,
+                                                    **tracking.source_tags(commit)})
     tracking.log_stage(ws, "ingest", {"rows": version.rows, "excluded_rows": version.excluded_rows},
                        params={"source": version.source, "data_md5": version.md5})
     excluded = f", {version.excluded_rows} rows with excluded labels dropped" if version.excluded_rows else ""
@@ -191,16 +193,26 @@ def finetune(params: Params, ws: Workspace) -> FinetuneResult:
         labelled_rows(load_split(ws, "validation"), labels), labels, settings, ws.challenger_dir, ws.checkpoint_dir, load_data_version(ws).md5,
         head=start_head(params, ws, base_path, settings), pooling=params.model.pooling,
     )
-    summary = {k: v for k, v in asdict(result).items() if k not in {"model_dir", "history"}}
-    summary["history"] = result.history
+    summary = {k: v for k, v in asdict(result).items() if k not in {"model_dir", "history", "curve"}}
+    summary["history"], summary["curve"] = result.history, result.curve
     write_json(ws.finetune_metrics, summary)
-    tracking.log_stage(ws, "finetune", {k: v for k, v in summary.items() if k != "history"},
-                       params=asdict(settings))
+    run_id = tracking.log_stage(ws, "finetune", {k: v for k, v in summary.items() if k not in {"history", "curve"}},
+                                params=asdict(settings), curves=training_curves(result), detail=settings.method)
+    data = load_data_version(ws)
+    tracking.log_dataset([run_id, tracking.current_run_id(ws)], pd.read_parquet(ws.splits), data.md5, data.path,
+                         data.source, "training")
     resumed = f", resumed at step {result.resumed_from_step}" if result.resumed_from_step else ""
     tuned = ", tuned settings" if settings != params.finetune else ""
     say("finetune", f"{result.steps} steps in {result.seconds:.0f}s ({result.train_examples_per_s:.1f} ex/s), "
                     f"best validation macro-F1 {result.best_val_macro_f1:.4f}{resumed}{tuned}")
     return result
+
+
+def training_curves(result: FinetuneResult) -> dict[str, list[tuple[int, float]]]:
+    """Loss and learning rate per logged step, validation macro-F1 per epoch (at its step)."""
+    return {"loss": [(p["step"], p["loss"]) for p in result.curve],
+            "learning_rate": [(p["step"], p["learning_rate"]) for p in result.curve],
+            "val_macro_f1": [(h["step"], h["val_macro_f1"]) for h in result.history]}
 
 
 def new_test_rows(params: Params, ws: Workspace, version: str, test: pd.DataFrame) -> int:
@@ -258,7 +270,8 @@ def evaluate(params: Params, ws: Workspace) -> dict:
     write_evaluation_report(evaluation, ws.evaluation_report)
     headline = {key: {k: m[k] for k in ("accuracy", "macro_f1", "ece", "latency_ms_per_example")}
                 for key, m in evaluation["models"].items()}
-    tracking.log_stage(ws, "evaluate", headline, artifacts=[ws.evaluation, ws.evaluation_report])
+    plots = write_evaluation_plots(evaluation, ws.evaluation_plots)
+    tracking.log_stage(ws, "evaluate", headline, artifacts=[ws.evaluation, ws.evaluation_report, *plots])
     say("evaluate", ", ".join(f"{k} macro-F1 {m['macro_f1']:.4f}" for k, m in headline.items())
         + f" on {evaluation['test_rows']} test rows"
         + (f" ({evaluation['new_test_rows']} new since the champion's data)" if "new_test_rows" in evaluation else "")
@@ -400,4 +413,6 @@ def finish_run(ws: Workspace, status: str, outcome: str, version: str | None = N
     client.set_tag(run_id, "tuneloop.outcome", outcome)
     if version:
         client.set_tag(run_id, "tuneloop.version", version)
+        data_md5 = client.get_run(run_id).data.tags.get("data.md5")
+        client.update_run(run_id, name=tracking.run_name("retrain", data_md5, f"{outcome} v{version}"))
     tracking.end_pipeline_run(ws, status)
