@@ -170,6 +170,13 @@ def prefect_flow_run_id() -> str | None:
     return flow_run.get_id()
 
 
+def prefect_flow_name() -> str | None:
+    """The name of the Prefect flow this code runs inside (`retrain`), or None."""
+    from prefect.runtime import flow_run
+
+    return flow_run.get_flow_name()
+
+
 def source_tags(commit: str) -> dict[str, str]:
     """MLflow's standard source tags (the UI's Source column and git link), and
     the Prefect flow run when a flow runs the stage.
@@ -179,7 +186,7 @@ def source_tags(commit: str) -> dict[str, str]:
     """
     flow_run = prefect_flow_run_id()
     tags = {"mlflow.source.type": "JOB",
-            "mlflow.source.name": "tuneloop.flows.retrain:retrain_flow" if flow_run else f"tuneloop {cli_command()}"}
+            "mlflow.source.name": f"prefect flow {prefect_flow_name()}" if flow_run else f"tuneloop {cli_command()}"}
     if commit != "unknown":
         tags["mlflow.source.git.commit"] = commit.removesuffix("-dirty")
     if flow_run:

@@ -13,7 +13,7 @@ from dataclasses import asdict
 
 import pandas as pd
 
-from tuneloop.tasks import integrity, mlflow_model, registry, tracking
+from tuneloop.tasks import integrity, mlflow_model, registry, runlog, tracking
 from tuneloop.tasks import tune as tuning
 from tuneloop.tasks.baseline import probe_head, run_baseline
 from tuneloop.tasks.classifier import resolve_model_path
@@ -31,9 +31,12 @@ STAGES = ("ingest", "validate", "split", "baseline", "tune", "finetune", "evalua
 
 
 def say(stage: str, message: str) -> None:
-    """One progress line per stage, numbered like the pipeline."""
+    """One progress line per stage, numbered like the pipeline: on the terminal,
+    and in the Prefect flow run's logs when a flow runs the stage."""
     position = STAGES.index(stage) + 1 if stage in STAGES else "-"
-    print(f"[{position}/{len(STAGES)}] {stage}: {message}", flush=True)
+    line = f"[{position}/{len(STAGES)}] {stage}: {message}"
+    print(line, flush=True)
+    runlog.log_line(line)
 
 
 def git_commit(ws: Workspace) -> str:
@@ -50,8 +53,10 @@ def git_commit(ws: Workspace) -> str:
 def ingest(params: Params, ws: Workspace) -> DataVersion:
     version = run_ingest(params.ingest, ws)
     commit = git_commit(ws)
-    tracking.start_pipeline_run(params.mlflow, ws, {"data.md5": version.md5, "git.commit": commit,
-                                                    **tracking.source_tags(commit)})
+    run_id = tracking.start_pipeline_run(params.mlflow, ws, {"data.md5": version.md5, "git.commit": commit,
+                                                             **tracking.source_tags(commit)})
+    runlog.publish_mlflow_run(run_id, read_json(ws.run_state)["experiment_id"],
+                              tracking.tracking_uri(params.mlflow, ws.root))
     tracking.log_stage(ws, "ingest", {"rows": version.rows, "excluded_rows": version.excluded_rows},
                        params={"source": version.source, "data_md5": version.md5})
     excluded = f", {version.excluded_rows} rows with excluded labels dropped" if version.excluded_rows else ""
@@ -288,6 +293,7 @@ def gate(params: Params, ws: Workspace) -> Decision:
     evaluation["gate"] = decision.to_dict()  # the report shows the decision and its reasons
     write_evaluation_report(evaluation, ws.evaluation_report)
     tracking.log_stage(ws, "gate", {"promote": int(decision.promote)}, artifacts=[ws.decision, ws.evaluation_report])
+    runlog.publish_gate(decision.promote, list(decision.reasons), evaluation)
     say("gate", ("PROMOTE" if decision.promote else "REJECT") + "".join(f"\n      {r}" for r in decision.reasons))
     return decision
 
