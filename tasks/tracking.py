@@ -58,6 +58,7 @@ def configure_tracking(config: MlflowConfig, root: Path) -> str:
     import mlflow
 
     logging.getLogger("alembic").setLevel(logging.WARNING)  # migration chatter on first use
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.WARNING)  # "validating input example" at each registration
     uri = tracking_uri(config, root)
     user_set = os.environ.get("MLFLOW_TRACKING_URI") == uri and uri not in _SET_HERE
     mlflow.set_tracking_uri(uri)
@@ -336,7 +337,8 @@ def log_dataset(run_ids: Sequence[str], frame, data_md5: str, path: str, name: s
         warnings.simplefilter("ignore", UserWarning)
         dataset = mlflow.data.from_pandas(frame, source=path, name=name, digest=data_md5,
                                           targets="label" if "label" in frame.columns else None)
-    entry = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+        entity = dataset._to_mlflow_entity()  # infers the schema: warns about integer columns
+    entry = DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
     for run_id in run_ids:
         mlflow.MlflowClient().log_inputs(run_id, datasets=[entry])
 
