@@ -299,6 +299,23 @@ def predict_proba(
     return probs
 
 
+@dataclass(frozen=True)
+class Scored:
+    """One text's answer: the most probable label, its probability, and every label's."""
+
+    label: str
+    confidence: float
+    probabilities: dict[str, float]
+
+
+def score_texts(classifier: Classifier, texts: Sequence[str], batch_size: int = 64) -> list[Scored]:
+    """What the service and the MLflow model answer for each text, in input order."""
+    probs = predict_proba(classifier, texts, batch_size=batch_size)  # (texts, labels)
+    best = probs.argmax(axis=1)  # (texts,)
+    return [Scored(classifier.labels[int(b)], float(row[b]), dict(zip(classifier.labels, row.tolist())))
+            for b, row in zip(best, probs)]
+
+
 @torch.inference_mode()
 def pooled_embeddings(
     encoder: torch.nn.Module, tokenizer, texts: Sequence[str], max_length: int,

@@ -34,6 +34,7 @@ from tuneloop.tasks.metrics import macro_f1
 from tuneloop.tasks.config import FinetuneConfig
 
 CHECKPOINT_FILE = "last.pt"
+LOSS_EVERY = 20  # steps between loss readbacks (a host sync): the progress bar's and the loss curve's
 
 
 @dataclass
@@ -49,6 +50,7 @@ class FinetuneResult:
     train_examples_per_s: float
     train_tokens_per_s: float
     history: list[dict] = field(default_factory=list)
+    curve: list[dict] = field(default_factory=list)  # {step, loss, learning_rate} every LOSS_EVERY steps
 
 
 def build_model(base_path: Path, labels: Sequence[str], config: FinetuneConfig,
@@ -192,6 +194,7 @@ class TrainState:
     best_state: dict[str, torch.Tensor] | None = None
     bad_epochs: int = 0
     history: list[dict] = field(default_factory=list)
+    curve: list[dict] = field(default_factory=list)
     examples: int = 0
     tokens: int = 0
     seconds: float = 0.0
@@ -241,17 +244,24 @@ def loss_function(model: torch.nn.Module):
     return lambda input_ids, mask, y: F.cross_entropy(model(input_ids, mask), y)
 
 
-def train_steps(model, batches, ids, targets, pad_id, optimizer, scheduler, config, device, bar) -> tuple[int, int, int]:
-    """Runs optimizer steps over `batches` until the next checkpoint is due.
+def curve_point(step: int, loss_sum: torch.Tensor, steps: int, scheduler) -> dict:
+    """The mean loss of the last `steps` steps and the body's learning rate after `step`."""
+    return {"step": step, "loss": loss_sum.item() / steps, "learning_rate": float(scheduler.get_last_lr()[0])}
+
+
+def train_steps(model, batches, ids, targets, pad_id, optimizer, scheduler, config, device, bar,
+                curve: list[dict], first_step: int) -> tuple[int, int, int]:
+    """Runs optimizer steps over `batches` until the next checkpoint is due,
+    appending a loss-curve point to `curve` every LOSS_EVERY steps and at the end.
 
     Returns:
         (steps, examples, non-padding tokens) done in this call.
 
-    The loss stays on the device and is read back only every 20 steps for the
-    progress bar: one host sync per 20 steps instead of one per step.
+    The loss stays on the device and is read back only every LOSS_EVERY steps
+    (and when the call ends): one host sync per 20 steps instead of one per step.
     """
     loss_sum = torch.zeros((), device=device)
-    tokens = examples = 0
+    tokens = examples = unread = 0
     compute_loss = loss_function(model)
     for done, index in enumerate(batches, start=1):
         input_ids, mask = pad_batch([ids[i] for i in index], pad_id)
@@ -265,11 +275,15 @@ def train_steps(model, batches, ids, targets, pad_id, optimizer, scheduler, conf
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         loss_sum += loss.detach()
+        unread += 1
         bar.update(1)
-        if done % 20 == 0:
-            bar.set_postfix(loss=f"{loss_sum.item() / 20:.4f}")
+        due = config.checkpoint_every_steps > 0 and done % config.checkpoint_every_steps == 0
+        if done % LOSS_EVERY == 0 or due or done == len(batches):
+            curve.append(curve_point(first_step + done, loss_sum, unread, scheduler))
+            bar.set_postfix(loss=f"{curve[-1]['loss']:.4f}")
             loss_sum.zero_()
-        if config.checkpoint_every_steps > 0 and done % config.checkpoint_every_steps == 0:
+            unread = 0
+        if due:
             return done, examples, tokens
     return len(batches), examples, tokens
 
@@ -337,7 +351,7 @@ def finetune(
         while batches:
             started = time.perf_counter()
             steps, examples, tokens = train_steps(
-                model, batches, ids, targets, pad_id, optimizer, scheduler, config, device, bar)
+                model, batches, ids, targets, pad_id, optimizer, scheduler, config, device, bar, state.curve, state.step)
             state.step, state.examples, state.tokens = state.step + steps, state.examples + examples, state.tokens + tokens
             state.seconds += time.perf_counter() - started
             batches = batches[steps:]
@@ -397,7 +411,7 @@ def finish(model, tokenizer, labels, train, base_model, config, device, state, o
         steps=state.step, epochs_run=state.epoch, stopped_early=stopped_early,
         resumed_from_step=resumed_from, seconds=state.seconds,
         train_examples_per_s=state.examples / seconds,
-        train_tokens_per_s=state.tokens / seconds, history=state.history,
+        train_tokens_per_s=state.tokens / seconds, history=state.history, curve=state.curve,
     )
 
 

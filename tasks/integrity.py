@@ -100,16 +100,19 @@ def check_version_files(folder: Path, tags: Mapping[str, str], what: str) -> Non
     check_folder(folder, expected, what)
 
 
-def locate_base(tags: Mapping[str, str], fallback: str | None = None) -> Path:
-    """The base model folder a version was trained on: its recorded path when
-    that folder is here, else its recorded name (or `fallback`, for versions
-    that record none) resolved on this machine.
+def locate_base(tags: Mapping[str, str], fallback: str | None = None, carried: Path | None = None) -> Path:
+    """The base model folder a version was trained on: the copy it carries
+    (`carried`, inside its MLflow model), else its recorded path when that
+    folder is here, else its recorded name (or `fallback`, for versions that
+    record none) resolved on this machine.
 
     Raises:
         FileNotFoundError: the version's base model is not on this machine.
     """
     from tuneloop.tasks.classifier import resolve_model_path
 
+    if carried is not None:
+        return Path(carried)
     recorded_path = tags.get(BASE_PATH_TAG)
     if recorded_path and (Path(recorded_path) / "config.json").exists():
         return Path(recorded_path)
@@ -124,14 +127,15 @@ def locate_base(tags: Mapping[str, str], fallback: str | None = None) -> Path:
                             f"or copy it to that path")
 
 
-def verified_base(tags: Mapping[str, str], what: str, fallback: str | None = None) -> Path:
+def verified_base(tags: Mapping[str, str], what: str, fallback: str | None = None, carried: Path | None = None
+                  ) -> Path:
     """`locate_base`, then its weights checked against the recorded `base_model.sha256`.
 
     Raises:
         FileNotFoundError: the base model is not on this machine.
         IntegrityError: its weights are not the ones the version was trained on.
     """
-    base = locate_base(tags, fallback)
+    base = locate_base(tags, fallback, carried)
     expected = tags.get(BASE_SHA_TAG)
     if not expected:
         log.warning("%s records no base model hash: %s loads unverified", what, base)

@@ -194,8 +194,12 @@ def list_versions(name: str) -> list[VersionInfo]:
 
 
 def download_version(name: str, version: str, cache_dir: Path) -> Path:
-    """The version's model folder, downloaded once into `cache_dir/<version>`
-    and checked against the file hashes the version recorded, cached or not.
+    """The version's classifier folder (what `load_classifier` reads), its whole
+    model folder downloaded once into `cache_dir/<version>/model` and checked
+    against the file hashes the version recorded, cached or not.
+
+    A version is an MLflow model (`tasks.mlflow_model`): the classifier is its
+    `artifacts/classifier`; a version registered before that is the folder itself.
 
     Raises:
         IntegrityError: the folder's files differ from the recorded hashes
@@ -204,18 +208,20 @@ def download_version(name: str, version: str, cache_dir: Path) -> Path:
     """
     import mlflow
 
+    from tuneloop.tasks.mlflow_model import classifier_folder
+
     info = get_version(name, version)
     check_complete(name, info)  # before any download: an unfinished version may lack files
     target = Path(cache_dir) / str(version)
     model_dir = target / "model"
-    cached = (model_dir / "tuneloop.json").exists()
+    cached = (model_dir / "MLmodel").exists() or (model_dir / "tuneloop.json").exists()
     if not cached:
         target.mkdir(parents=True, exist_ok=True)
         model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=info.source, dst_path=str(target)))
     where = f"the cached copy of version {version} of {name} (remove {target} to download it again)" if cached \
         else f"version {version} of {name} as registered ({info.source})"
     integrity.check_version_files(model_dir, info.tags, where)
-    return model_dir
+    return classifier_folder(model_dir)
 
 
 def version_run(name: str, parent_run_id: str, key: str | None = None) -> str:
@@ -242,7 +248,7 @@ def close_abandoned_runs(experiment_id: str, key: str) -> list[str]:
 
 
 def create_version(name: str, run_id: str, model_dir: Path, tags: dict[str, str], reference: Path | None = None,
-                   key: str | None = None) -> VersionInfo:
+                   key: str | None = None, description: str | None = None) -> VersionInfo:
     """Registers a copy of the model folder as a new, complete version with its own run.
 
     Every version gets a run of its own (a child of `run_id`, the pipeline's
@@ -257,6 +263,7 @@ def create_version(name: str, run_id: str, model_dir: Path, tags: dict[str, str]
     Args:
         reference: the splits the version learned from (drift monitoring's reference data).
         key: the registration's key (`registration_key`), so a re-run can find this version.
+        description: shown on the version's page in the MLflow UI (the model card).
 
     Returns:
         The new version; its `run_id` is the version's own run.
@@ -279,7 +286,8 @@ def create_version(name: str, run_id: str, model_dir: Path, tags: dict[str, str]
     clean.update({integrity.MANIFEST_TAG: manifest_json, REGISTRATION_TAG: INCOMPLETE})
     if key:
         clean[KEY_TAG] = key
-    info = as_info(c.create_model_version(name, source=source, run_id=own_run, tags=clean))
+    info = as_info(c.create_model_version(name, source=source, run_id=own_run, tags=clean, description=description))
+    c.update_run(own_run, name=f"register {name} v{info.version}")
     return finish_version(name, info.version, reference)
 
 
@@ -370,11 +378,14 @@ def verified_version(name: str, version: str, cache_dir: Path, fallback_base: st
         IntegrityError: a file differs from its recorded hash.
         FileNotFoundError: the version's base model is not on this machine.
     """
+    from tuneloop.tasks.mlflow_model import carried_base
+
     model_dir = download_version(name, version, cache_dir)
     if not (model_dir / "adapter_config.json").exists():
         return model_dir, None
     what = f"version {version} of {name}"
-    return model_dir, integrity.verified_base(get_version(name, version).tags, what, fallback_base)
+    carried = carried_base(model_dir.parent.parent) if model_dir.parent.name == "artifacts" else None
+    return model_dir, integrity.verified_base(get_version(name, version).tags, what, fallback_base, carried)
 
 
 def audit_trail(name: str) -> list[dict]:

@@ -435,6 +435,31 @@ def write_tuning_plots(tuning: dict, folder: Path) -> list[Path]:
     return paths
 
 
+def evaluation_figures(evaluation: dict) -> dict[str, Any]:
+    """The evaluation's plots by file stem: one confusion matrix per model with
+    one, and the reliability (calibration) diagram of all models."""
+    models = evaluation.get("models") or {}
+    labels = evaluation.get("labels") or []
+    figures = {f"confusion_{key}": _confusion_figure(_display_name(key, model), labels, model["confusion_matrix"])
+               for key, model in models.items() if model.get("confusion_matrix")}
+    if models:
+        figures["calibration"] = _reliability_figure(models)
+    return figures
+
+
+def write_evaluation_plots(evaluation: dict, folder: Path) -> list[Path]:
+    """Saves `evaluation_figures` as PNG files in `folder` (emptied first); returns their paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.png"):
+        old.unlink()
+    paths = []
+    for stem, fig in evaluation_figures(evaluation).items():
+        paths.append(folder / f"{stem}.png")
+        fig.savefig(paths[-1], dpi=110, bbox_inches="tight", facecolor="white")
+    return paths
+
+
 def _param_text(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3g}"

@@ -40,7 +40,7 @@ from fastapi.security import HTTPBearer
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from tuneloop.tasks.auth import Token, authorize
-from tuneloop.tasks.classifier import Classifier, load_classifier, predict_proba
+from tuneloop.tasks.classifier import Classifier, load_classifier, predict_proba, score_texts
 from tuneloop.tasks.limits import BodyLimit, text_problem
 from tuneloop.tasks.privacy import mask_pii
 from tuneloop.tasks.store import FeedbackConflict, Prediction, PredictionStore, store_url, utcnow
@@ -323,14 +323,9 @@ def feedback_labels(body: FeedbackRequest, logged: pd.DataFrame) -> list[str]:
 
 def answer(served: Served, texts: list[str], batch_size: int) -> PredictResponse:
     request_id = uuid.uuid4().hex
-    labels = served.classifier.labels
-    probs = predict_proba(served.classifier, texts, batch_size=batch_size)  # (texts, labels)
-    items = []
-    for index, row in enumerate(probs):
-        best = int(row.argmax())
-        items.append(ItemPrediction(request_id=request_id, item=index, label=labels[best],
-                                    confidence=float(row[best]), model_version=served.version,
-                                    probabilities={name: float(p) for name, p in zip(labels, row)}))
+    items = [ItemPrediction(request_id=request_id, item=index, label=scored.label, confidence=scored.confidence,
+                            model_version=served.version, probabilities=scored.probabilities)
+             for index, scored in enumerate(score_texts(served.classifier, texts, batch_size))]
     return PredictResponse(request_id=request_id, model_version=served.version, predictions=items)
 
 

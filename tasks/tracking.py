@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping, Sequence
 
 from tuneloop.tasks.workspace import Workspace, read_json, write_json
 from tuneloop.tasks.config import MlflowConfig
@@ -49,6 +50,7 @@ def configure_tracking(config: MlflowConfig, root: Path) -> str:
     import mlflow
 
     logging.getLogger("alembic").setLevel(logging.WARNING)  # migration chatter on first use
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.WARNING)  # "validating input example" at each registration
     uri = tracking_uri(config, root)
     user_set = os.environ.get("MLFLOW_TRACKING_URI") == uri and uri not in _SET_HERE
     mlflow.set_tracking_uri(uri)
@@ -148,13 +150,62 @@ def claim_run(workspace: Workspace) -> None:
         client.set_tag(run_id, key, value)
 
 
+PREFECT_TAG = "prefect.flow_run_id"  # on every run a Prefect flow made: the flow run to open in the Prefect UI
+SOURCE_TAGS = ("mlflow.source.git.commit", "mlflow.source.name", "mlflow.source.type", PREFECT_TAG)
+
+
+def prefect_flow_run_id() -> str | None:
+    """The Prefect flow run this code runs inside, or None (a CLI stage, `dvc repro`)."""
+    if "prefect" not in sys.modules:  # a process that never imported Prefect runs no flow
+        return None
+    from prefect.runtime import flow_run
+
+    return flow_run.get_id()
+
+
+def prefect_flow_name() -> str | None:
+    """The name of the Prefect flow this code runs inside (`retrain`), or None."""
+    from prefect.runtime import flow_run
+
+    return flow_run.get_flow_name()
+
+
+def source_tags(commit: str) -> dict[str, str]:
+    """MLflow's standard source tags (the UI's Source column and git link), and
+    the Prefect flow run when a flow runs the stage.
+
+    Args:
+        commit: the project's git HEAD, `-dirty` suffixed with local changes (`unknown` outside git).
+    """
+    flow_run = prefect_flow_run_id()
+    tags = {"mlflow.source.type": "JOB",
+            "mlflow.source.name": f"prefect flow {prefect_flow_name()}" if flow_run else f"tuneloop {cli_command()}"}
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit.removesuffix("-dirty")
+    if flow_run:
+        tags[PREFECT_TAG] = str(flow_run)
+    return tags
+
+
+def cli_command() -> str:
+    """The tuneloop subcommand running (`register`, `run` ...), or `stage` when not started by the CLI."""
+    words = [w for w in sys.argv[1:] if not w.startswith("-")]
+    return words[0] if words and Path(sys.argv[0]).name == "tuneloop" else "stage"
+
+
+def run_name(stage: str, data_md5: str | None, detail: str = "") -> str:
+    """What the MLflow UI lists: `finetune lora data:1a2b3c4d`."""
+    return " ".join(part for part in (stage, detail, f"data:{data_md5[:8]}" if data_md5 else "") if part)
+
+
 def start_pipeline_run(config: MlflowConfig, workspace: Workspace, tags: dict[str, str]) -> str:
     """Opens the MLflow run of a new pipeline run and records its id (and, as
     tags, the process running it)."""
     import mlflow
 
     experiment_id = configure_tracking(config, workspace.root)
-    run = mlflow.MlflowClient().create_run(experiment_id, tags={**tags, **owner_tags()})
+    run = mlflow.MlflowClient().create_run(experiment_id, run_name=run_name("retrain", tags.get("data.md5")),
+                                           tags={**tags, **owner_tags()})
     write_json(workspace.run_state, {"run_id": run.info.run_id, "experiment_id": experiment_id})
     return run.info.run_id
 
@@ -181,21 +232,29 @@ def continue_pipeline_run(workspace: Workspace, experiment_id: str, ended) -> st
     link back (`tuneloop.continues`), recorded as the current pipeline run."""
     import mlflow
 
-    tags = {k: v for k, v in ended.data.tags.items() if k.startswith("data.")}
+    tags = {k: v for k, v in ended.data.tags.items() if k.startswith("data.") or k in SOURCE_TAGS}
     tags["tuneloop.continues"] = ended.info.run_id
-    run = mlflow.MlflowClient().create_run(experiment_id, tags=tags)
+    run = mlflow.MlflowClient().create_run(experiment_id, run_name=run_name("retrain", tags.get("data.md5"), "continued"),
+                                           tags=tags)
     write_json(workspace.run_state, {"run_id": run.info.run_id, "experiment_id": experiment_id})
     return run.info.run_id
 
 
-def start_stage_run(workspace: Workspace, stage: str) -> str:
-    """A new run for one run of `stage`, child of the current pipeline run."""
+def start_stage_run(workspace: Workspace, stage: str, detail: str = "") -> str:
+    """A new run for one run of `stage`, child of the current pipeline run, named
+    after the stage, `detail` and the data version, with the pipeline's source tags."""
     import mlflow
 
-    parent = current_run_id(workspace)
+    client = mlflow.MlflowClient()
+    parent_id = current_run_id(workspace)
+    parent = client.get_run(parent_id).data.tags
     experiment_id = read_json(workspace.run_state)["experiment_id"]
-    run = mlflow.MlflowClient().create_run(experiment_id, run_name=stage, tags={
-        "mlflow.parentRunId": parent, "tuneloop.stage": stage})
+    inherited = {k: v for k, v in parent.items() if k in SOURCE_TAGS or k == "data.md5"}
+    flow_run = prefect_flow_run_id()
+    if flow_run:  # a stage the flow retried or resumed runs in a newer flow run than the pipeline run's
+        inherited[PREFECT_TAG] = str(flow_run)
+    run = client.create_run(experiment_id, run_name=run_name(stage, parent.get("data.md5"), detail), tags={
+        **inherited, "mlflow.parentRunId": parent_id, "tuneloop.stage": stage})
     return run.info.run_id
 
 
@@ -210,11 +269,24 @@ def flatten(prefix: str, values: Any) -> dict[str, float]:
     return out
 
 
+def curve_metrics(stage: str, curves: Mapping[str, Sequence[tuple[int, float]]], now: int) -> list:
+    """{name: [(step, value), ...]} as MLflow metrics `stage.name` at their steps: the UI's charts."""
+    from mlflow.entities import Metric
+
+    return [Metric(f"{stage}.{name}", float(value), now, int(step))
+            for name, points in curves.items() for step, value in points]
+
+
 def log_stage(workspace: Workspace, stage: str, metrics: Any = None, params: dict | None = None,
-              artifacts: Iterable[Path] = ()) -> str:
+              artifacts: Iterable[Path] = (), curves: Mapping[str, Sequence[tuple[int, float]]] | None = None,
+              detail: str = "") -> str:
     """Logs one run of a stage: its settings, numbers and files go to a new
     child run of the pipeline's run; its numbers also go to the pipeline's run
     (latest value first, earlier ones kept as metric history).
+
+    Args:
+        curves: {name: [(step, value), ...]}, logged at their steps on both runs (loss curves).
+        detail: words the run's name adds after the stage (`lora`).
 
     Returns:
         The stage run's id.
@@ -225,9 +297,10 @@ def log_stage(workspace: Workspace, stage: str, metrics: Any = None, params: dic
     from mlflow.entities import Metric, Param
 
     client = mlflow.MlflowClient()
-    run_id = start_stage_run(workspace, stage)
+    run_id = start_stage_run(workspace, stage, detail)
     now = int(time.time() * 1000)
     metric_list = [Metric(k, v, now, 0) for k, v in flatten(stage, metrics or {}).items()]
+    metric_list += curve_metrics(stage, curves or {}, now)
     param_list = [Param(f"{stage}.{k}", str(v)[:6000]) for k, v in (params or {}).items()]
     client.log_batch(run_id, metrics=metric_list, params=param_list)
     if metric_list:
@@ -240,6 +313,26 @@ def log_stage(workspace: Workspace, stage: str, metrics: Any = None, params: dic
             client.log_artifact(run_id, str(path), artifact_path=stage)
     client.set_terminated(run_id)
     return run_id
+
+
+def log_dataset(run_ids: Sequence[str], frame, data_md5: str, path: str, name: str, context: str) -> None:
+    """Logs `frame` as an MLflow dataset input of each run: the UI's Datasets
+    column. Its digest is the data version's DVC md5, so a dataset in MLflow
+    and `dvc` name the same snapshot; its source is the DVC-tracked path."""
+    import warnings
+
+    import mlflow
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    with warnings.catch_warnings():  # MLflow warns that several source kinds could read a plain path
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(frame, source=path, name=name, digest=data_md5,
+                                          targets="label" if "label" in frame.columns else None)
+        entity = dataset._to_mlflow_entity()  # infers the schema: warns about integer columns
+    entry = DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+    for run_id in run_ids:
+        mlflow.MlflowClient().log_inputs(run_id, datasets=[entry])
 
 
 def end_pipeline_run(workspace: Workspace, status: str = "FINISHED") -> None:

@@ -92,6 +92,10 @@ class Workspace:
     def evaluation_report(self) -> Path:
         return self.root / "reports" / "evaluation.html"
 
+    @property
+    def evaluation_plots(self) -> Path:  # confusion matrices and calibration as PNG, for the MLflow UI
+        return self.root / "reports" / "evaluation_plots"
+
     # gate and register
     @property
     def decision(self) -> Path:

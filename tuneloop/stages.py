@@ -13,7 +13,7 @@ from dataclasses import asdict
 
 import pandas as pd
 
-from tuneloop.tasks import integrity, registry, tracking
+from tuneloop.tasks import integrity, mlflow_model, registry, runlog, tracking
 from tuneloop.tasks import tune as tuning
 from tuneloop.tasks.baseline import probe_head, run_baseline
 from tuneloop.tasks.classifier import resolve_model_path
@@ -22,7 +22,7 @@ from tuneloop.tasks.finetune import FinetuneConfig, FinetuneResult, finetune as 
 from tuneloop.tasks.gate import Decision, decide_promotion
 from tuneloop.tasks.ingest import DataVersion, load_data_version, run_ingest
 from tuneloop.tasks.labels import label_indices
-from tuneloop.tasks.report import write_evaluation_report, write_tuning_plots
+from tuneloop.tasks.report import write_evaluation_plots, write_evaluation_report, write_tuning_plots
 from tuneloop.tasks.split import SplitError, check_declared_split, load_split, run_split
 from tuneloop.tasks.validate import DataValidationError, ValidationReport, check_report, validate_dataset
 from tuneloop.tasks.workspace import Workspace, read_json, write_json
@@ -32,9 +32,12 @@ STAGES = ("ingest", "validate", "split", "baseline", "tune", "finetune", "evalua
 
 
 def say(stage: str, message: str) -> None:
-    """One progress line per stage, numbered like the pipeline."""
+    """One progress line per stage, numbered like the pipeline: on the terminal,
+    and in the Prefect flow run's logs when a flow runs the stage."""
     position = STAGES.index(stage) + 1 if stage in STAGES else "-"
-    print(f"[{position}/{len(STAGES)}] {stage}: {message}", flush=True)
+    line = f"[{position}/{len(STAGES)}] {stage}: {message}"
+    print(line, flush=True)
+    runlog.log_line(line)
 
 
 def git_commit(ws: Workspace) -> str:
@@ -50,7 +53,11 @@ def git_commit(ws: Workspace) -> str:
 
 def ingest(params: Params, ws: Workspace) -> DataVersion:
     version = run_ingest(params.ingest, ws)
-    tracking.start_pipeline_run(params.mlflow, ws, {"data.md5": version.md5, "git.commit": git_commit(ws)})
+    commit = git_commit(ws)
+    run_id = tracking.start_pipeline_run(params.mlflow, ws, {"data.md5": version.md5, "git.commit": commit,
+                                                             **tracking.source_tags(commit)})
+    runlog.publish_mlflow_run(run_id, read_json(ws.run_state)["experiment_id"],
+                              tracking.tracking_uri(params.mlflow, ws.root))
     tracking.log_stage(ws, "ingest", {"rows": version.rows, "excluded_rows": version.excluded_rows},
                        params={"source": version.source, "data_md5": version.md5})
     excluded = f", {version.excluded_rows} rows with excluded labels dropped" if version.excluded_rows else ""
@@ -191,16 +198,26 @@ def finetune(params: Params, ws: Workspace) -> FinetuneResult:
         labelled_rows(load_split(ws, "validation"), labels), labels, settings, ws.challenger_dir, ws.checkpoint_dir, load_data_version(ws).md5,
         head=start_head(params, ws, base_path, settings), pooling=params.model.pooling,
     )
-    summary = {k: v for k, v in asdict(result).items() if k not in {"model_dir", "history"}}
-    summary["history"] = result.history
+    summary = {k: v for k, v in asdict(result).items() if k not in {"model_dir", "history", "curve"}}
+    summary["history"], summary["curve"] = result.history, result.curve
     write_json(ws.finetune_metrics, summary)
-    tracking.log_stage(ws, "finetune", {k: v for k, v in summary.items() if k != "history"},
-                       params=asdict(settings))
+    run_id = tracking.log_stage(ws, "finetune", {k: v for k, v in summary.items() if k not in {"history", "curve"}},
+                                params=asdict(settings), curves=training_curves(result), detail=settings.method)
+    data = load_data_version(ws)
+    tracking.log_dataset([run_id, tracking.current_run_id(ws)], pd.read_parquet(ws.splits), data.md5, data.path,
+                         data.source, "training")
     resumed = f", resumed at step {result.resumed_from_step}" if result.resumed_from_step else ""
     tuned = ", tuned settings" if settings != params.finetune else ""
     say("finetune", f"{result.steps} steps in {result.seconds:.0f}s ({result.train_examples_per_s:.1f} ex/s), "
                     f"best validation macro-F1 {result.best_val_macro_f1:.4f}{resumed}{tuned}")
     return result
+
+
+def training_curves(result: FinetuneResult) -> dict[str, list[tuple[int, float]]]:
+    """Loss and learning rate per logged step, validation macro-F1 per epoch (at its step)."""
+    return {"loss": [(p["step"], p["loss"]) for p in result.curve],
+            "learning_rate": [(p["step"], p["learning_rate"]) for p in result.curve],
+            "val_macro_f1": [(h["step"], h["val_macro_f1"]) for h in result.history]}
 
 
 def new_test_rows(params: Params, ws: Workspace, version: str, test: pd.DataFrame) -> int:
@@ -258,7 +275,8 @@ def evaluate(params: Params, ws: Workspace) -> dict:
     write_evaluation_report(evaluation, ws.evaluation_report)
     headline = {key: {k: m[k] for k in ("accuracy", "macro_f1", "ece", "latency_ms_per_example")}
                 for key, m in evaluation["models"].items()}
-    tracking.log_stage(ws, "evaluate", headline, artifacts=[ws.evaluation, ws.evaluation_report])
+    plots = write_evaluation_plots(evaluation, ws.evaluation_plots)
+    tracking.log_stage(ws, "evaluate", headline, artifacts=[ws.evaluation, ws.evaluation_report, *plots])
     say("evaluate", ", ".join(f"{k} macro-F1 {m['macro_f1']:.4f}" for k, m in headline.items())
         + f" on {evaluation['test_rows']} test rows"
         + (f" ({evaluation['new_test_rows']} new since the champion's data)" if "new_test_rows" in evaluation else "")
@@ -275,6 +293,7 @@ def gate(params: Params, ws: Workspace) -> Decision:
     evaluation["gate"] = decision.to_dict()  # the report shows the decision and its reasons
     write_evaluation_report(evaluation, ws.evaluation_report)
     tracking.log_stage(ws, "gate", {"promote": int(decision.yes)}, artifacts=[ws.decision, ws.evaluation_report])
+    runlog.publish_gate(decision.yes, list(decision.reasons), evaluation)
     say("gate", ("PROMOTE" if decision.yes else "REJECT") + "".join(f"\n      {r}" for r in decision.reasons))
     return decision
 
@@ -286,8 +305,8 @@ def version_tags(params: Params, ws: Workspace) -> dict[str, str]:
     challenger = read_json(ws.evaluation)["models"]["challenger"]
     tags = {
         "data.md5": data.md5, "data.size": str(data.size), "data.path": data.path, "data.source": data.source,
-        "git.commit": git_commit(ws), "base_model.name": params.model.base, "base_model.path": str(base_path),
-        "base_model.sha256": integrity.base_weights_sha256(base_path),
+        "git.commit": git_commit(ws), "base_model.name": params.model.base,
+        "base_model.sha256": integrity.base_weights_sha256(base_path),  # no path: it names this machine
         "params": json.dumps(params.model_dump(mode="json", by_alias=True), sort_keys=True),
     }
     tags.update({f"test.{k}": f"{challenger[k]:.6f}" for k in ("accuracy", "macro_f1", "ece", "latency_ms_per_example")})
@@ -325,8 +344,7 @@ def register(params: Params, ws: Workspace) -> dict:
         plan = registry.plan_registration(registry.list_versions(name), key)
         run_id = tracking.current_run_id(ws)
         if plan.action == "create":
-            # the split this version learned from goes with it: drift monitoring's reference data
-            info = registry.create_version(name, run_id, ws.challenger_dir, version_tags(params, ws), ws.splits, key)
+            info = create_version(params, ws, run_id, key)
         else:
             say("register", plan.reason)
             info = registry.finish_version(name, plan.version, ws.splits) if plan.action == "resume" \
@@ -340,6 +358,27 @@ def register(params: Params, ws: Workspace) -> dict:
     say("register", f"{name} version {info.version} {'promoted to champion' if decision['promote'] else 'rejected'}; "
                     f"champion is version {result['champion']}")
     return result
+
+
+def create_version(params: Params, ws: Workspace, run_id: str, key: str) -> registry.VersionInfo:
+    """The challenger packaged as an MLflow model (with its model card) and
+    registered with its tags and, as drift monitoring's reference data, the
+    split it learned from."""
+    import tempfile
+    from pathlib import Path
+
+    tags = version_tags(params, ws)
+    lora = json.loads((ws.challenger_dir / "tuneloop.json").read_text())["method"] == "lora"
+    card = mlflow_model.CardFacts(params.mlflow.model_name, tags["data.md5"], tags["data.source"],
+                                  mlflow_model.base_description(params.model.base, lora),
+                                  tags["base_model.sha256"], tags["git.commit"],
+                                  {k.split(".", 1)[1]: float(v) for k, v in tags.items() if k.startswith("test.")})
+    with tempfile.TemporaryDirectory(prefix="tuneloop-package-") as scratch:
+        packaged = mlflow_model.save_version_model(
+            ws.challenger_dir, params.model.base, resolve_model_path(params.model.base) if lora else None, card,
+            Path(scratch) / "model", Path(scratch))
+        description = (packaged / "README.md").read_text()
+        return registry.create_version(params.mlflow.model_name, run_id, packaged, tags, ws.splits, key, description)
 
 
 def apply_decision(name: str, info: registry.VersionInfo, decision: dict) -> None:
@@ -380,4 +419,6 @@ def finish_run(ws: Workspace, status: str, outcome: str, version: str | None = N
     client.set_tag(run_id, "tuneloop.outcome", outcome)
     if version:
         client.set_tag(run_id, "tuneloop.version", version)
+        data_md5 = client.get_run(run_id).data.tags.get("data.md5")
+        client.update_run(run_id, name=tracking.run_name("retrain", data_md5, f"{outcome} v{version}"))
     tracking.end_pipeline_run(ws, status)

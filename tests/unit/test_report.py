@@ -167,3 +167,14 @@ def test_figure_to_data_uri_is_a_decodable_png():
 def test_the_input_dict_is_not_mutated(full_report):
     before, after, _ = full_report
     assert after == before
+
+
+def test_evaluation_plots_are_one_confusion_png_per_model_and_one_calibration_png(evaluation, tmp_path):
+    from PIL import Image
+
+    from tuneloop.tasks.report import write_evaluation_plots
+
+    paths = write_evaluation_plots(evaluation, tmp_path / "plots")
+    expected = {f"confusion_{key}.png" for key, model in evaluation["models"].items() if model.get("confusion_matrix")}
+    assert {p.name for p in paths} == expected | {"calibration.png"}
+    assert all(Image.open(p).size[0] > 200 for p in paths)

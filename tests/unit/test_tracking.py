@@ -51,7 +51,7 @@ def test_a_stage_run_again_with_changed_params_logs_into_a_new_run_of_its_own(ml
     assert [r.data.params["finetune.epochs"] for r in runs] == ["1", "4"]
     assert [r.data.metrics["finetune.best_val_macro_f1"] for r in runs] == [0.7, 0.8]
     assert [r.data.tags["mlflow.parentRunId"] for r in runs] == [pipeline, pipeline]
-    assert [(r.info.run_name, r.info.status) for r in runs] == [("finetune", "FINISHED")] * 2
+    assert [(r.info.run_name, r.info.status) for r in runs] == [("finetune data:dddddddd", "FINISHED")] * 2
     history = client.get_metric_history(pipeline, "finetune.best_val_macro_f1")
     assert [m.value for m in history] == [0.7, 0.8]  # the pipeline's run shows the latest, keeps both
 

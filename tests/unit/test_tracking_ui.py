@@ -1,0 +1,84 @@
+"""What the MLflow UI shows after the finetune stage ran, read back from a real
+(SQLite) MLflow store: a run name saying what ran, MLflow's source tags, the
+data version as a dataset input, and loss, learning-rate and validation curves."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import pandas as pd
+import pytest
+
+from tuneloop.tasks import tracking
+from tuneloop.tasks.ingest import DataVersion
+from tuneloop.tasks.workspace import Workspace, write_json
+from tuneloop.params import parse_params
+
+MD5 = "0123456789abcdef0123456789abcdef"
+COMMIT = "a" * 40
+
+
+@pytest.fixture(scope="module")
+def finetuned(tiny_bert, toy_task, mlflow_sandbox, tmp_path_factory) -> dict:
+    """The finetune stage run once on the tiny model, logging to the sandbox."""
+    from tuneloop import stages
+
+    ws = Workspace(tmp_path_factory.mktemp("project"))
+    labels = toy_task["labels"]
+    rows = [(t, labels[y], split) for split in ("train", "validation") for t, y in zip(*toy_task[split])]
+    ws.splits.parent.mkdir(parents=True)
+    pd.DataFrame(rows, columns=["text", "label", "split"]).to_parquet(ws.splits)
+    write_json(ws.data_version, asdict(DataVersion(MD5, 1, "data/raw/reviews.csv", "reviews.csv", 320, 0,
+                                                   labels=labels)))
+    params = parse_params({
+        "model": {"base": str(tiny_bert)}, "validate": {"labels": labels},
+        "finetune": {"epochs": 2, "min_steps": 0, "min_examples_per_class": 0, "batch_size": 16, "lora_r": 8,
+                     "max_length": 32, "learning_rate": 1e-2, "head_init": "random", "checkpoint_every_steps": 0},
+        "mlflow": {"tracking_uri": mlflow_sandbox.tracking_uri, "experiment": mlflow_sandbox.experiment,
+                   "model_name": "tl-tracking-ui"}})
+    pipeline = tracking.start_pipeline_run(params.mlflow, ws, {"data.md5": MD5, **tracking.source_tags(COMMIT)})
+    result = stages.finetune(params, ws)
+    client = tracking_client()
+    (run,) = [r for r in client.search_runs([mlflow_sandbox.experiment_id], f"tags.`mlflow.parentRunId` = '{pipeline}'")
+              if r.data.tags.get("tuneloop.stage") == "finetune"]
+    return {"run": run, "pipeline": client.get_run(pipeline), "result": result}
+
+
+def tracking_client():
+    import mlflow
+
+    return mlflow.MlflowClient()
+
+
+def test_the_finetune_run_is_named_after_method_and_data_version(finetuned) -> None:
+    assert finetuned["run"].info.run_name == f"finetune lora data:{MD5[:8]}"
+    assert finetuned["pipeline"].info.run_name == f"retrain data:{MD5[:8]}"
+
+
+def test_stage_and_pipeline_runs_carry_mlflows_source_tags(finetuned) -> None:
+    for run in (finetuned["run"], finetuned["pipeline"]):
+        tags = run.data.tags
+        assert tags["mlflow.source.git.commit"] == COMMIT
+        assert tags["mlflow.source.type"] == "JOB"
+        assert tags["mlflow.source.name"].startswith("tuneloop ")
+        assert "prefect.flow_run_id" not in tags  # no flow ran this stage
+
+
+def test_the_data_version_is_a_dataset_input_whose_digest_is_the_dvc_md5(finetuned) -> None:
+    for run in (finetuned["run"], finetuned["pipeline"]):
+        (entry,) = run.inputs.dataset_inputs
+        assert (entry.dataset.name, entry.dataset.digest) == ("reviews.csv", MD5)
+        assert {t.key: t.value for t in entry.tags}["mlflow.data.context"] == "training"
+        assert '"data/raw/reviews.csv"' in entry.dataset.source
+
+
+def test_loss_learning_rate_and_validation_macro_f1_are_curves_over_steps(finetuned) -> None:
+    client, run_id, result = tracking_client(), finetuned["run"].info.run_id, finetuned["result"]
+    loss = [(m.step, m.value) for m in client.get_metric_history(run_id, "finetune.loss")]
+    rate = [(m.step, m.value) for m in client.get_metric_history(run_id, "finetune.learning_rate")]
+    f1 = [(m.step, m.value) for m in client.get_metric_history(run_id, "finetune.val_macro_f1")]
+    assert sorted(loss) == [(p["step"], pytest.approx(p["loss"])) for p in result.curve]
+    assert sorted(rate) == [(p["step"], pytest.approx(p["learning_rate"])) for p in result.curve]
+    assert sorted(f1) == [(h["step"], pytest.approx(h["val_macro_f1"])) for h in result.history]
+    assert len(loss) >= 2 and len(f1) == 2  # 16 steps, read every LOSS_EVERY and at each epoch's end; 2 epochs
+    assert rate[-1][1] < rate[0][1]  # the linear schedule decays
