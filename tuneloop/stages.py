@@ -25,6 +25,7 @@ from tuneloop.tasks.report import write_evaluation_report, write_tuning_plots
 from tuneloop.tasks.split import SplitError, check_declared_split, load_split, run_split
 from tuneloop.tasks.validate import DataValidationError, ValidationReport, check_report, validate_dataset
 from tuneloop.tasks.workspace import Workspace, read_json, write_json
+from tuneloop.launch import launch
 from tuneloop.params import Params
 
 STAGES = ("ingest", "validate", "split", "baseline", "tune", "finetune", "evaluate", "gate", "register")
@@ -182,15 +183,35 @@ def start_head(params: Params, ws: Workspace, base_path, settings: FinetuneConfi
     return probe_head(ws.probe_dir, project_labels(params, ws), AutoConfig.from_pretrained(base_path).hidden_size)
 
 
-def finetune(params: Params, ws: Workspace) -> FinetuneResult:
+def finetune_inputs(params: Params, ws: Workspace) -> dict:
+    """The fine-tuning core's arguments, read from the workspace (files only,
+    no tracking): what one process or every rank of a distributed run trains on."""
     labels = project_labels(params, ws)
     settings = finetune_settings(params, ws)  # the tuned values when tuning is on
     base_path = resolve_model_path(params.model.base)
-    result = finetune_model(
-        params.model.base, base_path, labelled_rows(load_split(ws, "train"), labels),
-        labelled_rows(load_split(ws, "validation"), labels), labels, settings, ws.challenger_dir, ws.checkpoint_dir, load_data_version(ws).md5,
-        head=start_head(params, ws, base_path, settings), pooling=params.model.pooling,
-    )
+    return dict(base_model=params.model.base, base_path=base_path,
+                train=labelled_rows(load_split(ws, "train"), labels),
+                validation=labelled_rows(load_split(ws, "validation"), labels), labels=labels, config=settings,
+                out_dir=ws.challenger_dir, checkpoint_dir=ws.checkpoint_dir, data_key=load_data_version(ws).md5,
+                head=start_head(params, ws, base_path, settings), pooling=params.model.pooling)
+
+
+def train_model(inputs: dict, progress: bool = True) -> FinetuneResult:
+    """Runs the fine-tuning core on `finetune_inputs` (in every rank when distributed)."""
+    return finetune_model(inputs["base_model"], inputs["base_path"], inputs["train"], inputs["validation"],
+                          inputs["labels"], inputs["config"], inputs["out_dir"], inputs["checkpoint_dir"],
+                          inputs["data_key"], progress=progress, head=inputs["head"], pooling=inputs["pooling"])
+
+
+def finetune(params: Params, ws: Workspace, nproc: int = 1) -> FinetuneResult:
+    """Fine-tunes in this process, or in `nproc` DDP processes (torchrun) when nproc > 1."""
+    if nproc > 1:
+        result = launch(params, ws.root, nproc)
+        settings = finetune_settings(params, ws)
+    else:
+        inputs = finetune_inputs(params, ws)
+        settings = inputs["config"]
+        result = train_model(inputs)
     summary = {k: v for k, v in asdict(result).items() if k not in {"model_dir", "history"}}
     summary["history"] = result.history
     write_json(ws.finetune_metrics, summary)
