@@ -6,6 +6,7 @@
     tuneloop <stage>              one stage: ingest, validate, split, baseline, tune,
                                   finetune, evaluate, gate, register (what dvc.yaml calls)
     tuneloop finetune --nproc N   fine-tuning in N DDP processes (torchrun)
+    tuneloop tune --workers N     N processes search one Optuna study
     tuneloop restore-data VERSION the exact data a registered version was trained on
     tuneloop serve                the champion behind an HTTP API, following the alias
     tuneloop rollback [--to V]    move `champion` back to `previous` (or to V)
@@ -134,17 +135,25 @@ def stage_command(name: str, doc: str) -> None:
     app.command(name)(command)
 
 
-for _name, _doc in {
+def stage_commands(docs: dict[str, str]) -> None:
+    for name, doc in docs.items():
+        stage_command(name, doc)
+
+
+stage_commands({
     "ingest": "Read the source, snapshot it under DVC, push it, print its version.",
     "validate": "Run the Great Expectations suite; stop on a blocking rule.",
     "split": "Deterministic stratified train/validation/test split.",
     "baseline": "Base model's linear probe and zero-shot scores on the test split.",
-    "tune": "Optuna search over tune.space (if tune.enabled); the best settings feed finetune.",
-    "evaluate": "Score base probe, champion and challenger on the same test rows.",
-    "gate": "Decide promotion and print every reason.",
-    "register": "Register the challenger; move `champion` if the gate passed.",
-}.items():
-    stage_command(_name, _doc)
+})
+
+
+@app.command("tune")
+def tune_command(params: Path = ParamsOption, root: Path = RootOption,
+                 workers: int = typer.Option(1, "--workers", min=1, help="search the study in N processes "
+                                             "on this machine (they stop together at tune.n_trials)")) -> None:
+    """Optuna search over tune.space (if tune.enabled); the best settings feed finetune."""
+    run_stage("tune", params, root, workers=workers)
 
 
 @app.command("finetune")
@@ -153,6 +162,13 @@ def finetune_command(params: Path = ParamsOption, root: Path = RootOption,
                                                "(torchrun: gloo on CPU, NCCL with one GPU per process)")) -> None:
     """LoRA (or full) fine-tuning with early stopping and checkpoints."""
     run_stage("finetune", params, root, nproc=nproc)
+
+
+stage_commands({
+    "evaluate": "Score base probe, champion and challenger on the same test rows.",
+    "gate": "Decide promotion and print every reason.",
+    "register": "Register the challenger; move `champion` if the gate passed.",
+})
 
 
 @app.command()
