@@ -1,7 +1,8 @@
 """params.yaml's schema: every section's settings, their defaults and checks, written once.
 
 Each dataclass is one section of `params.yaml` and belongs to the stage module of the
-same name, which imports it from here. Keeping them in one torch-free module lets a
+same name, which imports it from here. The `tune` section is `tasks/tune_space.py`'s
+`TuneConfig`, beside the search-space parser it needs. Keeping them in one torch-free module lets a
 command read and validate params without importing the model code
 (`tuneloop status` loads no torch). `tests/unit/test_params.py` proves the shipped
 `params.yaml` says what these defaults say.

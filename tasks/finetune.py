@@ -27,9 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tuneloop.tasks import integrity
+from tuneloop.tasks import distributed, integrity
 from tuneloop.tasks.classifier import (HEAD_FILE, LABELS_FILE, META_FILE, Classifier, TextClassifier, load_encoder,
                               load_tokenizer, pad_batch, pick_device, predict_proba, resolve_pooling, tokenize)
+from tuneloop.tasks.distributed import Ranks
 from tuneloop.tasks.metrics import macro_f1
 from tuneloop.tasks.config import FinetuneConfig
 
@@ -198,6 +199,8 @@ class TrainState:
     examples: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    epoch_loss: float = 0.0  # summed mean train loss of this epoch's steps so far (all ranks' mean)
+    epoch_steps: int = 0
 
     def to_plain(self) -> dict:
         """A plain dict (no dataclass to unpickle); `TrainState(**plain)` reverses it."""
@@ -244,48 +247,64 @@ def loss_function(model: torch.nn.Module):
     return lambda input_ids, mask, y: F.cross_entropy(model(input_ids, mask), y)
 
 
-def curve_point(step: int, loss_sum: torch.Tensor, steps: int, scheduler) -> dict:
-    """The mean loss of the last `steps` steps and the body's learning rate after `step`."""
-    return {"step": step, "loss": loss_sum.item() / steps, "learning_rate": float(scheduler.get_last_lr()[0])}
+def curve_point(step: int, loss_sum: torch.Tensor, steps: int, scheduler, ranks: Ranks) -> dict:
+    """The mean loss of the last `steps` steps (over all ranks) and the body's learning rate after `step`."""
+    loss = distributed.mean_across(loss_sum, ranks).item() / steps
+    return {"step": step, "loss": loss, "learning_rate": float(scheduler.get_last_lr()[0])}
+
+
+def sharded_loss_function(model: torch.nn.Module, ranks: Ranks):
+    """(input_ids, attention_mask, labels, weight) -> this rank's share of the
+    global batch's mean cross-entropy; one process keeps the plain mean."""
+    if not ranks.distributed:
+        compute_loss = loss_function(model)
+        return lambda input_ids, mask, y, weight: compute_loss(input_ids, mask, y)
+    return lambda input_ids, mask, y, weight: F.cross_entropy(model(input_ids, mask), y, reduction="sum") * weight
 
 
 def train_steps(model, batches, ids, targets, pad_id, optimizer, scheduler, config, device, bar,
-                curve: list[dict], first_step: int) -> tuple[int, int, int]:
-    """Runs optimizer steps over `batches` until the next checkpoint is due,
+                curve: list[dict], first_step: int, ranks: Ranks = Ranks()) -> tuple[int, int, int, torch.Tensor]:
+    """Runs optimizer steps over `batches` (global batches) until the next checkpoint is due,
     appending a loss-curve point to `curve` every LOSS_EVERY steps and at the end.
 
+    Each rank trains on its shard of every global batch (`distributed.shard`);
+    `model` is the DDP-wrapped model when distributed, so gradients are averaged.
+
     Returns:
-        (steps, examples, non-padding tokens) done in this call.
+        (steps, examples, non-padding tokens of the global batches, summed loss on the device).
 
     The loss stays on the device and is read back only every LOSS_EVERY steps
     (and when the call ends): one host sync per 20 steps instead of one per step.
     """
     loss_sum = torch.zeros((), device=device)
+    window = torch.zeros((), device=device)
     tokens = examples = unread = 0
-    compute_loss = loss_function(model)
-    for done, index in enumerate(batches, start=1):
+    compute_loss = sharded_loss_function(model, ranks)
+    for done, batch in enumerate(batches, start=1):
+        tokens += sum(len(ids[i]) for i in batch)
+        examples += len(batch)
+        index, weight = distributed.shard(batch, ranks)
         input_ids, mask = pad_batch([ids[i] for i in index], pad_id)
-        tokens += sum(len(ids[i]) for i in index)
-        examples += len(index)
         with autocast_context(device, config.precision):
             loss = compute_loss(input_ids.to(device, non_blocking=True), mask.to(device, non_blocking=True),
-                                targets[index].to(device, non_blocking=True))
+                                targets[index].to(device, non_blocking=True), weight)
         loss.backward()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         loss_sum += loss.detach()
+        window += loss.detach()
         unread += 1
         bar.update(1)
         due = config.checkpoint_every_steps > 0 and done % config.checkpoint_every_steps == 0
         if done % LOSS_EVERY == 0 or due or done == len(batches):
-            curve.append(curve_point(first_step + done, loss_sum, unread, scheduler))
+            curve.append(curve_point(first_step + done, window, unread, scheduler, ranks))
             bar.set_postfix(loss=f"{curve[-1]['loss']:.4f}")
-            loss_sum.zero_()
+            window.zero_()
             unread = 0
         if due:
-            return done, examples, tokens
-    return len(batches), examples, tokens
+            return done, examples, tokens, loss_sum
+    return len(batches), examples, tokens, loss_sum
 
 
 def finetune(
@@ -320,7 +339,8 @@ def finetune(
     if not len(train[0]) or not len(validation[0]):
         raise ValueError(f"finetune needs train and validation rows, got {len(train[0])} and {len(validation[0])}")
     torch.manual_seed(config.seed)
-    device = pick_device(config.device)
+    ranks = distributed.current_ranks()  # rank 0 of 1 unless a launcher joined a process group
+    device = distributed.rank_device(pick_device(config.device), ranks)
     tokenizer = load_tokenizer(base_path)
     model = build_model(base_path, labels, config, head, pooling).to(device)
     model.train()
@@ -340,9 +360,11 @@ def finetune(
     state = restore(model, optimizer, scheduler, checkpoint) if checkpoint else TrainState()
     resumed_from = state.step
     if head is not None and not checkpoint:
-        score_start(model, tokenizer, labels, validation, config, device, state)
+        score_start(model, tokenizer, labels, validation, config, device, state, ranks)
+    trained = distributed.wrap(model, ranks, device)  # DDP across ranks; `model` itself otherwise
     pad_id = tokenizer.pad_token_id or 0
-    bar = tqdm(total=total_steps, initial=state.step, desc="fine-tuning", unit="step", disable=not progress)
+    bar = tqdm(total=total_steps, initial=state.step, desc="fine-tuning", unit="step",
+               disable=not progress or not ranks.is_main)
     stopped_early = False
     while state.epoch < epochs and state.step < total_steps:
         batches = length_grouped_order([len(s) for s in ids], config.batch_size, config.seed + state.epoch)
@@ -350,42 +372,58 @@ def finetune(
         batches = batches[done_in_epoch : done_in_epoch + total_steps - state.step]
         while batches:
             started = time.perf_counter()
-            steps, examples, tokens = train_steps(
-                model, batches, ids, targets, pad_id, optimizer, scheduler, config, device, bar, state.curve, state.step)
+            steps, examples, tokens, loss_sum = train_steps(
+                trained, batches, ids, targets, pad_id, optimizer, scheduler, config, device, bar, state.curve,
+                state.step, ranks)
             state.step, state.examples, state.tokens = state.step + steps, state.examples + examples, state.tokens + tokens
+            state.epoch_loss += float(distributed.mean_across(loss_sum, ranks).item())
+            state.epoch_steps += steps
             state.seconds += time.perf_counter() - started
             batches = batches[steps:]
-            if batches:
+            if batches and ranks.is_main:  # one writer: every rank holds the same weights
                 save_checkpoint(checkpoint_path, snapshot(model, optimizer, scheduler, state, fingerprint))
-        stopped_early = end_epoch(model, tokenizer, labels, validation, config, device, state)
-        save_checkpoint(checkpoint_path, snapshot(model, optimizer, scheduler, state, fingerprint))
+        stopped_early = end_epoch(model, tokenizer, labels, validation, config, device, state, ranks)
+        if ranks.is_main:
+            save_checkpoint(checkpoint_path, snapshot(model, optimizer, scheduler, state, fingerprint))
         if on_epoch_end is not None:
             on_epoch_end(state.epoch, state.history[-1]["val_macro_f1"])
         if stopped_early:
             break
     bar.close()
     return finish(model, tokenizer, labels, train, base_model, config, device, state, out_dir,
-                  checkpoint_path, resumed_from, stopped_early)
+                  checkpoint_path, resumed_from, stopped_early, ranks)
 
 
-def score_start(model, tokenizer, labels, validation, config, device, state: TrainState) -> None:
+def agreed_macro_f1(model, tokenizer, labels, texts, y_true, config, device, ranks: Ranks) -> float:
+    """Rank 0's macro-F1 on every rank: one process scores, all take the same
+    keep/stop decisions (the others wait at the broadcast)."""
+    f1 = score_macro_f1(model, tokenizer, labels, texts, y_true, config, device) if ranks.is_main else 0.0
+    return distributed.broadcast_float(f1, ranks, device)
+
+
+def score_start(model, tokenizer, labels, validation, config, device, state: TrainState,
+                ranks: Ranks = Ranks()) -> None:
     """Scores the probe-started model before any step: fine-tuning keeps it
     unless an epoch beats it on validation, so it never ends below the probe."""
-    f1 = score_macro_f1(model, tokenizer, labels, validation[0], validation[1], config, device)
+    f1 = agreed_macro_f1(model, tokenizer, labels, validation[0], validation[1], config, device, ranks)
     state.history.append({"epoch": 0, "step": 0, "val_macro_f1": f1})
     state.best_f1, state.best_state = f1, trainable_state(model)
 
 
-def end_epoch(model, tokenizer, labels, validation, config, device, state: TrainState) -> bool:
+def end_epoch(model, tokenizer, labels, validation, config, device, state: TrainState,
+              ranks: Ranks = Ranks()) -> bool:
     """Scores validation, keeps the best weights; True when patience ran out.
 
     Patience counts epochs that do not beat the best trained epoch: the probe's
     start (epoch 0) is kept if nothing beats it, but an early epoch below it,
-    its learning rate still high, does not end the run.
+    its learning rate still high, does not end the run. Distributed, rank 0's
+    score decides on every rank.
     """
-    f1 = score_macro_f1(model, tokenizer, labels, validation[0], validation[1], config, device)
+    f1 = agreed_macro_f1(model, tokenizer, labels, validation[0], validation[1], config, device, ranks)
     trained_best = max((h["val_macro_f1"] for h in state.history if h["epoch"] >= 1), default=-1.0)
-    state.history.append({"epoch": state.epoch + 1, "step": state.step, "val_macro_f1": f1})
+    train_loss = state.epoch_loss / state.epoch_steps if state.epoch_steps else None
+    state.history.append({"epoch": state.epoch + 1, "step": state.step, "val_macro_f1": f1, "train_loss": train_loss})
+    state.epoch_loss, state.epoch_steps = 0.0, 0
     if f1 > state.best_f1:
         state.best_f1, state.best_state = f1, trainable_state(model)
     state.bad_epochs = 0 if f1 > trained_best else state.bad_epochs + 1
@@ -394,17 +432,20 @@ def end_epoch(model, tokenizer, labels, validation, config, device, state: Train
 
 
 def finish(model, tokenizer, labels, train, base_model, config, device, state, out_dir,
-           checkpoint_path, resumed_from, stopped_early) -> FinetuneResult:
+           checkpoint_path, resumed_from, stopped_early, ranks: Ranks = Ranks()) -> FinetuneResult:
     """Restores the best epoch, measures the train score for the train-vs-
-    validation gap, saves the model and drops the finished run's checkpoint."""
+    validation gap, saves the model and drops the finished run's checkpoint
+    (rank 0 alone writes; the others wait until the weights are saved)."""
     if state.best_state is not None:
         model.load_state_dict(state.best_state, strict=False)
     # a seeded random sample: enough rows for the gap, cheap to score (sources are often sorted by label)
     rows = np.random.default_rng(config.seed).permutation(len(train[0]))[:1000]
-    train_f1 = score_macro_f1(model, tokenizer, labels, [train[0][i] for i in rows],
-                              [train[1][i] for i in rows], config, device)
-    save_model(model, tokenizer, labels, base_model, config, Path(out_dir), state.history)
-    checkpoint_path.unlink(missing_ok=True)
+    train_f1 = agreed_macro_f1(model, tokenizer, labels, [train[0][i] for i in rows],
+                               [train[1][i] for i in rows], config, device, ranks)
+    if ranks.is_main:
+        save_model(model, tokenizer, labels, base_model, config, Path(out_dir), state.history)
+        checkpoint_path.unlink(missing_ok=True)
+    distributed.barrier(ranks)
     seconds = max(state.seconds, 1e-9)
     return FinetuneResult(
         model_dir=Path(out_dir), best_val_macro_f1=state.best_f1, train_macro_f1=train_f1,

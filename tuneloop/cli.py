@@ -5,6 +5,8 @@
     tuneloop status --json        the registered model, its champion, the last decision
     tuneloop <stage>              one stage: ingest, validate, split, baseline, tune,
                                   finetune, evaluate, gate, register (what dvc.yaml calls)
+    tuneloop finetune --nproc N   fine-tuning in N DDP processes (torchrun)
+    tuneloop tune --workers N     N processes search one Optuna study
     tuneloop restore-data VERSION the exact data a registered version was trained on
     tuneloop serve                the champion behind an HTTP API, following the alias
     tuneloop rollback [--to V]    move `champion` back to `previous` (or to V)
@@ -117,12 +119,12 @@ def terminate_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
-def run_stage(name: str, params: Path, root: Path) -> None:
+def run_stage(name: str, params: Path, root: Path, **options) -> None:
     from tuneloop import stages
 
     loaded, workspace = load(params, root)
     with writing(loaded, workspace, name, continues_run=name != "ingest"):
-        getattr(stages, name)(loaded, workspace)
+        getattr(stages, name)(loaded, workspace, **options)
 
 
 def stage_command(name: str, doc: str) -> None:
@@ -133,18 +135,40 @@ def stage_command(name: str, doc: str) -> None:
     app.command(name)(command)
 
 
-for _name, _doc in {
+def stage_commands(docs: dict[str, str]) -> None:
+    for name, doc in docs.items():
+        stage_command(name, doc)
+
+
+stage_commands({
     "ingest": "Read the source, snapshot it under DVC, push it, print its version.",
     "validate": "Run the Great Expectations suite; stop on a blocking rule.",
     "split": "Deterministic stratified train/validation/test split.",
     "baseline": "Base model's linear probe and zero-shot scores on the test split.",
-    "tune": "Optuna search over tune.space (if tune.enabled); the best settings feed finetune.",
-    "finetune": "LoRA (or full) fine-tuning with early stopping and checkpoints.",
+})
+
+
+@app.command("tune")
+def tune_command(params: Path = ParamsOption, root: Path = RootOption,
+                 workers: int = typer.Option(1, "--workers", min=1, help="search the study in N processes "
+                                             "on this machine (they stop together at tune.n_trials)")) -> None:
+    """Optuna search over tune.space (if tune.enabled); the best settings feed finetune."""
+    run_stage("tune", params, root, workers=workers)
+
+
+@app.command("finetune")
+def finetune_command(params: Path = ParamsOption, root: Path = RootOption,
+                     nproc: int = typer.Option(1, "--nproc", min=1, help="train in N DDP processes on this machine "
+                                               "(torchrun: gloo on CPU, NCCL with one GPU per process)")) -> None:
+    """LoRA (or full) fine-tuning with early stopping and checkpoints."""
+    run_stage("finetune", params, root, nproc=nproc)
+
+
+stage_commands({
     "evaluate": "Score base probe, champion and challenger on the same test rows.",
     "gate": "Decide promotion and print every reason.",
     "register": "Register the challenger; move `champion` if the gate passed.",
-}.items():
-    stage_command(_name, _doc)
+})
 
 
 @app.command()

@@ -17,7 +17,7 @@ from tuneloop.tasks.config import (BaselineConfig, EvaluateConfig, FinetuneConfi
                                    MlflowConfig, ModelConfig, MonitorConfig, ServeConfig, SplitConfig,
                                    TriggerConfig, ValidateConfig)
 from tuneloop.tasks.errors import TuneloopError
-from tuneloop.tasks.tune import TuneConfig
+from tuneloop.tasks.tune_space import TuneConfig
 
 
 class Params(BaseModel):

@@ -15,6 +15,7 @@ import pandas as pd
 
 from tuneloop.tasks import integrity, mlflow_model, registry, runlog, tracking
 from tuneloop.tasks import tune as tuning
+from tuneloop.tasks.tune_space import apply_params
 from tuneloop.tasks.baseline import probe_head, run_baseline
 from tuneloop.tasks.classifier import resolve_model_path
 from tuneloop.tasks.evaluate import classifier_candidate, evaluate_models, probe_candidate
@@ -26,6 +27,8 @@ from tuneloop.tasks.report import write_evaluation_plots, write_evaluation_repor
 from tuneloop.tasks.split import SplitError, check_declared_split, load_split, run_split
 from tuneloop.tasks.validate import DataValidationError, ValidationReport, check_report, validate_dataset
 from tuneloop.tasks.workspace import Workspace, read_json, write_json
+from tuneloop import tune_runs
+from tuneloop.launch import launch, launch_tune_workers
 from tuneloop.params import Params
 
 STAGES = ("ingest", "validate", "split", "baseline", "tune", "finetune", "evaluate", "gate", "register")
@@ -131,13 +134,13 @@ def tuning_record(params: Params, ws: Workspace) -> dict | None:
 def finetune_settings(params: Params, ws: Workspace) -> FinetuneConfig:
     """params.finetune, with the tuned values over it when tuning is on and current."""
     record = tuning_record(params, ws)
-    return tuning.apply_params(params.finetune, record["best_params"]) if record else params.finetune
+    return apply_params(params.finetune, record["best_params"]) if record else params.finetune
 
 
 def record_tuning(ws: Workspace, record: dict, result: tuning.TuneResult, tune_run: str) -> None:
     """Writes metrics/tune.json and the plots, and logs them to the tuning run and the pipeline's run."""
     write_json(ws.tune_result, record)
-    tuning.close_tune_run(tune_run, result, [ws.tune_result, *write_tuning_plots(record, ws.tune_reports)])
+    tune_runs.close_tune_run(tune_run, result, [ws.tune_result, *write_tuning_plots(record, ws.tune_reports)])
     tracking.log_stage(ws, "tune", {k: record[k] for k in ("best_value", "n_complete", "n_pruned", "n_failed")})
     # tags, not params: a resumed or extended search may change them within one pipeline run
     run_id = tracking.current_run_id(ws)
@@ -145,9 +148,23 @@ def record_tuning(ws: Workspace, record: dict, result: tuning.TuneResult, tune_r
     registry.client().set_tag(run_id, "tune.best_params", json.dumps(result.best_params, sort_keys=True))
 
 
-def tune(params: Params, ws: Workspace) -> dict:
+def tune_data(params: Params, ws: Workspace) -> tuning.TuneData:
+    """What every trial trains from: the base model, train and validation rows (never test rows)."""
+    labels = project_labels(params, ws)
+    return tuning.TuneData(params.model.base, resolve_model_path(params.model.base),
+                           labelled_rows(load_split(ws, "train"), labels),
+                           labelled_rows(load_split(ws, "validation"), labels), labels, load_data_version(ws).md5)
+
+
+def tune_storage(params: Params, ws: Workspace) -> str:
+    """tune.storage, or SQLite optuna.db beside the MLflow SQLite database."""
+    return params.tune.storage or tuning.default_storage(ws.root, tracking.tracking_uri(params.mlflow, ws.root))
+
+
+def tune(params: Params, ws: Workspace, workers: int = 1) -> dict:
     """Searches finetune's settings on train and validation rows (never test
-    rows); the best go to metrics/tune.json, which finetune applies."""
+    rows); the best go to metrics/tune.json, which finetune applies. With
+    workers > 1, that many processes search the one study together."""
     version = load_data_version(ws)
     if not params.tune.enabled:
         write_json(ws.tune_result, {"enabled": False, "data_version": version.md5})
@@ -156,20 +173,15 @@ def tune(params: Params, ws: Workspace) -> dict:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is printed below
-    labels = project_labels(params, ws)
-    data = tuning.TuneData(params.model.base, resolve_model_path(params.model.base),
-                           labelled_rows(load_split(ws, "train"), labels),
-                           labelled_rows(load_split(ws, "validation"), labels), labels, version.md5)
-    storage = params.tune.storage or tuning.default_storage(ws.root, tracking.tracking_uri(params.mlflow, ws.root))
+    data, storage = tune_data(params, ws), tune_storage(params, ws)
     pipeline = {"run_id": tracking.current_run_id(ws), "experiment_id": read_json(ws.run_state)["experiment_id"]}
-    tune_run = tuning.open_tune_run(pipeline["experiment_id"], pipeline["run_id"],
-                                    tuning.study_name(params.tune, params.finetune, data), params.tune, storage)
+    name = tuning.study_name(params.tune, params.finetune, data)
+    tune_run = tune_runs.open_tune_run(pipeline["experiment_id"], pipeline["run_id"], name, params.tune, storage)
+    runs = tune_runs.TrialRuns(tune_run, pipeline["experiment_id"])
     try:
-        result = tuning.run_study(params.tune, params.finetune, data, storage, ws.tune_dir,
-                                  tuning.TrialRuns(tune_run, pipeline["experiment_id"]),
-                                  on_trial=lambda trial: say("tune", tuning.describe_trial(trial)))
+        result = search(params, ws, data, storage, runs, workers)
     except BaseException:
-        tuning.close_tune_run(tune_run, None)
+        tune_runs.close_tune_run(tune_run, None)
         raise
     record = {"enabled": True, "data_version": version.md5, "storage": tuning.redact(storage), **asdict(result)}
     record_tuning(ws, record, result, tune_run)
@@ -178,6 +190,27 @@ def tune(params: Params, ws: Workspace) -> dict:
                 f"{result.train_rows} train rows in {result.seconds:.0f}s{resumed}; best validation macro-F1 "
                 f"{result.best_value:.4f} (trial {result.best_trial}): {json.dumps(result.best_params)}")
     return record
+
+
+def search(params: Params, ws: Workspace, data: tuning.TuneData, storage: str, runs: tune_runs.TrialRuns,
+           workers: int) -> tuning.TuneResult:
+    """Runs the study here and in `workers - 1` more processes (`tuneloop.tune_worker`),
+    started once the study is prepared, and summarises it when all have stopped."""
+    name = tuning.study_name(params.tune, params.finetune, data)
+    tuning.prepare_study(params.tune, name, tuning.open_storage(storage, params.tune, runs), params.finetune,
+                         tuning.new_worker_id(), runs)
+    with launch_tune_workers(params, ws.root, workers - 1, runs.parent_run_id, runs.experiment_id) as others:
+        result = tuning.run_study(params.tune, params.finetune, data, storage, ws.tune_dir, runs,
+                                  on_trial=lambda trial: say("tune", tuning.describe_trial(trial)))
+        failed = [code for code in (worker.wait() for worker in others) if code != 0]
+    if failed:
+        say("tune", f"warning: {len(failed)} of {len(others)} extra workers exited with an error (exit codes "
+                    f"{failed}); their running trials are retried by the next search")
+    if not others:
+        return result
+    study = tuning.open_study(params.tune, name, storage)
+    return tuning.summarise(study, params.tune.space, result.resumed_trials, result.retried_trials,
+                            result.train_rows, result.seconds)
 
 
 def start_head(params: Params, ws: Workspace, base_path, settings: FinetuneConfig):
@@ -189,15 +222,35 @@ def start_head(params: Params, ws: Workspace, base_path, settings: FinetuneConfi
     return probe_head(ws.probe_dir, project_labels(params, ws), AutoConfig.from_pretrained(base_path).hidden_size)
 
 
-def finetune(params: Params, ws: Workspace) -> FinetuneResult:
+def finetune_inputs(params: Params, ws: Workspace) -> dict:
+    """The fine-tuning core's arguments, read from the workspace (files only,
+    no tracking): what one process or every rank of a distributed run trains on."""
     labels = project_labels(params, ws)
     settings = finetune_settings(params, ws)  # the tuned values when tuning is on
     base_path = resolve_model_path(params.model.base)
-    result = finetune_model(
-        params.model.base, base_path, labelled_rows(load_split(ws, "train"), labels),
-        labelled_rows(load_split(ws, "validation"), labels), labels, settings, ws.challenger_dir, ws.checkpoint_dir, load_data_version(ws).md5,
-        head=start_head(params, ws, base_path, settings), pooling=params.model.pooling,
-    )
+    return dict(base_model=params.model.base, base_path=base_path,
+                train=labelled_rows(load_split(ws, "train"), labels),
+                validation=labelled_rows(load_split(ws, "validation"), labels), labels=labels, config=settings,
+                out_dir=ws.challenger_dir, checkpoint_dir=ws.checkpoint_dir, data_key=load_data_version(ws).md5,
+                head=start_head(params, ws, base_path, settings), pooling=params.model.pooling)
+
+
+def train_model(inputs: dict, progress: bool = True) -> FinetuneResult:
+    """Runs the fine-tuning core on `finetune_inputs` (in every rank when distributed)."""
+    return finetune_model(inputs["base_model"], inputs["base_path"], inputs["train"], inputs["validation"],
+                          inputs["labels"], inputs["config"], inputs["out_dir"], inputs["checkpoint_dir"],
+                          inputs["data_key"], progress=progress, head=inputs["head"], pooling=inputs["pooling"])
+
+
+def finetune(params: Params, ws: Workspace, nproc: int = 1) -> FinetuneResult:
+    """Fine-tunes in this process, or in `nproc` DDP processes (torchrun) when nproc > 1."""
+    if nproc > 1:
+        result = launch(params, ws.root, nproc)
+        settings = finetune_settings(params, ws)
+    else:
+        inputs = finetune_inputs(params, ws)
+        settings = inputs["config"]
+        result = train_model(inputs)
     summary = {k: v for k, v in asdict(result).items() if k not in {"model_dir", "history", "curve"}}
     summary["history"], summary["curve"] = result.history, result.curve
     write_json(ws.finetune_metrics, summary)

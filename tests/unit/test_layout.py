@@ -19,8 +19,8 @@ PACKAGES = {"tuneloop": PROJECT / "tuneloop", "tuneloop.flows": PROJECT / "flows
 # Floors, top down: a module may import its own floor or any floor below it.
 BASE = {"config", "errors", "decision", "labels", "workspace"}  # plain values: settings, errors, decisions, paths
 CORE = {"classifier", "fastpath", "metrics"}  # the model: torch, transformers, peft, numpy only
-ENTRY = {"cli", "demo", "init", "__main__"}
-STAGE_IO = {"params", "stages", "monitoring"}
+ENTRY = {"cli", "demo", "init", "__main__", "distributed_finetune", "tune_worker"}  # commands and process entries
+STAGE_IO = {"params", "stages", "monitoring", "launch", "tune_runs"}
 FLOORS = ("base", "core", "tasks", "stage I/O", "flows", "entry")
 
 

@@ -15,7 +15,10 @@ import tuneloop.tasks.tune as tune
 from tuneloop.tasks.finetune import FinetuneConfig, FinetuneResult
 from tuneloop.tasks.ingest import DataVersion
 from tuneloop.tasks.report import render_evaluation_report
-from tuneloop.tasks.tune import ParamSpec, PrunerConfig, TrialRuns, TuneConfig, TuneData, run_study, suggest
+from tuneloop.tasks.tune import TuneData, run_study
+from tuneloop.tasks.tune_space import PrunerConfig, TuneConfig
+from tuneloop.tasks.tune_space import ParamSpec, apply_params, suggest
+from tuneloop.tune_runs import TrialRuns
 from tuneloop.tasks.workspace import Workspace, write_json
 from tuneloop.params import ParamsError, parse_params
 
@@ -292,7 +295,7 @@ def test_tune_stage_never_reads_the_test_split_and_its_best_settings_reach_finet
     used = []
     monkeypatch.setattr(stages, "finetune_model", lambda *args, **kwargs: used.append(args[5]) or fake_result(0.9))
     stages.finetune(params, workspace)
-    assert used == [tune.apply_params(params.finetune, record["best_params"])]
+    assert used == [apply_params(params.finetune, record["best_params"])]
     assert used[0].lora_r == record["best_params"]["lora_r"] != params.finetune.lora_r
     assert json.loads(stages.tuning_tags(params, workspace)["tuned_params"]) == record["best_params"]
 

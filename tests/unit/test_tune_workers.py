@@ -1,0 +1,113 @@
+"""Parallel tuning workers: processes sharing one Optuna study run the asked
+number of trials together, never fail each other's running trials, and a
+dead worker's trial runs again (at once on the same host, after the heartbeat's
+grace period from another host)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+import tuneloop.tasks.tune as tune
+from tune_worker_fake import BASE, DATA, config, sleeping_finetune
+
+HELPER = Path(__file__).with_name("tune_worker_fake.py")
+
+
+@pytest.fixture(autouse=True)
+def quiet_optuna():
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def start_worker(storage: str, n_trials: int, seconds: float, work_dir: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(HELPER.parent)}
+    return subprocess.Popen([sys.executable, str(HELPER), storage, str(n_trials), str(seconds), str(work_dir)], env=env)
+
+
+def trials(storage: str, n_trials: int) -> list:
+    name = tune.study_name(config(n_trials), BASE, DATA)
+    return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+
+
+def prepared(storage: str, n_trials: int):
+    """The study as `tuneloop tune --workers` leaves it before starting the workers."""
+    cfg = config(n_trials)
+    return tune.prepare_study(cfg, tune.study_name(cfg, BASE, DATA), tune.open_storage(storage, cfg), BASE,
+                              tune.new_worker_id())[0]
+
+
+def test_two_worker_processes_run_the_asked_trials_together_and_fail_none(tmp_path) -> None:
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    prepared(storage, 6)
+    workers = [start_worker(storage, 6, 1.0, tmp_path / "work") for _ in range(2)]
+    assert [w.wait(timeout=300) for w in workers] == [0, 0]
+    done = trials(storage, 6)
+    assert [t.state.name for t in done] == ["COMPLETE"] * 6  # six in all, not six each; none failed
+    by_worker = {t.user_attrs["worker"].rsplit(":", 2)[1] for t in done}
+    assert by_worker == {str(w.pid) for w in workers}  # both searched
+
+
+def test_a_killed_workers_trial_runs_again_with_the_same_settings(tmp_path, monkeypatch) -> None:
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    prepared(storage, 2)
+    doomed = start_worker(storage, 2, 600.0, tmp_path / "work")  # its trial would take 10 minutes
+    deadline = time.monotonic() + 120
+    while not any(t.state.name == "RUNNING" and "worker" in t.user_attrs for t in trials(storage, 2)):
+        assert time.monotonic() < deadline and doomed.poll() is None
+        time.sleep(0.5)
+    os.kill(doomed.pid, signal.SIGKILL)  # nothing gets to mark its trial finished
+    doomed.wait()
+    killed = trials(storage, 2)[0]
+    assert killed.state.name == "RUNNING"
+
+    monkeypatch.setattr(tune, "finetune", sleeping_finetune(0.0))
+    result = tune.run_study(config(2), BASE, DATA, storage, tmp_path / "work")
+    after = {t["number"]: t for t in result.trials}
+    assert after[0]["state"] == "FAIL" and result.retried_trials == [0]
+    retry = next(t for t in result.trials if t["retry_of"] == 0)
+    assert retry["state"] == "COMPLETE" and retry["params"] == after[0]["params"]
+    assert result.n_complete == 2  # the dead worker's trial used up none of the budget
+
+
+def remote_running_trial(study, worker: str, heartbeat_age_s: int, db: Path) -> int:
+    """A trial another machine runs: its worker id names another host, and its last heartbeat is this old."""
+    trial = study.ask()
+    trial.set_user_attr("worker", worker)
+    study._storage.record_heartbeat(trial._trial_id)
+    with sqlite3.connect(db) as connection:
+        connection.execute("UPDATE trial_heartbeats SET heartbeat = datetime(heartbeat, ?) WHERE trial_id = ?",
+                           (f"-{heartbeat_age_s} seconds", trial._trial_id))
+    return trial.number
+
+
+def test_another_hosts_trial_is_failed_and_retried_only_once_its_heartbeat_is_stale(tmp_path, monkeypatch) -> None:
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    study = prepared(storage, 3)
+    silent = remote_running_trial(study, "elsewhere:1:aaaa", 3600, tmp_path / "optuna.db")  # an hour, grace 60 s
+    beating = remote_running_trial(study, "elsewhere:2:bbbb", 0, tmp_path / "optuna.db")
+    monkeypatch.setattr(tune, "finetune", sleeping_finetune(0.0))
+    result = tune.run_study(config(3), BASE, DATA, storage, tmp_path / "work")
+    states = {t["number"]: t["state"] for t in result.trials}
+    assert states[silent] == "FAIL" and states[beating] == "RUNNING"  # the live remote trial is left alone
+    retries = [t for t in result.trials if t["retry_of"] == silent]
+    assert len(retries) == 1 and retries[0]["state"] == "COMPLETE"
+    # 2 complete here + 1 still running elsewhere = the 3 asked for
+    assert result.n_complete == 2
+
+
+def test_only_a_gone_process_on_this_host_counts_as_a_dead_worker() -> None:
+    me = tune.new_worker_id()
+    host, pid, _ = me.rsplit(":", 2)
+    assert tune.worker_dead(f"{host}:{pid}:earlier0", me)  # this process, an earlier search in it
+    assert not tune.worker_dead(me, me)
+    assert not tune.worker_dead(f"{host}:{os.getppid()}:abcd1234", me)  # a live process
+    assert not tune.worker_dead(f"another-host:{pid}:abcd1234", me)  # judged by its heartbeat
+    assert not tune.worker_dead(None, me)
