@@ -55,8 +55,8 @@ class ClassifierModel(mlflow.pyfunc.PythonModel):
         base = context.artifacts.get(BASE)
         self.classifier = load_classifier(Path(context.artifacts[CLASSIFIER]), base_model=base)
 
-    # no type hints: MLflow would read them as the input schema; the signature says it
-    def predict(self, context, model_input, params=None):
+    # a DataFrame hint tells MLflow to infer nothing from hints: `signature()` says what goes in and out
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         texts = model_input["text"].astype(str).tolist()
         scored = score_texts(self.classifier, texts)
         return pd.DataFrame({"label": [s.label for s in scored], "confidence": [s.confidence for s in scored],
