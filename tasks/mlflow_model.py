@@ -89,7 +89,7 @@ class CardFacts:
 
     model_name: str
     data_md5: str
-    data_source: str
+    data_path: str  # the DVC-tracked snapshot, relative to the project
     base_model: str
     base_sha256: str
     git_commit: str
@@ -122,7 +122,7 @@ model.predict(pd.DataFrame({{"text": ["..."]}}))  # label, confidence, probabili
 ## Training data
 
 - data version (DVC md5): `{facts.data_md5}`; restore it with `tuneloop restore-data {facts.data_md5[:8]}`
-- source: `{facts.data_source}`
+- snapshot: `{facts.data_path}` in the project's DVC remote
 - code: git commit `{facts.git_commit}`
 - base model: `{facts.base_model}` (weights sha256 `{facts.base_sha256[:16]}...`)
 
