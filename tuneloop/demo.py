@@ -108,10 +108,11 @@ def force_bad_version(model_name: str, workspace: Path, experiment: str) -> str:
 
     champion = registry.alias_version(model_name, registry.CHAMPION)
     source = registry.download_version(model_name, champion.version, Workspace(workspace).models_cache)
+    root = source.parent.parent if source.parent.name == "artifacts" else source  # the whole MLflow model
     bad = Workspace(workspace).demo_bad_model
     shutil.rmtree(bad, ignore_errors=True)
-    shutil.copytree(source, bad)
-    weights = bad / HEAD_FILE
+    shutil.copytree(root, bad)
+    weights = bad / source.relative_to(root) / HEAD_FILE
     tensors = {k: -v for k, v in load_file(str(weights)).items()}
     save_file(tensors, str(weights))
     client = mlflow.MlflowClient()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 from dataclasses import asdict
+from pathlib import Path
 
 import pandas as pd
 
@@ -258,7 +259,7 @@ def finetune(params: Params, ws: Workspace, nproc: int = 1) -> FinetuneResult:
                                 params=asdict(settings), curves=training_curves(result), detail=settings.method)
     data = load_data_version(ws)
     tracking.log_dataset([run_id, tracking.current_run_id(ws)], pd.read_parquet(ws.splits), data.md5, data.path,
-                         data.source, "training")
+                         Path(data.source).name, "training")
     resumed = f", resumed at step {result.resumed_from_step}" if result.resumed_from_step else ""
     tuned = ", tuned settings" if settings != params.finetune else ""
     say("finetune", f"{result.steps} steps in {result.seconds:.0f}s ({result.train_examples_per_s:.1f} ex/s), "
@@ -418,11 +419,10 @@ def create_version(params: Params, ws: Workspace, run_id: str, key: str) -> regi
     registered with its tags and, as drift monitoring's reference data, the
     split it learned from."""
     import tempfile
-    from pathlib import Path
 
     tags = version_tags(params, ws)
     lora = json.loads((ws.challenger_dir / "tuneloop.json").read_text())["method"] == "lora"
-    card = mlflow_model.CardFacts(params.mlflow.model_name, tags["data.md5"], tags["data.source"],
+    card = mlflow_model.CardFacts(params.mlflow.model_name, tags["data.md5"], tags["data.path"],
                                   mlflow_model.base_description(params.model.base, lora),
                                   tags["base_model.sha256"], tags["git.commit"],
                                   {k.split(".", 1)[1]: float(v) for k, v in tags.items() if k.startswith("test.")})

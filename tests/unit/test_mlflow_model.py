@@ -48,7 +48,7 @@ def champion(tiny_bert, toy_task, mlflow_sandbox, tmp_path_factory) -> dict:
     params = parse_params({"model": {"base": str(tiny_bert)}, "validate": {"labels": ["negative", "positive"]},
                            "mlflow": {"tracking_uri": mlflow_sandbox.tracking_uri,
                                       "experiment": mlflow_sandbox.experiment, "model_name": name}})
-    start_pipeline_run(params.mlflow, ws, {"data.md5": "e" * 32})
+    start_pipeline_run(params.mlflow, ws, {"data.md5": "e" * 32, "mlflow.source.type": "JOB"})
     stages.register(params, ws)
     return {"name": name, "trained": trained, "base": tiny_bert}
 
@@ -93,3 +93,9 @@ def test_a_registered_version_names_no_path_of_the_machine_that_registered_it(ch
              if path.is_file() and path.suffix in {".json", ".yaml", ".txt", ".md", ""}
              for needle in local if needle in path.read_text(errors="replace")}
     assert named == set()
+
+
+def test_a_versions_run_is_named_after_it_and_carries_the_pipelines_source_tags(champion) -> None:
+    run = registry.client().get_run(registry.get_version(champion["name"], "1").run_id)
+    assert run.info.run_name == f"register {champion['name']} v1"
+    assert (run.data.tags["mlflow.source.type"], run.data.tags["data.md5"]) == ("JOB", "e" * 32)

@@ -15,6 +15,7 @@ from tuneloop.tasks.classifier import load_classifier, predict_proba
 from tuneloop.tasks.finetune import FinetuneConfig, finetune
 from tuneloop.tasks.ingest import DataVersion
 from tuneloop.tasks.integrity import IntegrityError, folder_manifest
+from tuneloop.tasks.mlflow_model import REWRITTEN
 from tuneloop.tasks.serve import registry_loader
 from tuneloop.tasks.tracking import start_pipeline_run
 from tuneloop.tasks.workspace import Workspace, write_json
@@ -54,12 +55,9 @@ def workspace(tmp_path, toy_task, mlflow_sandbox) -> Workspace:
     return ws
 
 
-# rewritten when a version is packaged: base paths made portable, PEFT's blank card dropped
-PACKAGING_REWRITES = {"README.md", "adapter_config.json", "tuneloop.json"}
-
-
 def trained_files(manifest: dict[str, str]) -> dict[str, str]:
-    return {path: sha for path, sha in manifest.items() if path not in PACKAGING_REWRITES}
+    """The files packaging leaves byte-identical (it makes base paths portable and drops PEFT's blank card)."""
+    return {path: sha for path, sha in manifest.items() if path not in REWRITTEN}
 
 
 def stage_params(tiny_bert, sandbox, name: str):

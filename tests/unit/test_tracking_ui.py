@@ -82,3 +82,8 @@ def test_loss_learning_rate_and_validation_macro_f1_are_curves_over_steps(finetu
     assert sorted(f1) == [(h["step"], pytest.approx(h["val_macro_f1"])) for h in result.history]
     assert len(loss) >= 2 and len(f1) == 2  # 16 steps, read every LOSS_EVERY and at each epoch's end; 2 epochs
     assert rate[-1][1] < rate[0][1]  # the linear schedule decays
+
+
+def test_the_experiment_opens_on_its_training_runs_not_the_genai_overview(finetuned, mlflow_sandbox) -> None:
+    experiment = tracking_client().get_experiment(mlflow_sandbox.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
