@@ -46,6 +46,14 @@ def champion_labels(params: Params, workspace: Workspace, version: str) -> tuple
     return tuple(json.loads((model_dir / "labels.json").read_text()))
 
 
+def version_predictor(params: Params, workspace: Workspace, version: str):
+    """A registered version scoring texts on the base model it was trained on, both
+    checked against their recorded hashes (as serve and evaluate load them)."""
+    model_dir, base = registry.verified_version(params.mlflow.model_name, version, workspace.models_cache,
+                                                fallback_base=params.model.base)
+    return classifier_predictor(model_dir, str(base) if base else params.model.base, params.monitor)
+
+
 def measure_drift(params: Params, workspace: Workspace, version: str, window: pd.DataFrame,
                   report_path: Path) -> DriftMetrics:
     """The champion's reference sample (scored by the champion) against the window."""
@@ -53,8 +61,7 @@ def measure_drift(params: Params, workspace: Workspace, version: str, window: pd
 
     name, config = params.mlflow.model_name, params.monitor
     splits = pd.read_parquet(registry.download_reference(name, version, workspace.models_cache))
-    predict = classifier_predictor(registry.download_version(name, version, workspace.models_cache),
-                                   params.model.base, config)
+    predict = version_predictor(params, workspace, version)
     embed = encoder_embedder(resolve_model_path(params.model.base), config)
     reference = reference_frame(splits, config, predict, embed)
     return compute_drift(reference, current_frame(window, config, embed), config, report_path)
@@ -71,8 +78,7 @@ def check_rollback(params: Params, workspace: Workspace, version: str, window: p
     rows = labelled_rows(window, labels)
     comparison = None
     if rollback_blocker(config, len(rows), previous_version, arrival) is None:
-        model_dir = registry.download_version(name, previous_version, workspace.models_cache)
-        predicted, _ = classifier_predictor(model_dir, params.model.base, config)(rows["text"].tolist())
+        predicted, _ = version_predictor(params, workspace, previous_version)(rows["text"].tolist())
         comparison = compare_live(rows["true_label"], rows["label"], predicted, labels, previous_version, config)
     decision = decide_rollback(config, len(rows), previous_version, arrival, comparison)
     result = {"rolled_back": False, "reasons": decision.reasons, "from": version, "to": previous_version,
