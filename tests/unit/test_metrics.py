@@ -250,3 +250,21 @@ def test_bootstrap_of_all_equal_scores_returns_a_point_interval_instead_of_nan()
     y_true = np.ones(50, dtype=int)  # one class only, both models always right: every draw scores 0
     ci = paired_bootstrap(y_true, y_true.copy(), y_true.copy(), accuracy, samples=100, seed=0)
     assert (ci["diff"], ci["low"], ci["high"]) == (0.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("name", ["macro_f1", "accuracy"])
+def test_batched_scores_equal_the_scikit_learn_score_of_each_resample(name: str) -> None:
+    rng = np.random.default_rng(3)
+    y_true, y_pred = rng.integers(0, 3, (20, 40)), rng.integers(0, 3, (20, 40))
+    y_true[0] = 1  # a resample holding one class only
+    score = metric_function(name, 3)
+    expected = [score(t, p) for t, p in zip(y_true, y_pred)]
+    np.testing.assert_allclose(score.batched(y_true, y_pred), expected, atol=1e-12)
+
+
+def test_bootstrap_with_a_plain_scorer_gives_the_same_interval_as_the_batched_one() -> None:
+    y_true, pred_a, pred_b = _pair(120, 30)
+    score = metric_function("macro_f1", 2)
+    fast = paired_bootstrap(y_true, pred_a, pred_b, score, samples=200, seed=4)
+    plain = paired_bootstrap(y_true, pred_a, pred_b, lambda t, p: score(t, p), samples=200, seed=4)
+    assert fast["low"] == pytest.approx(plain["low"]) and fast["high"] == pytest.approx(plain["high"])
