@@ -38,19 +38,21 @@ register = stage_task(stages.register, retries=2, retry_delay_seconds=5)  # a re
 
 
 @flow(name="retrain")
-def retrain_flow(params_path: str = "params.yaml", root: str = ".", tune_settings: bool = False) -> dict:
+def retrain_flow(params_path: str = "params.yaml", root: str = ".", tune_settings: bool = False,
+                 overrides: list[str] | None = None) -> dict:
     """ingest → validate → split → baseline → [tune] → finetune → evaluate → gate → register.
 
     Args:
         tune_settings: search finetune's settings first, as if params said
             `tune.enabled: true` (`tuneloop run --tune`).
+        overrides: `section.key=value` strings over params.yaml (`--set`).
 
     Returns:
         The registration: model name, new version, whether it was promoted,
         the champion's version and the gate's reasons.
     """
     workspace = Workspace(Path(root).resolve())
-    params = load_params(workspace.root / params_path)
+    params = load_params(workspace.root / params_path, overrides or ())
     if tune_settings:
         params = params.model_copy(update={"tune": replace(params.tune, enabled=True)})
     with project_lock(workspace.root, "retrain flow"):  # one writer: a CLI run or a deployment, not both
