@@ -13,7 +13,7 @@ from dataclasses import asdict
 
 import pandas as pd
 
-from tuneloop.tasks import integrity, registry, tracking
+from tuneloop.tasks import integrity, plotdata, registry, tracking
 from tuneloop.tasks import tune as tuning
 from tuneloop.tasks.baseline import probe_head, run_baseline
 from tuneloop.tasks.classifier import resolve_model_path
@@ -64,6 +64,8 @@ def validate(params: Params, ws: Workspace) -> ValidationReport:
     if params.declared_labels is None:
         say("validate", f"{len(load_data_version(ws).labels)} labels read from the data (validate.labels: auto)")
     write_json(ws.validation_summary, report.to_dict())
+    write_json(ws.validation_metrics, {"rules": len(report.results), "errors": len(report.errors),
+                                       "warnings": len(report.warnings)})
     tracking.log_stage(ws, "validate", {"errors": len(report.errors), "warnings": len(report.warnings)},
                        artifacts=[ws.validation_dir])
     for warning in report.warnings:
@@ -192,10 +194,9 @@ def finetune(params: Params, ws: Workspace) -> FinetuneResult:
         head=start_head(params, ws, base_path, settings), pooling=params.model.pooling,
     )
     summary = {k: v for k, v in asdict(result).items() if k not in {"model_dir", "history"}}
-    summary["history"] = result.history
     write_json(ws.finetune_metrics, summary)
-    tracking.log_stage(ws, "finetune", {k: v for k, v in summary.items() if k != "history"},
-                       params=asdict(settings))
+    plotdata.write_csv(ws.training_plot, ("epoch", "step", "val_macro_f1"), plotdata.training_rows(result.history))
+    tracking.log_stage(ws, "finetune", summary, params=asdict(settings))
     resumed = f", resumed at step {result.resumed_from_step}" if result.resumed_from_step else ""
     tuned = ", tuned settings" if settings != params.finetune else ""
     say("finetune", f"{result.steps} steps in {result.seconds:.0f}s ({result.train_examples_per_s:.1f} ex/s), "
@@ -254,16 +255,26 @@ def evaluate(params: Params, ws: Workspace) -> dict:
     if tuned:
         evaluation["tuning"] = tuned  # the report's Tuning section
     write_json(ws.evaluation, evaluation)
+    ws.test_predictions.parent.mkdir(parents=True, exist_ok=True)
     predictions.to_parquet(ws.test_predictions, index=False)
-    write_evaluation_report(evaluation, ws.evaluation_report)
-    headline = {key: {k: m[k] for k in ("accuracy", "macro_f1", "ece", "latency_ms_per_example")}
-                for key, m in evaluation["models"].items()}
-    tracking.log_stage(ws, "evaluate", headline, artifacts=[ws.evaluation, ws.evaluation_report])
+    headline = plotdata.evaluation_headline(evaluation)
+    write_json(ws.evaluation_metrics, headline)
+    write_evaluation_plots(ws, evaluation, predictions)
+    tracking.log_stage(ws, "evaluate", headline, artifacts=[ws.evaluation])
     say("evaluate", ", ".join(f"{k} macro-F1 {m['macro_f1']:.4f}" for k, m in headline.items())
         + f" on {evaluation['test_rows']} test rows"
         + (f" ({evaluation['new_test_rows']} new since the champion's data)" if "new_test_rows" in evaluation else "")
-        + f"; report {ws.evaluation_report}")
+        + f"; details {ws.evaluation}")
     return evaluation
+
+
+def write_evaluation_plots(ws: Workspace, evaluation: dict, predictions: pd.DataFrame) -> None:
+    """The challenger's confusion pairs and reliability bins, for `dvc plots`."""
+    challenger = evaluation["models"]["challenger"]
+    plotdata.write_csv(ws.confusion_plot, ("actual", "predicted"), plotdata.confusion_rows(
+        predictions["y_true"], predictions["challenger"], evaluation["labels"]))
+    plotdata.write_csv(ws.calibration_plot, ("confidence", "accuracy", "rows"),
+                       plotdata.calibration_rows(challenger["reliability"]))
 
 
 def gate(params: Params, ws: Workspace) -> Decision:
@@ -272,6 +283,7 @@ def gate(params: Params, ws: Workspace) -> Decision:
     predictions = {column: frame[column].to_numpy() for column in frame.columns}
     decision = decide_promotion(evaluation, predictions, params.gate)
     write_json(ws.decision, decision.to_dict())
+    write_json(ws.gate_metrics, plotdata.gate_flags(decision.to_dict()))
     evaluation["gate"] = decision.to_dict()  # the report shows the decision and its reasons
     write_evaluation_report(evaluation, ws.evaluation_report)
     tracking.log_stage(ws, "gate", {"promote": int(decision.promote)}, artifacts=[ws.decision, ws.evaluation_report])
@@ -335,7 +347,7 @@ def register(params: Params, ws: Workspace) -> dict:
         champion = registry.alias_version(name, registry.CHAMPION)
         result = {"model": name, "version": info.version, "promoted": decision["promote"],
                   "champion": champion.version if champion else None, "reasons": decision["reasons"]}
-        write_json(ws.registration, result)
+        write_json(ws.registration, {k: v for k, v in result.items() if k != "reasons"})
         finish_run(ws, "FINISHED", "promoted" if decision["promote"] else "rejected", version=info.version)
     say("register", f"{name} version {info.version} {'promoted to champion' if decision['promote'] else 'rejected'}; "
                     f"champion is version {result['champion']}")
