@@ -131,7 +131,7 @@ class Workspace:
 
     @property
     def gate_metrics(self) -> Path:
-        """promote and each check, 1 or 0, for `dvc metrics`."""
+        """promote: 1 or 0, for `dvc metrics`."""
         return self.root / "metrics" / "gate.json"
 
     @property

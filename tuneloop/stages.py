@@ -64,8 +64,7 @@ def validate(params: Params, ws: Workspace) -> ValidationReport:
     if params.declared_labels is None:
         say("validate", f"{len(load_data_version(ws).labels)} labels read from the data (validate.labels: auto)")
     write_json(ws.validation_summary, report.to_dict())
-    write_json(ws.validation_metrics, {"rules": len(report.results), "errors": len(report.errors),
-                                       "warnings": len(report.warnings)})
+    write_json(ws.validation_metrics, {"errors": len(report.errors), "warnings": len(report.warnings)})
     tracking.log_stage(ws, "validate", {"errors": len(report.errors), "warnings": len(report.warnings)},
                        artifacts=[ws.validation_dir])
     for warning in report.warnings:
@@ -194,7 +193,7 @@ def finetune(params: Params, ws: Workspace) -> FinetuneResult:
         head=start_head(params, ws, base_path, settings), pooling=params.model.pooling,
     )
     summary = {k: v for k, v in asdict(result).items() if k not in {"model_dir", "history"}}
-    write_json(ws.finetune_metrics, summary)
+    write_json(ws.finetune_metrics, plotdata.finetune_headline(summary))
     plotdata.write_csv(ws.training_plot, ("epoch", "step", "val_macro_f1"), plotdata.training_rows(result.history))
     tracking.log_stage(ws, "finetune", summary, params=asdict(settings))
     resumed = f", resumed at step {result.resumed_from_step}" if result.resumed_from_step else ""
@@ -283,7 +282,7 @@ def gate(params: Params, ws: Workspace) -> Decision:
     predictions = {column: frame[column].to_numpy() for column in frame.columns}
     decision = decide_promotion(evaluation, predictions, params.gate)
     write_json(ws.decision, decision.to_dict())
-    write_json(ws.gate_metrics, plotdata.gate_flags(decision.to_dict()))
+    write_json(ws.gate_metrics, {"promote": int(decision.promote)})
     evaluation["gate"] = decision.to_dict()  # the report shows the decision and its reasons
     write_evaluation_report(evaluation, ws.evaluation_report)
     tracking.log_stage(ws, "gate", {"promote": int(decision.promote)}, artifacts=[ws.decision, ws.evaluation_report])
@@ -347,7 +346,7 @@ def register(params: Params, ws: Workspace) -> dict:
         champion = registry.alias_version(name, registry.CHAMPION)
         result = {"model": name, "version": info.version, "promoted": decision["promote"],
                   "champion": champion.version if champion else None, "reasons": decision["reasons"]}
-        write_json(ws.registration, {k: v for k, v in result.items() if k != "reasons"})
+        write_json(ws.registration, {"version": int(info.version), "champion": int(result["champion"] or 0)})
         finish_run(ws, "FINISHED", "promoted" if decision["promote"] else "rejected", version=info.version)
     say("register", f"{name} version {info.version} {'promoted to champion' if decision['promote'] else 'rejected'}; "
                     f"champion is version {result['champion']}")

@@ -104,7 +104,8 @@ def check_dvc_agrees_with_the_flow(project: Path) -> None:
     shown = dvc(project, "metrics", "show")
     for column in ("challenger.macro_f1", "base_probe.macro_f1", "promote", "errors", "best_val_macro_f1"):
         assert column in shown, shown
-    assert max(len(line) for line in shown.splitlines()) < 400  # one row per metrics file, not one 2,592-char line
+    # one row per metrics file, about 19 columns (the file headers' width), not one 2,592-char line
+    assert max(len(line) for line in shown.splitlines()) < 500, shown
     tracked = ok(run(project, "git", "status", "--porcelain", "--untracked-files=all", "metrics", "plots"))
     assert {line[3:] for line in tracked.splitlines()} >= {"metrics/evaluation.json", "plots/confusion.csv"}
     dvc(project, "plots", "show", "-o", "dvc_plots")
