@@ -23,10 +23,10 @@ def count_pending(params, workspace: Workspace) -> tuple[list[str], int]:
 
 
 @flow(name="incoming")
-def incoming_flow(params_path: str = "params.yaml", root: str = ".") -> dict:
+def incoming_flow(params_path: str = "params.yaml", root: str = ".", overrides: list[str] | None = None) -> dict:
     """Counts incoming rows not yet in a data version; retrains past the minimum."""
     workspace = Workspace(Path(root).resolve())
-    params = load_params(workspace.root / params_path)
+    params = load_params(workspace.root / params_path, overrides or ())
     files, rows = count_pending(params, workspace)
     decision = decide_retraining(rows, drift_significant=False, config=params.triggers)
     print(("retraining: " if decision.yes else "not retraining: ") + "; ".join(decision.reasons), flush=True)

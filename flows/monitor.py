@@ -72,7 +72,7 @@ def live_summary(live: LiveMetrics) -> dict:
 
 
 @flow(name="monitor")
-def monitor_flow(params_path: str = "params.yaml", root: str = ".") -> dict:
+def monitor_flow(params_path: str = "params.yaml", root: str = ".", overrides: list[str] | None = None) -> dict:
     """window → drift + live metrics → decisions → rollback → MLflow → retraining request.
 
     Returns:
@@ -81,7 +81,7 @@ def monitor_flow(params_path: str = "params.yaml", root: str = ".") -> dict:
         the report's path and the MLflow run id.
     """
     workspace = Workspace(Path(root).resolve())
-    params = load_params(workspace.root / params_path)
+    params = load_params(workspace.root / params_path, overrides or ())
     configure_tracking(params.mlflow, workspace.root)
     name = params.mlflow.model_name
     champion = registry.alias_version(name, registry.CHAMPION)

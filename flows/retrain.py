@@ -15,6 +15,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from tuneloop.tasks import registry
+from tuneloop.tasks.dvclock import record_stage
 from tuneloop.tasks.lock import project_lock
 from tuneloop.tasks.workspace import Workspace
 from tuneloop import stages
@@ -38,37 +39,51 @@ register = stage_task(stages.register, retries=2, retry_delay_seconds=5)  # a re
 
 
 @flow(name="retrain")
-def retrain_flow(params_path: str = "params.yaml", root: str = ".", tune_settings: bool = False) -> dict:
+def retrain_flow(params_path: str = "params.yaml", root: str = ".", tune_settings: bool = False,
+                 overrides: list[str] | None = None) -> dict:
     """ingest → validate → split → baseline → [tune] → finetune → evaluate → gate → register.
 
     Args:
         tune_settings: search finetune's settings first, as if params said
             `tune.enabled: true` (`tuneloop run --tune`).
+        overrides: `section.key=value` strings over params.yaml (`--set`).
 
     Returns:
         The registration: model name, new version, whether it was promoted,
         the champion's version and the gate's reasons.
     """
     workspace = Workspace(Path(root).resolve())
-    params = load_params(workspace.root / params_path)
+    params = load_params(workspace.root / params_path, overrides or ())
     if tune_settings:
         params = params.model_copy(update={"tune": replace(params.tune, enabled=True)})
+    # dvc.lock records params.yaml's values: a run with other values must not claim them
+    as_params_yaml = not tune_settings and not overrides
+    if not as_params_yaml:
+        print("dvc.lock left as it was: this run's params differ from params.yaml (--tune or --set)", flush=True)
     with project_lock(workspace.root, "retrain flow"):  # one writer: a CLI run or a deployment, not both
-        return run_stages(params, workspace)
+        return run_stages(params, workspace, record=as_params_yaml)
 
 
-def run_stages(params: Params, workspace: Workspace) -> dict:
-    """The stages in order, under the caller's project lock."""
-    ingest(params, workspace)
-    validate(params, workspace)
-    split(params, workspace)
+def run_stages(params: Params, workspace: Workspace, record: bool = True) -> dict:
+    """The stages in order, under the caller's project lock; with `record`,
+    each finished stage is written into dvc.lock, so `dvc status` agrees."""
+
+    def step(stage_task):
+        result = stage_task(params, workspace)
+        if record:
+            record_stage(workspace.root, stage_task.name)
+        return result
+
+    step(ingest)
+    step(validate)
+    step(split)
     try:
-        baseline(params, workspace)
-        tune(params, workspace)
-        finetune(params, workspace)
-        evaluate(params, workspace)
-        gate(params, workspace)
-        return register(params, workspace)
+        step(baseline)
+        step(tune)
+        step(finetune)
+        step(evaluate)
+        step(gate)
+        return step(register)
     except Exception:
         try:
             stages.finish_run(workspace, "FAILED", "failed before registration")

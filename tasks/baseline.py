@@ -150,6 +150,6 @@ def run_baseline(config: BaselineConfig, base_path: Path, labels: Sequence[str],
                         ("zero_shot", zero_shot_proba(encoder, tokenizer, x["test"], labels, config, pooling))):
         predicted = probs.argmax(1)
         result[name] = {"accuracy": accuracy(y["test"], predicted), "macro_f1": macro_f1(y["test"], predicted, len(labels))}
+    write_json(workspace.baseline_metrics, result)  # the test scores only: `dvc metrics show` columns
     result["probe"].update(c=probe.c, validation_macro_f1_by_c={str(c): f for c, f in scores.items()})
-    write_json(workspace.baseline_metrics, result)
     return result

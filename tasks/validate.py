@@ -28,6 +28,7 @@ import pandas as pd
 
 from tuneloop.tasks.errors import TuneloopError
 from tuneloop.tasks.config import RULES, ValidateConfig
+from tuneloop.tasks.validation_page import write_validation_page
 
 
 # what spreadsheets and exports write for a missing value: never a text to learn from
@@ -113,18 +114,19 @@ class DataValidationError(TuneloopError, ValueError):
 
 
 def validate_dataset(frame: pd.DataFrame, config: ValidateConfig, report_dir: Path) -> ValidationReport:
-    """Runs every rule through Great Expectations and writes Data Docs.
+    """Runs every rule through Great Expectations; writes tuneloop's offline
+    page (index.html) and GX's Data Docs (gx/).
 
     Args:
         frame: columns `row` (1-based source row), `text`, `label`, optionally
             `split`; other columns are ignored. Without `row`, rows are
             numbered 1..n in frame order.
         config: thresholds, PII patterns and rule severities.
-        report_dir: the Data Docs site is written here (created if needed).
+        report_dir: the page and the Data Docs site are written here (created if needed).
 
     Returns:
         The report, one RuleResult per rule in RULES order, with the path of
-        the Data Docs index.html (None if GX did not write one).
+        the validation page (index.html).
 
     Does not raise on failed rules; see check_report.
     """
@@ -135,7 +137,7 @@ def validate_dataset(frame: pd.DataFrame, config: ValidateConfig, report_dir: Pa
     classes = _class_frame(frame, config.labels)
     report_dir = Path(report_dir).resolve()
     report_dir.mkdir(parents=True, exist_ok=True)
-    context = _gx_context(report_dir)
+    context = _gx_context(report_dir / "gx")  # GX's Data Docs beside tuneloop's own page
     row_checks = _row_expectations(config, set(frame.columns))
     class_checks = _class_expectations(config, classes) if "label" in frame.columns else []
     gx_results = _run_checkpoint(context, "rows", rows, row_checks, keys=["row"])
@@ -146,8 +148,11 @@ def validate_dataset(frame: pd.DataFrame, config: ValidateConfig, report_dir: Pa
         _rule_result(rule, config, [r for r in gx_results if _rule_of(r) == rule], texts, set(frame.columns))
         for rule in RULES
     )
-    index = report_dir / "index.html"
-    return ValidationReport(results=results, data_docs=index if index.is_file() else None)
+    report = ValidationReport(results=results, data_docs=report_dir / "index.html")
+    gx_index = report_dir / "gx" / "index.html"
+    write_validation_page(report.data_docs, report.to_dict()["rules"], len(frame),
+                          "gx/index.html" if gx_index.is_file() else None)
+    return report
 
 
 def check_report(report: ValidationReport) -> None:

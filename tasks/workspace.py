@@ -3,6 +3,11 @@
 The layout is the contract between stages: `dvc.yaml` declares the same paths,
 and the Prefect flow passes nothing between tasks that is not also on disk, so
 `tuneloop run`, `dvc repro` and a single `tuneloop <stage>` agree.
+
+`metrics/` holds only small, flat JSON numbers (`dvc metrics show/diff`) and
+`plots/` the small CSV tables `dvc plots show/diff` draws; both are tracked in
+git. Everything bulky (per-class detail, per-row predictions, reasons) lives
+under `reports/`, `models/` and `data/`.
 """
 
 from __future__ import annotations
@@ -37,6 +42,11 @@ class Workspace:
 
     @property
     def validation_summary(self) -> Path:
+        """Every rule's verdict and message."""
+        return self.validation_dir / "summary.json"
+
+    @property
+    def validation_metrics(self) -> Path:
         return self.root / "metrics" / "validation.json"
 
     # split
@@ -66,10 +76,15 @@ class Workspace:
     def finetune_metrics(self) -> Path:
         return self.root / "metrics" / "finetune.json"
 
+    @property
+    def training_plot(self) -> Path:
+        """Validation macro-F1 per epoch, for `dvc plots`."""
+        return self.root / "plots" / "training.csv"
+
     # tune (optional): the best settings finetune applies, the trials' scratch space, the plots
     @property
     def tune_result(self) -> Path:
-        return self.root / "metrics" / "tune.json"
+        return self.root / "reports" / "tune.json"
 
     @property
     def tune_dir(self) -> Path:
@@ -82,11 +97,27 @@ class Workspace:
     # evaluate
     @property
     def evaluation(self) -> Path:
+        """Every model's scores in full: per class, per slice, calibration bins."""
+        return self.root / "reports" / "evaluation.json"
+
+    @property
+    def evaluation_metrics(self) -> Path:
+        """The headline numbers per model, for `dvc metrics`."""
         return self.root / "metrics" / "evaluation.json"
 
     @property
     def test_predictions(self) -> Path:
-        return self.root / "metrics" / "test_predictions.parquet"
+        return self.root / "reports" / "test_predictions.parquet"
+
+    @property
+    def confusion_plot(self) -> Path:
+        """The challenger's (actual, predicted) label per test row, for `dvc plots`."""
+        return self.root / "plots" / "confusion.csv"
+
+    @property
+    def calibration_plot(self) -> Path:
+        """The challenger's reliability bins, for `dvc plots`."""
+        return self.root / "plots" / "calibration.csv"
 
     @property
     def evaluation_report(self) -> Path:
@@ -99,6 +130,12 @@ class Workspace:
     # gate and register
     @property
     def decision(self) -> Path:
+        """The gate's decision with every reason."""
+        return self.root / "reports" / "gate.json"
+
+    @property
+    def gate_metrics(self) -> Path:
+        """promote: 1 or 0, for `dvc metrics`."""
         return self.root / "metrics" / "gate.json"
 
     @property

@@ -29,11 +29,30 @@ from typing import Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# rich_markup_mode=None: plain Click help, where a flag reads `--tune / --no-tune` (Typer's rich
+# help writes `<bool>` after every flag) and no rich import slows each command's start.
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Keep a fine-tuned text classifier good in production.")
 
 ParamsOption = typer.Option(Path("params.yaml"), "--params", help="params.yaml, relative to --root")
 RootOption = typer.Option(Path("."), "--root", help="the project folder (workspace root)")
+SetOption = typer.Option(None, "--set", metavar="SECTION.KEY=VALUE",
+                         help="override one params.yaml value, e.g. --set finetune.epochs=2 (repeatable; "
+                              "the value is YAML; checked like params.yaml)")
+
+
+def print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"tuneloop {version('tuneloop')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def entry(version: bool = typer.Option(False, "--version", callback=print_version, is_eager=True,
+                                       help="print tuneloop's version and exit")) -> None:
+    """Keep a fine-tuned text classifier good in production."""
 
 
 def offline_environment() -> None:
@@ -54,14 +73,14 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def load(params: Path, root: Path):
-    """Validates params once, at the edge; returns (params, workspace)."""
+def load(params: Path, root: Path, sets: Optional[list[str]] = None):
+    """Validates params (with the `--set` overrides) once, at the edge; returns (params, workspace)."""
     from tuneloop.tasks.workspace import Workspace
     from tuneloop.params import ParamsError, load_params
 
     root = root.resolve()
     try:
-        return load_params(root / params), Workspace(root)
+        return load_params(root / params, sets or ()), Workspace(root)
     except ParamsError as error:
         fail(str(error))
 
@@ -119,17 +138,17 @@ def terminate_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
-def run_stage(name: str, params: Path, root: Path, **options) -> None:
+def run_stage(name: str, params: Path, root: Path, sets: Optional[list[str]] = None, **options) -> None:
     from tuneloop import stages
 
-    loaded, workspace = load(params, root)
+    loaded, workspace = load(params, root, sets)
     with writing(loaded, workspace, name, continues_run=name != "ingest"):
         getattr(stages, name)(loaded, workspace, **options)
 
 
 def stage_command(name: str, doc: str) -> None:
-    def command(params: Path = ParamsOption, root: Path = RootOption) -> None:
-        run_stage(name, params, root)
+    def command(params: Path = ParamsOption, root: Path = RootOption, sets: Optional[list[str]] = SetOption) -> None:
+        run_stage(name, params, root, sets)
 
     command.__doc__ = doc
     app.command(name)(command)
@@ -179,7 +198,7 @@ def init(data: Path = typer.Argument(..., help="your labelled file: CSV (, ; tab
          split: Optional[str] = typer.Option(None, "--split-column",
                                              help="a column of train/validation/test (default: proposed if any)"),
          model: str = typer.Option("all-MiniLM-L6-v2", "--model", help="base model: the bundled one or a local folder"),
-         force: bool = typer.Option(False, "--force", help="overwrite an existing params.yaml")) -> None:
+         force: bool = typer.Option(False, "--force/--no-force", help="overwrite an existing params.yaml")) -> None:
     """Start a project for your own labelled file: params.yaml fitted to it, git and DVC set up."""
     from tuneloop.init import init_project
 
@@ -196,19 +215,20 @@ def init(data: Path = typer.Argument(..., help="your labelled file: CSV (, ; tab
 
 @app.command()
 def run(params: Path = ParamsOption, root: Path = RootOption,
-        tune: bool = typer.Option(False, "--tune", help="search finetune's settings first (tune.enabled: true)"),
-        ) -> None:
+        tune: bool = typer.Option(False, "--tune/--no-tune", help="search finetune's settings first (tune.enabled: true)"),
+        sets: Optional[list[str]] = SetOption) -> None:
     """Run the whole retraining flow and print the decision."""
     from tuneloop.tasks.errors import TuneloopError
 
-    loaded, workspace = load(params, root)
+    loaded, workspace = load(params, root, sets)
     from tuneloop.flows.ephemeral import start_ephemeral_server
     from tuneloop.flows.retrain import retrain_flow
 
     with writing(loaded, workspace, "run"):
         start_ephemeral_server()  # dies with this command, even a SIGKILLed one
         try:
-            result = retrain_flow(params_path=str(params), root=str(workspace.root), tune_settings=tune)
+            result = retrain_flow(params_path=str(params), root=str(workspace.root), tune_settings=tune,
+                                  overrides=sets or [])
         except TuneloopError as error:
             from tuneloop.tasks.registry import RegistryUnavailable
 
@@ -224,52 +244,67 @@ def run(params: Path = ParamsOption, root: Path = RootOption,
 
 @app.command()
 def status(params: Path = ParamsOption, root: Path = RootOption,
-           as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+           as_json: bool = typer.Option(False, "--json/--table", help="print JSON instead of a table"),
+           sets: Optional[list[str]] = SetOption) -> None:
     """The registered model, its champion (data version, test metrics) and the last run's decision."""
-    from tuneloop.tasks.tracking import configure_tracking
+    from tuneloop.tasks.tracking import configure_tracking, reap_dead_runs
     from tuneloop.tasks.registry import model_status
 
-    loaded, workspace = load(params, root)
+    loaded, workspace = load(params, root, sets)
     configure_tracking(loaded.mlflow, workspace.root)
-    from tuneloop.tasks.tracking import reap_dead_runs
-
     reap_dead_runs(loaded.mlflow.experiment)  # a killed run reads KILLED, not RUNNING forever
     info = model_status(loaded.mlflow.model_name, loaded.mlflow.experiment)
-    if as_json:
-        typer.echo(json.dumps(info, indent=2))
-        return
-    champion = info["champion"] or {}
-    typer.echo(f"model: {info['model']}\nchampion: version {champion.get('version')} "
-               f"(data {str(champion.get('data_md5'))[:8]}, test macro-F1 {champion.get('test', {}).get('macro_f1')})\n"
-               f"last run: {info['last_run']}")
+    typer.echo(json.dumps(info, indent=2) if as_json else status_table(info))
+
+
+def status_table(info: dict) -> str:
+    """`tuneloop status` as two aligned columns, one fact per row."""
+    champion, last = info["champion"] or {}, info["last_run"] or {}
+    test = champion.get("test", {})
+    rows = [
+        ("model", info["model"]),
+        ("versions", str(info["versions"])),
+        ("champion", f"version {champion['version']}" if champion else "none yet (run `tuneloop run`)"),
+        ("  data version", str(champion.get("data_md5") or "-")[:8]),
+        ("  test macro-F1", f"{test['macro_f1']:.4f}" if "macro_f1" in test else "-"),
+        ("  test accuracy", f"{test['accuracy']:.4f}" if "accuracy" in test else "-"),
+        ("  test ECE", f"{test['ece']:.4f}" if "ece" in test else "-"),
+        ("previous", f"version {info['previous']}" if info.get("previous") else "-"),
+        ("last run", f"{last['outcome']} ({last['status']})" + (f", version {last['version']}" if last.get("version")
+                                                                 else "") if last else "none"),
+    ]
     if info["incomplete"]:
-        typer.echo(f"unfinished registrations (never served): versions {', '.join(info['incomplete'])}")
+        rows.append(("unfinished", f"versions {', '.join(info['incomplete'])} (never served)"))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
 @app.command()
-def incoming(params: Path = ParamsOption, root: Path = RootOption) -> None:
+def incoming(params: Path = ParamsOption, root: Path = RootOption,
+             sets: Optional[list[str]] = SetOption) -> None:
     """Retrain if data/incoming/ holds enough new labelled rows (what the `incoming` deployment runs)."""
-    loaded, workspace = load(params, root)
+    loaded, workspace = load(params, root, sets)
     from tuneloop.flows.ephemeral import start_ephemeral_server
     from tuneloop.flows.incoming import incoming_flow
 
     with writing(loaded, workspace, "incoming"):
         start_ephemeral_server()
-        result = incoming_flow(params_path=str(params), root=str(workspace.root))
+        result = incoming_flow(params_path=str(params), root=str(workspace.root), overrides=sets or [])
     typer.echo(json.dumps({k: v for k, v in result.items() if k != "request"}, indent=2))
 
 
 @app.command()
 def monitor(params: Path = ParamsOption, root: Path = RootOption,
-            as_json: bool = typer.Option(False, "--json", help="print the whole summary as JSON")) -> None:
+            as_json: bool = typer.Option(False, "--json/--summary", help="print the whole summary as JSON"),
+            sets: Optional[list[str]] = SetOption) -> None:
     """Drift, live metrics and automatic rollback of the champion (what the `monitor` deployment runs)."""
-    loaded, workspace = load(params, root)
+    loaded, workspace = load(params, root, sets)
     from tuneloop.flows.ephemeral import start_ephemeral_server
     from tuneloop.flows.monitor import monitor_flow
 
     with writing(loaded, workspace, "monitor"):
         start_ephemeral_server()
-        result = monitor_flow(params_path=str(params), root=str(workspace.root))
+        result = monitor_flow(params_path=str(params), root=str(workspace.root), overrides=sets or [])
     if as_json:
         typer.echo(json.dumps(result, indent=2, default=str))
         return
@@ -330,7 +365,8 @@ def demo(root: Path = RootOption,
 
 @app.command("restore-data")
 def restore_data_command(version: str, out: Optional[Path] = typer.Option(None, help="folder to restore into"),
-                         params: Path = ParamsOption, root: Path = RootOption) -> None:
+                         params: Path = ParamsOption, root: Path = RootOption,
+                         sets: Optional[list[str]] = SetOption) -> None:
     """Restore, through DVC, the exact data a registered model version was trained on."""
     from tuneloop.tasks import registry
     from tuneloop.tasks.ingest import restore_data
@@ -340,7 +376,7 @@ def restore_data_command(version: str, out: Optional[Path] = typer.Option(None, 
         version = registry.checked_version(version)
     except registry.TagError as error:
         fail(f"restore-data refused: {error}")
-    loaded, workspace = load(params, root)
+    loaded, workspace = load(params, root, sets)
     configure_tracking(loaded.mlflow, workspace.root)
     from mlflow.exceptions import MlflowException
 
@@ -361,7 +397,7 @@ def restore_data_command(version: str, out: Optional[Path] = typer.Option(None, 
 @app.command()
 def serve(host: Optional[str] = typer.Option(None, help="interface to bind (default serve.host: 127.0.0.1)"),
           port: Optional[int] = typer.Option(None, help="port (default serve.port)"),
-          params: Path = ParamsOption, root: Path = RootOption) -> None:
+          params: Path = ParamsOption, root: Path = RootOption, sets: Optional[list[str]] = SetOption) -> None:
     """Serve the `champion` over HTTP; promotions and rollbacks take effect without a restart."""
     import logging
     from dataclasses import replace
@@ -370,7 +406,7 @@ def serve(host: Optional[str] = typer.Option(None, help="interface to bind (defa
     from tuneloop.tasks.tracking import configure_tracking
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    loaded, workspace = load(params, root)
+    loaded, workspace = load(params, root, sets)
     configure_tracking(loaded.mlflow, workspace.root)
     config = replace(loaded.serve, host=host or loaded.serve.host,
                      port=loaded.serve.port if port is None else port)
@@ -383,12 +419,12 @@ def serve(host: Optional[str] = typer.Option(None, help="interface to bind (defa
 @app.command()
 def rollback(to: Optional[str] = typer.Option(None, "--to", help="version to serve (default: `previous`)"),
              why: str = typer.Option("manual rollback", "--why", help="reason kept in the audit trail"),
-             params: Path = ParamsOption, root: Path = RootOption) -> None:
+             params: Path = ParamsOption, root: Path = RootOption, sets: Optional[list[str]] = SetOption) -> None:
     """Move `champion` back to `previous` (or --to VERSION) in one step, with an audit entry."""
     from tuneloop.tasks import registry
     from tuneloop.tasks.tracking import configure_tracking
 
-    loaded, workspace = load(params, root)
+    loaded, workspace = load(params, root, sets)
     configure_tracking(loaded.mlflow, workspace.root)
     with writing(loaded, workspace, "rollback"):
         try:
@@ -434,6 +470,8 @@ def main() -> None:
 
     offline_environment()
     terminate_on_sigterm()
+    for name in ("mlflow.store.db.utils", "alembic"):  # "Creating initial MLflow database tables..." per new db
+        logging.getLogger(name).setLevel(logging.WARNING)
     debug = "--debug" in sys.argv
     if debug:
         sys.argv.remove("--debug")

@@ -27,17 +27,18 @@ TEXT_NAMES = ("text", "sentence", "utterance", "query", "question", "review", "c
 SPLIT_NAMES = ("split", "set", "partition", "subset", "fold")
 GITIGNORE = """.venv/
 __pycache__/
-# produced by runs (the data snapshot is tracked by DVC, the registry by MLflow)
+# produced by runs (the data snapshot is tracked by DVC, the registry by MLflow;
+# metrics/ and plots/ are small and tracked in git, for dvc metrics/plots diff)
 /mlflow.db
 /optuna.db
 /mlartifacts/
 /models/
 /reports/
-/metrics/
 /state/
 /data/prepared/
 /data/split/
-/data/incoming/
+/data/incoming/*
+!/data/incoming/.gitkeep
 /data/restored/
 /.dvc-remote/
 """
@@ -229,8 +230,9 @@ def dvc_yaml_text() -> str | None:
     pipeline = yaml.safe_load(shipped.read_text())
     for stage in pipeline["stages"].values():
         stage["deps"] = [d for d in stage.get("deps", []) if not str(d).startswith(("tasks/", "tuneloop/"))]
-    return "# dvc repro runs these stages (tuneloop run runs the same as one Prefect flow)\n" + yaml.safe_dump(
-        pipeline, sort_keys=False)
+    return ("# dvc repro runs these stages; tuneloop run runs the same as one Prefect flow and records\n"
+            "# each stage in dvc.lock. dvc metrics show, dvc plots show, dvc exp show --only-changed.\n"
+            + yaml.safe_dump(pipeline, sort_keys=False))
 
 
 def run_git(folder: Path, *args: str) -> None:
@@ -261,6 +263,9 @@ def init_project(data: Path, folder: Path, text: str | None = None, label: str |
         (folder / "dvc.yaml").write_text(dvc_yaml)
     if not (folder / ".gitignore").exists():
         (folder / ".gitignore").write_text(GITIGNORE)
+    incoming = folder / IngestConfig().incoming_dir  # a dependency of dvc.yaml's ingest: it must exist
+    incoming.mkdir(parents=True, exist_ok=True)
+    (incoming / ".gitkeep").touch()
     if not (folder / ".git").exists():
         run_git(folder, "init", "-q")
     open_dvc_repo(folder, IngestConfig().dvc_remote).close()

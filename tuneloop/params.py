@@ -8,7 +8,9 @@ refused).
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
+from typing import Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -70,11 +72,37 @@ def parse_params(raw: dict, source: Path = Path("params.yaml")) -> Params:
         raise ParamsError(describe(error, source)) from None
 
 
-def load_params(path: Path) -> Params:
-    """Reads and validates params.yaml.
+def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
+    """`section.key=value` strings (`--set finetune.epochs=2`) over a params
+    mapping, as `dvc exp run -S` writes them: the value is read as YAML (2,
+    0.5, true, null, [a, b]); keys nest at the dots.
 
     Raises:
-        ParamsError: the file is missing, not YAML, or invalid.
+        ParamsError: an override without `=`, or a dotted key through a value that is not a section.
+    """
+    merged = copy.deepcopy(raw)
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep or not key.strip() or "" in key.strip().split("."):
+            raise ParamsError(f"--set {override!r}: write section.key=value, e.g. finetune.epochs=2")
+        *sections, leaf = key.strip().split(".")
+        target = merged
+        for name in sections:
+            target = target.setdefault(name, {})
+            if not isinstance(target, dict):
+                raise ParamsError(f"--set {override!r}: {name} is a value, not a section")
+        try:
+            target[leaf] = yaml.safe_load(text) if text.strip() else text
+        except yaml.YAMLError as error:
+            raise ParamsError(f"--set {override!r}: the value is not valid YAML: {error}") from None
+    return merged
+
+
+def load_params(path: Path, overrides: Sequence[str] = ()) -> Params:
+    """Reads and validates params.yaml, with `--set` overrides over it.
+
+    Raises:
+        ParamsError: the file is missing, not YAML, an override is malformed, or the result is invalid.
     """
     if not path.exists():
         raise ParamsError(f"{path} not found: run tuneloop from the project root or pass --params")
@@ -84,4 +112,5 @@ def load_params(path: Path) -> Params:
         raise ParamsError(f"{path} is not valid YAML: {error}") from None
     if raw is not None and not isinstance(raw, dict):
         raise ParamsError(f"{path} must be a mapping of sections")
-    return parse_params(raw or {}, path)
+    source = path if not overrides else Path(f"{path} with --set {' --set '.join(overrides)}")
+    return parse_params(apply_overrides(raw or {}, overrides), source)

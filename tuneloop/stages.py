@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from tuneloop.tasks import integrity, mlflow_model, registry, runlog, tracking
+from tuneloop.tasks import integrity, mlflow_model, plotdata, registry, runlog, tracking
 from tuneloop.tasks import tune as tuning
 from tuneloop.tasks.tune_space import apply_params
 from tuneloop.tasks.baseline import probe_head, run_baseline
@@ -76,6 +76,7 @@ def validate(params: Params, ws: Workspace) -> ValidationReport:
     if params.declared_labels is None:
         say("validate", f"{len(load_data_version(ws).labels)} labels read from the data (validate.labels: auto)")
     write_json(ws.validation_summary, report.to_dict())
+    write_json(ws.validation_metrics, {"errors": len(report.errors), "warnings": len(report.warnings)})
     tracking.log_stage(ws, "validate", {"errors": len(report.errors), "warnings": len(report.warnings)},
                        artifacts=[ws.validation_dir])
     for warning in report.warnings:
@@ -253,9 +254,9 @@ def finetune(params: Params, ws: Workspace, nproc: int = 1) -> FinetuneResult:
         settings = inputs["config"]
         result = train_model(inputs)
     summary = {k: v for k, v in asdict(result).items() if k not in {"model_dir", "history", "curve"}}
-    summary["history"], summary["curve"] = result.history, result.curve
-    write_json(ws.finetune_metrics, summary)
-    run_id = tracking.log_stage(ws, "finetune", {k: v for k, v in summary.items() if k not in {"history", "curve"}},
+    write_json(ws.finetune_metrics, plotdata.finetune_headline(summary))
+    plotdata.write_csv(ws.training_plot, ("epoch", "step", "val_macro_f1"), plotdata.training_rows(result.history))
+    run_id = tracking.log_stage(ws, "finetune", summary,
                                 params=asdict(settings), curves=training_curves(result), detail=settings.method)
     data = load_data_version(ws)
     tracking.log_dataset([run_id, tracking.current_run_id(ws)], pd.read_parquet(ws.splits), data.md5, data.path,
@@ -325,17 +326,27 @@ def evaluate(params: Params, ws: Workspace) -> dict:
     if tuned:
         evaluation["tuning"] = tuned  # the report's Tuning section
     write_json(ws.evaluation, evaluation)
+    ws.test_predictions.parent.mkdir(parents=True, exist_ok=True)
     predictions.to_parquet(ws.test_predictions, index=False)
-    write_evaluation_report(evaluation, ws.evaluation_report)
-    headline = {key: {k: m[k] for k in ("accuracy", "macro_f1", "ece", "latency_ms_per_example")}
-                for key, m in evaluation["models"].items()}
-    plots = write_evaluation_plots(evaluation, ws.evaluation_plots)
-    tracking.log_stage(ws, "evaluate", headline, artifacts=[ws.evaluation, ws.evaluation_report, *plots])
+    headline = plotdata.evaluation_headline(evaluation)
+    write_json(ws.evaluation_metrics, headline)
+    write_plot_data(ws, evaluation, predictions)
+    pictures = write_evaluation_plots(evaluation, ws.evaluation_plots)  # PNGs for the MLflow UI
+    tracking.log_stage(ws, "evaluate", headline, artifacts=[ws.evaluation, *pictures])
     say("evaluate", ", ".join(f"{k} macro-F1 {m['macro_f1']:.4f}" for k, m in headline.items())
         + f" on {evaluation['test_rows']} test rows"
         + (f" ({evaluation['new_test_rows']} new since the champion's data)" if "new_test_rows" in evaluation else "")
-        + f"; report {ws.evaluation_report}")
+        + f"; details {ws.evaluation}")
     return evaluation
+
+
+def write_plot_data(ws: Workspace, evaluation: dict, predictions: pd.DataFrame) -> None:
+    """The challenger's confusion pairs and reliability bins, for `dvc plots`."""
+    challenger = evaluation["models"]["challenger"]
+    plotdata.write_csv(ws.confusion_plot, ("actual", "predicted"), plotdata.confusion_rows(
+        predictions["y_true"], predictions["challenger"], evaluation["labels"]))
+    plotdata.write_csv(ws.calibration_plot, ("confidence", "accuracy", "rows"),
+                       plotdata.calibration_rows(challenger["reliability"]))
 
 
 def gate(params: Params, ws: Workspace) -> Decision:
@@ -344,6 +355,7 @@ def gate(params: Params, ws: Workspace) -> Decision:
     predictions = {column: frame[column].to_numpy() for column in frame.columns}
     decision = decide_promotion(evaluation, predictions, params.gate)
     write_json(ws.decision, decision.to_dict())
+    write_json(ws.gate_metrics, {"promote": int(decision.yes)})
     evaluation["gate"] = decision.to_dict()  # the report shows the decision and its reasons
     write_evaluation_report(evaluation, ws.evaluation_report)
     tracking.log_stage(ws, "gate", {"promote": int(decision.yes)}, artifacts=[ws.decision, ws.evaluation_report])
@@ -407,7 +419,7 @@ def register(params: Params, ws: Workspace) -> dict:
         champion = registry.alias_version(name, registry.CHAMPION)
         result = {"model": name, "version": info.version, "promoted": decision["promote"],
                   "champion": champion.version if champion else None, "reasons": decision["reasons"]}
-        write_json(ws.registration, result)
+        write_json(ws.registration, {"version": int(info.version), "champion": int(result["champion"] or 0)})
         finish_run(ws, "FINISHED", "promoted" if decision["promote"] else "rejected", version=info.version)
     say("register", f"{name} version {info.version} {'promoted to champion' if decision['promote'] else 'rejected'}; "
                     f"champion is version {result['champion']}")

@@ -119,9 +119,9 @@ def test_champion_carries_its_lineage_in_registry_tags(project, first_run):
 
 
 def test_evaluation_scores_base_and_challenger_on_the_same_test_rows(project, first_run):
-    evaluation = json.loads((project / "metrics" / "evaluation.json").read_text())
+    evaluation = json.loads((project / "reports" / "evaluation.json").read_text())
     assert set(evaluation["models"]) == {"base_probe", "challenger"}
-    predictions = pd.read_parquet(project / "metrics" / "test_predictions.parquet")
+    predictions = pd.read_parquet(project / "reports" / "test_predictions.parquet")
     assert len(predictions) == evaluation["test_rows"]
     for model in evaluation["models"].values():
         assert sum(map(sum, model["confusion_matrix"])) == evaluation["test_rows"]
@@ -130,7 +130,7 @@ def test_evaluation_scores_base_and_challenger_on_the_same_test_rows(project, fi
 def test_rerun_on_unchanged_data_promotes_nothing_and_says_why(project, second_run):
     assert second_run.returncode == 0, second_run.stderr[-3000:]
     assert "version 2 rejected" in second_run.stdout
-    decision = json.loads((project / "metrics" / "gate.json").read_text())
+    decision = json.loads((project / "reports" / "gate.json").read_text())
     assert decision["promote"] is False
     champion_check = next(c for c in decision["checks"] if c["name"] == "beats_champion")
     assert champion_check["passed"] is False and "includes zero" in champion_check["reason"]
@@ -140,7 +140,7 @@ def test_rerun_on_unchanged_data_promotes_nothing_and_says_why(project, second_r
     assert status(project)["champion"]["version"] == "1"
     # the same data version: identical test rows, so the comparison is paired
     assert versions[0]["tags"]["data.md5"] == versions[1]["tags"]["data.md5"]
-    assert json.loads((project / "metrics" / "evaluation.json").read_text())["new_test_rows"] == 0
+    assert json.loads((project / "reports" / "evaluation.json").read_text())["new_test_rows"] == 0
 
 
 def test_bad_data_stops_at_validation_and_leaves_the_registry_as_it_was(project, second_run):
@@ -189,7 +189,7 @@ def test_changed_data_retrains_and_restore_brings_back_version_1_exact_bytes(pro
     newest = registry_versions(project)[-1]
     assert newest["tags"]["data.md5"] == md5(project / "reviews.csv") != hashlib.md5(original).hexdigest()
     # stable splits: only the added rows can be new test rows (about 10 of the 100)
-    evaluation = json.loads((project / "metrics" / "evaluation.json").read_text())
+    evaluation = json.loads((project / "reports" / "evaluation.json").read_text())
     assert 0 < evaluation["new_test_rows"] <= 30 and "new since the champion's data" in result.stdout
     shutil.rmtree(project / ".dvc" / "cache")  # the bytes must come from the DVC remote
     restored = tuneloop(project, "restore-data", "1", "--out", str(tmp_path / "v1"))

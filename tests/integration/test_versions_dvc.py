@@ -1,7 +1,9 @@
-"""`dvc repro` after a params change and `dvc exp run -S ...` through the real
-CLI, DVC, MLflow (SQLite) and all-MiniLM-L6-v2 on a few hundred rows: each
-registers a new version in a folder of its own, the champion's files stay
-byte-identical and every version still verifies against its recorded hashes."""
+"""`tuneloop run`, then `dvc status`, `dvc metrics show`, `dvc plots show`,
+`dvc repro` after a params change and `dvc exp run -S ...` through the real
+CLI, DVC, MLflow (SQLite) and all-MiniLM-L6-v2 on a few hundred rows: DVC
+agrees with the flow (nothing to rerun), each later run registers a new version
+in a folder of its own, the champion's files stay byte-identical and every
+version still verifies against its recorded hashes."""
 
 from __future__ import annotations
 
@@ -48,9 +50,12 @@ def project(tmp_path_factory) -> Path:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text())
     for stage in pipeline["stages"].values():
-        stage["deps"] = [d for d in stage["deps"] if not str(d).startswith("tasks/")]
+        stage["deps"] = [d for d in stage["deps"] if not str(d).startswith(("tasks/", "tuneloop/"))]
     (root / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
-    (root / ".gitignore").write_text("mlflow.db\nmlartifacts/\nstate/\n.dvc-remote/\n")
+    (root / ".gitignore").write_text("mlflow.db\nmlartifacts/\nstate/\n.dvc-remote/\n/data/incoming/*\n"
+                                     "!/data/incoming/.gitkeep\n")
+    (root / "data" / "incoming").mkdir(parents=True)
+    (root / "data" / "incoming" / ".gitkeep").touch()
     ok(run(root, "git", "init", "-q"))
     ok(run(root, sys.executable, "-m", "dvc", "init", "-q"))
     ok(run(root, "git", "add", "."))
@@ -87,13 +92,37 @@ def set_seed(project: Path, seed: int) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def test_dvc_repro_after_a_params_change_and_dvc_exp_run_register_new_versions_beside_an_untouched_champion(
+def dvc(project: Path, *args: str) -> str:
+    return ok(run(project, sys.executable, "-m", "dvc", *args))
+
+
+def check_dvc_agrees_with_the_flow(project: Path) -> None:
+    """After `tuneloop run`: nothing to rerun, small readable metrics, plots drawn."""
+    assert "Data and pipelines are up to date" in dvc(project, "status")
+    dry = dvc(project, "repro", "--dry")
+    assert "Running stage" not in dry, dry
+    shown = dvc(project, "metrics", "show")
+    for column in ("challenger.macro_f1", "base_probe.macro_f1", "promote", "errors", "best_val_macro_f1"):
+        assert column in shown, shown
+    # one row per metrics file, about 19 columns (the file headers' width), not one 2,592-char line
+    assert max(len(line) for line in shown.splitlines()) < 500, shown
+    tracked = ok(run(project, "git", "status", "--porcelain", "--untracked-files=all", "metrics", "plots"))
+    assert {line[3:] for line in tracked.splitlines()} >= {"metrics/evaluation.json", "plots/confusion.csv"}
+    dvc(project, "plots", "show", "-o", "dvc_plots")
+    page = (project / "dvc_plots" / "index.html").read_text()
+    for title in ("Challenger on the test rows", "Challenger reliability", "Validation macro-F1 per epoch"):
+        assert title in page
+
+
+def test_dvc_agrees_with_tuneloop_run_and_repro_and_exp_run_register_new_versions_beside_an_untouched_champion(
         project, registry_of, tmp_path) -> None:
     from tuneloop.tasks import registry
 
     out = ok(run(project, sys.executable, "-m", "tuneloop.cli", "run"))  # the champion, by the Prefect flow
     assert "version 1 promoted to champion" in out, out[-3000:]
-    ok(run(project, sys.executable, "-m", "dvc", "commit", "-f"))  # what it made, recorded in dvc.lock
+    check_dvc_agrees_with_the_flow(project)
+    ok(run(project, "git", "add", "-A"))
+    ok(run(project, "git", "commit", "-qm", "version 1"))  # dvc.lock, metrics/ and plots/ in git
     client = registry_of
     champion = client.get_model_version_by_alias("tuneloop-sentiment", "champion").version
     champion_files = version_files(client, champion)
@@ -106,7 +135,10 @@ def test_dvc_repro_after_a_params_change_and_dvc_exp_run_register_new_versions_b
     assert numbers(versions(client)) == ["1", "2"]
     assert version_files(client, champion) == champion_files
 
+    ok(run(project, "git", "add", "-A"))
+    ok(run(project, "git", "commit", "-qm", "seed 14"))
     ok(run(project, sys.executable, "-m", "dvc", "exp", "run", "-S", "finetune.epochs=2"))
+    assert "metrics/evaluation.json" in dvc(project, "metrics", "diff")  # the experiment against seed 14
     found = versions(client)
     assert numbers(found) == ["1", "2", "3"]
     assert version_files(client, champion) == champion_files

@@ -1,4 +1,5 @@
-"""Classification metrics on small examples worked out by hand."""
+"""Classification metrics on small examples worked out by hand, and the
+scikit-learn / SciPy versions against the hand-written numpy ones they replaced."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def test_confusion_matrix_has_zero_rows_for_classes_absent_from_the_data() -> No
 
 
 def test_per_class_scores_match_hand_computation_and_never_predicted_class_scores_zero() -> None:
-    precision, recall, f1 = per_class_scores(confusion_matrix(Y_TRUE, Y_PRED, 3))
+    precision, recall, f1 = per_class_scores(Y_TRUE, Y_PRED, 3)
     # precision: tp / predicted = 1/3, 2/3, 0/0 -> 0
     np.testing.assert_allclose(precision, [1 / 3, 2 / 3, 0.0])
     # recall: tp / actual = 1/2, 2/2, 0/2
@@ -178,3 +179,92 @@ def test_interval_position_says_where_the_interval_lies_against_its_floor() -> N
     assert interval_position(-0.05, -0.01) == "lies below zero"
     assert interval_position(-0.01, 0.05) == "includes zero"
     assert interval_position(-0.01, 0.05, floor=-0.02) == "lies above -0.0200"
+
+
+# --- scikit-learn and SciPy against the numpy code they replaced ------------------
+
+
+def numpy_scores(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> dict:
+    """The hand-written implementation tuneloop used before scikit-learn, kept as the reference."""
+    matrix = np.zeros((n, n), dtype=np.int64)
+    np.add.at(matrix, (y_true, y_pred), 1)
+    tp, predicted, actual = np.diag(matrix).astype(float), matrix.sum(0).astype(float), matrix.sum(1).astype(float)
+    precision = np.divide(tp, predicted, out=np.zeros(n), where=predicted > 0)
+    recall = np.divide(tp, actual, out=np.zeros(n), where=actual > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(n), where=precision + recall > 0)
+    present = (predicted + actual) > 0
+    return {"matrix": matrix, "precision": precision, "recall": recall, "f1": f1,
+            "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+            "accuracy": float((y_true == y_pred).mean()) if len(y_true) else 0.0}
+
+
+def numpy_percentile_bootstrap(y_true, pred_a, pred_b, score, samples: int, confidence: float, seed: int):
+    """The percentile paired bootstrap the gate used before SciPy's BCa."""
+    rng, n = np.random.default_rng(seed), len(y_true)
+    diffs = np.empty(samples)
+    for i in range(samples):
+        rows = rng.integers(0, n, n)
+        diffs[i] = score(y_true[rows], pred_a[rows]) - score(y_true[rows], pred_b[rows])
+    tail = (1.0 - confidence) / 2
+    return float(np.quantile(diffs, tail)), float(np.quantile(diffs, 1 - tail))
+
+
+@pytest.mark.parametrize("case", [
+    "random 4 classes", "class 3 never predicted", "class 0 absent from truth", "class 2 in neither", "empty"])
+def test_sklearn_scores_equal_the_numpy_ones_including_absent_classes_and_zero_division(case: str) -> None:
+    rng = np.random.default_rng(1)
+    y_true, y_pred = rng.integers(0, 4, 300), rng.integers(0, 4, 300)
+    if case == "class 3 never predicted":
+        y_pred[y_pred == 3] = 1
+    elif case == "class 0 absent from truth":
+        y_true[y_true == 0] = 2
+    elif case == "class 2 in neither":
+        y_true[y_true == 2], y_pred[y_pred == 2] = 0, 1
+    elif case == "empty":
+        y_true, y_pred = y_true[:0], y_pred[:0]
+    ref = numpy_scores(y_true, y_pred, 4)
+    precision, recall, f1 = per_class_scores(y_true, y_pred, 4)
+    assert confusion_matrix(y_true, y_pred, 4).tolist() == ref["matrix"].tolist()
+    np.testing.assert_allclose(precision, ref["precision"], atol=1e-12)
+    np.testing.assert_allclose(recall, ref["recall"], atol=1e-12)
+    np.testing.assert_allclose(f1, ref["f1"], atol=1e-12)
+    assert macro_f1(y_true, y_pred, 4) == pytest.approx(ref["macro_f1"], abs=1e-12)
+    assert accuracy(y_true, y_pred) == pytest.approx(ref["accuracy"], abs=1e-12)
+
+
+def test_bca_bootstrap_interval_agrees_with_the_old_percentile_interval_within_a_hundredth() -> None:
+    rng = np.random.default_rng(7)
+    y_true = rng.integers(0, 3, 1000)
+    pred_a = np.where(rng.random(1000) < 0.85, y_true, rng.integers(0, 3, 1000))
+    pred_b = np.where(rng.random(1000) < 0.80, y_true, rng.integers(0, 3, 1000))
+    score = metric_function("macro_f1", 3)
+    ci = paired_bootstrap(y_true, pred_a, pred_b, score, samples=1000, confidence=0.95, seed=0)
+    old_low, old_high = numpy_percentile_bootstrap(y_true, pred_a, pred_b, score, 1000, 0.95, 0)
+    assert ci["diff"] == pytest.approx(score(y_true, pred_a) - score(y_true, pred_b))
+    assert ci["low"] == pytest.approx(old_low, abs=0.01)
+    assert ci["high"] == pytest.approx(old_high, abs=0.01)
+    assert ci["low"] < ci["diff"] < ci["high"]
+
+
+def test_bootstrap_of_all_equal_scores_returns_a_point_interval_instead_of_nan() -> None:
+    y_true = np.ones(50, dtype=int)  # one class only, both models always right: every draw scores 0
+    ci = paired_bootstrap(y_true, y_true.copy(), y_true.copy(), accuracy, samples=100, seed=0)
+    assert (ci["diff"], ci["low"], ci["high"]) == (0.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("name", ["macro_f1", "accuracy"])
+def test_batched_scores_equal_the_scikit_learn_score_of_each_resample(name: str) -> None:
+    rng = np.random.default_rng(3)
+    y_true, y_pred = rng.integers(0, 3, (20, 40)), rng.integers(0, 3, (20, 40))
+    y_true[0] = 1  # a resample holding one class only
+    score = metric_function(name, 3)
+    expected = [score(t, p) for t, p in zip(y_true, y_pred)]
+    np.testing.assert_allclose(score.batched(y_true, y_pred), expected, atol=1e-12)
+
+
+def test_bootstrap_with_a_plain_scorer_gives_the_same_interval_as_the_batched_one() -> None:
+    y_true, pred_a, pred_b = _pair(120, 30)
+    score = metric_function("macro_f1", 2)
+    fast = paired_bootstrap(y_true, pred_a, pred_b, score, samples=200, seed=4)
+    plain = paired_bootstrap(y_true, pred_a, pred_b, lambda t, p: score(t, p), samples=200, seed=4)
+    assert fast["low"] == pytest.approx(plain["low"]) and fast["high"] == pytest.approx(plain["high"])

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from tuneloop.tasks.gate import GateConfig
-from tuneloop.params import Params, ParamsError, load_params, parse_params
+from tuneloop.params import Params, ParamsError, apply_overrides, load_params, parse_params
 
 PROJECT = Path(__file__).resolve().parents[2]
 PARAMS_YAML = PROJECT / "params.yaml"
@@ -177,6 +177,35 @@ def test_load_params_error_names_the_file_and_the_key(tmp_path: Path, raw: dict)
     with pytest.raises(ParamsError, match=re.escape(f"{path} is not valid:")) as error:
         load_params(path)
     assert "finetune.lora_rank" in str(error.value)
+
+
+# --- --set overrides ---------------------------------------------------------------------------
+
+
+def test_set_overrides_nest_at_the_dots_and_read_values_as_yaml(raw: dict) -> None:
+    merged = apply_overrides(raw, ["finetune.epochs=2", "gate.min_gain_over_base=-0.5", "tune.enabled=true",
+                                   "ingest.slice_columns=[source, length_bucket]", "finetune.epochs=3"])
+    assert merged["finetune"]["epochs"] == 3  # the last of repeated keys wins
+    assert merged["gate"]["min_gain_over_base"] == -0.5 and merged["tune"]["enabled"] is True
+    assert merged["ingest"]["slice_columns"] == ["source", "length_bucket"]
+    assert raw["finetune"]["epochs"] != 3  # the caller's mapping is left as it was
+
+
+def test_load_params_applies_set_overrides_and_validates_them_like_the_file(tmp_path: Path, raw: dict) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert load_params(path, ["finetune.epochs=2"]).finetune.epochs == 2
+    with pytest.raises(ParamsError, match=r"finetune\.epochz") as error:
+        load_params(path, ["finetune.epochz=2"])
+    assert "--set finetune.epochz=2" in str(error.value)
+    with pytest.raises(ParamsError, match="finetune.epochs"):
+        load_params(path, ["finetune.epochs=many"])
+
+
+@pytest.mark.parametrize("bad", ["finetune.epochs", "=2", "finetune..epochs=2", "model.base.name=x"])
+def test_malformed_set_overrides_are_refused_with_the_form_to_use(raw: dict, bad: str) -> None:
+    with pytest.raises(ParamsError, match=re.escape(f"--set {bad!r}")):
+        apply_overrides(raw, [bad])
 
 
 # --- dvc.yaml agrees with the code ---------------------------------------------------------------

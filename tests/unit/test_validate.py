@@ -7,6 +7,7 @@ Great Expectations costs about half a second, plus a few seconds to import it.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -130,14 +131,40 @@ def test_check_report_passes_clean_data(clean_report: ValidationReport) -> None:
     assert check_report(clean_report) is None
 
 
-def test_data_docs_index_html_is_written_under_report_dir(
+def test_gx_data_docs_are_written_under_report_dir_gx(clean_report: ValidationReport, clean_dir: Path) -> None:
+    html = (clean_dir / "gx" / "index.html").read_text()
+    assert "validations/rows" in html and "validations/classes" in html
+    assert list(clean_dir.glob("gx/validations/**/*.html"))
+
+
+def external_references(html: str) -> list[str]:
+    """src= / href= of scripts, stylesheets and images that load from the internet."""
+    return re.findall(r"<(?:script|link|img)[^>]*(?:src|href)=[\"']?(?:https?:)?//[^\"' >]+", html)
+
+
+def test_validation_page_is_self_contained_and_lists_every_rule(
     clean_report: ValidationReport, clean_dir: Path
 ) -> None:
     assert clean_report.data_docs == clean_dir.resolve() / "index.html"
-    assert clean_report.data_docs.is_file()
     html = clean_report.data_docs.read_text()
-    assert "validations/rows" in html and "validations/classes" in html
-    assert list(clean_dir.glob("validations/**/*.html"))
+    assert external_references(html) == []
+    assert "Status: Passed</p>" in html
+    assert all(f"<td>{name}</td>" in html for name in RULES)
+    assert 'href="gx/index.html"' in html
+
+
+def test_a_failed_warning_only_rule_reads_passed_with_warnings_as_the_flow_went_on(
+    warnings_only_report: ValidationReport,
+) -> None:
+    html = warnings_only_report.data_docs.read_text()
+    assert check_report(warnings_only_report) is None  # the flow goes on
+    assert "Status: Passed with warnings" in html and "Status: Failed" not in html
+    assert html.count('<td class="warning">warning</td>') == 2  # duplicate_texts and pii
+    assert external_references(html) == []
+
+
+def test_a_failed_error_rule_reads_failed(dirty_report: ValidationReport) -> None:
+    assert "Status: Failed</p>" in dirty_report.data_docs.read_text()
 
 
 def test_report_to_dict_is_json_with_verdicts(clean_report: ValidationReport) -> None:

@@ -1,0 +1,113 @@
+"""The `tuneloop` command's manners: --version, shell completion, --set on every
+command that reads params, flags that read as flags, one clean message (no
+traceback) for an expected failure, a readable status table, and no torch
+import for `tuneloop status`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from tuneloop.cli import app, status_table
+
+REPO = Path(__file__).resolve().parents[2]
+PARAMS_COMMANDS = ["ingest", "validate", "split", "baseline", "tune", "finetune", "evaluate", "gate", "register",
+                   "run", "status", "incoming", "monitor", "restore-data", "serve", "rollback"]
+
+
+def tuneloop(*args: str, cwd: Path, env: dict | None = None, code: str | None = None) -> subprocess.CompletedProcess:
+    """The real `tuneloop` entry point (main(), not just the Typer app) in a fresh interpreter."""
+    runner = code or "from tuneloop.cli import main; main()"
+    environment = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, **(env or {})}
+    return subprocess.run([sys.executable, "-c", f"import sys; sys.argv = ['tuneloop', *sys.argv[1:]]; {runner}",
+                           *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    return tmp_path
+
+
+def help_of(*command: str) -> str:
+    result = CliRunner().invoke(app, [*command, "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_version_prints_the_installed_version_and_exits_zero() -> None:
+    result = CliRunner().invoke(app, ["--version"])
+    assert (result.exit_code, result.output.strip()) == (0, f"tuneloop {version('tuneloop')}")
+
+
+def test_shell_completion_options_are_offered() -> None:
+    text = help_of()
+    assert "--install-completion" in text and "--show-completion" in text
+
+
+@pytest.mark.parametrize("command", PARAMS_COMMANDS)
+def test_every_command_that_reads_params_takes_repeatable_set(command: str) -> None:
+    assert "--set SECTION.KEY=VALUE" in help_of(command)
+
+
+def test_boolean_flags_read_as_on_off_pairs_never_as_a_bool_value() -> None:
+    assert "--tune / --no-tune" in help_of("run")
+    assert "--force / --no-force" in help_of("init")
+    for command in ("run", "init", "status", "monitor"):
+        assert "<bool>" not in help_of(command) and "BOOLEAN" not in help_of(command)
+
+
+def test_a_bad_set_is_refused_like_a_bad_params_yaml_in_one_message(project: Path) -> None:
+    result = tuneloop("status", "--set", "finetune.epochz=2", cwd=project)
+    assert result.returncode == 2
+    assert "finetune.epochz" in result.stderr and "Traceback" not in result.stderr + result.stdout
+
+
+def test_restore_data_of_an_unknown_version_ends_in_one_line_and_exit_2(project: Path) -> None:
+    result = tuneloop("restore-data", "99", cwd=project)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "restore-data refused: tuneloop-sentiment has no version 99"
+    assert result.stdout == ""
+
+
+def test_an_unreachable_tracking_server_ends_in_one_message_and_exit_2(project: Path) -> None:
+    result = tuneloop("status", cwd=project, env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
+    assert result.returncode == 2
+    assert result.stderr.startswith("the MLflow server at http://127.0.0.1:9 did not answer")
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_status_table_shows_the_champion_and_its_test_scores_one_fact_a_row() -> None:
+    info = {"model": "m", "versions": 3, "previous": "1", "incomplete": ["3"],
+            "champion": {"version": "2", "data_md5": "0123456789abcdef", "test": {"macro_f1": 0.91234, "accuracy": 0.9,
+                                                                                 "ece": 0.031}},
+            "last_run": {"outcome": "promoted", "status": "FINISHED", "version": "2"}}
+    rows = [("model", "m"), ("versions", "3"), ("champion", "version 2"), ("  data version", "01234567"),
+            ("  test macro-F1", "0.9123"), ("  test accuracy", "0.9000"), ("  test ECE", "0.0310"),
+            ("previous", "version 1"), ("last run", "promoted (FINISHED), version 2"),
+            ("unfinished", "versions 3 (never served)")]
+    assert status_table(info).splitlines() == [f"{name:<15}  {value}" for name, value in rows]
+
+
+def test_status_of_a_new_project_is_a_table_and_json_on_request(project: Path) -> None:
+    table = tuneloop("status", cwd=project)
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.splitlines()[:3] == ["model     tuneloop-sentiment", "versions  0",
+                                             "champion  none yet (run `tuneloop run`)"]
+    as_json = tuneloop("status", "--json", cwd=project)
+    assert yaml.safe_load(as_json.stdout)["champion"] is None
+
+
+def test_status_does_not_import_torch(project: Path) -> None:
+    runner = ("import atexit; atexit.register(lambda: print('torch imported:', 'torch' in sys.modules)); "
+              "from tuneloop.cli import main; main()")
+    result = tuneloop("status", "--json", cwd=project, code=runner)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "torch imported: False"
