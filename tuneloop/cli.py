@@ -168,19 +168,19 @@ stage_commands({
 
 
 @app.command("tune")
-def tune_command(params: Path = ParamsOption, root: Path = RootOption,
+def tune_command(params: Path = ParamsOption, root: Path = RootOption, sets: Optional[list[str]] = SetOption,
                  workers: int = typer.Option(1, "--workers", min=1, help="search the study in N processes "
                                              "on this machine (they stop together at tune.n_trials)")) -> None:
     """Optuna search over tune.space (if tune.enabled); the best settings feed finetune."""
-    run_stage("tune", params, root, workers=workers)
+    run_stage("tune", params, root, sets, workers=workers)
 
 
 @app.command("finetune")
-def finetune_command(params: Path = ParamsOption, root: Path = RootOption,
+def finetune_command(params: Path = ParamsOption, root: Path = RootOption, sets: Optional[list[str]] = SetOption,
                      nproc: int = typer.Option(1, "--nproc", min=1, help="train in N DDP processes on this machine "
                                                "(torchrun: gloo on CPU, NCCL with one GPU per process)")) -> None:
     """LoRA (or full) fine-tuning with early stopping and checkpoints."""
-    run_stage("finetune", params, root, nproc=nproc)
+    run_stage("finetune", params, root, sets, nproc=nproc)
 
 
 stage_commands({
