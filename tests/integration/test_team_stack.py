@@ -68,6 +68,7 @@ class Story:
     predictions_sent: int = 0
     followed: dict[str, str | None] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    scheduled: dict[str, int] = field(default_factory=dict)  # runs the scheduler planned per deployment
 
 
 def labelled_rows(n: int, seed: int) -> list[dict]:
@@ -136,15 +137,40 @@ def prefect(story: Story, method: str, path: str, body: dict | None = None):
             break
         time.sleep(1 + attempt)
     response.raise_for_status()
-    return response.json()
+    return response.json() if response.content else None
 
 
-def deployment_runs(story: Story, name: str) -> list[dict]:
-    """The flow runs of deployment `name`, oldest first, with their state names."""
+def deployment_runs(story: Story, name: str, scheduled: bool = False) -> list[dict]:
+    """The flow runs of deployment `name` that requests started (or, `scheduled`,
+    those its schedule made), oldest first, with their state names."""
     deployment = prefect(story, "GET", f"/deployments/name/{name}/{name}")
     runs = prefect(story, "POST", "/flow_runs/filter",
                    {"deployments": {"id": {"any_": [deployment["id"]]}}, "sort": "EXPECTED_START_TIME_ASC"})
-    return [{"id": r["id"], "state": r["state"]["type"], "name": r["state"]["name"]} for r in runs]
+    return [{"id": r["id"], "state": r["state"]["type"], "name": r["state"]["name"]} for r in runs
+            if r["auto_scheduled"] == scheduled]
+
+
+def switch_schedules_off(story: Story, names: tuple[str, ...]) -> dict[str, int]:
+    """Waits for the scheduler to plan runs of every deployment (the schedules
+    work), then turns the schedules off and deletes those runs, so that only the
+    story's requests start runs.
+
+    Returns:
+        How many runs the scheduler had planned, per deployment.
+    """
+    deadline, planned = time.monotonic() + 90, {}
+    while time.monotonic() < deadline:
+        planned = {name: len(deployment_runs(story, name, scheduled=True)) for name in names}
+        if all(planned.values()):
+            break
+        time.sleep(2)
+    for name in names:
+        deployment = prefect(story, "GET", f"/deployments/name/{name}/{name}")
+        for schedule in deployment["schedules"]:
+            prefect(story, "PATCH", f"/deployments/{deployment['id']}/schedules/{schedule['id']}", {"active": False})
+        for run in deployment_runs(story, name, scheduled=True):
+            httpx.delete(f"{story.stack.prefect_api}/flow_runs/{run['id']}", timeout=30)
+    return planned
 
 
 def wait_for_runs(story: Story, name: str, count: int, limit_s: float) -> list[dict]:
@@ -263,8 +289,9 @@ def story(tmp_path_factory) -> Story:
                 pytest.skip(f"the team stack cannot start here: {why}")
         write_project(story.project, build_tiny_bert(tmp / "tiny-bert"), stack)
         story.env = client_env(stack)
-        with timed(story, "tuneloop deploy"):
+        with timed(story, "tuneloop deploy, schedules planned then off"):
             tuneloop(story, "deploy")
+            story.scheduled = switch_schedules_off(story, ("retrain", "monitor", "incoming"))
         with timed(story, "new data: two requests, one retrain run by the worker"):
             retrain_on_new_data(story)
         with timed(story, "tuneloop serve up"):
@@ -286,6 +313,10 @@ def story(tmp_path_factory) -> Story:
 
 
 # --- what each server holds afterwards -------------------------------------------------------------
+
+
+def test_the_server_schedules_retrain_monitor_and_incoming_runs(story):
+    assert all(count >= 1 for count in story.scheduled.values()), story.scheduled
 
 
 def test_two_overlapping_requests_start_one_retrain_run_the_other_is_cancelled(story):
