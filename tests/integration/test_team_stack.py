@@ -69,6 +69,7 @@ class Story:
     followed: dict[str, str | None] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     scheduled: dict[str, int] = field(default_factory=dict)  # runs the scheduler planned per deployment
+    deployments: dict[str, dict] = field(default_factory=dict)  # as registered by `tuneloop deploy`
 
 
 def labelled_rows(n: int, seed: int) -> list[dict]:
@@ -213,7 +214,8 @@ def client_env(stack: Stack) -> dict[str, str]:
     """What a team member exports: no storage credentials (MLflow proxies; DVC's are in .dvc/config.local)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_S3"))}
     return {**env, **prefect_env(stack), "MLFLOW_TRACKING_URI": stack.mlflow_url,
-            "TUNELOOP_STORE_URL": stack.postgres_url("predictions")}
+            # plain postgresql://, as a team writes it: tuneloop connects with psycopg 3
+            "TUNELOOP_STORE_URL": stack.postgres_url("predictions").replace("+psycopg", "")}
 
 
 def retrain_on_new_data(story: Story) -> None:
@@ -291,6 +293,7 @@ def story(tmp_path_factory) -> Story:
         story.env = client_env(stack)
         with timed(story, "tuneloop deploy, schedules planned then off"):
             tuneloop(story, "deploy")
+            story.deployments = {d["name"]: d for d in prefect(story, "POST", "/deployments/filter", {})}
             story.scheduled = switch_schedules_off(story, ("retrain", "monitor", "incoming"))
         with timed(story, "new data: two requests, one retrain run by the worker"):
             retrain_on_new_data(story)
@@ -317,6 +320,14 @@ def story(tmp_path_factory) -> Story:
 
 def test_the_server_schedules_retrain_monitor_and_incoming_runs(story):
     assert all(count >= 1 for count in story.scheduled.values()), story.scheduled
+
+
+def test_deployments_load_tuneloops_modules_in_the_project_folder_a_worker_anywhere_finds(story):
+    assert {name: d["entrypoint"] for name, d in story.deployments.items()} == {
+        name: f"tuneloop.flows.{name}:{name}_flow" for name in ("retrain", "monitor", "incoming")}
+    for deployment in story.deployments.values():
+        assert deployment["job_variables"]["env"] == {"TUNELOOP_PROJECT": str(story.project)}
+        assert deployment["parameters"] == {"params_path": "params.yaml", "root": "."}
 
 
 def test_two_overlapping_requests_start_one_retrain_run_the_other_is_cancelled(story):
