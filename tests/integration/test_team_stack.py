@@ -19,8 +19,10 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import pytest
@@ -34,6 +36,7 @@ from team_stack import (  # noqa: E402
     Stack,
     StackUnavailable,
     free_port,
+    launch,
     prefect_env,
     s3_client,
     start_mlflow,
@@ -187,16 +190,13 @@ def wait_for_runs(story: Story, name: str, count: int, limit_s: float) -> list[d
     pytest.fail(f"{name}: runs {runs} not finished within {limit_s} s; worker log:\n{worker_log}")
 
 
-def timed(story: Story, part: str):
-    class Timer:
-        def __enter__(self):
-            self.start = time.monotonic()
-
-        def __exit__(self, *exc):
-            story.seconds[part] = round(time.monotonic() - self.start, 1)
-            print(f"[team stack] {part}: {story.seconds[part]} s", flush=True)
-
-    return Timer()
+@contextmanager
+def timed(story: Story, part: str) -> Iterator[None]:
+    """Records and prints the seconds `part` took."""
+    start = time.monotonic()
+    yield
+    story.seconds[part] = round(time.monotonic() - start, 1)
+    print(f"[team stack] {part}: {story.seconds[part]} s", flush=True)
 
 
 def start_servers(stack: Stack) -> None:
@@ -238,11 +238,8 @@ def retrain_on_new_data(story: Story) -> None:
 
 def serve(story: Story) -> tuple[subprocess.Popen, httpx.Client]:
     port = free_port()
-    log = (story.stack.tmp / "serve.log").open("w")
-    process = subprocess.Popen([sys.executable, "-m", "tuneloop.cli", "serve", "--port", str(port),
-                                "--root", str(story.project)], cwd=story.project, env=story.env,
-                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    story.stack.processes.append(process)
+    process = launch(story.stack, "serve", [sys.executable, "-m", "tuneloop.cli", "serve", "--port", str(port),
+                                            "--root", str(story.project)], story.env, cwd=story.project)
     wait_for_http(f"http://127.0.0.1:{port}/health", process, story.stack.tmp / "serve.log", limit_s=240)
     return process, httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
 
