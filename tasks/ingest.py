@@ -210,7 +210,8 @@ def open_dvc_repo(root: Path, remote: str | None):
         url = remote if "://" in remote or os.path.isabs(remote) else RelPath(os.path.abspath(root / remote))
         with repo.config.edit() as conf:
             conf["core"]["analytics"] = False
-            conf["remote"][REMOTE_NAME] = {"url": url}
+            # keep the remote's other options (endpointurl, region, ...) set with `dvc remote modify`
+            conf["remote"][REMOTE_NAME] = {**conf["remote"].get(REMOTE_NAME, {}), "url": url}
             conf["core"]["remote"] = REMOTE_NAME
         if "://" not in remote:
             (root / remote).mkdir(parents=True, exist_ok=True)

@@ -106,13 +106,20 @@ def add_missing_columns(engine: sa.Engine) -> None:
                 conn.execute(sa.text(f"ALTER TABLE predictions ADD COLUMN {name} {kind}"))
 
 
+def engine_url(url: str) -> str:
+    """A plain `postgresql://` URL means psycopg 3 (the `team` extra's driver), not
+    SQLAlchemy's default psycopg2, which tuneloop does not install."""
+    scheme, _, rest = url.partition("://")
+    return f"postgresql+psycopg://{rest}" if scheme in {"postgresql", "postgres"} else url
+
+
 class PredictionStore:
     """A thin handle on one database; safe to share across threads."""
 
     def __init__(self, url: str):
         self.url = url
         args = {"check_same_thread": False} if url.startswith("sqlite") else {}
-        self.engine = sa.create_engine(url, connect_args=args, pool_pre_ping=True)
+        self.engine = sa.create_engine(engine_url(url), connect_args=args, pool_pre_ping=True)
         METADATA.create_all(self.engine)
         add_missing_columns(self.engine)
 

@@ -317,6 +317,18 @@ def monitor(params: Path = ParamsOption, root: Path = RootOption,
     typer.echo(f"report: {result['report'] or '(none: too few predictions)'}; MLflow run {result['run_id']}")
 
 
+def deployment_file(root: Path) -> Path:
+    """The project's own deploy/prefect.yaml, else the one beside tuneloop's sources
+    (a project made by `tuneloop init` has none)."""
+    import tuneloop.flows
+
+    for candidate in (root / "deploy" / "prefect.yaml",
+                      Path(tuneloop.flows.__file__).resolve().parents[1] / "deploy" / "prefect.yaml"):
+        if candidate.exists():
+            return candidate
+    fail(f"no deploy/prefect.yaml in {root}: copy tuneloop's deploy/prefect.yaml there")
+
+
 @app.command()
 def deploy(root: Path = RootOption) -> None:
     """Register the retrain, monitor and incoming deployments (deploy/prefect.yaml) with $PREFECT_API_URL."""
@@ -332,7 +344,7 @@ def deploy(root: Path = RootOption) -> None:
     pools = subprocess.run([*prefect, "work-pool", "ls"], env=env, capture_output=True, text=True)
     if pool not in pools.stdout:
         subprocess.run([*prefect, "work-pool", "create", pool, "--type", "process"], env=env, check=True)
-    done = subprocess.run([*prefect, "deploy", "--all", "--prefect-file", str(root / "deploy" / "prefect.yaml")],
+    done = subprocess.run([*prefect, "deploy", "--all", "--prefect-file", str(deployment_file(root))],
                           cwd=root, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         fail(f"prefect deploy failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")

@@ -11,6 +11,8 @@ import hashlib
 import json
 import re
 import shutil
+import subprocess
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -257,3 +259,15 @@ def test_incoming_file_without_the_label_column_is_refused_by_name(tmp_path: Pat
     pd.DataFrame({"text": ["x"]}).to_csv(tmp_path / "data" / "incoming" / "bad.csv", index=False)
     with pytest.raises(IngestError, match=r"bad\.csv lacks columns \['label'\]"):
         run_ingest(IngestConfig(source="reviews.csv"), Workspace(tmp_path))
+
+
+def test_ingest_keeps_the_remotes_other_options_such_as_an_s3_endpoint(tmp_path: Path) -> None:
+    from tuneloop.tasks.ingest import open_dvc_repo
+
+    open_dvc_repo(tmp_path, "s3://bucket/dvc").close()
+    subprocess.run([sys.executable, "-m", "dvc", "remote", "modify", "tuneloop", "endpointurl",
+                    "http://127.0.0.1:9000"], cwd=tmp_path, check=True, capture_output=True)
+    open_dvc_repo(tmp_path, "s3://bucket/dvc").close()  # what every ingest does
+    config = (tmp_path / ".dvc" / "config").read_text()
+    assert "url = s3://bucket/dvc" in config
+    assert "endpointurl = http://127.0.0.1:9000" in config
