@@ -11,6 +11,7 @@ interrupted flow leaves the finished stages recorded and `dvc repro` resumes.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import yaml
@@ -28,13 +29,24 @@ def record_stage(root: Path, stage: str) -> bool:
     """Writes `stage`'s current deps, params and outs into dvc.lock.
 
     Returns:
-        False when the project has no DVC pipeline declaring the stage.
+        False when the project has no DVC pipeline declaring the stage, or
+        DVC could not record it (said on stdout: the stage's work stands,
+        `dvc status` will show it changed).
     """
     if stage not in declared_stages(root):
         return False
+    from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
     logging.getLogger("dvc").setLevel(logging.WARNING)
-    with Repo(str(root)) as repo:
-        repo.commit(f"{root / 'dvc.yaml'}:{stage}", force=True)
+    here = os.getcwd()
+    os.chdir(root)  # DVC resolves a target against the working folder, not the repo's root
+    try:
+        with Repo(".") as repo:
+            repo.commit(f"dvc.yaml:{stage}", force=True)
+    except DvcException as error:
+        print(f"dvc.lock not updated for stage {stage}: {error}", flush=True)
+        return False
+    finally:
+        os.chdir(here)
     return True

@@ -138,7 +138,9 @@ def test_dvc_agrees_with_tuneloop_run_and_repro_and_exp_run_register_new_version
     ok(run(project, "git", "add", "-A"))
     ok(run(project, "git", "commit", "-qm", "seed 14"))
     ok(run(project, sys.executable, "-m", "dvc", "exp", "run", "-S", "finetune.epochs=2"))
-    assert "metrics/evaluation.json" in dvc(project, "metrics", "diff")  # the experiment against seed 14
+    diff = dvc(project, "metrics", "diff")  # the experiment against the seed-14 commit
+    assert "metrics/register.json  version   2       3" in diff, diff  # 8 steps either way: same scores
+    assert "finetune.epochs" in dvc(project, "exp", "show", "--only-changed", "--no-pager")
     found = versions(client)
     assert numbers(found) == ["1", "2", "3"]
     assert version_files(client, champion) == champion_files

@@ -113,8 +113,12 @@ def test_init_writes_a_project_whose_params_load_with_labels_auto_and_git_and_dv
     assert params.mlflow.model_name == "project-classifier"
     assert proposal.labels == sorted({l for _, l in ROWS})
     assert (folder / ".git").is_dir() and (folder / ".dvc").is_dir()
-    assert "tasks/" not in (folder / "dvc.yaml").read_text()  # no deps on tuneloop's own source files
-    assert "/models/" in (folder / ".gitignore").read_text()
+    pipeline = (folder / "dvc.yaml").read_text()
+    assert "tasks/" not in pipeline and "tuneloop/" not in pipeline  # no deps on tuneloop's own source files
+    assert "plots/confusion.csv" in pipeline and "${ingest.incoming_dir}" in pipeline
+    ignored = (folder / ".gitignore").read_text()
+    assert "/models/" in ignored and "/metrics/" not in ignored  # metrics/ is small and in git
+    assert (folder / "data" / "incoming" / ".gitkeep").exists()  # ingest's dependency exists from the start
     with pytest.raises(InitError, match="exists; pass --force"):
         init_project(data, folder)
 
