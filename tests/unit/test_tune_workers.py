@@ -17,6 +17,7 @@ import optuna
 import pytest
 
 import tuneloop.tasks.tune as tune
+from test_tune import workspace  # noqa: F401  (the fixture)
 from tune_worker_fake import BASE, DATA, config, sleeping_finetune
 
 HELPER = Path(__file__).with_name("tune_worker_fake.py")
@@ -111,3 +112,25 @@ def test_only_a_gone_process_on_this_host_counts_as_a_dead_worker() -> None:
     assert not tune.worker_dead(f"{host}:{os.getppid()}:abcd1234", me)  # a live process
     assert not tune.worker_dead(f"another-host:{pid}:abcd1234", me)  # judged by its heartbeat
     assert not tune.worker_dead(None, me)
+
+
+def test_tune_stage_with_two_workers_logs_every_trial_of_both_under_its_tuning_run(
+        tiny_bert, workspace, mlflow_sandbox) -> None:
+    from mlflow import MlflowClient
+
+    from test_tune import child_runs, stage_params
+    from tuneloop import stages
+
+    params = stage_params(tiny_bert, mlflow_sandbox, workspace, n_trials=4)
+    record = stages.tune(params, workspace, workers=2)
+    assert record["n_complete"] + record["n_pruned"] == 4 and record["n_failed"] == 0
+    assert record["resumed_trials"] == 0
+    storage = f"sqlite:///{workspace.root}/optuna.db"
+    study = optuna.load_study(study_name=record["study_name"], storage=storage)
+    pids = {int(t.user_attrs["worker"].rsplit(":", 2)[1]) for t in study.trials}
+    assert os.getpid() not in pids and 1 <= len(pids) <= 2  # the worker processes ran every trial
+    tune_run = MlflowClient().search_runs([mlflow_sandbox.experiment_id],
+                                          filter_string=f"tags.`optuna.study` = '{record['study_name']}'")[0]
+    trial_runs = child_runs(mlflow_sandbox, tune_run.info.run_id)
+    assert sorted(int(r.data.tags["optuna.trial"]) for r in trial_runs) == [0, 1, 2, 3]
+    assert {r.info.status for r in trial_runs} <= {"FINISHED", "KILLED"}
