@@ -134,3 +134,9 @@ def test_tune_stage_with_two_workers_logs_every_trial_of_both_under_its_tuning_r
     trial_runs = child_runs(mlflow_sandbox, tune_run.info.run_id)
     assert sorted(int(r.data.tags["optuna.trial"]) for r in trial_runs) == [0, 1, 2, 3]
     assert {r.info.status for r in trial_runs} <= {"FINISHED", "KILLED"}
+
+
+@pytest.mark.parametrize("heartbeat, grace", [(0, 60), (30, 30), (30, 10)])
+def test_a_grace_period_not_above_the_heartbeat_is_refused(heartbeat: int, grace: int) -> None:
+    with pytest.raises(ValueError, match="grace_seconds above it"):
+        tune.TuneConfig(heartbeat_seconds=heartbeat, grace_seconds=grace)
