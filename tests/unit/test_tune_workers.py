@@ -34,8 +34,10 @@ def start_worker(storage: str, n_trials: int, seconds: float, work_dir: Path) ->
 
 
 def trials(storage: str, n_trials: int) -> list:
-    name = tune.study_name(config(n_trials), BASE, DATA)
-    return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+    """The study's trials, read as a worker does (waiting out other workers' SQLite locks)."""
+    cfg = config(n_trials)
+    return tune.open_study(cfg, tune.study_name(cfg, BASE, DATA), tune.open_storage(storage, cfg)).get_trials(
+        deepcopy=False)
 
 
 def prepared(storage: str, n_trials: int):
@@ -61,7 +63,7 @@ def test_a_killed_workers_trial_runs_again_with_the_same_settings(tmp_path, monk
     prepared(storage, 2)
     doomed = start_worker(storage, 2, 600.0, tmp_path / "work")  # its trial would take 10 minutes
     deadline = time.monotonic() + 120
-    while not any(t.state.name == "RUNNING" and "worker" in t.user_attrs for t in trials(storage, 2)):
+    while not any(t.state.name == "RUNNING" and t.params for t in trials(storage, 2)):  # training, settings drawn
         assert time.monotonic() < deadline and doomed.poll() is None
         time.sleep(0.5)
     os.kill(doomed.pid, signal.SIGKILL)  # nothing gets to mark its trial finished
