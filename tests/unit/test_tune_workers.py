@@ -50,7 +50,7 @@ def prepared(storage: str, n_trials: int):
 def test_two_worker_processes_run_the_asked_trials_together_and_fail_none(tmp_path) -> None:
     storage = f"sqlite:///{tmp_path}/optuna.db"
     prepared(storage, 6)
-    workers = [start_worker(storage, 6, 1.0, tmp_path / "work") for _ in range(2)]
+    workers = [start_worker(storage, 6, 2.0, tmp_path / "work") for _ in range(2)]  # 12 s of trials
     assert [w.wait(timeout=300) for w in workers] == [0, 0]
     done = trials(storage, 6)
     assert [t.state.name for t in done] == ["COMPLETE"] * 6  # six in all, not six each; none failed
