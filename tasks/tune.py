@@ -294,14 +294,19 @@ def budget_used(trials: Sequence) -> int:
                for t in trials)
 
 
+def running(trials: Sequence) -> int:
+    """Trials running now (in any worker)."""
+    return sum(t.state.name == "RUNNING" for t in trials)
+
+
 def stop_at_budget(n_trials: int) -> Callable[[Any, Any], None]:
     """A study callback: stops this worker once the finished trials plus those
-    other workers are running reach `n_trials`, so N workers run n_trials together."""
-    from optuna.trial import TrialState
+    other workers are running reach `n_trials`, so N workers run n_trials together
+    (two workers ending trials at the same instant may each start one more)."""
 
     def callback(study, _trial) -> None:
         trials = study.get_trials(deepcopy=False)
-        if budget_used(trials) + sum(t.state == TrialState.RUNNING for t in trials) >= n_trials:
+        if budget_used(trials) + running(trials) >= n_trials:
             study.stop()
 
     return callback
@@ -330,16 +335,21 @@ def param_importances(study, min_complete: int = 3) -> dict[str, float]:
 
 def prepare_study(config: TuneConfig, name: str, storage, base: FinetuneConfig, worker: str,
                   runs: Runs | None = None) -> tuple[Any, int, list[int]]:
-    """Creates or loads the study, queues dead workers' trials again and, in a
-    new study, `params.finetune`'s own values as trial 0.
+    """Creates or loads the study, queues dead workers' trials again (this
+    host's at once, others' once their heartbeat is stale) and, in a new
+    study, `params.finetune`'s own values as trial 0.
 
     Returns:
         (study, trials it held before, numbers of the trials queued again).
     """
-    open_study(config, name, storage)  # creates it on the first run
+    import optuna
+
+    with warnings.catch_warnings():  # "experimental" in Optuna 5, there since 2.9
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(open_study(config, name, storage))  # creates it on the first run
     interrupted = recover_interrupted(storage, name, worker, runs)
     study = open_study(config, name, storage)  # a fresh view, after the repairs
-    before = len(study.trials)
+    before = sum(t.state.name != "WAITING" for t in study.trials)  # queued ones have not run yet
     for trial in interrupted:
         study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
     if before == 0 and config.enqueue_defaults:
@@ -373,7 +383,7 @@ def run_study(config: TuneConfig, base: FinetuneConfig, data: TuneData, storage:
     trial_data = replace(data, train=subsample(data.train, config.train_rows, config.seed),
                          data_key=f"{data.data_key}:tune:{config.train_rows}:{config.seed}")
     study, before, retried = prepare_study(config, name, open_storage(storage, config, runs), base, worker, runs)
-    remaining = config.n_trials - budget_used(study.trials)
+    remaining = config.n_trials - budget_used(study.trials) - running(study.trials)  # others' too
     callbacks = [stop_at_budget(config.n_trials)] + ([lambda _, trial: on_trial(trial)] if on_trial else [])
     if remaining > 0:
         study.optimize(lambda trial: objective(trial, config, base, trial_data, work_dir, runs, deadline, worker),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -196,23 +197,24 @@ def tune(params: Params, ws: Workspace, workers: int = 1) -> dict:
 
 def search(params: Params, ws: Workspace, data: tuning.TuneData, storage: str, runs: tune_runs.TrialRuns,
            workers: int) -> tuning.TuneResult:
-    """Runs the study here and in `workers - 1` more processes (`tuneloop.tune_worker`),
-    started once the study is prepared, and summarises it when all have stopped."""
+    """Runs the study in this process, or, with workers > 1, in that many
+    `tuneloop.tune_worker` processes started once the study is prepared, and
+    summarises it when all have stopped."""
+    on_trial = lambda trial: say("tune", tuning.describe_trial(trial))  # noqa: E731
+    if workers == 1:
+        return tuning.run_study(params.tune, params.finetune, data, storage, ws.tune_dir, runs, on_trial=on_trial)
+    started = time.perf_counter()
     name = tuning.study_name(params.tune, params.finetune, data)
-    tuning.prepare_study(params.tune, name, tuning.open_storage(storage, params.tune, runs), params.finetune,
-                         tuning.new_worker_id(), runs)
-    with launch_tune_workers(params, ws.root, workers - 1, runs.parent_run_id, runs.experiment_id) as others:
-        result = tuning.run_study(params.tune, params.finetune, data, storage, ws.tune_dir, runs,
-                                  on_trial=lambda trial: say("tune", tuning.describe_trial(trial)))
-        failed = [code for code in (worker.wait() for worker in others) if code != 0]
+    _, before, retried = tuning.prepare_study(params.tune, name, tuning.open_storage(storage, params.tune, runs),
+                                              params.finetune, tuning.new_worker_id(), runs)
+    with launch_tune_workers(params, ws.root, workers, runs.parent_run_id, runs.experiment_id) as started_workers:
+        failed = [code for code in (worker.wait() for worker in started_workers) if code != 0]
     if failed:
-        say("tune", f"warning: {len(failed)} of {len(others)} extra workers exited with an error (exit codes "
-                    f"{failed}); their running trials are retried by the next search")
-    if not others:
-        return result
-    study = tuning.open_study(params.tune, name, storage)
-    return tuning.summarise(study, params.tune.space, result.resumed_trials, result.retried_trials,
-                            result.train_rows, result.seconds)
+        say("tune", f"warning: {len(failed)} of {workers} workers exited with an error (exit codes {failed}); "
+                    "a trial they left running runs again in the next search")
+    rows = len(tuning.subsample(data.train, params.tune.train_rows, params.tune.seed)[0])
+    return tuning.summarise(tuning.open_study(params.tune, name, storage), params.tune.space, before, retried, rows,
+                            time.perf_counter() - started)
 
 
 def start_head(params: Params, ws: Workspace, base_path, settings: FinetuneConfig):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from tuneloop import stages
-from tuneloop.launch import launch, torchrun_command
+from tuneloop.launch import torchrun_command
 from tuneloop.params import parse_params
 from tuneloop.tasks.distributed import Ranks, ranks_from_env, shard
 from tuneloop.tasks.finetune import CHECKPOINT_FILE, FinetuneConfig, length_grouped_order
@@ -68,7 +68,7 @@ def no_dropout_bert(tiny_bert, tmp_path_factory) -> Path:
     return target
 
 
-def project(root: Path, base: Path, toy_task: dict):
+def project(root: Path, base: Path, toy_task: dict, sandbox=None):
     """A workspace after split (toy rows) and params that fine-tune the tiny model."""
     ws = Workspace(root)
     labels = toy_task["labels"]
@@ -78,17 +78,22 @@ def project(root: Path, base: Path, toy_task: dict):
     pd.concat(frames, ignore_index=True).to_parquet(ws.splits)
     write_json(ws.data_version, asdict(DataVersion("e" * 32, 1, "data/raw/x.csv", "x.csv", 320, 0)))
     raw = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(SETTINGS).items()}
-    params = parse_params({"model": {"base": str(base)}, "validate": {"labels": labels}, "finetune": raw})
+    tracked = {"mlflow": {"tracking_uri": sandbox.tracking_uri, "experiment": sandbox.experiment}} if sandbox else {}
+    params = parse_params({"model": {"base": str(base)}, "validate": {"labels": labels}, "finetune": raw, **tracked})
     return params, ws
 
 
 @pytest.fixture(scope="module")
-def one_and_two(no_dropout_bert, toy_task, tmp_path_factory):
-    """The same run in this process and in 2 torchrun ranks."""
+def one_and_two(no_dropout_bert, toy_task, tmp_path_factory, mlflow_sandbox):
+    """The same run in this process (the core alone) and as the stage with 2 torchrun ranks
+    (`tuneloop finetune --nproc 2`: launched, then logged to the pipeline's MLflow run)."""
+    from tuneloop.tasks import tracking
+
     params, one_ws = project(tmp_path_factory.mktemp("one"), no_dropout_bert, toy_task)
     one = stages.train_model(stages.finetune_inputs(params, one_ws), progress=False)
-    _, two_ws = project(tmp_path_factory.mktemp("two"), no_dropout_bert, toy_task)
-    two = launch(params, two_ws.root, nproc=2)
+    params, two_ws = project(tmp_path_factory.mktemp("two"), no_dropout_bert, toy_task, mlflow_sandbox)
+    tracking.start_pipeline_run(mlflow_sandbox.config(), two_ws, {})
+    two = stages.finetune(params, two_ws, nproc=2)
     return one, two, two_ws
 
 
@@ -118,3 +123,17 @@ def test_two_processes_save_one_set_of_weights_equal_to_one_process(one_and_two)
         assert ours.keys() == theirs.keys()
         for key in ours:
             torch.testing.assert_close(ours[key], theirs[key], atol=1e-4, rtol=1e-3)
+
+
+def test_the_stage_logs_rank_zeros_result_once_to_the_pipelines_run(one_and_two) -> None:
+    from mlflow import MlflowClient
+
+    from tuneloop.tasks import tracking
+
+    _, two, ws = one_and_two
+    metrics = json.loads(ws.finetune_metrics.read_text())
+    assert (metrics["steps"], metrics["best_val_macro_f1"]) == (32, two.best_val_macro_f1)
+    client = MlflowClient()
+    pipeline = client.get_run(tracking.current_run_id(ws))
+    assert pipeline.data.metrics["finetune.steps"] == 32
+    assert len(client.get_metric_history(pipeline.info.run_id, "finetune.steps")) == 1  # rank 1 logged nothing

@@ -17,6 +17,7 @@ import optuna
 import pytest
 
 import tuneloop.tasks.tune as tune
+from test_tune import workspace  # noqa: F401  (the fixture)
 from tune_worker_fake import BASE, DATA, config, sleeping_finetune
 
 HELPER = Path(__file__).with_name("tune_worker_fake.py")
@@ -33,8 +34,10 @@ def start_worker(storage: str, n_trials: int, seconds: float, work_dir: Path) ->
 
 
 def trials(storage: str, n_trials: int) -> list:
-    name = tune.study_name(config(n_trials), BASE, DATA)
-    return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+    """The study's trials, read as a worker does (waiting out other workers' SQLite locks)."""
+    cfg = config(n_trials)
+    return tune.open_study(cfg, tune.study_name(cfg, BASE, DATA), tune.open_storage(storage, cfg)).get_trials(
+        deepcopy=False)
 
 
 def prepared(storage: str, n_trials: int):
@@ -47,7 +50,7 @@ def prepared(storage: str, n_trials: int):
 def test_two_worker_processes_run_the_asked_trials_together_and_fail_none(tmp_path) -> None:
     storage = f"sqlite:///{tmp_path}/optuna.db"
     prepared(storage, 6)
-    workers = [start_worker(storage, 6, 1.0, tmp_path / "work") for _ in range(2)]
+    workers = [start_worker(storage, 6, 2.0, tmp_path / "work") for _ in range(2)]  # 12 s of trials
     assert [w.wait(timeout=300) for w in workers] == [0, 0]
     done = trials(storage, 6)
     assert [t.state.name for t in done] == ["COMPLETE"] * 6  # six in all, not six each; none failed
@@ -60,7 +63,7 @@ def test_a_killed_workers_trial_runs_again_with_the_same_settings(tmp_path, monk
     prepared(storage, 2)
     doomed = start_worker(storage, 2, 600.0, tmp_path / "work")  # its trial would take 10 minutes
     deadline = time.monotonic() + 120
-    while not any(t.state.name == "RUNNING" and "worker" in t.user_attrs for t in trials(storage, 2)):
+    while not any(t.state.name == "RUNNING" and t.params for t in trials(storage, 2)):  # training, settings drawn
         assert time.monotonic() < deadline and doomed.poll() is None
         time.sleep(0.5)
     os.kill(doomed.pid, signal.SIGKILL)  # nothing gets to mark its trial finished
@@ -111,3 +114,31 @@ def test_only_a_gone_process_on_this_host_counts_as_a_dead_worker() -> None:
     assert not tune.worker_dead(f"{host}:{os.getppid()}:abcd1234", me)  # a live process
     assert not tune.worker_dead(f"another-host:{pid}:abcd1234", me)  # judged by its heartbeat
     assert not tune.worker_dead(None, me)
+
+
+def test_tune_stage_with_two_workers_logs_every_trial_of_both_under_its_tuning_run(
+        tiny_bert, workspace, mlflow_sandbox) -> None:
+    from mlflow import MlflowClient
+
+    from test_tune import child_runs, stage_params
+    from tuneloop import stages
+
+    params = stage_params(tiny_bert, mlflow_sandbox, workspace, n_trials=4)
+    record = stages.tune(params, workspace, workers=2)
+    assert record["n_complete"] + record["n_pruned"] == 4 and record["n_failed"] == 0
+    assert record["resumed_trials"] == 0
+    storage = f"sqlite:///{workspace.root}/optuna.db"
+    study = optuna.load_study(study_name=record["study_name"], storage=storage)
+    pids = {int(t.user_attrs["worker"].rsplit(":", 2)[1]) for t in study.trials}
+    assert os.getpid() not in pids and 1 <= len(pids) <= 2  # the worker processes ran every trial
+    tune_run = MlflowClient().search_runs([mlflow_sandbox.experiment_id],
+                                          filter_string=f"tags.`optuna.study` = '{record['study_name']}'")[0]
+    trial_runs = child_runs(mlflow_sandbox, tune_run.info.run_id)
+    assert sorted(int(r.data.tags["optuna.trial"]) for r in trial_runs) == [0, 1, 2, 3]
+    assert {r.info.status for r in trial_runs} <= {"FINISHED", "KILLED"}
+
+
+@pytest.mark.parametrize("heartbeat, grace", [(0, 60), (30, 30), (30, 10)])
+def test_a_grace_period_not_above_the_heartbeat_is_refused(heartbeat: int, grace: int) -> None:
+    with pytest.raises(ValueError, match="grace_seconds above it"):
+        tune.TuneConfig(heartbeat_seconds=heartbeat, grace_seconds=grace)
