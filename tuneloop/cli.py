@@ -265,10 +265,15 @@ def status_table(info: dict) -> str:
         ("model", info["model"]),
         ("versions", str(info["versions"])),
         ("champion", f"version {champion['version']}" if champion else "none yet (run `tuneloop run`)"),
-        ("  data version", str(champion.get("data_md5") or "-")[:8]),
-        ("  test macro-F1", f"{test['macro_f1']:.4f}" if "macro_f1" in test else "-"),
-        ("  test accuracy", f"{test['accuracy']:.4f}" if "accuracy" in test else "-"),
-        ("  test ECE", f"{test['ece']:.4f}" if "ece" in test else "-"),
+    ]
+    if champion:
+        rows += [
+            ("  data version", str(champion.get("data_md5") or "-")[:8]),
+            ("  test macro-F1", f"{test['macro_f1']:.4f}" if "macro_f1" in test else "-"),
+            ("  test accuracy", f"{test['accuracy']:.4f}" if "accuracy" in test else "-"),
+            ("  test ECE", f"{test['ece']:.4f}" if "ece" in test else "-"),
+        ]
+    rows += [
         ("previous", f"version {info['previous']}" if info.get("previous") else "-"),
         ("last run", f"{last['outcome']} ({last['status']})" + (f", version {last['version']}" if last.get("version")
                                                                  else "") if last else "none"),
