@@ -118,15 +118,25 @@ class Runs(Protocol):
 def open_storage(url: str, config: TuneConfig, runs: Runs | None = None):
     """An RDB storage whose trials beat a heartbeat; a trial silent for
     `grace_seconds` is failed by the next worker to start a trial, and queued
-    again (`retry_stale`). SQLite waits up to 60 s for a lock other workers hold."""
+    again (`retry_stale`). SQLite waits up to 60 s for a lock other workers hold,
+    and each transaction takes the write lock when it begins (`BEGIN IMMEDIATE`):
+    SQLite ignores Optuna's `SELECT ... FOR UPDATE`, so without it two workers
+    can both pop one queued trial, run it twice, and the slower one crashes
+    telling a finished trial."""
     import optuna
 
-    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    sqlite = url.startswith("sqlite")
+    engine = {"connect_args": {"timeout": 60, "isolation_level": None}} if sqlite else None  # we BEGIN ourselves
     with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna 5, stable since 2.9
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(
+        storage = optuna.storages.RDBStorage(
             url, engine_kwargs=engine, heartbeat_interval=config.heartbeat_seconds, grace_period=config.grace_seconds,
             heartbeat_stale_trial_callback=lambda study, trial: retry_stale(study, trial, runs))
+    if sqlite:
+        from sqlalchemy import event
+
+        event.listen(storage.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+    return storage
 
 
 def open_study(config: TuneConfig, name: str, storage):

@@ -2,10 +2,12 @@
 with fine-tuning replaced by a sleep (what a trial costs is not under test).
 
     python tune_worker_fake.py STORAGE N_TRIALS SECONDS_PER_TRIAL WORK_DIR
+    python tune_worker_fake.py pop STORAGE STUDY OUT_JSON   (pops queued trials as fast as it can)
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -34,7 +36,18 @@ def sleeping_finetune(seconds: float):
     return fake
 
 
-if __name__ == "__main__":
+def pop_all(storage: str, study_name: str) -> list[int]:
+    """Claims queued trials the way `study.optimize` does, until none is left."""
+    study = optuna.load_study(study_name=study_name, storage=tune.open_storage(storage, config(1)))
+    popped = []
+    while (trial_id := study._pop_waiting_trial_id()) is not None:
+        popped.append(trial_id)
+    return popped
+
+
+if __name__ == "__main__" and sys.argv[1] == "pop":
+    Path(sys.argv[4]).write_text(json.dumps(pop_all(sys.argv[2], sys.argv[3])))
+elif __name__ == "__main__":
     storage, n_trials, seconds, work_dir = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), Path(sys.argv[4])
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tune.finetune = sleeping_finetune(seconds)
