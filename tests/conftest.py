@@ -82,3 +82,18 @@ def mlflow_sandbox(tmp_path_factory: pytest.TempPathFactory):
 def mlflow_model_name(request: pytest.FixtureRequest) -> str:
     """A registered-model name unique to the requesting test."""
     return "tl-" + re.sub(r"[^A-Za-z0-9_-]+", "-", request.node.name).strip("-")
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """Stops the temporary Prefect servers that ephemeral-mode flows started,
+    while pytest's output streams are still open: left to Prefect's atexit
+    hook, the stop line is logged to a closed stream and prints a "Logging
+    error" traceback after the summary."""
+    import sys
+
+    if "prefect.server.api.server" not in sys.modules:
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    for server in list(SubprocessASGIServer._instances.values()):
+        server.stop()
