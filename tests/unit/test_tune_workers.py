@@ -28,9 +28,14 @@ def quiet_optuna():
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def start_worker(storage: str, n_trials: int, seconds: float, work_dir: Path) -> subprocess.Popen:
+def start_helper(*args: object) -> subprocess.Popen:
+    """`tune_worker_fake.py` with these arguments, in its own process."""
     env = {**os.environ, "PYTHONPATH": str(HELPER.parent)}
-    return subprocess.Popen([sys.executable, str(HELPER), storage, str(n_trials), str(seconds), str(work_dir)], env=env)
+    return subprocess.Popen([sys.executable, str(HELPER), *map(str, args)], env=env)
+
+
+def start_worker(storage: str, n_trials: int, seconds: float, work_dir: Path) -> subprocess.Popen:
+    return start_helper(storage, n_trials, seconds, work_dir)
 
 
 def trials(storage: str, n_trials: int) -> list:
@@ -68,10 +73,8 @@ def test_two_workers_never_claim_the_same_queued_trial(tmp_path) -> None:
     study = optuna.create_study(study_name="queue", storage=storage)
     for i in range(200):
         study.enqueue_trial({"x": i})
-    env = {**os.environ, "PYTHONPATH": str(HELPER.parent)}
     outs = [tmp_path / f"popped{k}.json" for k in range(2)]
-    workers = [subprocess.Popen([sys.executable, str(HELPER), "pop", storage, "queue", str(out)], env=env)
-               for out in outs]
+    workers = [start_helper("pop", storage, "queue", out) for out in outs]
     assert [w.wait(timeout=300) for w in workers] == [0, 0]
     first, second = (json.loads(out.read_text()) for out in outs)
     assert set(first).isdisjoint(second)
