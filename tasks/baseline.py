@@ -6,6 +6,12 @@ embeddings, fitted on train, its regularisation chosen on validation) and
 zero-shot classification (cosine similarity of a text to each label's prompt).
 A fine-tuned model that cannot beat a strong probe is not worth its compute;
 the probe's weights also start the fine-tuned model's head.
+
+The probe is also a complete model: the frozen base encoder with the fitted
+head, calibrated on validation like every model. It is saved as a classifier
+folder (method "probe": no weights of its own beside the head) that
+`classifier.load_classifier` scores, evaluate compares and the gate may
+register as champion when fine-tuning does not beat it.
 """
 
 from __future__ import annotations
@@ -18,10 +24,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from tuneloop.tasks.calibration import Abstention, calibrate, softmax
+from tuneloop.tasks.classifier import HEAD_FILE, LABELS_FILE, META_FILE
 from tuneloop.tasks.classifier import load_encoder as load_base_encoder
-from tuneloop.tasks.classifier import load_tokenizer, pooled_embeddings, resolve_pooling
+from tuneloop.tasks.classifier import load_tokenizer, pooled_embeddings, read_meta, resolve_pooling
 from tuneloop.tasks.errors import TuneloopError
-from tuneloop.tasks.config import BaselineConfig
+from tuneloop.tasks.config import BaselineConfig, ModelConfig
 from tuneloop.tasks.labels import label_indices
 
 PROBE_WEIGHTS = "probe.safetensors"
@@ -33,10 +41,18 @@ class Probe:
     bias: torch.Tensor  # (classes,)
     labels: list[str]
     c: float = 0.0  # the regularisation it was fitted with
+    class_weight: str = "none"  # "balanced": each class weighed by rows / (classes x its rows)
+
+    def logits(self, embeddings: np.ndarray) -> np.ndarray:
+        return (torch.from_numpy(embeddings) @ self.weight.T + self.bias).numpy()  # (rows, classes)
 
     def predict_proba(self, embeddings: np.ndarray) -> np.ndarray:
-        logits = torch.from_numpy(embeddings) @ self.weight.T + self.bias  # (rows, classes)
-        return torch.softmax(logits, dim=-1).numpy()
+        return softmax(self.logits(embeddings))
+
+    @property
+    def setting(self) -> str:
+        """How it was fitted, as the baseline line says it: `C=10` or `C=10 balanced`."""
+        return f"C={self.c:g}" + (" balanced" if self.class_weight == "balanced" else "")
 
 
 def load_encoder(base_path: Path, device: str = "auto"):
@@ -44,12 +60,15 @@ def load_encoder(base_path: Path, device: str = "auto"):
     return load_base_encoder(base_path, device), load_tokenizer(base_path)
 
 
-def fit_probe(embeddings: np.ndarray, y: np.ndarray, labels: Sequence[str], c: float, max_iter: int) -> Probe:
-    """Multinomial logistic regression (L-BFGS, L2 penalty 1/c) as one linear
+def fit_probe(embeddings: np.ndarray, y: np.ndarray, labels: Sequence[str], c: float, max_iter: int,
+              class_weight: str = "none") -> Probe:
+    """Multinomial logistic regression (L-BFGS, L2 penalty 1/c; class_weight
+    "balanced" weighs each class by rows / (classes x its rows)) as one linear
     layer of `len(labels)` outputs; a class absent from `y` keeps a very low bias."""
     from sklearn.linear_model import LogisticRegression
 
-    fitted = LogisticRegression(C=c, max_iter=max_iter).fit(embeddings, y)
+    weighting = "balanced" if class_weight == "balanced" else None
+    fitted = LogisticRegression(C=c, max_iter=max_iter, class_weight=weighting).fit(embeddings, y)
     weight = np.zeros((len(labels), embeddings.shape[1]), dtype=np.float32)
     bias = np.full(len(labels), -1e4, dtype=np.float32)
     if len(fitted.classes_) == 2:  # one logit z; softmax([-z/2, z/2]) is sigmoid(z)
@@ -57,31 +76,50 @@ def fit_probe(embeddings: np.ndarray, y: np.ndarray, labels: Sequence[str], c: f
         bias[fitted.classes_] = [-fitted.intercept_[0] / 2, fitted.intercept_[0] / 2]
     else:
         weight[fitted.classes_], bias[fitted.classes_] = fitted.coef_, fitted.intercept_
-    return Probe(torch.from_numpy(weight), torch.from_numpy(bias), list(labels), c)
+    return Probe(torch.from_numpy(weight), torch.from_numpy(bias), list(labels), c, class_weight)
 
 
 def select_probe(train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray],
-                 labels: Sequence[str], config: BaselineConfig) -> tuple[Probe, dict[float, float]]:
-    """Fits one probe per `probe_c` on train; returns the best on validation
-    macro-F1 (the stronger regularisation on a tie) and every C's score."""
+                 labels: Sequence[str], config: BaselineConfig) -> tuple[Probe, dict[str, float]]:
+    """Fits one probe per `probe_c` and `probe_class_weights` on train; returns the
+    best on validation macro-F1 (on a tie: unweighted first, then the stronger
+    regularisation) and every setting's score, keyed `C=10` / `C=10 balanced`."""
     from tuneloop.tasks.metrics import macro_f1
 
-    scores: dict[float, float] = {}
-    best: Probe | None = None
-    for c in sorted(config.probe_c):
-        probe = fit_probe(train[0], train[1], labels, c, config.probe_max_iter)
-        scores[c] = macro_f1(validation[1], probe.predict_proba(validation[0]).argmax(1), len(labels))
-        if best is None or scores[c] > scores[best.c]:
-            best = probe
-    return best, scores
+    scores: dict[str, float] = {}
+    best: tuple[Probe, float] | None = None
+    for class_weight in config.probe_class_weights:
+        for c in sorted(config.probe_c):
+            probe = fit_probe(train[0], train[1], labels, c, config.probe_max_iter, class_weight)
+            score = macro_f1(validation[1], probe.logits(validation[0]).argmax(1), len(labels))
+            scores[probe.setting] = score
+            if best is None or score > best[1]:
+                best = (probe, score)
+    return best[0], scores
 
 
 def save_probe(probe: Probe, out_dir: Path) -> None:
+    """The probe's weights and labels (what `probe_head` starts a fine-tuned head from)."""
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({"weight": probe.weight.contiguous(), "bias": probe.bias}, str(out_dir / PROBE_WEIGHTS))
-    (out_dir / "labels.json").write_text(json.dumps(probe.labels))
+    (out_dir / LABELS_FILE).write_text(json.dumps(probe.labels))
+
+
+def save_probe_model(probe: Probe, out_dir: Path, tokenizer, base_model: str, pooling: str, max_length: int,
+                     temperature: float, abstention: Abstention) -> None:
+    """The probe as a complete classifier folder (`load_classifier` reads it): the head,
+    labels, tokenizer and tuneloop.json (method "probe": the base model's own encoder)."""
+    from safetensors.torch import save_file
+
+    save_probe(probe, out_dir)
+    save_file({"weight": probe.weight.contiguous(), "bias": probe.bias.contiguous()}, str(out_dir / HEAD_FILE))
+    tokenizer.save_pretrained(out_dir)
+    meta = {"method": "probe", "base_model": base_model, "max_length": max_length, "pooling": pooling,
+            "probe": {"c": probe.c, "class_weight": probe.class_weight},
+            "temperature": temperature, "abstention": abstention.to_dict()}
+    (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
 def load_probe(probe_dir: Path) -> Probe:
@@ -91,20 +129,27 @@ def load_probe(probe_dir: Path) -> Probe:
     return Probe(tensors["weight"], tensors["bias"], json.loads((probe_dir / "labels.json").read_text()))
 
 
-def probe_head(probe_dir: Path, labels: Sequence[str], hidden_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def probe_head(probe_dir: Path, labels: Sequence[str], hidden_size: int,
+               pooling: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The saved probe as (weight, bias) for a classifier head.
+
+    Args:
+        pooling: the pooling the head will read (resolved, not "auto"); a probe
+            fitted on other sentence vectors is refused. None: not checked.
 
     Raises:
         FileNotFoundError: no probe: run the baseline stage first.
-        TuneloopError: it was fitted for other labels or another base model.
+        TuneloopError: it was fitted for other labels, another base model or another pooling.
     """
     if not (probe_dir / PROBE_WEIGHTS).exists():
         raise FileNotFoundError(f"{probe_dir / PROBE_WEIGHTS} is missing: run `tuneloop baseline` first "
                                 "(or set finetune.head_init: random)")
     probe = load_probe(probe_dir)
-    if probe.labels != list(labels) or probe.weight.shape[1] != hidden_size:
-        raise TuneloopError(f"the probe in {probe_dir} was fitted for other labels or another base model: "
-                            "run `tuneloop baseline` again")
+    fitted_pooling = read_meta(probe_dir).get("pooling") if (probe_dir / META_FILE).exists() else None
+    if probe.labels != list(labels) or probe.weight.shape[1] != hidden_size or (
+            pooling is not None and fitted_pooling is not None and fitted_pooling != pooling):
+        raise TuneloopError(f"the probe in {probe_dir} was fitted for other labels, another base model or another "
+                            "pooling: run `tuneloop baseline` again")
     return probe.weight, probe.bias
 
 
@@ -123,33 +168,38 @@ def embed(encoder, tokenizer, texts: Sequence[str], config: BaselineConfig, pool
     return pooled_embeddings(encoder, tokenizer, list(texts), config.max_length, config.batch_size, progress, pooling)
 
 
-def run_baseline(config: BaselineConfig, base_path: Path, labels: Sequence[str], workspace,
-                 pooling: str = "auto") -> dict:
-    """Fits the probe on train (its C chosen on validation), scores probe and
-    zero-shot on test.
+def run_baseline(config: BaselineConfig, model: ModelConfig, base_path: Path, labels: Sequence[str],
+                 workspace) -> dict:
+    """Fits the probe on train (its C and class weighting chosen on validation),
+    calibrates it on validation, scores probe and zero-shot on test.
 
-    Writes the probe to `models/probe/` and the metrics to `metrics/baseline.json`.
+    Writes the probe, a complete classifier, to `models/probe/` and the
+    metrics to `metrics/baseline.json`.
 
     Returns:
         {"probe": {...}, "zero_shot": {...}} with accuracy and macro-F1 each;
-        the probe's also its C and every C's validation macro-F1.
+        the probe's also its setting, temperature, abstention and every setting's validation macro-F1.
     """
     from tuneloop.tasks.metrics import accuracy, macro_f1
     from tuneloop.tasks.split import load_split
     from tuneloop.tasks.workspace import write_json
 
-    pooling = resolve_pooling(pooling, base_path)
+    pooling = resolve_pooling(model.pooling, base_path)
     frames = {name: load_split(workspace, name) for name in ("train", "validation", "test")}
     encoder, tokenizer = load_encoder(base_path, config.device)
     x = {name: embed(encoder, tokenizer, frame["text"], config, pooling) for name, frame in frames.items()}
     y = {name: label_indices(frame["label"], labels) for name, frame in frames.items()}
     probe, scores = select_probe((x["train"], y["train"]), (x["validation"], y["validation"]), labels, config)
-    save_probe(probe, workspace.probe_dir)
+    temperature, abstention = calibrate(probe.logits(x["validation"]), y["validation"], labels, model)
+    save_probe_model(probe, workspace.probe_dir, tokenizer, model.base, pooling, config.max_length, temperature,
+                     abstention)
     result = {}
     for name, probs in (("probe", probe.predict_proba(x["test"])),
                         ("zero_shot", zero_shot_proba(encoder, tokenizer, x["test"], labels, config, pooling))):
         predicted = probs.argmax(1)
         result[name] = {"accuracy": accuracy(y["test"], predicted), "macro_f1": macro_f1(y["test"], predicted, len(labels))}
     write_json(workspace.baseline_metrics, result)  # the test scores only: `dvc metrics show` columns
-    result["probe"].update(c=probe.c, validation_macro_f1_by_c={str(c): f for c, f in scores.items()})
+    result["probe"].update(setting=probe.setting, c=probe.c, class_weight=probe.class_weight,
+                           temperature=temperature, abstention=abstention.rule,
+                           validation_macro_f1_by_setting=scores)
     return result

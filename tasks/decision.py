@@ -32,6 +32,7 @@ class Decision:
     checks: tuple[Check, ...] = ()
     note: str = ""
     marks: tuple[str, str] = ("PASS ", "FAIL ")
+    choice: str | None = None  # which candidate a yes is for (promotion: challenger or base_probe)
 
     @property
     def reasons(self) -> list[str]:
@@ -42,8 +43,11 @@ class Decision:
         return next((c for c in self.checks if c.name == name), None)
 
     def to_dict(self) -> dict:
-        return {self.action: self.yes, "reasons": self.reasons,
-                "checks": [{"name": c.name, "passed": c.passed, "reason": c.reason} for c in self.checks]}
+        out = {self.action: self.yes, "reasons": self.reasons,
+               "checks": [{"name": c.name, "passed": c.passed, "reason": c.reason} for c in self.checks]}
+        if self.choice is not None:
+            out["candidate"] = self.choice
+        return out
 
 
 def all_of(action: str, checks: list[Check] | tuple[Check, ...]) -> Decision:

@@ -42,6 +42,10 @@ class DriftMetrics:
     prediction_p_value: float
     confidence_distance: float
     report: str | None = None  # the Evidently HTML, when written
+    # "none of these" answers: the window's share against the share the champion gave on validation
+    abstain_expected: float | None = None
+    abstain_rate: float | None = None
+    abstain_p_value: float | None = None  # one-sided binomial: more abstentions than expected
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -190,6 +194,25 @@ def compute_drift(reference: pd.DataFrame, current: pd.DataFrame, config: Monito
     )
 
 
+def abstention_shift(abstained: Sequence[bool | None], expected: float | None) -> dict:
+    """The window's abstention rate against the champion's rate on validation: a rise
+    means more inputs fit none of its labels. Rows logged before abstention existed
+    (None) are left out; a model that never abstains gives no signal.
+
+    Returns:
+        {abstain_expected, abstain_rate, abstain_p_value}; the last two None without a signal.
+    """
+    from scipy import stats
+
+    known = np.asarray([bool(a) for a in abstained if a is not None and not pd.isna(a)], dtype=bool)
+    if expected is None or expected <= 0 or not len(known):
+        return {"abstain_expected": expected, "abstain_rate": float(known.mean()) if len(known) else None,
+                "abstain_p_value": None}
+    test = stats.binomtest(int(known.sum()), len(known), min(expected, 1.0), alternative="greater")
+    return {"abstain_expected": float(expected), "abstain_rate": float(known.mean()),
+            "abstain_p_value": float(test.pvalue)}
+
+
 # --- the decision (pure) ---------------------------------------------------------------------
 
 
@@ -216,6 +239,11 @@ def decide_drift(metrics: DriftMetrics | None, window_rows: int, config: Monitor
               f"confidence: Wasserstein distance {metrics.confidence_distance:.3f} (drift at >= "
               f"{config.confidence_distance})"),
     )
+    if metrics.abstain_p_value is not None:
+        signals += (Check("abstentions", metrics.abstain_p_value < config.abstain_p_value,
+                          f"abstentions (\"none of these\"): {metrics.abstain_rate:.1%} of the window against "
+                          f"{metrics.abstain_expected:.1%} on validation, binomial p = {metrics.abstain_p_value:.4g} "
+                          f"(drift below {config.abstain_p_value})"),)
     return Decision("drift", any(s.passed for s in signals), signals, marks=SIGNAL_MARKS)
 
 

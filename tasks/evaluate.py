@@ -16,7 +16,9 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from tuneloop.tasks.metrics import accuracy, classification_summary, macro_f1
+from tuneloop.tasks.calibration import (Abstention, abstains, decided_labels, risk_coverage, selective_summary,
+                                        uncalibrated)
+from tuneloop.tasks.metrics import accuracy, classification_summary, macro_f1, reliability
 from tuneloop.tasks.config import EvaluateConfig
 from tuneloop.tasks.labels import label_index, label_indices
 
@@ -36,6 +38,9 @@ class Candidate:
     model_size_mb: float | None = None
     train_val_gap: float | None = None
     labels: list[str] | None = None  # the scorer's own label order; None: the evaluation's
+    temperature: float = 1.0  # what the scorer's logits are divided by (its probabilities are calibrated)
+    abstention: Abstention = Abstention()  # when it says "none of these"
+    method: str | None = None  # lora | full | probe
 
 
 def aligned(probs: np.ndarray, own: Sequence[str], labels: Sequence[str]) -> np.ndarray:
@@ -85,20 +90,28 @@ def score_candidate(candidate: Candidate, test: pd.DataFrame, y_true: np.ndarray
     """Scores one model on the test rows; returns its metrics and probabilities.
 
     Latency is the wall time of scoring the whole test split (tokenising
-    included) divided by its rows: batch latency per example.
+    included) divided by its rows: batch latency per example. The metrics are
+    on the model's answers: its top label, or, where it abstains and the data
+    has an out-of-scope label, that label. ECE is given for the calibrated
+    probabilities and for the raw ones (`ece_uncalibrated`).
     """
     started = time.perf_counter()
     probs = candidate.scorer(test["text"].tolist())
     if candidate.labels is not None and list(candidate.labels) != list(labels):
         probs = aligned(probs, candidate.labels, labels)
     latency_ms = (time.perf_counter() - started) * 1000 / max(1, len(test))
-    summary = classification_summary(probs, y_true, labels)
+    answers = decided_labels(probs, candidate.abstention, labels)
+    summary = classification_summary(probs, y_true, labels, answers)
     summary.update(
-        name=candidate.name, version=candidate.version, latency_ms_per_example=latency_ms,
+        name=candidate.name, version=candidate.version, method=candidate.method, latency_ms_per_example=latency_ms,
         model_size_mb=candidate.model_size_mb, train_val_gap=candidate.train_val_gap,
-        slices=slice_metrics(test, y_true, probs.argmax(1), slices, len(labels), config.min_slice_rows),
+        slices=slice_metrics(test, y_true, answers, slices, len(labels), config.min_slice_rows),
         # labels of this data version the model never learned (new intents): it scores 0 on them
         unknown_labels=sorted(set(labels) - set(candidate.labels)) if candidate.labels is not None else [],
+        temperature=candidate.temperature,
+        ece_uncalibrated=reliability(uncalibrated(probs, candidate.temperature), y_true)["ece"],
+        abstention={**selective_summary(probs, y_true, candidate.abstention, labels), "rule": candidate.abstention.rule},
+        risk_coverage=risk_coverage(probs, y_true),
     )
     return summary, probs
 
@@ -121,48 +134,31 @@ def evaluate_models(candidates: Sequence[Candidate], test: pd.DataFrame, labels:
     for candidate in candidates:
         summary, probs = score_candidate(candidate, test, y_true, labels, slices, config)
         evaluation["models"][candidate.key] = summary
-        predictions[candidate.key] = probs.argmax(1)
+        predictions[candidate.key] = decided_labels(probs, candidate.abstention, labels)
         predictions[f"{candidate.key}_confidence"] = probs.max(1)
+        oos = labels.index(candidate.abstention.out_of_scope) if candidate.abstention.out_of_scope in labels else None
+        predictions[f"{candidate.key}_abstained"] = abstains(probs, candidate.abstention.threshold, oos)
     return evaluation, predictions
-
-
-def probe_candidate(base_path: Path, probe_dir: Path, max_length: int, batch_size: int,
-                    pooling: str = "auto") -> Candidate:
-    """The base model's frozen encoder with the probe fitted by the baseline stage."""
-    from tuneloop.tasks.baseline import load_encoder, load_probe
-    from tuneloop.tasks.classifier import pooled_embeddings, resolve_pooling
-
-    encoder, tokenizer = load_encoder(base_path)
-    probe = load_probe(probe_dir)
-    pooling = resolve_pooling(pooling, base_path)
-
-    def scorer(texts: Sequence[str]) -> np.ndarray:
-        return probe.predict_proba(pooled_embeddings(encoder, tokenizer, texts, max_length, batch_size,
-                                                     pooling=pooling))
-
-    return Candidate("base_probe", "base model + linear probe", scorer,
-                     model_size_mb=directory_size_mb(base_path, probe_dir))
 
 
 def classifier_candidate(key: str, name: str, model_dir: Path, base_model: str | None, batch_size: int,
                          version: str | None = None, train_val_gap: float | None = None) -> Candidate:
-    """A fine-tuned model saved by the finetune stage (or downloaded from the registry).
+    """A model saved by the finetune or baseline stage (or downloaded from the registry).
 
     Args:
-        base_model: overrides the base model the adapter records (None: use the
+        base_model: overrides the base model the folder records (None: use the
             recorded one, which is right for a champion trained on another base).
     """
-    import json
-
-    from tuneloop.tasks.classifier import META_FILE, load_classifier, predict_proba, resolve_model_path
+    from tuneloop.tasks.classifier import load_classifier, needs_base, predict_proba, read_meta, resolve_model_path
 
     classifier = load_classifier(model_dir, base_model)
+    meta = read_meta(model_dir)
     size = directory_size_mb(model_dir)
-    if (Path(model_dir) / "adapter_config.json").exists():
-        recorded = json.loads((Path(model_dir) / META_FILE).read_text())["base_model"]
-        size += directory_size_mb(resolve_model_path(base_model or recorded))  # serving needs the base weights too
+    if needs_base(model_dir):  # serving needs the base weights too
+        size += directory_size_mb(resolve_model_path(base_model or meta["base_model"]))
 
     def scorer(texts: Sequence[str]) -> np.ndarray:
         return predict_proba(classifier, texts, batch_size, progress=True)
 
-    return Candidate(key, name, scorer, version, size, train_val_gap, list(classifier.labels))
+    return Candidate(key, name, scorer, version, size, train_val_gap, list(classifier.labels),
+                     classifier.temperature, classifier.abstention, meta.get("method"))

@@ -28,8 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from tuneloop.tasks import distributed, integrity
-from tuneloop.tasks.classifier import (HEAD_FILE, LABELS_FILE, META_FILE, Classifier, TextClassifier, load_encoder,
-                              load_tokenizer, pad_batch, pick_device, predict_proba, resolve_pooling, tokenize)
+from tuneloop.tasks.calibration import Abstention, calibrate
+from tuneloop.tasks.classifier import (HEAD_FILE, LABELS_FILE, META_FILE, Classifier, TextClassifier, load_classifier,
+                                       load_encoder, load_tokenizer, pad_batch, pick_device, predict_logits,
+                                       predict_proba, read_meta, resolve_pooling, tokenize)
 from tuneloop.tasks.distributed import Ranks
 from tuneloop.tasks.metrics import macro_f1
 from tuneloop.tasks.config import FinetuneConfig
@@ -216,8 +218,9 @@ def make_optimizer(model: torch.nn.Module, config: FinetuneConfig, device: torch
     dozen operations per tensor."""
     head = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("head.")]
     body = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
-    groups = [{"params": body, "lr": config.learning_rate},
-              {"params": head, "lr": (probe_started and config.head_learning_rate) or config.learning_rate}]
+    head_lr = config.head_learning_rate if probe_started and config.head_learning_rate is not None \
+        else config.learning_rate  # 0.0 is a rate (a frozen head), not "unset"
+    groups = [{"params": body, "lr": config.learning_rate}, {"params": head, "lr": head_lr}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate,
                                   weight_decay=config.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total_steps, config.warmup_ratio))
@@ -242,9 +245,26 @@ def snapshot(model, optimizer, scheduler, state: TrainState, fingerprint: str) -
     }
 
 
-def loss_function(model: torch.nn.Module):
-    """(input_ids, attention_mask, labels) -> mean cross-entropy of the classifier's logits."""
-    return lambda input_ids, mask, y: F.cross_entropy(model(input_ids, mask), y)
+def class_weights(targets: torch.Tensor, classes: int, how: str) -> torch.Tensor | None:
+    """Per-class loss weights: "balanced" gives class c rows / (classes x rows of c), so
+    every class weighs the same in the loss and the weight averaged over the rows is 1;
+    a class without train rows gets 0. "none": None (every row weighs 1)."""
+    if how == "none":
+        return None
+    counts = torch.bincount(targets, minlength=classes).float()  # (classes,)
+    weights = len(targets) / (int((counts > 0).sum()) * counts.clamp(min=1))
+    return torch.where(counts > 0, weights, torch.zeros_like(weights))
+
+
+def row_losses(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, smoothing: float) -> torch.Tensor:
+    """Each row's cross-entropy (with label smoothing), times its class's weight: (batch,)."""
+    losses = F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=smoothing)
+    return losses if weight is None else losses * weight[y]
+
+
+def loss_function(model: torch.nn.Module, weight: torch.Tensor | None = None, smoothing: float = 0.0):
+    """(input_ids, attention_mask, labels) -> mean (class-weighted, smoothed) cross-entropy of the logits."""
+    return lambda input_ids, mask, y: row_losses(model(input_ids, mask), y, weight, smoothing).mean()
 
 
 def curve_point(step: int, loss_sum: torch.Tensor, steps: int, scheduler, ranks: Ranks) -> dict:
@@ -253,22 +273,30 @@ def curve_point(step: int, loss_sum: torch.Tensor, steps: int, scheduler, ranks:
     return {"step": step, "loss": loss, "learning_rate": float(scheduler.get_last_lr()[0])}
 
 
-def sharded_loss_function(model: torch.nn.Module, ranks: Ranks):
+def sharded_loss_function(model: torch.nn.Module, ranks: Ranks, classes: torch.Tensor | None = None,
+                          smoothing: float = 0.0):
     """(input_ids, attention_mask, labels, weight) -> this rank's share of the
-    global batch's mean cross-entropy; one process keeps the plain mean."""
+    global batch's mean cross-entropy; one process keeps the plain mean.
+
+    Args:
+        classes: per-class loss weights (`class_weights`), None for none.
+    """
     if not ranks.distributed:
-        compute_loss = loss_function(model)
+        compute_loss = loss_function(model, classes, smoothing)
         return lambda input_ids, mask, y, weight: compute_loss(input_ids, mask, y)
-    return lambda input_ids, mask, y, weight: F.cross_entropy(model(input_ids, mask), y, reduction="sum") * weight
+    return lambda input_ids, mask, y, weight: row_losses(model(input_ids, mask), y, classes, smoothing).sum() * weight
 
 
 def train_steps(model, batches, ids, targets, pad_id, optimizer, scheduler, config, device, bar,
-                curve: list[dict], first_step: int, ranks: Ranks = Ranks()) -> tuple[int, int, int, torch.Tensor]:
+                curve: list[dict], first_step: int, ranks: Ranks = Ranks(),
+                weights: torch.Tensor | None = None) -> tuple[int, int, int, torch.Tensor]:
     """Runs optimizer steps over `batches` (global batches) until the next checkpoint is due,
     appending a loss-curve point to `curve` every LOSS_EVERY steps and at the end.
 
     Each rank trains on its shard of every global batch (`distributed.shard`);
     `model` is the DDP-wrapped model when distributed, so gradients are averaged.
+    `weights` are the per-class loss weights (None: every row weighs 1); gradients
+    are clipped to `config.max_grad_norm`.
 
     Returns:
         (steps, examples, non-padding tokens of the global batches, summed loss on the device).
@@ -279,7 +307,8 @@ def train_steps(model, batches, ids, targets, pad_id, optimizer, scheduler, conf
     loss_sum = torch.zeros((), device=device)
     window = torch.zeros((), device=device)
     tokens = examples = unread = 0
-    compute_loss = sharded_loss_function(model, ranks)
+    compute_loss = sharded_loss_function(model, ranks, weights, config.label_smoothing)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     for done, batch in enumerate(batches, start=1):
         tokens += sum(len(ids[i]) for i in batch)
         examples += len(batch)
@@ -289,6 +318,8 @@ def train_steps(model, batches, ids, targets, pad_id, optimizer, scheduler, conf
             loss = compute_loss(input_ids.to(device, non_blocking=True), mask.to(device, non_blocking=True),
                                 targets[index].to(device, non_blocking=True), weight)
         loss.backward()
+        if config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm, foreach=True)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -348,6 +379,9 @@ def finetune(
     targets = torch.as_tensor(np.asarray(train[1]), dtype=torch.long)
     steps_per_epoch = math.ceil(len(ids) / config.batch_size)
     epochs = config.epochs_for(len(ids), len(labels))
+    floor = config.floor_epochs(len(ids), len(labels))  # patience stops nothing before it
+    weights = class_weights(targets, len(labels), config.class_weights)
+    weights = None if weights is None else weights.to(device)
     total_steps = steps_per_epoch * epochs
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
@@ -374,7 +408,7 @@ def finetune(
             started = time.perf_counter()
             steps, examples, tokens, loss_sum = train_steps(
                 trained, batches, ids, targets, pad_id, optimizer, scheduler, config, device, bar, state.curve,
-                state.step, ranks)
+                state.step, ranks, weights)
             state.step, state.examples, state.tokens = state.step + steps, state.examples + examples, state.tokens + tokens
             state.epoch_loss += float(distributed.mean_across(loss_sum, ranks).item())
             state.epoch_steps += steps
@@ -382,7 +416,7 @@ def finetune(
             batches = batches[steps:]
             if batches and ranks.is_main:  # one writer: every rank holds the same weights
                 save_checkpoint(checkpoint_path, snapshot(model, optimizer, scheduler, state, fingerprint))
-        stopped_early = end_epoch(model, tokenizer, labels, validation, config, device, state, ranks)
+        stopped_early = end_epoch(model, tokenizer, labels, validation, config, device, state, ranks, floor)
         if ranks.is_main:
             save_checkpoint(checkpoint_path, snapshot(model, optimizer, scheduler, state, fingerprint))
         if on_epoch_end is not None:
@@ -411,13 +445,14 @@ def score_start(model, tokenizer, labels, validation, config, device, state: Tra
 
 
 def end_epoch(model, tokenizer, labels, validation, config, device, state: TrainState,
-              ranks: Ranks = Ranks()) -> bool:
+              ranks: Ranks = Ranks(), floor: int = 1) -> bool:
     """Scores validation, keeps the best weights; True when patience ran out.
 
     Patience counts epochs that do not beat the best trained epoch: the probe's
     start (epoch 0) is kept if nothing beats it, but an early epoch below it,
-    its learning rate still high, does not end the run. Distributed, rank 0's
-    score decides on every rank.
+    its learning rate still high, does not end the run; nor does any epoch
+    before `floor` (the epochs min_steps and min_examples_per_class promise).
+    Distributed, rank 0's score decides on every rank.
     """
     f1 = agreed_macro_f1(model, tokenizer, labels, validation[0], validation[1], config, device, ranks)
     trained_best = max((h["val_macro_f1"] for h in state.history if h["epoch"] >= 1), default=-1.0)
@@ -428,7 +463,7 @@ def end_epoch(model, tokenizer, labels, validation, config, device, state: Train
         state.best_f1, state.best_state = f1, trainable_state(model)
     state.bad_epochs = 0 if f1 > trained_best else state.bad_epochs + 1
     state.epoch += 1
-    return state.bad_epochs >= config.patience
+    return state.bad_epochs >= config.patience and state.epoch >= floor
 
 
 def finish(model, tokenizer, labels, train, base_model, config, device, state, out_dir,
@@ -470,3 +505,20 @@ def save_model(model, tokenizer, labels, base_model: str, config: FinetuneConfig
     meta = {"method": config.method, "base_model": base_model, "max_length": config.max_length,
             "pooling": model.pooling, "config": asdict(config), "history": history}
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+
+
+def calibrate_model(model_dir: Path, validation: tuple[Sequence[str], Sequence[int]], labels: Sequence[str],
+                    settings, batch_size: int = 64) -> tuple[float, Abstention]:
+    """Fits a saved model's temperature and abstention threshold on the validation
+    rows and writes them into its tuneloop.json, where `load_classifier` reads them.
+
+    Args:
+        settings: the `model` params section (calibrate, out_of_scope_label, abstain_max_accuracy_drop).
+    """
+    classifier = load_classifier(Path(model_dir), device="cpu" if not torch.cuda.is_available() else "auto")
+    logits = predict_logits(classifier, list(validation[0]), batch_size)  # (rows, labels)
+    temperature, abstention = calibrate(logits, np.asarray(validation[1]), labels, settings)
+    meta = read_meta(model_dir)
+    meta.update(temperature=temperature, abstention=abstention.to_dict())
+    (Path(model_dir) / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+    return temperature, abstention

@@ -67,11 +67,17 @@ def reliability(probs: np.ndarray, y_true: np.ndarray, bins: int = 10) -> dict:
     return {"ece": float(ece), "bin_confidence": conf_out, "bin_accuracy": acc_out, "bin_count": counts}
 
 
-def classification_summary(probs: np.ndarray, y_true: np.ndarray, labels: Sequence[str]) -> dict:
+def classification_summary(probs: np.ndarray, y_true: np.ndarray, labels: Sequence[str],
+                           answers: np.ndarray | None = None) -> dict:
     """Accuracy, macro-F1, per-class precision/recall/F1/support, confusion
-    matrix and calibration of one model's probabilities."""
+    matrix and calibration of one model's probabilities.
+
+    Args:
+        answers: the predicted class per row when it is not the top probability
+            (an abstention answered with the out-of-scope label); None: argmax.
+    """
     y_true = np.asarray(y_true, dtype=int)
-    y_pred = probs.argmax(1)
+    y_pred = probs.argmax(1) if answers is None else np.asarray(answers, dtype=int)
     matrix = confusion_matrix(y_true, y_pred, len(labels))
     precision, recall, f1 = per_class_scores(y_true, y_pred, len(labels))
     calibration = reliability(probs, y_true)
@@ -132,8 +138,10 @@ def paired_bootstrap(
     same interval.
 
     Returns:
-        {"diff", "low", "high", "samples", "confidence"}; when every draw gives
-        the same difference (identical predictions), low == high == that value.
+        {"diff", "low", "high", "samples", "confidence", "p_not_below_zero"}; when
+        every draw gives the same difference (identical predictions), low == high
+        == that value. `p_not_below_zero` is the share of draws whose difference is
+        >= 0 (add-one smoothed): a one-sided p-value for "a is worse than b".
     """
     from scipy import stats
 
@@ -159,7 +167,9 @@ def paired_bootstrap(
     elif not (np.isfinite(low) and np.isfinite(high)):  # BCa undefined (flat jackknife): percentile
         tail = (1.0 - confidence) / 2
         low, high = np.quantile(draws, tail), np.quantile(draws, 1 - tail)
-    return {"diff": diff, "low": float(low), "high": float(high), "samples": samples, "confidence": confidence}
+    p_value = (int((draws >= 0).sum()) + 1) / (draws.size + 1)
+    return {"diff": diff, "low": float(low), "high": float(high), "samples": samples, "confidence": confidence,
+            "p_not_below_zero": float(p_value)}
 
 
 def interval_position(low: float, high: float, floor: float = 0.0) -> str:

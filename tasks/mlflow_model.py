@@ -50,7 +50,9 @@ EXAMPLE_TEXTS = ["The service asks every new version this one question before it
 
 class ClassifierModel(mlflow.pyfunc.PythonModel):
     """`predict` takes a DataFrame with a `text` column and returns one row per
-    text: `label`, `confidence` (its probability) and `probabilities` (every label's)."""
+    text: `label`, `confidence` (its calibrated probability), `probabilities`
+    (every label's) and `abstained` (true: "none of these", the model is too
+    unsure or the out-of-scope label won)."""
 
     def load_context(self, context) -> None:
         base = context.artifacts.get(BASE)
@@ -61,17 +63,20 @@ class ClassifierModel(mlflow.pyfunc.PythonModel):
         texts = model_input["text"].astype(str).tolist()
         scored = score_texts(self.classifier, texts)
         return pd.DataFrame({"label": [s.label for s in scored], "confidence": [s.confidence for s in scored],
-                             "probabilities": [s.probabilities for s in scored]})
+                             "probabilities": [s.probabilities for s in scored],
+                             "abstained": [s.abstained for s in scored]})
 
 
 def signature():
-    """text (string) in; label (string), confidence (double), probabilities ({label: double}) out."""
+    """text (string) in; label (string), confidence (double), probabilities ({label: double}),
+    abstained (boolean) out."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, DataType, Map, Schema
 
     return ModelSignature(inputs=Schema([ColSpec(DataType.string, "text")]),
                           outputs=Schema([ColSpec(DataType.string, "label"), ColSpec(DataType.double, "confidence"),
-                                          ColSpec(Map(DataType.double), "probabilities")]))
+                                          ColSpec(Map(DataType.double), "probabilities"),
+                                          ColSpec(DataType.boolean, "abstained")]))
 
 
 def pinned(package: str) -> str:
@@ -95,6 +100,26 @@ class CardFacts:
     base_sha256: str
     git_commit: str
     test_metrics: Mapping[str, float]
+    calibration: tuple[str, ...] = ()  # lines on its temperature, ECE and abstention
+
+
+def calibration_notes(scored: Mapping) -> tuple[str, ...]:
+    """What the card says about a model's confidences, from its evaluation entry."""
+    notes = []
+    if scored.get("temperature") is not None:
+        notes.append(f"temperature {scored['temperature']:.3f}, fitted on the validation split: test ECE "
+                     f"{scored.get('ece_uncalibrated', float('nan')):.4f} before, {scored['ece']:.4f} after")
+    abstention = scored.get("abstention") or {}
+    if abstention:
+        notes.append(f"abstention: {abstention.get('rule')}; on the test split it answers "
+                     f"{abstention['coverage']:.1%} of texts with selective accuracy "
+                     f"{abstention['selective_accuracy']:.4f} (accuracy {abstention['accuracy_without_threshold']:.4f} "
+                     "without abstaining)")
+        if "oos_recall" in abstention:
+            notes.append(f"out-of-scope ({abstention['out_of_scope']}): recall {abstention['oos_recall']:.4f}, "
+                         f"precision {abstention['oos_precision']:.4f}, in-scope accuracy "
+                         f"{abstention['in_scope_accuracy']:.4f}")
+    return tuple(notes)
 
 
 def base_description(base_name: str, lora: bool) -> str:
@@ -105,19 +130,25 @@ def base_description(base_name: str, lora: bool) -> str:
     return f"{Path(base_name).name} (a local model folder{carried})"
 
 
+METHODS = {"lora": "LoRA fine-tuning", "full": "full fine-tuning",
+           "probe": "a linear probe: the frozen base model with a fitted head, which fine-tuning did not beat"}
+
+
 def model_card(facts: CardFacts, labels: list[str], method: str) -> str:
     """README.md of the MLflow model: what it is, what it learned from, how good it is, what it is not for."""
     metrics = "\n".join(f"| {name} | {value:.4f} |" for name, value in sorted(facts.test_metrics.items()))
+    calibration = "\n".join(f"- {line}" for line in facts.calibration) or "- not calibrated (registered without it)"
     return f"""# {facts.model_name}
 
-A text classifier fine-tuned by tuneloop ({method} on `{facts.base_model}`), labels: {", ".join(labels)}.
+A text classifier trained by tuneloop ({METHODS.get(method, method)} on `{facts.base_model}`),
+labels: {", ".join(labels)}.
 
 ## Use
 
 ```python
 import mlflow, pandas as pd
 model = mlflow.pyfunc.load_model("models:/{facts.model_name}@champion")
-model.predict(pd.DataFrame({{"text": ["..."]}}))  # label, confidence, probabilities
+model.predict(pd.DataFrame({{"text": ["..."]}}))  # label, confidence, probabilities, abstained
 ```
 
 ## Training data
@@ -133,6 +164,10 @@ model.predict(pd.DataFrame({{"text": ["..."]}}))  # label, confidence, probabili
 |---|---|
 {metrics}
 
+## Confidence and "none of these"
+
+{calibration}
+
 ## Intended use
 
 Sorting short texts like the training data into the labels above, with a
@@ -141,10 +176,11 @@ so drift and accuracy are monitored against labelled feedback.
 
 ## Limits
 
-- It knows only the labels above: every text gets one of them, however unrelated.
+- It knows only the labels above: a text unlike any of them gets the nearest one; `abstained: true`
+  flags the answers it is least sure of (and the out-of-scope label, if the data has one).
 - Texts are truncated to the training `max_length` tokens; longer texts are judged on their start.
 - Quality holds only for text like the training data (language, domain, length); `tuneloop monitor` watches for drift.
-- Confidences are calibrated on the test split only (see ECE above); treat them as estimates.
+- Confidences are calibrated on the validation split; treat them as estimates on text unlike it.
 """
 
 

@@ -367,8 +367,8 @@ def promotion_steps(promote: bool, decided: str | None, champion: str | None, ve
 
 def verified_version(name: str, version: str, cache_dir: Path, fallback_base: str | None = None
                      ) -> tuple[Path, Path | None]:
-    """A version's model folder and, for a LoRA adapter, the base model it was
-    trained on, both checked against the hashes the version recorded.
+    """A version's model folder and, for a LoRA adapter or a probe, the base model
+    it was trained on, both checked against the hashes the version recorded.
 
     Args:
         fallback_base: the base model for a version that records none (registered by older code).
@@ -380,10 +380,11 @@ def verified_version(name: str, version: str, cache_dir: Path, fallback_base: st
         IntegrityError: a file differs from its recorded hash.
         FileNotFoundError: the version's base model is not on this machine.
     """
+    from tuneloop.tasks.classifier import needs_base
     from tuneloop.tasks.mlflow_model import carried_base
 
     model_dir = download_version(name, version, cache_dir)
-    if not (model_dir / "adapter_config.json").exists():
+    if not needs_base(model_dir):
         return model_dir, None
     what = f"version {version} of {name}"
     carried = carried_base(model_dir.parent.parent) if model_dir.parent.name == "artifacts" else None

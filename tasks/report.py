@@ -128,7 +128,8 @@ def _gate_html(gate: dict) -> str:
     reasons = gate.get("reasons") or []
     items = "".join(f"<li>{_esc(reason)}</li>" for reason in reasons)
     body = f"<ul>{items}</ul>" if items else '<p class="note">No reasons given.</p>'
-    return f'<div class="gate"><b>Promotion gate:</b> {badge}{body}</div>'
+    said = f"<p><b>{_esc(gate['outcome'])}</b></p>" if gate.get("outcome") else ""
+    return f'<div class="gate"><b>Promotion gate:</b> {badge}{said}{body}</div>'
 
 
 # (label, key, format, direction hint, score for "best": higher score is better, or None)
@@ -136,13 +137,18 @@ _MetricRow = tuple[str, str, str, str, Callable[[float], float] | None]
 _METRIC_ROWS: list[_MetricRow] = [
     ("Accuracy", "accuracy", ".3f", "↑", lambda v: v),
     ("Macro-F1", "macro_f1", ".3f", "↑", lambda v: v),
-    ("ECE", "ece", ".3f", "↓", lambda v: -v),
+    ("ECE (calibrated)", "ece", ".3f", "↓", lambda v: -v),
+    ("ECE before calibration", "ece_uncalibrated", ".3f", "↓", lambda v: -v),
+    ("Temperature", "temperature", ".3f", "", None),
     ("Latency (ms/example)", "latency_ms_per_example", ".2f", "↓", lambda v: -v),
     ("Size (MB)", "model_size_mb", ".2f", "↓", lambda v: -v),
     # A gap of either sign is drift away from a well-fitted model, so closest to 0 wins.
     ("Train−val gap (macro-F1)", "train_val_gap", "+.3f", "→0", lambda v: -abs(v)),
     ("Registry version", "version", "", "", None),
 ]
+
+
+_NEWER_ROWS = {"ece_uncalibrated", "temperature"}
 
 
 def _best_columns(values: Sequence[Any], score: Callable[[float], float] | None) -> set[int]:
@@ -169,6 +175,8 @@ def _metrics_table_html(models: dict[str, dict]) -> str:
     rows = []
     for label, key, spec, hint, score in _METRIC_ROWS:
         values = [m.get(key) for m in models.values()]
+        if key in _NEWER_ROWS and all(_is_missing(v) for v in values):
+            continue  # an evaluation from before calibration: no empty rows
         best = _best_columns(values, score)
         cells = "".join(_metric_cell(v, spec, i in best) for i, v in enumerate(values))
         rows.append(f'<tr><td class="label">{_esc(label)}</td><td class="hint">{_esc(hint) if hint else ""}</td>{cells}</tr>')
@@ -176,6 +184,67 @@ def _metrics_table_html(models: dict[str, dict]) -> str:
         '<table><thead><tr><th class="label">Metric</th><th>better</th>'
         f"{header}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
     )
+
+
+# (label, key in the model's `abstention` entry, format)
+_ABSTENTION_ROWS = [
+    ("Threshold (calibrated confidence)", "threshold", ".3f"),
+    ("Abstained (test rows)", "abstained", "d"),
+    ("Coverage", "coverage", ".3f"),
+    ("Selective accuracy", "selective_accuracy", ".3f"),
+    ("Accuracy without abstaining", "accuracy_without_threshold", ".3f"),
+    ("Out-of-scope recall", "oos_recall", ".3f"),
+    ("Out-of-scope precision", "oos_precision", ".3f"),
+    ("In-scope accuracy", "in_scope_accuracy", ".3f"),
+    ("In-scope accuracy without threshold", "in_scope_accuracy_without_threshold", ".3f"),
+]
+
+
+def _abstention_html(models: dict[str, dict]) -> str:
+    """What each model's "none of these" does on the test rows, and how its threshold was chosen."""
+    entries = {k: m.get("abstention") for k, m in models.items() if m.get("abstention")}
+    if not entries:
+        return '<p class="note">No model here abstains (registered before abstention).</p>'
+    header = "".join(f"<th>{_esc(_display_name(k, models[k]))}</th>" for k in entries)
+    rows = []
+    for label, key, spec in _ABSTENTION_ROWS:
+        values = [e.get(key) for e in entries.values()]
+        if all(v is None for v in values):
+            continue
+        cells = "".join(f"<td>{html.escape(_fmt(v, spec))}</td>" for v in values)
+        rows.append(f'<tr><td class="label">{_esc(label)}</td>{cells}</tr>')
+    rules = "".join(f"<li>{_esc(_display_name(k, models[k]))}: {_esc(e.get('rule'))}</li>" for k, e in entries.items())
+    table = f'<table><thead><tr><th class="label"></th>{header}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+    return table + f"<ul>{rules}</ul>"
+
+
+def _risk_coverage_figure(models: dict[str, dict]) -> Any:
+    """Error rate among the most confident answers as coverage grows: lower is better."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 3.8))
+    ax = fig.add_subplot(1, 1, 1)
+    for i, (key, model) in enumerate(models.items()):
+        curve = model.get("risk_coverage") or []
+        if curve:
+            ax.plot([p["coverage"] for p in curve], [p["risk"] for p in curve], marker="o", markersize=3,
+                    color=_PALETTE[i % len(_PALETTE)], label=_wrap(_display_name(key, model)))
+        threshold = (model.get("abstention") or {}).get("coverage")
+        if threshold is not None and curve:
+            ax.axvline(threshold, color=_PALETTE[i % len(_PALETTE)], linestyle=":", linewidth=1)
+    ax.set_xlabel("coverage (share of texts answered, most confident first)")
+    ax.set_ylabel("error rate among answered")
+    ax.set_title("Risk-coverage (dotted: each model's abstention threshold)", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _risk_coverage_html(models: dict[str, dict]) -> str:
+    """The risk-coverage figure, when any model has a curve."""
+    if not any(m.get("risk_coverage") for m in models.values()):
+        return ""
+    return f"<figure>{_img(figure_to_data_uri(_risk_coverage_figure(models)), 'risk-coverage curves')}</figure>"
 
 
 def _ordered_classes(labels: Sequence[str], per_class: dict) -> list[str]:
@@ -509,6 +578,9 @@ def _body_html(evaluation: dict, title: str) -> str:
         "<h2>Per-class metrics</h2>", f'<div class="row">{per_class}</div>',
         "<h2>Confusion matrices</h2>", _confusion_row_html(labels, models),
         "<h2>Calibration (reliability diagrams)</h2>", f"<figure>{reliability}</figure>",
+        '<p class="note">Probabilities are temperature-scaled on the validation split; the metrics table '
+        "gives the test ECE before and after.</p>",
+        "<h2>None of these (abstention)</h2>", _abstention_html(models), _risk_coverage_html(models),
         "<h2>Slices</h2>", _slices_html(models),
         *_tuning_html(evaluation.get("tuning")),
     ])

@@ -227,8 +227,9 @@ class ItemPrediction(BaseModel):
     request_id: str
     item: int  # position in the request's batch
     label: str
-    confidence: float  # probability of `label`
+    confidence: float  # calibrated probability of `label`
     probabilities: dict[str, float]
+    abstained: bool  # "none of these": the model is too unsure, or its out-of-scope label won
     model_version: str
 
 
@@ -324,7 +325,8 @@ def feedback_labels(body: FeedbackRequest, logged: pd.DataFrame) -> list[str]:
 def answer(served: Served, texts: list[str], batch_size: int) -> PredictResponse:
     request_id = uuid.uuid4().hex
     items = [ItemPrediction(request_id=request_id, item=index, label=scored.label, confidence=scored.confidence,
-                            model_version=served.version, probabilities=scored.probabilities)
+                            model_version=served.version, probabilities=scored.probabilities,
+                            abstained=scored.abstained)
              for index, scored in enumerate(score_texts(served.classifier, texts, batch_size))]
     return PredictResponse(request_id=request_id, model_version=served.version, predictions=items)
 
@@ -332,7 +334,7 @@ def answer(served: Served, texts: list[str], batch_size: int) -> PredictResponse
 def as_logged(response: PredictResponse, texts: list[str], mask: bool = False) -> list[Prediction]:
     """The rows the store keeps: texts masked of e-mails, phones and cards when `mask`."""
     return [Prediction(p.request_id, p.item, mask_pii(text) if mask else text, p.label, p.confidence,
-                       p.probabilities, p.model_version)
+                       p.probabilities, p.model_version, abstained=p.abstained)
             for p, text in zip(response.predictions, texts)]
 
 

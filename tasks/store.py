@@ -48,6 +48,7 @@ PREDICTIONS = sa.Table(
     sa.Column("true_label", sa.String(128), nullable=True),
     sa.Column("feedback_ts", sa.DateTime(timezone=True), nullable=True),
     sa.Column("feedback_by", sa.String(64), nullable=True),  # the token that labelled it: provenance
+    sa.Column("abstained", sa.Boolean, nullable=True),  # the model said "none of these" (None: logged before)
     sa.UniqueConstraint("request_id", "item", name="uq_request_item"),
 )
 COLUMNS = [c.name for c in PREDICTIONS.columns]
@@ -64,7 +65,7 @@ FEEDBACK_HISTORY = sa.Table(
     sa.Column("action", sa.String(16), nullable=False),  # "label" | "correction"
 )
 HISTORY_COLUMNS = [c.name for c in FEEDBACK_HISTORY.columns]
-ADDED_COLUMNS = {"feedback_by": "VARCHAR(64)"}  # columns newer than the first stores: added in place
+ADDED_COLUMNS = {"feedback_by": "VARCHAR(64)", "abstained": "BOOLEAN"}  # columns newer than the first stores: added in place
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class Prediction:
     probabilities: dict[str, float]
     model_version: str
     ts: datetime | None = None
+    abstained: bool = False
 
 
 def utcnow() -> datetime:
@@ -128,7 +130,7 @@ class PredictionStore:
         rows = [{
             "request_id": p.request_id, "item": p.item, "ts": p.ts or utcnow(), "text": p.text,
             "label": p.label, "confidence": float(p.confidence), "probabilities": json.dumps(p.probabilities),
-            "model_version": str(p.model_version),
+            "model_version": str(p.model_version), "abstained": bool(p.abstained),
         } for p in predictions]
         if rows:
             with self.engine.begin() as conn:

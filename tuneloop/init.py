@@ -9,6 +9,7 @@ defaults would have refused), and writes a commented `params.yaml`, a
 
 from __future__ import annotations
 
+import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,11 @@ from tuneloop.tasks.validate import ValidateConfig
 LABEL_NAMES = ("label", "labels", "intent", "category", "class", "target", "y", "sentiment", "topic", "tag")
 TEXT_NAMES = ("text", "sentence", "utterance", "query", "question", "review", "content", "body", "message")
 SPLIT_NAMES = ("split", "set", "partition", "subset", "fold")
+# A label meaning "none of these": the model learns it like any label and abstains when it wins.
+OUT_OF_SCOPE_NAMES = ("oos", "out_of_scope", "out-of-scope", "outofscope", "other", "none", "no_intent", "unknown")
+# Columns that name rows or folds, not what the data is about: never slices.
+NOT_SLICE_NAME = re.compile(r"(^|_)(id|ids|uuid|guid|key|index|idx|row|fold|folds|kfold|seed|hash|timestamp|ts|"
+                            r"date|time)(_|$)|^(k?fold|cv)_?\d*$", re.IGNORECASE)
 GITIGNORE = """.venv/
 __pycache__/
 # produced by runs (the data snapshot is tracked by DVC, the registry by MLflow;
@@ -78,6 +84,7 @@ class Proposal:
     validate: dict
     notes: list[str] = field(default_factory=list)
     length_slices: tuple[int, ...] = (10, 25)
+    out_of_scope: str | None = None  # the label meaning "none of these", if the data has one
 
 
 def text_like(frame: pd.DataFrame) -> list[str]:
@@ -111,8 +118,27 @@ def propose_columns(frame: pd.DataFrame, text: str | None = None, label: str | N
         key=lambda c: frame[c].nunique(), default=None)
     if label is None:
         raise InitError("no column looks like a label (2 or more values, repeated); name it with --label")
-    slices = tuple(c for c in candidates if c != label and 2 <= frame[c].nunique() <= 50 and not is_split(frame[c]))
+    slices = tuple(c for c in candidates if c != label and describes_data(frame, c) and not is_split(frame[c]))
     return Columns(str(text), str(label), None if split is None else str(split), tuple(map(str, slices)))
+
+
+def describes_data(frame: pd.DataFrame, column) -> bool:
+    """Whether a column is worth a slice: a few repeated values (2 to 50, none of
+    them a row's own, most values held by 10+ rows) and not a name that says it
+    indexes rows or cross-validation folds (`id`, `fold`, `KFold_3` values)."""
+    values = frame[column].dropna()
+    counts = values.astype(str).value_counts()
+    if not 2 <= len(counts) <= 50 or NOT_SLICE_NAME.search(str(column)):
+        return False
+    if counts.index.str.fullmatch(r"(?i)(k?fold|cv|split)[ _-]?\d+").all():
+        return False
+    return len(counts) <= len(values) / 10 and float((counts >= 10).mean()) >= 0.5
+
+
+def out_of_scope_label(labels: pd.Series) -> str | None:
+    """A label that says "none of these" (oos, out_of_scope, other, none ...), if the data has one."""
+    by_name = {str(v).strip().lower().replace(" ", "_"): str(v) for v in labels.unique()}
+    return next((by_name[name] for name in OUT_OF_SCOPE_NAMES if name in by_name), None)
 
 
 def is_split(values: pd.Series) -> bool:
@@ -189,8 +215,13 @@ def propose(frame: pd.DataFrame, columns: Columns) -> Proposal:
     if len(tiny):
         notes.append(f"classes with fewer than {bounds['min_rows_per_class']} rows will stop validation: "
                      f"{as_counts(tiny)}; add rows or list them in ingest.exclude_labels")
+    oos = out_of_scope_label(labels)
+    if oos is not None:
+        notes.append(f"model.out_of_scope_label: {oos}: the model learns it like any label, answers "
+                     "`abstained: true` when it wins, and its confidence threshold is chosen to catch "
+                     "out-of-scope texts (set it to null if the label means something else)")
     return Proposal(len(frame), columns, sorted(labels.unique()), bounds, notes,
-                    length_edges(frame[columns.text].fillna("")))
+                    length_edges(frame[columns.text].fillna("")), oos)
 
 
 def params_text(proposal: Proposal, source: str, name: str, base_model: str) -> str:
@@ -202,7 +233,7 @@ def params_text(proposal: Proposal, source: str, name: str, base_model: str) -> 
                           slice_columns=columns.slices, split_column=columns.split,
                           length_slices=proposal.length_slices)
     params = Params.model_validate({
-        "model": {"base": base_model}, "mlflow": {"model_name": name},
+        "model": {"base": base_model, "out_of_scope_label": proposal.out_of_scope}, "mlflow": {"model_name": name},
         "ingest": {k: v for k, v in vars(ingest).items()},
         "validate": {"labels": "auto", **proposal.validate},  # severity: only the rules init changed
     })

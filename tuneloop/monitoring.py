@@ -18,7 +18,8 @@ import pandas as pd
 
 from tuneloop.params import Params
 from tuneloop.tasks import registry
-from tuneloop.tasks.drift import DriftMetrics, classifier_predictor, compute_drift, current_frame, encoder_embedder, reference_frame
+from tuneloop.tasks.drift import (DriftMetrics, abstention_shift, classifier_predictor, compute_drift, current_frame,
+                                  encoder_embedder, reference_frame)
 from tuneloop.tasks.feedback import export_feedback, labelled_rows, last_feedback_export
 from tuneloop.tasks.rollback import arrival_action, compare_live, decide_rollback, rollback_blocker
 from tuneloop.tasks.store import PredictionStore, store_url, utcnow
@@ -64,7 +65,19 @@ def measure_drift(params: Params, workspace: Workspace, version: str, window: pd
     predict = version_predictor(params, workspace, version)
     embed = encoder_embedder(resolve_model_path(params.model.base), config)
     reference = reference_frame(splits, config, predict, embed)
-    return compute_drift(reference, current_frame(window, config, embed), config, report_path)
+    metrics = compute_drift(reference, current_frame(window, config, embed), config, report_path)
+    expected = expected_abstention(params, workspace, version)
+    served = window["abstained"] if "abstained" in window else []
+    return replace(metrics, **abstention_shift(list(served), expected))
+
+
+def expected_abstention(params: Params, workspace: Workspace, version: str) -> float | None:
+    """The share of validation rows the version abstained on (None: registered before abstention)."""
+    from tuneloop.tasks.classifier import read_meta
+
+    model_dir = registry.download_version(params.mlflow.model_name, version, workspace.models_cache)
+    abstention = read_meta(model_dir).get("abstention")
+    return abstention.get("validation_abstain_rate") if abstention else None
 
 
 def check_rollback(params: Params, workspace: Workspace, version: str, window: pd.DataFrame,

@@ -19,10 +19,10 @@ from tuneloop.tasks import integrity, mlflow_model, plotdata, registry, runlog, 
 from tuneloop.tasks import tune as tuning
 from tuneloop.tasks.tune_space import apply_params
 from tuneloop.tasks.baseline import probe_head, run_baseline
-from tuneloop.tasks.classifier import resolve_model_path
-from tuneloop.tasks.evaluate import classifier_candidate, evaluate_models, probe_candidate
-from tuneloop.tasks.finetune import FinetuneConfig, FinetuneResult, finetune as finetune_model
-from tuneloop.tasks.gate import Decision, decide_promotion
+from tuneloop.tasks.classifier import read_meta, resolve_model_path, resolve_pooling
+from tuneloop.tasks.evaluate import classifier_candidate, evaluate_models
+from tuneloop.tasks.finetune import FinetuneConfig, FinetuneResult, calibrate_model, finetune as finetune_model
+from tuneloop.tasks.gate import CHALLENGER, PROBE, Decision, decide_promotion, outcome
 from tuneloop.tasks.ingest import DataVersion, load_data_version, run_ingest
 from tuneloop.tasks.labels import label_indices
 from tuneloop.tasks.report import write_evaluation_plots, write_evaluation_report, write_tuning_plots
@@ -102,11 +102,13 @@ def split(params: Params, ws: Workspace) -> dict[str, int]:
 
 
 def baseline(params: Params, ws: Workspace) -> dict:
-    result = run_baseline(params.baseline, resolve_model_path(params.model.base), project_labels(params, ws), ws,
-                          params.model.pooling)
-    tracking.log_stage(ws, "baseline", result, params=asdict(params.baseline))
-    say("baseline", f"probe macro-F1 {result['probe']['macro_f1']:.4f} (C={result['probe']['c']:g}, chosen on "
-                    f"validation), zero-shot macro-F1 {result['zero_shot']['macro_f1']:.4f}")
+    result = run_baseline(params.baseline, params.model, resolve_model_path(params.model.base),
+                          project_labels(params, ws), ws)
+    probe = result["probe"]
+    tracking.log_stage(ws, "baseline", {"probe": {k: probe[k] for k in ("accuracy", "macro_f1", "c", "temperature")},
+                                        "zero_shot": result["zero_shot"]}, params=asdict(params.baseline))
+    say("baseline", f"probe macro-F1 {probe['macro_f1']:.4f} ({probe['setting']}, chosen on validation; "
+                    f"temperature {probe['temperature']:.2f}), zero-shot macro-F1 {result['zero_shot']['macro_f1']:.4f}")
     return result
 
 
@@ -223,7 +225,8 @@ def start_head(params: Params, ws: Workspace, base_path, settings: FinetuneConfi
         return None
     from transformers import AutoConfig
 
-    return probe_head(ws.probe_dir, project_labels(params, ws), AutoConfig.from_pretrained(base_path).hidden_size)
+    return probe_head(ws.probe_dir, project_labels(params, ws), AutoConfig.from_pretrained(base_path).hidden_size,
+                      resolve_pooling(params.model.pooling, base_path))
 
 
 def finetune_inputs(params: Params, ws: Workspace) -> dict:
@@ -255,7 +258,11 @@ def finetune(params: Params, ws: Workspace, nproc: int = 1) -> FinetuneResult:
         inputs = finetune_inputs(params, ws)
         settings = inputs["config"]
         result = train_model(inputs)
+    labels = project_labels(params, ws)
+    temperature, abstention = calibrate_model(ws.challenger_dir, labelled_rows(load_split(ws, "validation"), labels),
+                                              labels, params.model, params.evaluate.batch_size)
     summary = {k: v for k, v in asdict(result).items() if k not in {"model_dir", "history", "curve"}}
+    summary["temperature"] = temperature
     write_json(ws.finetune_metrics, plotdata.finetune_headline(summary))
     plotdata.write_csv(ws.training_plot, ("epoch", "step", "val_macro_f1"), plotdata.training_rows(result.history))
     run_id = tracking.log_stage(ws, "finetune", summary,
@@ -266,7 +273,8 @@ def finetune(params: Params, ws: Workspace, nproc: int = 1) -> FinetuneResult:
     resumed = f", resumed at step {result.resumed_from_step}" if result.resumed_from_step else ""
     tuned = ", tuned settings" if settings != params.finetune else ""
     say("finetune", f"{result.steps} steps in {result.seconds:.0f}s ({result.train_examples_per_s:.1f} ex/s), "
-                    f"best validation macro-F1 {result.best_val_macro_f1:.4f}{resumed}{tuned}")
+                    f"best validation macro-F1 {result.best_val_macro_f1:.4f}{resumed}{tuned}; temperature "
+                    f"{temperature:.2f}, {abstention.rule}")
     return result
 
 
@@ -309,9 +317,9 @@ def evaluate(params: Params, ws: Workspace) -> dict:
     writes the side-by-side report."""
     test = load_split(ws, "test")
     trained = read_json(ws.finetune_metrics)
-    base_path = resolve_model_path(params.model.base)
-    candidates = [probe_candidate(base_path, ws.probe_dir, params.baseline.max_length, params.evaluate.batch_size,
-                                  params.model.pooling)]
+    check_probe_model(ws)
+    candidates = [classifier_candidate(PROBE, "base model + linear probe", ws.probe_dir, params.model.base,
+                                       params.evaluate.batch_size)]
     champion = champion_candidate(params, ws)
     candidates += [champion] if champion else []
     settings = finetune_settings(params, ws)
@@ -322,6 +330,7 @@ def evaluate(params: Params, ws: Workspace) -> dict:
     evaluation, predictions = evaluate_models(candidates, test, project_labels(params, ws), params.evaluate,
                                               load_data_version(ws).md5)
     evaluation["challenger_files"] = integrity.folder_manifest(ws.challenger_dir)  # what register may upload
+    evaluation["probe_files"] = integrity.folder_manifest(ws.probe_dir)
     if champion is not None:
         evaluation["new_test_rows"] = new_test_rows(params, ws, champion.version, test)
     tuned = tuning_record(params, ws)
@@ -342,6 +351,16 @@ def evaluate(params: Params, ws: Workspace) -> dict:
     return evaluation
 
 
+def check_probe_model(ws: Workspace) -> None:
+    """Raises TuneloopError when models/probe/ is not a complete probe model (a
+    baseline stage of an older tuneloop wrote only its weights)."""
+    from tuneloop.tasks.classifier import META_FILE
+    from tuneloop.tasks.errors import TuneloopError
+
+    if not (ws.probe_dir / META_FILE).exists():
+        raise TuneloopError(f"{ws.probe_dir} holds no complete probe model: run `tuneloop baseline` again")
+
+
 def write_plot_data(ws: Workspace, evaluation: dict, predictions: pd.DataFrame) -> None:
     """The challenger's confusion pairs and reliability bins, for `dvc plots`."""
     challenger = evaluation["models"]["challenger"]
@@ -356,29 +375,44 @@ def gate(params: Params, ws: Workspace) -> Decision:
     frame = pd.read_parquet(ws.test_predictions)
     predictions = {column: frame[column].to_numpy() for column in frame.columns}
     decision = decide_promotion(evaluation, predictions, params.gate)
-    write_json(ws.decision, decision.to_dict())
+    write_json(ws.decision, {**decision.to_dict(), "outcome": outcome(decision, evaluation, params.gate.metric)})
     write_json(ws.gate_metrics, {"promote": int(decision.yes)})
     evaluation["gate"] = decision.to_dict()  # the report shows the decision and its reasons
     write_evaluation_report(evaluation, ws.evaluation_report)
     tracking.log_stage(ws, "gate", {"promote": int(decision.yes)}, artifacts=[ws.decision, ws.evaluation_report])
     runlog.publish_gate(decision.yes, list(decision.reasons), evaluation)
-    say("gate", ("PROMOTE" if decision.yes else "REJECT") + "".join(f"\n      {r}" for r in decision.reasons))
+    verdict = f"PROMOTE {decision.choice}" if decision.yes else "REJECT"
+    say("gate", f"{verdict}: {outcome(decision, evaluation, params.gate.metric)}"
+        + "".join(f"\n      {r}" for r in decision.reasons))
     return decision
 
 
-def version_tags(params: Params, ws: Workspace) -> dict[str, str]:
-    """What made this model: data, code, base model, settings and test metrics."""
+def registered_candidate(decision: dict) -> str:
+    """What the register stage uploads: the gate's choice, else the rejected challenger."""
+    return decision.get("candidate") or CHALLENGER
+
+
+def candidate_dir(ws: Workspace, candidate: str) -> Path:
+    return ws.probe_dir if candidate == PROBE else ws.challenger_dir
+
+
+def version_tags(params: Params, ws: Workspace, candidate: str = CHALLENGER) -> dict[str, str]:
+    """What made this model: data, code, base model, settings, which candidate it is and its test metrics."""
     data = load_data_version(ws)
     base_path = resolve_model_path(params.model.base)
-    challenger = read_json(ws.evaluation)["models"]["challenger"]
+    scored = read_json(ws.evaluation)["models"][candidate]
     tags = {
         "data.md5": data.md5, "data.size": str(data.size), "data.path": data.path, "data.source": data.source,
         "git.commit": git_commit(ws), "base_model.name": params.model.base,
         "base_model.sha256": integrity.base_weights_sha256(base_path),  # no path: it names this machine
         "params": json.dumps(params.model_dump(mode="json", by_alias=True), sort_keys=True),
+        "candidate": candidate, "method": read_meta(candidate_dir(ws, candidate))["method"],
     }
-    tags.update({f"test.{k}": f"{challenger[k]:.6f}" for k in ("accuracy", "macro_f1", "ece", "latency_ms_per_example")})
-    tags.update(tuning_tags(params, ws))
+    tags.update({f"test.{k}": f"{scored[k]:.6f}" for k in ("accuracy", "macro_f1", "ece", "latency_ms_per_example")})
+    if scored.get("ece_uncalibrated") is not None:
+        tags["test.ece_uncalibrated"] = f"{scored['ece_uncalibrated']:.6f}"
+    if candidate == CHALLENGER:
+        tags.update(tuning_tags(params, ws))
     return tags
 
 
@@ -407,42 +441,52 @@ def register(params: Params, ws: Workspace) -> dict:
     with registry.reachable(f"registering a version of {name}", "run `tuneloop register` again to finish it "
                             "(an unfinished version is never served)"):
         tracking.configure_tracking(params.mlflow, ws.root)
-        check_challenger_unchanged(ws)
+        candidate = registered_candidate(decision)
+        check_candidate_unchanged(ws, candidate)
         key = registry.registration_key(read_json(ws.evaluation), decision)
         plan = registry.plan_registration(registry.list_versions(name), key)
         run_id = tracking.current_run_id(ws)
         if plan.action == "create":
-            info = create_version(params, ws, run_id, key)
+            info = create_version(params, ws, run_id, key, candidate)
         else:
             say("register", plan.reason)
             info = registry.finish_version(name, plan.version, ws.splits) if plan.action == "resume" \
                 else registry.get_version(name, plan.version)
         apply_decision(name, info, decision)
         champion = registry.alias_version(name, registry.CHAMPION)
-        result = {"model": name, "version": info.version, "promoted": decision["promote"],
-                  "champion": champion.version if champion else None, "reasons": decision["reasons"]}
+        result = {"model": name, "version": info.version, "promoted": decision["promote"], "candidate": candidate,
+                  "champion": champion.version if champion else None, "reasons": decision["reasons"],
+                  "outcome": decision.get("outcome")}
         write_json(ws.registration, {"version": int(info.version), "champion": int(result["champion"] or 0)})
         finish_run(ws, "FINISHED", "promoted" if decision["promote"] else "rejected", version=info.version)
-    say("register", f"{name} version {info.version} {'promoted to champion' if decision['promote'] else 'rejected'}; "
+    what = "the base probe" if candidate == PROBE else "the fine-tuned challenger"
+    say("register", f"{name} version {info.version} ({what}) "
+                    f"{'promoted to champion' if decision['promote'] else 'rejected'}; "
                     f"champion is version {result['champion']}")
     return result
 
 
-def create_version(params: Params, ws: Workspace, run_id: str, key: str) -> registry.VersionInfo:
-    """The challenger packaged as an MLflow model (with its model card) and
-    registered with its tags and, as drift monitoring's reference data, the
-    split it learned from."""
+def create_version(params: Params, ws: Workspace, run_id: str, key: str,
+                   candidate: str = CHALLENGER) -> registry.VersionInfo:
+    """The candidate (the challenger, or the base probe the gate chose) packaged as
+    an MLflow model (with its model card) and registered with its tags and, as
+    drift monitoring's reference data, the split it learned from."""
     import tempfile
 
-    tags = version_tags(params, ws)
-    lora = json.loads((ws.challenger_dir / "tuneloop.json").read_text())["method"] == "lora"
+    from tuneloop.tasks.classifier import needs_base
+
+    folder = candidate_dir(ws, candidate)
+    tags = version_tags(params, ws, candidate)
+    on_base = needs_base(folder)
+    scored = read_json(ws.evaluation)["models"][candidate]
     card = mlflow_model.CardFacts(params.mlflow.model_name, tags["data.md5"], tags["data.path"],
-                                  mlflow_model.base_description(params.model.base, lora),
+                                  mlflow_model.base_description(params.model.base, on_base),
                                   tags["base_model.sha256"], tags["git.commit"],
-                                  {k.split(".", 1)[1]: float(v) for k, v in tags.items() if k.startswith("test.")})
+                                  {k.split(".", 1)[1]: float(v) for k, v in tags.items() if k.startswith("test.")},
+                                  mlflow_model.calibration_notes(scored))
     with tempfile.TemporaryDirectory(prefix="tuneloop-package-") as scratch:
         packaged = mlflow_model.save_version_model(
-            ws.challenger_dir, params.model.base, resolve_model_path(params.model.base) if lora else None, card,
+            folder, params.model.base, resolve_model_path(params.model.base) if on_base else None, card,
             Path(scratch) / "model", Path(scratch))
         description = (packaged / "README.md").read_text()
         return registry.create_version(params.mlflow.model_name, run_id, packaged, tags, ws.splits, key, description)
@@ -467,16 +511,17 @@ def apply_decision(name: str, info: registry.VersionInfo, decision: dict) -> Non
             registry.reject_version(name, info.version, decision["reasons"])
 
 
-def check_challenger_unchanged(ws: Workspace) -> None:
-    """The challenger about to be registered must be the one evaluate scored
-    (another run writing models/challenger meanwhile would otherwise slip in).
+def check_candidate_unchanged(ws: Workspace, candidate: str = CHALLENGER) -> None:
+    """The model about to be registered must be the one evaluate scored
+    (another run writing models/ meanwhile would otherwise slip in).
 
     Raises:
         IntegrityError: naming every changed file.
     """
-    evaluated = read_json(ws.evaluation).get("challenger_files")
+    evaluated = read_json(ws.evaluation).get("probe_files" if candidate == PROBE else "challenger_files")
     if evaluated is not None:
-        integrity.check_folder(ws.challenger_dir, evaluated, "the challenger evaluate scored")
+        what = "the probe" if candidate == PROBE else "the challenger"
+        integrity.check_folder(candidate_dir(ws, candidate), evaluated, f"{what} evaluate scored")
 
 
 def finish_run(ws: Workspace, status: str, outcome: str, version: str | None = None) -> None:

@@ -68,7 +68,8 @@ def test_every_model_scores_the_same_test_texts_once_in_order(evaluated) -> None
 def test_predictions_frame_has_one_row_per_test_row_in_order(evaluated) -> None:
     evaluation, predictions, _ = evaluated
     assert [c for c in predictions.columns if not c.startswith("slice:")] == [
-        "row", "y_true", "base_probe", "base_probe_confidence", "challenger", "challenger_confidence"]
+        "row", "y_true", "base_probe", "base_probe_confidence", "base_probe_abstained", "challenger",
+        "challenger_confidence", "challenger_abstained"]
     # each row's slice values, for the gate's per-slice bootstrap
     assert {c[len("slice:"):] for c in predictions.columns if c.startswith("slice:")} == set(
         evaluation["models"]["challenger"]["slices"])

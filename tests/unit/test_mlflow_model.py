@@ -60,8 +60,9 @@ def test_the_champion_loads_as_an_mlflow_pyfunc_model_and_answers_like_tuneloop_
     answer = model.predict(pd.DataFrame({"text": TEXTS}))
 
     expected = score_texts(load_classifier(champion["trained"], str(champion["base"]), "cpu"), TEXTS)
-    assert list(answer.columns) == ["label", "confidence", "probabilities"]
+    assert list(answer.columns) == ["label", "confidence", "probabilities", "abstained"]
     assert answer["label"].tolist() == [s.label for s in expected]
+    assert answer["abstained"].tolist() == [s.abstained for s in expected]
     assert set(answer["label"]) <= {"negative", "positive"}
     assert answer["confidence"].tolist() == pytest.approx([s.confidence for s in expected], abs=1e-6)
     assert [sum(p.values()) for p in answer["probabilities"]] == pytest.approx([1.0] * 3, abs=1e-5)
@@ -74,7 +75,7 @@ def test_a_version_records_signature_input_example_requirements_and_a_model_card
     root = Path(mlflow.artifacts.download_artifacts(f"models:/{champion['name']}/1", dst_path=str(tmp_path)))
     mlmodel = Model.load(str(root / "MLmodel"))
     assert mlmodel.signature.inputs.input_names() == ["text"]
-    assert mlmodel.signature.outputs.input_names() == ["label", "confidence", "probabilities"]
+    assert mlmodel.signature.outputs.input_names() == ["label", "confidence", "probabilities", "abstained"]
     assert json.loads((root / "input_example.json").read_text())["columns"] == ["text"]
     requirements = (root / "requirements.txt").read_text().split()
     assert {r.split("==")[0] for r in requirements} >= {"mlflow", "torch", "transformers", "peft", "safetensors"}

@@ -34,10 +34,27 @@ def test_the_probe_is_scikit_learns_logistic_regression_with_c_chosen_on_validat
     train, validation, test = separable(600, 5, 0), separable(300, 5, 1), separable(300, 5, 2)
     labels = [f"c{i}" for i in range(5)]
     probe, scores = select_probe(train, validation, labels, BaselineConfig(probe_c=(0.01, 1.0, 100.0)))
-    assert set(scores) == {0.01, 1.0, 100.0}
-    assert probe.c == max(scores, key=lambda c: (scores[c], -c))
-    reference = LogisticRegression(C=probe.c, max_iter=1000).fit(*train)
+    assert set(scores) == {"C=0.01", "C=1", "C=100", "C=0.01 balanced", "C=1 balanced", "C=100 balanced"}
+    assert scores[probe.setting] == max(scores.values())
+    weighting = "balanced" if probe.class_weight == "balanced" else None
+    reference = LogisticRegression(C=probe.c, max_iter=1000, class_weight=weighting).fit(*train)
     np.testing.assert_array_equal(probe.predict_proba(test[0]).argmax(1), reference.predict(test[0]))
+
+
+def test_on_a_97_to_3_split_the_balanced_probe_is_chosen_and_finds_the_small_class() -> None:
+    def lopsided(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        y = (rng.random(n) < 0.03).astype(int)
+        x = np.where(y[:, None] == 1, 0.45, 0.0) + rng.normal(scale=0.5, size=(n, 16))
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), y
+
+    train, validation, test = lopsided(2400, 0), lopsided(1500, 1), lopsided(1500, 2)
+    probe, scores = select_probe(train, validation, LABELS, BaselineConfig(probe_c=(0.1,)))
+    plain = fit_probe(*train, LABELS, 0.1, 1000)
+    assert probe.class_weight == "balanced" and scores["C=0.1 balanced"] > scores["C=0.1"]
+    from tuneloop.tasks.metrics import macro_f1
+    assert macro_f1(test[1], plain.logits(test[0]).argmax(1), 2) < 0.55  # the majority class, nearly always
+    assert macro_f1(test[1], probe.logits(test[0]).argmax(1), 2) > 0.6
 
 
 def test_a_binary_probe_gives_scikit_learns_probabilities_as_two_logits() -> None:
@@ -91,9 +108,9 @@ def test_a_probe_for_other_labels_or_another_model_is_refused_as_a_head(tmp_path
     save_probe(fit_probe(x, y, LABELS, 1.0, 100), tmp_path)
     weight, bias = probe_head(tmp_path, LABELS, 16)
     assert weight.shape == (2, 16) and bias.shape == (2,)
-    with pytest.raises(TuneloopError, match="fitted for other labels or another base model"):
+    with pytest.raises(TuneloopError, match="fitted for other labels, another base model or another pooling"):
         probe_head(tmp_path, ["a", "b"], 16)
-    with pytest.raises(TuneloopError, match="fitted for other labels or another base model"):
+    with pytest.raises(TuneloopError, match="fitted for other labels, another base model or another pooling"):
         probe_head(tmp_path, LABELS, 32)
     with pytest.raises(FileNotFoundError, match="run `tuneloop baseline` first"):
         probe_head(tmp_path / "none", LABELS, 16)
@@ -125,6 +142,45 @@ def test_an_early_epoch_below_the_probes_start_does_not_end_training(monkeypatch
     stop = [ft.end_epoch(model, None, LABELS, ([], []), config, None, state) for _ in range(3)]
     assert stop == [False, False, True]  # epoch 1 (0.85 < the start's 0.9) goes on; epoch 3 < epoch 2 stops
     assert state.best_f1 == 0.95
+
+
+def test_patience_never_stops_training_before_the_promised_floor_of_epochs(monkeypatch) -> None:
+    import tuneloop.tasks.finetune as ft
+
+    scores = iter([0.9, 0.8, 0.7, 0.6, 0.5])  # every epoch worse than the first
+    monkeypatch.setattr(ft, "score_macro_f1", lambda *args: next(scores))
+    model, config = torch.nn.Linear(2, 2), FinetuneConfig(patience=1)
+    state = ft.TrainState()
+    stop = [ft.end_epoch(model, None, LABELS, ([], []), config, None, state, floor=4) for _ in range(5)]
+    assert stop == [False, False, False, True, True]  # patience ran out at epoch 2, the floor holds it to 4
+    # the 97:3 movie subset: 2,400 train rows, 75 steps an epoch, min_steps 500 -> 7 epochs
+    assert FinetuneConfig(batch_size=32).floor_epochs(2400, 2) == 7
+
+
+def test_a_head_learning_rate_of_zero_freezes_the_probe_head_instead_of_meaning_unset() -> None:
+    from tuneloop.tasks.finetune import make_optimizer
+
+    model = torch.nn.Module()
+    model.body, model.head = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    optimizer, _ = make_optimizer(model, FinetuneConfig(learning_rate=2e-3, head_learning_rate=0.0),
+                                  torch.device("cpu"), 10, probe_started=True)
+    assert [g["initial_lr"] for g in optimizer.param_groups] == [2e-3, 0.0]
+
+
+def test_balanced_class_weights_make_each_class_weigh_the_same_and_average_one() -> None:
+    from tuneloop.tasks.finetune import class_weights, row_losses
+
+    targets = torch.tensor([0] * 97 + [1] * 3)
+    weights = class_weights(targets, 3, "balanced")  # class 2 has no train rows
+    assert weights.tolist() == pytest.approx([100 / (2 * 97), 100 / (2 * 3), 0.0])
+    assert float(weights[targets].mean()) == pytest.approx(1.0)
+    assert class_weights(targets, 3, "none") is None
+    logits, y = torch.zeros(2, 3), torch.tensor([0, 1])
+    plain = row_losses(logits, y, None, 0.0)
+    assert plain.tolist() == pytest.approx([np.log(3)] * 2)
+    assert row_losses(logits, y, weights, 0.0).tolist() == pytest.approx((plain * weights[:2]).tolist())
+    confident = torch.tensor([[10.0, 0.0, 0.0]])
+    assert float(row_losses(confident, torch.tensor([0]), None, 0.1)) > float(row_losses(confident, torch.tensor([0]), None, 0.0))
 
 
 def test_only_a_probe_started_head_trains_at_the_head_learning_rate() -> None:
