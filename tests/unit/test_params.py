@@ -129,13 +129,14 @@ def test_unknown_key_in_a_section_is_named(raw: dict) -> None:
 def test_unknown_top_level_section_is_named(raw: dict) -> None:
     raw["trainer"] = {"epochs": 3}
     message = error_of(raw)
-    assert re.search(r"^\s+trainer: ", message, re.M), message
+    assert message == "params.yaml is not valid: trainer: Extra inputs are not permitted"
 
 
 def test_wrong_type_is_named_with_its_section(raw: dict) -> None:
     raw["finetune"]["epochs"] = "many"
     message = error_of(raw)
-    assert re.search(r"^\s+finetune\.epochs: ", message, re.M), message
+    assert re.search(r"(: |; )finetune\.epochs: Input should be a valid integer", message), message
+    assert "\n" not in message
 
 
 def test_bad_enum_value_is_refused(raw: dict) -> None:
@@ -147,7 +148,7 @@ def test_bad_enum_value_is_refused(raw: dict) -> None:
 def test_validate_section_errors_are_named_validate_not_validate_(raw: dict) -> None:
     raw["validate"]["min_text_chars"] = "three"
     message = error_of(raw)
-    assert re.search(r"^\s+validate\.min_text_chars: ", message, re.M), message
+    assert re.search(r"(: |; )validate\.min_text_chars: ", message), message
     assert "validate_" not in message
 
 
