@@ -364,6 +364,15 @@ def merge_incoming(source: Path, incoming: list[Path], raw_dir: Path, config: In
     return target
 
 
+def canonical_rows(path: Path, config: IngestConfig) -> tuple[pd.DataFrame, int]:
+    """`read_table` then `canonicalize`, its errors naming the file."""
+    raw = read_table(path)
+    try:
+        return canonicalize(raw, config)
+    except IngestError as error:
+        raise IngestError(f"{path}: {error}") from None
+
+
 def run_ingest(config: IngestConfig, workspace: Workspace) -> DataVersion:
     """Reads the source (plus any incoming files), snapshots, tracks and writes
     the canonical dataset.
@@ -375,11 +384,10 @@ def run_ingest(config: IngestConfig, workspace: Workspace) -> DataVersion:
     incoming = incoming_files(config, workspace.root)
     if incoming:
         snapshot = merge_incoming(source, incoming, workspace.raw_dir, config)
-        raw = read_table(snapshot)
-    else:
-        raw = read_table(source)  # errors name the user's file, and nothing is copied before it reads
+        frame, excluded = canonical_rows(snapshot, config)
+    else:  # errors name the user's file, and nothing is copied before it is read and its columns found
+        frame, excluded = canonical_rows(source, config)
         snapshot = snapshot_source(source, workspace.raw_dir)
-    frame, excluded = canonicalize(raw, config)
     md5, size = track_with_dvc(snapshot, workspace.root, config.dvc_remote)
     version = DataVersion(md5, size, str(snapshot.relative_to(workspace.root)), str(config.source),
                           len(frame), excluded, [str(p.relative_to(workspace.root)) for p in incoming],

@@ -259,7 +259,10 @@ RAW = [  # (body bytes, status, detail)
     (b'{"texts": ["good", "good", "good", "good", "good"]}', 413, "5 texts in one request; the limit is "
                                                                    "serve.max_batch = 4"),
     (b'{"text": "' + b"y" * 51 + b'"}', 413, "text 0 has 51 characters; the limit is serve.max_text_chars = 50"),
-    (b"[" * 100_000 + b"]" * 100_000, 400, "There was an error parsing the body"),
+    (b"[" * 100_000 + b"]" * 100_000, 422, "invalid request: the body nests JSON more than 32 levels deep"),
+    (b'{"texts": ' + b"[" * 40 + b'"deep"' + b"]" * 40 + b"}", 422,
+     "invalid request: the body nests JSON more than 32 levels deep"),
+    (b'{"texts": ["' + b"[{" * 500 + b'"]}', 413, "text 0 has 1000 characters; the limit is serve.max_text_chars = 50"),
 ]
 
 
@@ -297,7 +300,7 @@ ONE_MB_ID = "r" * 1_000_000
                                                            "128 characters"),
     ({"request_id": "a" * 32, "label": ""}, 422, "invalid request: label: String should have at least 1 character"),
     ({"request_id": "a" * 32, "label": "positive", "correction": "maybe"}, 422,
-     "invalid request: correction: Input should be a valid boolean, unable to interpret input"),
+     "invalid request: correction: Input should be a valid boolean"),
     ({"request_id": "a" * 32, "label": "positive", "by": "admin"}, 422, "invalid request: by: Extra inputs are not "
                                                                         "permitted"),
     ({"request_id": "a" * 32, "label": "positive"}, 404, f"no predictions with request_id '{'a' * 32}'"),
