@@ -40,11 +40,16 @@ def bearer(name: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def classifier(tiny_bert, toy_task, tmp_path_factory):
+def trained(tiny_bert, toy_task, tmp_path_factory) -> Path:
+    """The tiny LoRA model's folder, as the finetune stage writes it."""
     out = tmp_path_factory.mktemp("hostile-model")
-    result = finetune("tiny", tiny_bert, toy_task["train"], toy_task["validation"], toy_task["labels"], FAST,
-                      out / "model", out / "checkpoints", "hostile", progress=False)
-    return load_classifier(result.model_dir, base_model=str(tiny_bert), device="cpu")
+    return finetune("tiny", tiny_bert, toy_task["train"], toy_task["validation"], toy_task["labels"], FAST,
+                    out / "model", out / "checkpoints", "hostile", progress=False).model_dir
+
+
+@pytest.fixture(scope="module")
+def classifier(trained, tiny_bert):
+    return load_classifier(trained, base_model=str(tiny_bert), device="cpu")
 
 
 @pytest.fixture
@@ -510,3 +515,193 @@ def test_demo_recreates_only_its_own_marked_workspace(tmp_path):
     (workspace / "old-registry.db").write_text("stale")
     fresh_workspace(workspace, tmp_path / "project")
     assert sorted(p.name for p in workspace.iterdir()) == [MARKER]
+
+
+# === round two (issue 21) ========================================================================
+
+# --- the service bounds time: slow clients, on a real socket -------------------------------------
+
+SERVER = Path(__file__).with_name("serve_process.py")
+HEAD_SECONDS, BODY_SECONDS = 2.0, 4.0  # the test's deadlines (the defaults are 10 s and 30 s)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def rss_mib(pid: int) -> float:
+    """The process's resident memory (VmRSS), MiB."""
+    line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def open_sockets(pid: int) -> int:
+    """Sockets the process holds: its listening socket and every connection it has not closed."""
+    import os
+
+    return sum(1 for fd in Path(f"/proc/{pid}/fd").iterdir() if os.readlink(fd).startswith("socket:"))
+
+
+def answer_of(connection, wait: float) -> tuple[int | None, str | None, float]:
+    """(status, detail, seconds until the server closed) of what the server sent back on `connection`."""
+    import time
+
+    started, data = time.monotonic(), b""
+    connection.settimeout(wait)
+    try:
+        while chunk := connection.recv(65536):
+            data += chunk
+    except (TimeoutError, ConnectionResetError):
+        pass
+    seconds = time.monotonic() - started
+    if not data:
+        return None, None, seconds
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)["detail"], seconds
+
+
+def send_raw(port: int, raw: bytes):
+    import socket
+
+    connection = socket.create_connection(("127.0.0.1", port))
+    connection.sendall(raw)
+    return connection
+
+
+def post_head(length: int, token: str | None = None) -> bytes:
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    return (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{auth}"
+            f"Content-Length: {length}\r\n\r\n").encode()
+
+
+@pytest.fixture(scope="module")
+def service(trained, tiny_bert, tmp_path_factory):
+    """`tuneloop serve`'s app and protocol in a process of its own, on a free loopback port."""
+    import http.client
+    import os
+    import subprocess
+    import sys
+    import time
+
+    store_url = f"sqlite:///{tmp_path_factory.mktemp('slow-store')}/predictions.db"
+    port = free_port()
+    tokens = " ".join(f"{name}:{'predict,feedback' if name == 'admin' else 'predict' if name == 'web' else 'feedback'}"
+                      f":{secret}" for name, secret in SECRETS.items())
+    env = {**os.environ, "TUNELOOP_TOKENS": tokens, "PYTHONPATH": str(SERVER.parent)}
+    process = subprocess.Popen([sys.executable, str(SERVER), str(trained), str(tiny_bert), store_url, str(port),
+                                str(HEAD_SECONDS), str(BODY_SECONDS)], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while True:
+        assert process.poll() is None and time.monotonic() < deadline, "the service did not start"
+        try:
+            probe = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            probe.request("GET", "/health")
+            if probe.getresponse().status == 200:
+                probe.close()
+                break
+        except OSError:
+            time.sleep(0.5)
+    try:
+        yield {"port": port, "pid": process.pid, "store": PredictionStore(store_url)}
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def predict_over_http(port: int, text: str) -> dict:
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    connection.request("POST", "/predict", json.dumps({"text": text}),
+                       {**bearer("web"), "Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200
+    answer = json.loads(response.read())
+    connection.close()
+    return answer
+
+
+@pytest.mark.parametrize("sent", [b"", b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Le"])
+def test_a_request_head_that_never_completes_gets_408_at_its_deadline_and_is_disconnected(service, sent):
+    status, detail, seconds = answer_of(send_raw(service["port"], sent), wait=HEAD_SECONDS + 20)
+    assert (status, detail) == (408, f"the request head did not arrive within {HEAD_SECONDS:g} s")
+    assert HEAD_SECONDS - 0.5 < seconds < HEAD_SECONDS + 15
+
+
+def test_a_body_that_stops_short_of_its_declared_length_gets_408_at_its_deadline(service):
+    before = snapshot(service["store"])
+    connection = send_raw(service["port"], post_head(1000, SECRETS["web"]) + b'{"text": "')
+    status, detail, seconds = answer_of(connection, wait=BODY_SECONDS + 20)
+    assert (status, detail) == (408, f"the request body did not arrive within {BODY_SECONDS:g} s (10 bytes came)")
+    assert BODY_SECONDS - 0.5 < seconds < BODY_SECONDS + 15
+    assert snapshot(service["store"]) == before
+
+
+@pytest.mark.parametrize("token, status, detail", [
+    (None, 401, NO_BEARER),
+    ("guessed-secret-0123456789", 401, "the bearer token is not a known token"),
+    (SECRETS["labeller"], 403, "token 'labeller' has scopes ['feedback'], not 'predict'"),
+])
+def test_a_caller_without_the_right_token_is_refused_before_its_body_is_read(service, token, status, detail):
+    connection = send_raw(service["port"], post_head(1_000_000, token))  # the head alone: no body byte sent
+    answered = answer_of(connection, wait=BODY_SECONDS + 20)
+    assert answered[:2] == (status, detail)
+    assert answered[2] < BODY_SECONDS / 2  # at once: the body's deadline never came into it
+
+
+def test_two_hundred_slow_bodies_cannot_hold_the_service_and_its_memory_returns_to_baseline(service, record_property):
+    """200 connections each send a valid head and 900 KB of a declared 1,000,000-byte body, then stall.
+    At most 32 bodies are read at once (the rest get 503 at once, unread); those 32 get 408 at the body
+    deadline and every connection is closed; the server's memory comes back to its baseline."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    port, pid, store = service["port"], service["pid"], service["store"]
+    predict_over_http(port, "the film was good")  # warm: the model has answered once
+    before_rows = snapshot(store)
+    time.sleep(1.0)
+    baseline = {"rss_mib": rss_mib(pid), "sockets": open_sockets(pid)}
+    head, part = post_head(1_000_000, SECRETS["web"]), b'{"text": "' + b"a" * 899_990
+
+    def slow_client(_: int):
+        connection = send_raw(port, head)
+        try:
+            connection.sendall(part)
+        except OSError:  # refused and closed while sending: the server read none of it
+            pass
+        return connection, time.monotonic()
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=40) as pool:
+        connections = list(pool.map(slow_client, range(200)))
+    time.sleep(0.5)
+    during = {"rss_mib": rss_mib(pid), "sockets": open_sockets(pid)}
+    answers = [answer_of(connection, wait=BODY_SECONDS + 30) for connection, _ in connections]
+    sending = max(sent for _, sent in connections) - started
+    seconds = time.monotonic() - started
+    for connection, _ in connections:
+        connection.close()
+    time.sleep(1.0)
+    after = {"rss_mib": rss_mib(pid), "sockets": open_sockets(pid)}
+    statuses = {status: sum(1 for a in answers if a[0] == status) for status in {a[0] for a in answers}}
+    figures = {"baseline": baseline, "during": during, "after": after, "statuses": statuses,
+               "all_answered_within_s": round(seconds, 1), "sending_took_s": round(sending, 1)}
+    record_property("slow_clients", json.dumps(figures))
+    print("slow clients:", json.dumps(figures))
+
+    assert set(statuses) <= {408, 503} and sum(statuses.values()) == 200
+    assert statuses[408] >= 32 and statuses[503] >= 100
+    for status, detail, _ in answers:
+        assert detail == (f"the request body did not arrive within {BODY_SECONDS:g} s (900000 bytes came)"
+                          if status == 408 else "32 requests are sending their bodies, the most the service reads "
+                                                "at once; retry shortly")
+    assert seconds < BODY_SECONDS * 3 + 30  # every connection was answered and closed
+    assert during["sockets"] - baseline["sockets"] <= 33 and after["sockets"] == baseline["sockets"]
+    assert after["rss_mib"] - baseline["rss_mib"] < 16
+    assert snapshot(store) == before_rows  # no prediction was logged for any of them
+    predict_over_http(port, "the film was good")  # and the service still answers
