@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import filecmp
 import hashlib
+import logging
 import math
 import os
 import shutil
@@ -290,8 +291,6 @@ def open_dvc_repo(root: Path, remote: str | None):
     A local path remote is stored relative to `.dvc/`, so the project can move.
     """
     from dvc.config_schema import RelPath
-    import logging
-
     from dvc.repo import Repo
 
     logging.getLogger("dvc").setLevel(logging.WARNING)  # "To track the changes with git..." hints
@@ -433,6 +432,9 @@ def restore_data(md5: str, size: int, path: str, root: Path, out_dir: Path, remo
     dvcfile = staging / f"{name}.dvc"
     dvcfile.write_text(yaml.safe_dump({"outs": [{"md5": md5, "size": size, "hash": "md5", "path": name}]}))
     restored = staging / name
+    fetch_log = logging.getLogger("dvc_data")  # its "missing cache files" lines: the error below says it once
+    level = fetch_log.level
+    fetch_log.setLevel(logging.ERROR)
     try:
         repo = open_dvc_repo(root, remote)
         try:
@@ -441,6 +443,8 @@ def restore_data(md5: str, size: int, path: str, root: Path, out_dir: Path, remo
             repo.close()
     except DvcException:
         pass  # told below, in the same words as bytes that came back wrong
+    finally:
+        fetch_log.setLevel(level)
     if not restored.exists() or hashlib.md5(restored.read_bytes()).hexdigest() != md5:
         if created is not None:
             shutil.rmtree(created)
