@@ -303,8 +303,8 @@ class FinetuneConfig:
         for name in ("min_steps", "min_examples_per_class", "patience", "checkpoint_every_steps", "weight_decay"):
             check_range("finetune", self, name, 0)  # checkpoint_every_steps 0: no mid-epoch checkpoints
         check_range("finetune", self, "max_steps", 1)
-        check_range("finetune", self, "learning_rate", 0, low_open=True)
-        check_range("finetune", self, "head_learning_rate", 0, low_open=True)
+        check_range("finetune", self, "learning_rate", 0)  # 0 trains nothing, but runs (tests freeze a model so)
+        check_range("finetune", self, "head_learning_rate", 0)
         check_range("finetune", self, "lora_dropout", 0, 1, high_open=True)
         check_range("finetune", self, "warmup_ratio", 0, 1)
         modules = (self.target_modules,) if isinstance(self.target_modules, str) else self.target_modules

@@ -187,7 +187,7 @@ def test_load_params_error_names_the_file_and_the_key(tmp_path: Path, raw: dict)
     ("finetune", "batch_size", 0, "finetune.batch_size must be at least 1, got 0"),
     ("finetune", "device", "tpu", "finetune.device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
     ("finetune", "learning_rate", float("nan"), "finetune.learning_rate must be a finite number, got nan"),
-    ("finetune", "learning_rate", 0.0, "finetune.learning_rate must be above 0, got 0.0"),
+    ("finetune", "learning_rate", -1e-3, "finetune.learning_rate must be at least 0, got -0.001"),
     ("finetune", "epochs", -3, "finetune.epochs must be at least 1, got -3"),
     ("finetune", "lora_dropout", 1.0, "finetune.lora_dropout must be at least 0 and below 1, got 1.0"),
     ("finetune", "warmup_ratio", float("inf"), "finetune.warmup_ratio must be a finite number, got inf"),
