@@ -724,6 +724,7 @@ def tuneloop_main(capsys, *args: str) -> tuple[int, str, str]:
 
     from tuneloop.cli import main
 
+    capsys.readouterr()  # only what this command writes counts
     argv, sigterm = sys.argv, signal.getsignal(signal.SIGTERM)
     sys.argv = ["tuneloop", *args]
     try:
@@ -993,7 +994,6 @@ def test_a_project_copied_with_cp_a_reads_and_writes_only_its_own_artefacts(
         register_versions(original, trained, tiny_bert, {"experiment": "copied", "model_name": name}, 1)
         before = folder_manifest(original)  # every file, mlflow.db and mlartifacts/ included
         subprocess.run(["cp", "-a", str(original), str(copy)], check=True)
-        capsys.readouterr()  # the register stage's progress lines
 
         code, out, err = tuneloop_main(capsys, "status", "--json", "--root", str(copy))  # the copy runs
         assert (code, err, json.loads(out)["champion"]["version"]) == (0, "", "1")
