@@ -21,6 +21,9 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Mapping
+
+from tuneloop.tasks.limits import Receive, Scope, Send, refuse
 
 TOKENS_VARIABLE = "TUNELOOP_TOKENS"
 TOKENS_FILE_VARIABLE = "TUNELOOP_TOKENS_FILE"
@@ -121,6 +124,27 @@ def authorize(tokens: tuple[Token, ...], authorization: str | None, scope: str) 
         return Access(False, token.name, 403, f"token {token.name!r} has scopes {sorted(token.scopes)}, "
                                               f"not {scope!r}")
     return Access(True, token.name)
+
+
+class TokenGate:
+    """ASGI middleware: a POST to a route that needs a scope is decided from its
+    Authorization header alone (401, 403), before a byte of its body is read, so
+    a caller without a token can never make the service hold a body."""
+
+    def __init__(self, app: Callable, tokens: tuple[Token, ...], scopes: Mapping[str, str]):
+        self.app, self.tokens, self.scopes = app, tokens, dict(scopes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        needed = self.scopes.get(scope.get("path", "")) if scope["type"] == "http" and scope["method"] == "POST" \
+            else None
+        if needed is not None:
+            header = next((value for name, value in scope["headers"] if name.lower() == b"authorization"), b"")
+            access = authorize(self.tokens, header.decode("latin-1"), needed)
+            if not access.allowed:
+                challenge = ((b"www-authenticate", b"Bearer"),) if access.status == 401 else ()
+                await refuse(send, access.status, access.reason, challenge)
+                return
+        await self.app(scope, receive, send)
 
 
 def is_loopback(host: str) -> bool:

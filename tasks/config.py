@@ -12,10 +12,67 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+
+import regex
 
 # --- how a text becomes one vector (tasks/classifier.py)
 POOLINGS = ("mean", "cls", "last")
+
+# --- the checks every section runs on its values (its __post_init__), so a setting out of
+# range stops the command that loads it, naming it, never a stage twenty minutes later.
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]{1,2})?)$")  # what torch.device accepts and tuneloop uses
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+MAX_SEED = 2**32 - 1  # numpy's generators refuse larger seeds and negative ones
+
+
+def check_finite(section: str, config: object) -> None:
+    """Every float setting (or float in a tuple setting) is a finite number: YAML's .nan and
+    .inf would pass every `<` and `>` check below and fail deep inside a stage.
+
+    Raises:
+        ValueError: naming the setting.
+    """
+    for setting in fields(config):
+        value = getattr(config, setting.name)
+        for item in value if isinstance(value, tuple) else (value,):
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ValueError(f"{section}.{setting.name} must be a finite number, got {item}")
+
+
+def check_range(section: str, config: object, name: str, low: float | None = None, high: float | None = None,
+                low_open: bool = False, high_open: bool = False) -> None:
+    """The setting `name` lies within low..high (open ends exclude the bound; None: no bound).
+    An optional setting left at None passes.
+
+    Raises:
+        ValueError: naming the setting, its allowed range and the value given.
+    """
+    value = getattr(config, name)
+    if value is None:
+        return
+    below = low is not None and (value <= low if low_open else value < low)
+    above = high is not None and (value >= high if high_open else value > high)
+    if below or above:
+        parts = ([f"{'above' if low_open else 'at least'} {low:g}"] if low is not None else []) + \
+                ([f"{'below' if high_open else 'at most'} {high:g}"] if high is not None else [])
+        raise ValueError(f"{section}.{name} must be {' and '.join(parts)}, got {value!r}")
+
+
+def check_device(section: str, name: str, value: str) -> None:
+    if not isinstance(value, str) or not DEVICE.match(value):
+        raise ValueError(f"{section}.{name} must be {DEVICES}, got {value!r}")
+
+
+def check_seed(section: str, value: int) -> None:
+    if not 0 <= value <= MAX_SEED:
+        raise ValueError(f"{section}.seed must be 0..{MAX_SEED}, got {value}")
+
+
+def check_named(section: str, name: str, value: str | None) -> None:
+    """A name setting (column, experiment, model) is a non-blank string when given."""
+    if value is not None and not str(value).strip():
+        raise ValueError(f"{section}.{name} must not be empty")
 
 
 # --- model: the base model and its pooling
@@ -32,6 +89,7 @@ class ModelConfig:
     __pydantic_config__ = {"extra": "forbid"}
 
     def __post_init__(self) -> None:
+        check_named("model", "base", self.base)
         if self.pooling not in {"auto", *POOLINGS}:
             raise ValueError(f"model.pooling must be auto, {', '.join(POOLINGS)}; got {self.pooling!r}")
         if not 0.0 <= self.abstain_max_accuracy_drop <= 1.0:
@@ -45,6 +103,10 @@ class MlflowConfig:
     experiment: str = "tuneloop"
     model_name: str = "tuneloop-sentiment"  # the registered model every run versions
     __pydantic_config__ = {"extra": "forbid"}
+
+    def __post_init__(self) -> None:
+        for name in ("tracking_uri", "experiment", "model_name"):
+            check_named("mlflow", name, getattr(self, name))
 
 
 # --- ingest (tasks/ingest.py)
@@ -60,6 +122,16 @@ class IngestConfig:
     dvc_remote: str | None = ".dvc-remote"
     incoming_dir: str | None = "data/incoming"  # labelled files dropped here join the source
     __pydantic_config__ = {"extra": "forbid"}
+
+    def __post_init__(self) -> None:
+        for name in ("source", "text_column", "label_column", "split_column"):
+            check_named("ingest", name, getattr(self, name))
+        if self.text_column == self.label_column:
+            raise ValueError(f"ingest.text_column and ingest.label_column are both {self.text_column!r}: "
+                             "texts and labels need a column each")
+        edges = self.length_slices
+        if any(edge < 1 for edge in edges) or list(edges) != sorted(set(edges)):
+            raise ValueError(f"ingest.length_slices must be increasing word counts of at least 1, got {list(edges)}")
 
 
 # --- validate (tasks/validate.py)
@@ -137,14 +209,16 @@ class ValidateConfig:
             if level not in SEVERITIES:
                 raise ValueError(f"severity[{rule!r}] must be 'error' or 'warning', not {level!r}")
         for name, pattern in self.pii_patterns.items():
-            try:
-                re.compile(pattern)
-            except re.error as exc:
+            try:  # the engine validate matches with: it honours a timeout (tasks/validate.py)
+                regex.compile(pattern)
+            except (regex.error, TypeError) as exc:
                 raise ValueError(f"pii_patterns[{name!r}] is not a valid regex: {exc}") from exc
         if not 0 <= self.min_text_chars <= self.max_text_chars:
             raise ValueError("need 0 <= min_text_chars <= max_text_chars")
+        check_finite("validate", self)
         if self.max_class_imbalance < 1:
             raise ValueError("max_class_imbalance must be >= 1 (largest / smallest class)")
+        check_range("validate", self, "min_rows_per_class", 1)
         if self.labels is None:
             object.__setattr__(self, "labels", "auto")
         if isinstance(self.labels, str) and self.labels != "auto":
@@ -162,6 +236,8 @@ class SplitConfig:
     __pydantic_config__ = {"extra": "forbid"}
 
     def __post_init__(self) -> None:
+        check_finite("split", self)
+        check_seed("split", self.seed)
         if self.validation_fraction <= 0 or self.test_fraction <= 0:
             raise ValueError("split: validation_fraction and test_fraction must be positive")
         if not self.validation_fraction + self.test_fraction < 1:
@@ -184,10 +260,17 @@ class BaselineConfig:
     __pydantic_config__ = {"extra": "forbid"}
 
     def __post_init__(self) -> None:
+        check_finite("baseline", self)
         if not self.probe_c or min(self.probe_c) <= 0:
             raise ValueError("baseline.probe_c must list at least one positive value")
         if not self.probe_class_weights or set(self.probe_class_weights) - {"none", "balanced"}:
             raise ValueError("baseline.probe_class_weights must list none and/or balanced")
+        for name in ("batch_size", "max_length", "probe_max_iter"):
+            check_range("baseline", self, name, 1)
+        check_range("baseline", self, "zero_shot_temperature", 0, low_open=True)
+        if "{label}" not in self.zero_shot_template:
+            raise ValueError("baseline.zero_shot_template must contain {label}, or every label reads the same")
+        check_device("baseline", "device", self.device)
 
 
 # --- finetune (tasks/finetune.py)
@@ -209,10 +292,11 @@ class FinetuneConfig:
     min_steps: int = 500  # a 2,000-row set trains 8 epochs, not 63 steps
     min_examples_per_class: int = 400  # 64 classes of ~140 rows: 3 epochs
     head_init: str = "probe"  # "probe" starts the head from the baseline's linear probe | "random"
-    label_smoothing: float = 0.0  # cross-entropy's target smoothing
+    label_smoothing: float = 0.1  # cross-entropy's target smoothing (temperature scaling recalibrates)
     # "balanced" weighs each class's loss by rows / (classes x its rows), so a 97:3 file does not
-    # learn the majority class alone; "none" is the plain mean
-    class_weights: str = "balanced"
+    # learn the majority class alone; "none" is the plain mean; "auto": balanced when the largest
+    # class has 10x the rows of the smallest or more, else none
+    class_weights: str = "auto"
     max_grad_norm: float | None = 1.0  # gradients clipped to this L2 norm (None: never)
     batch_size: int = 32
     max_length: int = 128
@@ -233,10 +317,26 @@ class FinetuneConfig:
             raise ValueError(f"finetune.precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.head_init not in {"probe", "random"}:
             raise ValueError(f"finetune.head_init must be probe or random, got {self.head_init!r}")
-        if self.class_weights not in {"balanced", "none"}:
-            raise ValueError(f"finetune.class_weights must be balanced or none, got {self.class_weights!r}")
+        if self.class_weights not in {"auto", "balanced", "none"}:
+            raise ValueError(f"finetune.class_weights must be auto, balanced or none, got {self.class_weights!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"finetune.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        check_finite("finetune", self)
+        for name in ("lora_r", "lora_alpha", "epochs", "batch_size", "max_length"):
+            check_range("finetune", self, name, 1)
+        for name in ("min_steps", "min_examples_per_class", "patience", "checkpoint_every_steps", "weight_decay"):
+            check_range("finetune", self, name, 0)  # checkpoint_every_steps 0: no mid-epoch checkpoints
+        check_range("finetune", self, "max_steps", 1)
+        check_range("finetune", self, "learning_rate", 0)  # 0 trains nothing, but runs (tests freeze a model so)
+        check_range("finetune", self, "head_learning_rate", 0)
+        check_range("finetune", self, "max_grad_norm", 0, low_open=True)
+        check_range("finetune", self, "lora_dropout", 0, 1, high_open=True)
+        check_range("finetune", self, "warmup_ratio", 0, 1)
+        modules = (self.target_modules,) if isinstance(self.target_modules, str) else self.target_modules
+        if not modules or not all(str(name).strip() for name in modules):
+            raise ValueError(f"finetune.target_modules must be all-linear or module names, got {self.target_modules!r}")
+        check_seed("finetune", self.seed)
+        check_device("finetune", "device", self.device)
 
     def epochs_for(self, rows: int, classes: int) -> int:
         """`epochs`, or more when that many would take fewer than `min_steps` steps
@@ -257,6 +357,10 @@ class EvaluateConfig:
     slice_columns: tuple[str, ...] | None = None  # None: every extra column of the data is a slice
     min_slice_rows: int = 1  # slices smaller than this are left out of the report
     __pydantic_config__ = {"extra": "forbid"}
+
+    def __post_init__(self) -> None:
+        check_range("evaluate", self, "batch_size", 1)
+        check_range("evaluate", self, "min_slice_rows", 0)
 
 
 # --- gate (tasks/gate.py)
@@ -285,6 +389,13 @@ class GateConfig:
             raise ValueError(f"gate.metric must be 'macro_f1' or 'accuracy', got {self.metric!r}")
         if self.slice_metric not in {"macro_f1", "accuracy"}:
             raise ValueError(f"gate.slice_metric must be 'macro_f1' or 'accuracy', got {self.slice_metric!r}")
+        check_finite("gate", self)
+        check_range("gate", self, "bootstrap_samples", 100)  # fewer cannot place a 95% interval's ends
+        check_range("gate", self, "confidence", 0, 1, low_open=True, high_open=True)
+        for name in ("max_slice_regression", "min_slice_rows"):
+            check_range("gate", self, name, 0)
+        check_range("gate", self, "max_latency_ms", 0, low_open=True)
+        check_seed("gate", self.seed)
 
 
 # --- triggers (tasks/triggers.py)
@@ -294,6 +405,9 @@ class TriggerConfig:
     retrain_on_new_data: bool = True
     retrain_on_drift: bool = True
     __pydantic_config__ = {"extra": "forbid"}
+
+    def __post_init__(self) -> None:
+        check_range("triggers", self, "min_new_labelled_rows", 1)
 
 
 # --- serve (tasks/serve.py)
@@ -314,8 +428,11 @@ class ServeConfig:
     __pydantic_config__ = {"extra": "forbid"}
 
     def __post_init__(self) -> None:
+        check_finite("serve", self)
         if not 0 <= self.port <= 65535:
             raise ValueError(f"serve.port must be 0-65535, got {self.port}")
+        check_named("serve", "host", self.host)
+        check_device("serve", "device", self.device)
         for name in ("poll_seconds", "max_text_chars", "max_batch", "batch_size", "max_body_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"serve.{name} must be positive, got {getattr(self, name)}")
@@ -363,3 +480,18 @@ class MonitorConfig:
             raise ValueError(f"monitor.rollback_metric must be 'macro_f1' or 'accuracy', got {self.rollback_metric!r}")
         if self.min_rows < 2 or self.sample_rows < 2:
             raise ValueError("monitor.min_rows and monitor.sample_rows must be at least 2")
+        check_finite("monitor", self)
+        if self.reference_split not in {"train", "validation", "test"}:
+            raise ValueError(f"monitor.reference_split must be train, validation or test, got {self.reference_split!r}")
+        check_range("monitor", self, "window_hours", 0, low_open=True)
+        for name in ("window_rows", "batch_size", "max_length", "min_labelled_rows"):
+            check_range("monitor", self, name, 1)
+        check_range("monitor", self, "bootstrap_samples", 100)
+        check_range("monitor", self, "embedding_auc", 0.5, 1)  # 0.5: a classifier that cannot tell them apart
+        check_range("monitor", self, "descriptor_share", 0, 1, low_open=True)
+        check_range("monitor", self, "prediction_p_value", 0, 1, low_open=True, high_open=True)
+        check_range("monitor", self, "confidence", 0, 1, low_open=True, high_open=True)
+        for name in ("descriptor_distance", "confidence_distance"):
+            check_range("monitor", self, name, 0)
+        check_seed("monitor", self.seed)
+        check_device("monitor", "device", self.device)

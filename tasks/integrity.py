@@ -27,6 +27,12 @@ log = logging.getLogger("tuneloop.integrity")
 MANIFEST_TAG = "model.files"  # JSON {relative path: sha256} of every file of the version's model folder
 BASE_NAME_TAG, BASE_PATH_TAG, BASE_SHA_TAG = "base_model.name", "base_model.path", "base_model.sha256"
 WEIGHT_SUFFIXES = {".safetensors", ".bin"}
+# Files MLflow itself writes into a registered version's folder, beside the recorded ones:
+# `mlflow.pyfunc.load_model("models:/<name>@champion")` on a local store writes
+# `registered_model_meta` (the model's name and version, YAML) into the version's artefact
+# folder itself. Nothing tuneloop loads reads it, so it is tolerated with a warning naming it;
+# every recorded file must still be there unchanged, and any other unrecorded file is refused.
+MLFLOW_ADDED = frozenset({"registered_model_meta"})
 
 
 class IntegrityError(TuneloopError, ValueError):
@@ -61,14 +67,21 @@ def base_weights_sha256(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
+def added_by_mlflow(expected: Mapping[str, str], actual: Mapping[str, str]) -> list[str]:
+    """The unrecorded files found that MLflow itself writes beside a version's files (MLFLOW_ADDED)."""
+    return sorted(name for name in set(actual) - set(expected) if name in MLFLOW_ADDED)
+
+
 def manifest_problems(expected: Mapping[str, str], actual: Mapping[str, str]) -> list[str]:
     """Every difference between recorded and found hashes, one reason each
-    (empty: identical). A missing or an extra file is a difference too: an
-    added `model.safetensors` would change what loads."""
+    (empty: identical but for files MLflow adds, `added_by_mlflow`). A missing
+    or an extra file is a difference too: an added `model.safetensors` would
+    change what loads."""
     problems = [f"{name}: sha256 {actual[name][:12]}... but {expected[name][:12]}... was recorded"
                 for name in sorted(expected) if name in actual and actual[name] != expected[name]]
     problems += [f"{name}: missing" for name in sorted(set(expected) - set(actual))]
-    problems += [f"{name}: not recorded for this version" for name in sorted(set(actual) - set(expected))]
+    tolerated = set(added_by_mlflow(expected, actual))
+    problems += [f"{name}: not recorded for this version" for name in sorted(set(actual) - set(expected) - tolerated)]
     return problems
 
 
@@ -79,11 +92,18 @@ def recorded_manifest(tags: Mapping[str, str]) -> dict[str, str] | None:
 
 
 def check_folder(folder: Path, expected: Mapping[str, str], what: str) -> None:
-    """Raises IntegrityError naming `what`, the folder and every differing file."""
-    problems = manifest_problems(expected, folder_manifest(folder))
+    """Raises IntegrityError naming `what`, the folder and every differing file;
+    warns naming the files MLflow added beside the recorded ones."""
+    actual = folder_manifest(folder)
+    problems = manifest_problems(expected, actual)
     if problems:
         raise IntegrityError(f"{what} at {folder} does not match its recorded sha256 hashes, refusing to load it: "
                              + "; ".join(problems))
+    added = added_by_mlflow(expected, actual)
+    if added:
+        log.warning("%s at %s also holds %s, written by MLflow when the version was loaded through models:/ "
+                    "(not recorded, and nothing tuneloop loads reads it): every recorded file matches, loading it",
+                    what, folder, ", ".join(added))
 
 
 def check_version_files(folder: Path, tags: Mapping[str, str], what: str) -> None:

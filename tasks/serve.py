@@ -32,6 +32,7 @@ from typing import Annotated
 
 import numpy as np
 import pandas as pd
+import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -39,9 +40,9 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from tuneloop.tasks.auth import Token, authorize
+from tuneloop.tasks.auth import Token, TokenGate, authorize
 from tuneloop.tasks.classifier import Classifier, load_classifier, predict_proba, score_texts
-from tuneloop.tasks.limits import BodyLimit, text_problem
+from tuneloop.tasks.limits import BodyLimit, SlowClientLimits, header_timeout_protocol, text_problem
 from tuneloop.tasks.privacy import mask_pii
 from tuneloop.tasks.store import FeedbackConflict, Prediction, PredictionStore, store_url, utcnow
 from tuneloop.tasks.config import ServeConfig
@@ -244,7 +245,8 @@ class FeedbackRequest(BaseModel):
     request_id: Annotated[str, Field(pattern=REQUEST_ID)]
     label: Label | None = None
     labels: list[Label] | None = None
-    correction: bool = False  # replaces labels already given; without it a different label is a 409
+    # replaces labels already given; without it a different label is a 409. Strict: "yes" or 1 is no answer
+    correction: Annotated[bool, Field(strict=True)] = False
 
 
 class FeedbackResponse(BaseModel):
@@ -414,12 +416,16 @@ def retention_purger(store: PredictionStore, config: ServeConfig, every: timedel
     return purge
 
 
+SCOPES = {"/predict": "predict", "/feedback": "feedback"}  # the scope each data route needs
+
+
 def create_app(follower: ChampionFollower, store: PredictionStore, config: ServeConfig,
-               tokens: tuple[Token, ...] = ()) -> FastAPI:
+               tokens: tuple[Token, ...] = (), limits: SlowClientLimits = SlowClientLimits()) -> FastAPI:
     """The service: loads the champion at startup, follows the alias while it runs.
 
-    With `tokens`, /predict and /feedback need a bearer token of their scope;
-    /health and /version stay open (probes, no data)."""
+    With `tokens`, /predict and /feedback need a bearer token of their scope,
+    checked before any body is read; /health and /version stay open (probes, no
+    data). Bodies are bounded in size, time and number (`limits`)."""
     purge = retention_purger(store, config)
 
     @asynccontextmanager
@@ -433,7 +439,9 @@ def create_app(follower: ChampionFollower, store: PredictionStore, config: Serve
         follower.stop()
 
     app = FastAPI(title="tuneloop", summary="The champion text classifier.", lifespan=lifespan)
-    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, limits=limits)
+    if tokens:  # added last, so it runs first: no body is read for a caller without a token
+        app.add_middleware(TokenGate, tokens=tokens, scopes=SCOPES)
     # One forward pass at a time: concurrent requests would split the same cores
     # (or GPU) between them and all finish later; queued, each gets all of it.
     scoring = threading.Lock()
@@ -523,8 +531,6 @@ def run_service(config: ServeConfig, model_name: str, base_model: str, root: Pat
         ServeRefused: the token configuration is broken, or the host is beyond
             loopback with no tokens configured.
     """
-    import uvicorn
-
     from tuneloop.tasks.auth import TokenError, bind_refusal, load_tokens
 
     try:
@@ -536,5 +542,10 @@ def run_service(config: ServeConfig, model_name: str, base_model: str, root: Pat
         raise ServeRefused(refusal)
     log.info("%s", f"tokens: {', '.join(t.name for t in tokens)}" if tokens else
              "no tokens configured: anyone on this machine may predict and label (loopback only)")
-    uvicorn.run(build_app(config, model_name, base_model, root, tokens), host=config.host, port=config.port,
-                log_level="info")
+    serve_app(build_app(config, model_name, base_model, root, tokens), config.host, config.port)
+
+
+def serve_app(app: FastAPI, host: str, port: int, limits: SlowClientLimits = SlowClientLimits()) -> None:
+    """Runs `app` on uvicorn until interrupted, each request head bounded by
+    `limits.header_seconds` (408 and closed after it; the app bounds the body)."""
+    uvicorn.run(app, host=host, port=port, log_level="info", http=header_timeout_protocol(limits.header_seconds))

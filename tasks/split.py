@@ -65,6 +65,43 @@ def check_declared_split(frame: pd.DataFrame) -> None:
                          "in the split column, or drop ingest.split_column to let tuneloop split")
 
 
+class UntrainableData(SplitError):
+    """The data passed validation's rules but cannot train and test a classifier."""
+
+
+def trainability_problems(frame: pd.DataFrame, config: SplitConfig) -> list[str]:
+    """Why no classifier can be trained, tuned and tested on `frame` as the split
+    stage will divide it: no rows, fewer than two labels, a split without rows,
+    or train rows of one label. Empty when it can."""
+    labels = sorted(frame["label"].dropna().unique().tolist()) if len(frame) else []
+    if not len(frame):
+        return ["the data has no rows (after ingest.exclude_labels): nothing to train on"]
+    if len(labels) < 2:
+        return [f"the data holds {len(labels)} label ({labels}): a classifier needs at least 2"]
+    split = split_dataset(frame, config)
+    counts = split_counts(split)
+    problems = [f"after the split, {name} has no rows ({', '.join(f'{k} {v}' for k, v in counts.items())})"
+                for name in SPLITS if not counts[name]]
+    if problems:
+        distinct = normalise_text(frame["text"].astype(str)).nunique()
+        problems.append(f"the data holds {distinct} distinct texts (after normalising) and rows with one text "
+                        "share a split: add rows with other texts")
+    elif split.loc[split["split"] == "train", "label"].nunique() < 2:
+        problems.append("after the split, every train row has one label: add rows of the other labels")
+    return problems
+
+
+def check_trainable(frame: pd.DataFrame, config: SplitConfig) -> None:
+    """Refuses data no model can learn from and be scored on, before any model is loaded.
+
+    Raises:
+        UntrainableData: naming every reason.
+    """
+    problems = trainability_problems(frame, config)
+    if problems:
+        raise UntrainableData("the data cannot train a classifier: " + "; ".join(problems))
+
+
 def stable_unit(texts: pd.Series, seed: int) -> np.ndarray:
     """A number in [0, 1) per text, from a SHA-256 of the seed and the normalised
     text: the same text gives the same number in every data version."""
@@ -123,11 +160,15 @@ def split_counts(frame: pd.DataFrame) -> dict[str, int]:
 def run_split(config: SplitConfig, workspace: Workspace) -> dict[str, int]:
     """Reads the ingested dataset, writes `data/split/splits.parquet`.
 
+    Raises:
+        UntrainableData: the data cannot train and test a classifier (check_trainable); nothing is written.
+
     Returns:
         Row counts per split (and `leaked_to_train`, when declared validation/test
         rows repeating a train text were moved).
     """
     source = pd.read_parquet(workspace.dataset)
+    check_trainable(source, config)
     frame = split_dataset(source, config)
     workspace.splits.parent.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(workspace.splits, index=False)

@@ -14,18 +14,28 @@ without a new ingest, opens a new pipeline run continuing the ended one (tag
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from tuneloop.tasks.workspace import Workspace, read_json, write_json
 from tuneloop.tasks.config import MlflowConfig
 
 
+log = logging.getLogger("tuneloop.tracking")
+
 # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: the value we set is not the user's.
 _SET_HERE: set[str] = set()
+ARTIFACTS = "mlartifacts"  # the local store's artefact folder, in the project
+# Where MLflow's SQL store records artefact locations: absolute file:// URIs (or paths)
+LOCATION_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"), ("model_versions", "source"),
+                    ("model_versions", "storage_location"), ("logged_models", "artifact_location"))
 
 
 def tracking_uri(config: MlflowConfig, root: Path) -> str:
@@ -38,20 +48,72 @@ def tracking_uri(config: MlflowConfig, root: Path) -> str:
     return env or config.tracking_uri or f"sqlite:///{(root / 'mlflow.db').resolve()}"
 
 
+def project_database(uri: str, root: Path) -> Path | None:
+    """The SQLite file behind `uri` when it exists inside the project folder `root`, else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = Path(uri.removeprefix("sqlite:///")).resolve()
+    return path if path.is_file() and Path(root).resolve() in path.parents else None
+
+
+def recorded_roots(connection: sqlite3.Connection) -> set[str]:
+    """The project folders (file URIs) a store's experiments were made in: the
+    folders whose `mlartifacts/` their artefact locations name."""
+    locations = [row[0] or "" for row in connection.execute("SELECT artifact_location FROM experiments")]
+    return {location.removesuffix(f"/{ARTIFACTS}") for location in locations
+            if location.startswith("file://") and location.endswith(f"/{ARTIFACTS}")}
+
+
+def relocate_store(database: Path, root: Path) -> list[str]:
+    """After a project folder was copied or moved (`cp -a`, `mv`), points every
+    artefact location its SQLite store records inside the old folder at the same
+    place inside `root`. MLflow records absolute locations, so without this the
+    copy would read, and write into, the original's `mlartifacts/`. Idempotent.
+
+    Returns:
+        The old folders (file URIs) the locations were moved from; empty when none were.
+    """
+    new_uri = Path(root).resolve().as_uri()
+    connection = sqlite3.connect(database, timeout=60, isolation_level=None)
+    try:  # closing without COMMIT rolls every rewrite back
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "experiments" not in tables:
+            return []
+        connection.execute("BEGIN IMMEDIATE")  # one writer: two commands opening a copy rewrite it once
+        moved = sorted(recorded_roots(connection) - {new_uri})
+        for old_uri in moved:
+            old_path, new_path = url2pathname(urlparse(old_uri).path), str(Path(root).resolve())
+            for old, new in ((old_uri + "/", new_uri + "/"), (old_path + "/", new_path + "/")):
+                for table, column in LOCATION_COLUMNS:
+                    if table in tables:
+                        connection.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                                           f"WHERE substr({column}, 1, ?) = ?", (new, len(old) + 1, len(old), old))
+        connection.execute("COMMIT")
+    finally:
+        connection.close()
+    for old_uri in moved:
+        log.info("this project was copied or moved from %s: its MLflow store now names artefacts under %s",
+                 old_uri, new_uri)
+    return moved
+
+
 def configure_tracking(config: MlflowConfig, root: Path) -> str:
     """Points MLflow at the tracking server and makes sure the experiment
-    exists (artefacts in `mlartifacts/` for the local default).
+    exists (artefacts in `mlartifacts/` for the local default). A project's own
+    SQLite store that was copied or moved with the project is first pointed at
+    its new folder (`relocate_store`).
 
     Returns:
         The experiment id.
     """
-    import logging
-
     import mlflow
 
     logging.getLogger("alembic").setLevel(logging.WARNING)  # migration chatter on first use
     logging.getLogger("mlflow.pyfunc").setLevel(logging.WARNING)  # "validating input example" at each registration
     uri = tracking_uri(config, root)
+    database = project_database(uri, root)
+    if database is not None:
+        relocate_store(database, root)
     user_set = os.environ.get("MLFLOW_TRACKING_URI") == uri and uri not in _SET_HERE
     mlflow.set_tracking_uri(uri)
     if not user_set:
@@ -60,7 +122,7 @@ def configure_tracking(config: MlflowConfig, root: Path) -> str:
     experiment = client.get_experiment_by_name(config.experiment)
     if experiment is not None:
         return experiment.experiment_id
-    location = (root / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite") else None
+    location = (root / ARTIFACTS).resolve().as_uri() if uri.startswith("sqlite") else None
     # the UI opens a model-training experiment on its runs, not on the GenAI traces overview
     return client.create_experiment(config.experiment, artifact_location=location,
                                     tags={"mlflow.experimentKind": "custom_model_development"})

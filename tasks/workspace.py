@@ -13,6 +13,7 @@ under `reports/`, `models/` and `data/`.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,3 +184,17 @@ def read_json(path: Path) -> Any:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: run the stage that writes it first")
     return json.loads(path.read_text())
+
+
+def folder_problem(folder: Path) -> str | None:
+    """Why `folder` cannot be made or written into, or None: its nearest existing
+    ancestor must be a writable folder (`/dev/null/x` has a device for a parent,
+    `data.csv/project` a file)."""
+    existing = Path(folder).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None

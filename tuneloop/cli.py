@@ -388,11 +388,16 @@ def restore_data_command(version: str, out: Optional[Path] = typer.Option(None, 
     from tuneloop.tasks import registry
     from tuneloop.tasks.ingest import restore_data
     from tuneloop.tasks.tracking import configure_tracking
+    from tuneloop.tasks.workspace import folder_problem
 
     try:
         version = registry.checked_version(version)
     except registry.TagError as error:
         fail(f"restore-data refused: {error}")
+    if out is not None:
+        unusable = folder_problem(out)
+        if unusable:
+            fail(f"restore-data refused, nothing was written: --out {out}: {unusable}")
     loaded, workspace = load(params, root, sets)
     configure_tracking(loaded.mlflow, workspace.root)
     from mlflow.exceptions import MlflowException
@@ -424,9 +429,12 @@ def serve(host: Optional[str] = typer.Option(None, help="interface to bind (defa
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     loaded, workspace = load(params, root, sets)
+    try:  # the flags are checked as params.yaml's serve section is
+        config = replace(loaded.serve, host=host or loaded.serve.host,
+                         port=loaded.serve.port if port is None else port)
+    except ValueError as error:
+        fail(f"serve refused: {error}")
     configure_tracking(loaded.mlflow, workspace.root)
-    config = replace(loaded.serve, host=host or loaded.serve.host,
-                     port=loaded.serve.port if port is None else port)
     try:
         run_service(config, loaded.mlflow.model_name, loaded.model.base, workspace.root)
     except ServeRefused as error:

@@ -19,9 +19,10 @@ import pandas as pd
 import yaml
 
 from tuneloop.tasks.errors import TuneloopError
-from tuneloop.tasks.ingest import IngestConfig, read_table
+from tuneloop.tasks.ingest import IngestConfig, label_texts, read_table
 from tuneloop.tasks.split import SPLIT_ALIASES, SPLITS, leaked_rows
 from tuneloop.tasks.validate import ValidateConfig
+from tuneloop.tasks.workspace import folder_problem
 
 LABEL_NAMES = ("label", "labels", "intent", "category", "class", "target", "y", "sentiment", "topic", "tag")
 TEXT_NAMES = ("text", "sentence", "utterance", "query", "question", "review", "content", "body", "message")
@@ -199,8 +200,7 @@ def length_edges(texts: pd.Series) -> tuple[int, ...]:
 
 
 def propose(frame: pd.DataFrame, columns: Columns) -> Proposal:
-    labels = frame[columns.label].dropna().astype(str).str.strip()
-    labels = labels[labels != ""]
+    labels = label_texts(frame[columns.label], columns.label).dropna()  # as ingest will read them
     if labels.nunique() < 2:
         raise InitError(f"column {columns.label!r} holds fewer than 2 labels: nothing to classify")
     bounds, notes = fitted_bounds(frame[columns.text].fillna(""), labels)
@@ -275,12 +275,16 @@ def init_project(data: Path, folder: Path, text: str | None = None, label: str |
     """Writes params.yaml, dvc.yaml and .gitignore into `folder` for `data`.
 
     Raises:
-        InitError: the file cannot be read as a labelled table, or `folder`
-            already holds a params.yaml (unless `force`).
+        InitError: the file cannot be read as a labelled table, `folder` is a
+            file (or below one), or it already holds a params.yaml (unless `force`).
     """
     from tuneloop.tasks.ingest import open_dvc_repo
 
     data, folder = data.resolve(), folder.resolve()
+    unusable = folder_problem(folder)
+    if unusable:
+        raise InitError(f"the project folder {folder} cannot be used: {unusable}; name a folder as the second "
+                        "argument (`tuneloop init DATA DIR`)")
     frame = read_table(data)
     proposal = propose(frame, propose_columns(frame, text, label, split))
     if (folder / "params.yaml").exists() and not force:

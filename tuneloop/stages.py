@@ -26,7 +26,7 @@ from tuneloop.tasks.gate import CHALLENGER, PROBE, Decision, decide_promotion, o
 from tuneloop.tasks.ingest import DataVersion, load_data_version, run_ingest
 from tuneloop.tasks.labels import label_indices
 from tuneloop.tasks.report import write_evaluation_plots, write_evaluation_report, write_tuning_plots
-from tuneloop.tasks.split import SplitError, check_declared_split, load_split, run_split
+from tuneloop.tasks.split import SplitError, check_declared_split, check_trainable, load_split, run_split
 from tuneloop.tasks.validate import DataValidationError, ValidationReport, check_report, validate_dataset
 from tuneloop.tasks.workspace import Workspace, read_json, write_json
 from tuneloop import tune_runs
@@ -85,6 +85,7 @@ def validate(params: Params, ws: Workspace) -> ValidationReport:
     try:
         check_report(report)
         check_declared_split(frame)
+        check_trainable(frame, params.split)  # before baseline loads any model
     except (DataValidationError, SplitError):
         finish_run(ws, "FAILED", "stopped at validation")
         raise

@@ -40,11 +40,16 @@ def bearer(name: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def classifier(tiny_bert, toy_task, tmp_path_factory):
+def trained(tiny_bert, toy_task, tmp_path_factory) -> Path:
+    """The tiny LoRA model's folder, as the finetune stage writes it."""
     out = tmp_path_factory.mktemp("hostile-model")
-    result = finetune("tiny", tiny_bert, toy_task["train"], toy_task["validation"], toy_task["labels"], FAST,
-                      out / "model", out / "checkpoints", "hostile", progress=False)
-    return load_classifier(result.model_dir, base_model=str(tiny_bert), device="cpu")
+    return finetune("tiny", tiny_bert, toy_task["train"], toy_task["validation"], toy_task["labels"], FAST,
+                    out / "model", out / "checkpoints", "hostile", progress=False).model_dir
+
+
+@pytest.fixture(scope="module")
+def classifier(trained, tiny_bert):
+    return load_classifier(trained, base_model=str(tiny_bert), device="cpu")
 
 
 @pytest.fixture
@@ -259,7 +264,10 @@ RAW = [  # (body bytes, status, detail)
     (b'{"texts": ["good", "good", "good", "good", "good"]}', 413, "5 texts in one request; the limit is "
                                                                    "serve.max_batch = 4"),
     (b'{"text": "' + b"y" * 51 + b'"}', 413, "text 0 has 51 characters; the limit is serve.max_text_chars = 50"),
-    (b"[" * 100_000 + b"]" * 100_000, 400, "There was an error parsing the body"),
+    (b"[" * 100_000 + b"]" * 100_000, 422, "invalid request: the body nests JSON more than 32 levels deep"),
+    (b'{"texts": ' + b"[" * 40 + b'"deep"' + b"]" * 40 + b"}", 422,
+     "invalid request: the body nests JSON more than 32 levels deep"),
+    (b'{"texts": ["' + b"[{" * 500 + b'"]}', 413, "text 0 has 1000 characters; the limit is serve.max_text_chars = 50"),
 ]
 
 
@@ -297,7 +305,13 @@ ONE_MB_ID = "r" * 1_000_000
                                                            "128 characters"),
     ({"request_id": "a" * 32, "label": ""}, 422, "invalid request: label: String should have at least 1 character"),
     ({"request_id": "a" * 32, "label": "positive", "correction": "maybe"}, 422,
-     "invalid request: correction: Input should be a valid boolean, unable to interpret input"),
+     "invalid request: correction: Input should be a valid boolean"),
+    ({"request_id": "a" * 32, "label": "positive", "correction": "yes"}, 422,
+     "invalid request: correction: Input should be a valid boolean"),
+    ({"request_id": "a" * 32, "label": "positive", "correction": "true"}, 422,
+     "invalid request: correction: Input should be a valid boolean"),
+    ({"request_id": "a" * 32, "label": "positive", "correction": 1}, 422,
+     "invalid request: correction: Input should be a valid boolean"),
     ({"request_id": "a" * 32, "label": "positive", "by": "admin"}, 422, "invalid request: by: Extra inputs are not "
                                                                         "permitted"),
     ({"request_id": "a" * 32, "label": "positive"}, 404, f"no predictions with request_id '{'a' * 32}'"),
@@ -507,3 +521,567 @@ def test_demo_recreates_only_its_own_marked_workspace(tmp_path):
     (workspace / "old-registry.db").write_text("stale")
     fresh_workspace(workspace, tmp_path / "project")
     assert sorted(p.name for p in workspace.iterdir()) == [MARKER]
+
+
+# === round two (issue 21) ========================================================================
+
+# --- the service bounds time: slow clients, on a real socket -------------------------------------
+
+SERVER = Path(__file__).with_name("serve_process.py")
+HEAD_SECONDS, BODY_SECONDS = 2.0, 4.0  # the test's deadlines (the defaults are 10 s and 30 s)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def rss_mib(pid: int) -> float:
+    """The process's resident memory (VmRSS), MiB."""
+    line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def open_sockets(pid: int) -> int:
+    """Sockets the process holds: its listening socket and every connection it has not closed."""
+    import os
+
+    return sum(1 for fd in Path(f"/proc/{pid}/fd").iterdir() if os.readlink(fd).startswith("socket:"))
+
+
+def answer_of(connection, wait: float) -> tuple[int | None, str | None, float]:
+    """(status, detail, seconds until the server closed) of what the server sent back on `connection`."""
+    import time
+
+    started, data = time.monotonic(), b""
+    connection.settimeout(wait)
+    try:
+        while chunk := connection.recv(65536):
+            data += chunk
+    except (TimeoutError, ConnectionResetError):
+        pass
+    seconds = time.monotonic() - started
+    if not data:
+        return None, None, seconds
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)["detail"], seconds
+
+
+def send_raw(port: int, raw: bytes):
+    import socket
+
+    connection = socket.create_connection(("127.0.0.1", port))
+    connection.sendall(raw)
+    return connection
+
+
+def post_head(length: int, token: str | None = None) -> bytes:
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    return (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{auth}"
+            f"Content-Length: {length}\r\n\r\n").encode()
+
+
+@pytest.fixture(scope="module")
+def service(trained, tiny_bert, tmp_path_factory):
+    """`tuneloop serve`'s app and protocol in a process of its own, on a free loopback port."""
+    import http.client
+    import os
+    import subprocess
+    import sys
+    import time
+
+    store_url = f"sqlite:///{tmp_path_factory.mktemp('slow-store')}/predictions.db"
+    port = free_port()
+    tokens = " ".join(f"{name}:{'predict,feedback' if name == 'admin' else 'predict' if name == 'web' else 'feedback'}"
+                      f":{secret}" for name, secret in SECRETS.items())
+    env = {**os.environ, "TUNELOOP_TOKENS": tokens, "PYTHONPATH": str(SERVER.parent)}
+    process = subprocess.Popen([sys.executable, str(SERVER), str(trained), str(tiny_bert), store_url, str(port),
+                                str(HEAD_SECONDS), str(BODY_SECONDS)], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while True:
+        assert process.poll() is None and time.monotonic() < deadline, "the service did not start"
+        try:
+            probe = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            probe.request("GET", "/health")
+            if probe.getresponse().status == 200:
+                probe.close()
+                break
+        except OSError:
+            time.sleep(0.5)
+    try:
+        yield {"port": port, "pid": process.pid, "store": PredictionStore(store_url)}
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def predict_over_http(port: int, text: str) -> dict:
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    connection.request("POST", "/predict", json.dumps({"text": text}),
+                       {**bearer("web"), "Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200
+    answer = json.loads(response.read())
+    connection.close()
+    return answer
+
+
+@pytest.mark.parametrize("sent", [b"", b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Le"])
+def test_a_request_head_that_never_completes_gets_408_at_its_deadline_and_is_disconnected(service, sent):
+    status, detail, seconds = answer_of(send_raw(service["port"], sent), wait=HEAD_SECONDS + 20)
+    assert (status, detail) == (408, f"the request head did not arrive within {HEAD_SECONDS:g} s")
+    assert HEAD_SECONDS - 0.5 < seconds < HEAD_SECONDS + 15
+
+
+def test_a_body_that_stops_short_of_its_declared_length_gets_408_at_its_deadline(service):
+    before = snapshot(service["store"])
+    connection = send_raw(service["port"], post_head(1000, SECRETS["web"]) + b'{"text": "')
+    status, detail, seconds = answer_of(connection, wait=BODY_SECONDS + 20)
+    assert (status, detail) == (408, f"the request body did not arrive within {BODY_SECONDS:g} s (10 bytes came)")
+    assert BODY_SECONDS - 0.5 < seconds < BODY_SECONDS + 15
+    assert snapshot(service["store"]) == before
+
+
+@pytest.mark.parametrize("token, status, detail", [
+    (None, 401, NO_BEARER),
+    ("guessed-secret-0123456789", 401, "the bearer token is not a known token"),
+    (SECRETS["labeller"], 403, "token 'labeller' has scopes ['feedback'], not 'predict'"),
+])
+def test_a_caller_without_the_right_token_is_refused_before_its_body_is_read(service, token, status, detail):
+    connection = send_raw(service["port"], post_head(1_000_000, token))  # the head alone: no body byte sent
+    answered = answer_of(connection, wait=BODY_SECONDS + 20)
+    assert answered[:2] == (status, detail)
+    assert answered[2] < BODY_SECONDS / 2  # at once: the body's deadline never came into it
+
+
+def test_two_hundred_slow_bodies_cannot_hold_the_service_and_its_memory_returns_to_baseline(service, record_property):
+    """200 connections each send a valid head and 900 KB of a declared 1,000,000-byte body, then stall.
+    At most 32 bodies are read at once (the rest get 503 at once, unread); those 32 get 408 at the body
+    deadline and every connection is closed; the server's memory comes back to its baseline."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    port, pid, store = service["port"], service["pid"], service["store"]
+    predict_over_http(port, "the film was good")  # warm: the model has answered once
+    before_rows = snapshot(store)
+    time.sleep(1.0)
+    baseline = {"rss_mib": rss_mib(pid), "sockets": open_sockets(pid)}
+    head, part = post_head(1_000_000, SECRETS["web"]), b'{"text": "' + b"a" * 899_990
+
+    def slow_client(_: int):
+        connection = send_raw(port, head)
+        try:
+            connection.sendall(part)
+        except OSError:  # refused and closed while sending: the server read none of it
+            pass
+        return connection, time.monotonic()
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=40) as pool:
+        connections = list(pool.map(slow_client, range(200)))
+    time.sleep(0.5)
+    during = {"rss_mib": rss_mib(pid), "sockets": open_sockets(pid)}
+    answers = [answer_of(connection, wait=BODY_SECONDS + 30) for connection, _ in connections]
+    sending = max(sent for _, sent in connections) - started
+    seconds = time.monotonic() - started
+    for connection, _ in connections:
+        connection.close()
+    time.sleep(1.0)
+    after = {"rss_mib": rss_mib(pid), "sockets": open_sockets(pid)}
+    statuses = {status: sum(1 for a in answers if a[0] == status) for status in {a[0] for a in answers}}
+    figures = {"baseline": baseline, "during": during, "after": after, "statuses": statuses,
+               "all_answered_within_s": round(seconds, 1), "sending_took_s": round(sending, 1)}
+    record_property("slow_clients", json.dumps(figures))
+    print("slow clients:", json.dumps(figures))
+
+    assert set(statuses) <= {408, 503} and sum(statuses.values()) == 200
+    assert statuses[408] >= 32 and statuses[503] >= 100
+    for status, detail, _ in answers:
+        assert detail == (f"the request body did not arrive within {BODY_SECONDS:g} s (900000 bytes came)"
+                          if status == 408 else "32 requests are sending their bodies, the most the service reads "
+                                                "at once; retry shortly")
+    assert seconds < BODY_SECONDS * 3 + 30  # every connection was answered and closed
+    assert during["sockets"] - baseline["sockets"] <= 33 and after["sockets"] == baseline["sockets"]
+    assert after["rss_mib"] - baseline["rss_mib"] < 16
+    assert snapshot(store) == before_rows  # no prediction was logged for any of them
+    predict_over_http(port, "the film was good")  # and the service still answers
+
+
+# --- the one-line refusals of the CLI, and nothing written ---------------------------------------
+
+
+def tuneloop_main(capsys, *args: str) -> tuple[int, str, str]:
+    """The real `tuneloop` entry point (main(), which turns expected failures into one line
+    and exit 2) in this process: (exit code, stdout, stderr)."""
+    import signal
+    import sys
+
+    from tuneloop.cli import main
+
+    capsys.readouterr()  # only what this command writes counts
+    argv, sigterm = sys.argv, signal.getsignal(signal.SIGTERM)
+    sys.argv = ["tuneloop", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as exited:
+        code = exited.code or 0
+    finally:
+        sys.argv = argv
+        signal.signal(signal.SIGTERM, sigterm)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def files_under(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+GOOD_CSV = "text,label\n" + "".join(f"film number {i} was {'good' if i % 2 else 'bad'},{'pos' if i % 2 else 'neg'}\n"
+                                    for i in range(40))
+SHIPPED_PARAMS = (Path(__file__).resolve().parents[2] / "params.yaml").read_text()
+
+
+@pytest.mark.parametrize("files, args, message", [
+    ({"latin.yaml": "finetune:\n  device: caf\xe9\n".encode("latin-1")}, ["status", "--params", "latin.yaml"],
+     "{root}/latin.yaml is not UTF-8 (line 2, byte 23): save it as UTF-8"),
+    ({"folder.yaml/x": b""}, ["status", "--params", "folder.yaml"],
+     "{root}/folder.yaml is a folder, not a params file: pass --params FILE"),
+    ({"deep.yaml": b"[" * 20_000 + b"]" * 20_000}, ["status", "--params", "deep.yaml"],
+     "{root}/deep.yaml nests its values too deeply to read (thousands of levels)"),
+    ({"params.yaml": SHIPPED_PARAMS.encode()}, ["status", "--set", "finetune.batch_size=0"],
+     "{root}/params.yaml with --set finetune.batch_size=0 is not valid: finetune.batch_size must be at least 1, "
+     "got 0"),
+    ({"params.yaml": SHIPPED_PARAMS.encode()}, ["status", "--set", "finetune.device=tpu"],
+     "{root}/params.yaml with --set finetune.device=tpu is not valid: finetune.device must be auto, cpu, cuda, "
+     "cuda:N or mps, got 'tpu'"),
+    ({"params.yaml": SHIPPED_PARAMS.encode()}, ["status", "--set", "finetune.learning_rate=.nan"],
+     "{root}/params.yaml with --set finetune.learning_rate=.nan is not valid: finetune.learning_rate must be a "
+     "finite number, got nan"),
+    ({"params.yaml": b"finetune:\n  epochs: -3\n"}, ["validate"],
+     "{root}/params.yaml is not valid: finetune.epochs must be at least 1, got -3"),
+    ({"params.yaml": b"finetune:\n  epochs: 2\n  epochs: 3\n"}, ["validate"],
+     "{root}/params.yaml: key 'epochs' is written twice in one section (line 3, column 3); YAML would keep only "
+     "the last, remove one"),
+    ({"params.yaml": b""}, ["run"],
+     "{root}/params.yaml is empty: tuneloop does not fall back to its shipped defaults (they train on its own "
+     "movie reviews); write your sections, or let `tuneloop init DATA` write them"),
+    ({"params.yaml": SHIPPED_PARAMS.encode()}, ["serve", "--port", "99999"],
+     "serve refused: serve.port must be 0-65535, got 99999"),
+    ({"good.csv": GOOD_CSV.encode()}, ["init", "good.csv", "good.csv"],
+     "the project folder {root}/good.csv cannot be used: {root}/good.csv is not a folder; name a folder as the "
+     "second argument (`tuneloop init DATA DIR`)"),
+    ({"nul.csv": b'text,label\n"Th\x00is film",pos\n'}, ["init", "nul.csv", "project"],
+     "{root}/nul.csv: column 'text', row 1 holds a NUL character, which cannot be kept as written (1 rows in all); "
+     "remove it from the file"),
+    ({"mac.csv": GOOD_CSV.replace("\n", "\r").encode()}, ["init", "mac.csv", "project"],
+     "{root}/mac.csv ends its lines with CR alone (classic Mac); save it with LF or CRLF line ends"),
+    ({"surrogate.jsonl": b'{"text": "fine \\udfff", "label": "a"}\n'}, ["init", "surrogate.jsonl", "project"],
+     "{root}/surrogate.jsonl: column 'text', row 1 holds a lone surrogate (a \\ud800-\\udfff escape), which cannot "
+     "be kept as written (1 rows in all); remove it from the file"),
+    ({"header.csv": b"text,label\n"}, ["init", "header.csv", "project"],
+     "{root}/header.csv has a header but no rows: nothing to learn from"),
+    ({}, ["restore-data", "1", "--out", "/dev/null/x"],
+     "restore-data refused, nothing was written: --out /dev/null/x: /dev/null is not a folder"),
+], ids=["latin-1", "folder", "deep", "batch_size=0", "device=tpu", "lr=nan", "epochs=-3", "duplicate-key", "empty",
+        "port", "init-into-file", "nul", "cr-only", "surrogate", "header-only", "out-under-a-device"])
+def test_every_hostile_file_setting_and_flag_ends_in_one_line_and_exit_2_writing_nothing(
+        tmp_path, monkeypatch, capsys, files, args, message):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for name, content in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(content)
+    before = files_under(tmp_path)
+    code, out, err = tuneloop_main(capsys, *args, "--root" if args[0] != "init" else "--force", *(
+        [str(tmp_path)] if args[0] != "init" else []))
+    assert (code, out, err) == (2, "", message.format(root=tmp_path) + "\n")
+    assert files_under(tmp_path) == before and sorted(tmp_path.iterdir()) == sorted(
+        tmp_path / name.split("/")[0] for name in files)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_pipe_or_device_as_source_ends_init_and_ingest_in_one_line_without_reading_it(
+        tmp_path, monkeypatch, capsys, kind):
+    import os
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    source = tmp_path / "data.csv"
+    os.mkfifo(source) if kind == "fifo" else source.symlink_to("/dev/zero")
+    message = "data source {} is not a regular file (a pipe or a device?); copy the data to a file\n"
+    assert tuneloop_main(capsys, "init", str(source), str(tmp_path / "project")) == (
+        2, "", message.format(source.resolve()))  # init names the file the link leads to
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.csv"]
+    (tmp_path / "params.yaml").write_text("ingest: {source: data.csv}\n")
+    assert tuneloop_main(capsys, "ingest", "--root", str(tmp_path)) == (2, "", message.format(source))
+    assert not (tmp_path / "data").exists()  # no snapshot, no prepared data
+
+
+def test_restoring_a_well_formed_but_unknown_data_version_ends_in_one_line_and_leaves_no_folder(
+        mlflow_sandbox, mlflow_model_name, tmp_path, capsys):
+    import yaml
+
+    from tuneloop.tasks import registry
+    from tuneloop.tasks.ingest import open_dvc_repo
+    from tuneloop.tasks.tracking import start_pipeline_run
+    from tuneloop.tasks.workspace import Workspace
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "weights.bin").write_bytes(b"w")
+    run_id = start_pipeline_run(mlflow_sandbox.config(model_name=mlflow_model_name), Workspace(tmp_path / "reg"), {})
+    md5 = "0123456789abcdef" * 2
+    registry.create_version(mlflow_model_name, run_id, model, {"data.md5": md5, "data.size": "12",
+                                                               "data.path": "data/raw/x.csv"})
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "params.yaml").write_text(yaml.safe_dump({"mlflow": {
+        "tracking_uri": mlflow_sandbox.tracking_uri, "experiment": mlflow_sandbox.experiment,
+        "model_name": mlflow_model_name}}))
+    open_dvc_repo(project, ".dvc-remote").close()
+    code, out, err = tuneloop_main(capsys, "restore-data", "1", "--root", str(project))
+    assert (code, out, err) == (2, "", f"DVC could not restore data version {md5}: neither the project's DVC cache "
+                                       "nor the remote .dvc-remote holds it; nothing was written\n")
+    assert not (project / "data").exists()
+
+
+# --- a champion loaded as the README shows still serves, evaluates and rolls back -----------------
+
+SCORES = {"accuracy": 0.9, "macro_f1": 0.875, "ece": 0.05, "latency_ms_per_example": 1.0}
+
+
+def register_versions(root: Path, trained: Path, base: Path, mlflow_section: dict, count: int, first: int = 0):
+    """A project whose register stage made `count` versions of the trained model, each promoted in
+    turn (the last is `champion`), with its params.yaml written for the CLI. Returns its params.
+    Each registration scores differently from `first` on, so none is taken for an earlier one."""
+    import shutil
+    from dataclasses import asdict
+
+    import yaml
+
+    from tuneloop import stages
+    from tuneloop.params import parse_params
+    from tuneloop.tasks.ingest import DataVersion
+    from tuneloop.tasks.integrity import folder_manifest
+    from tuneloop.tasks.tracking import start_pipeline_run
+    from tuneloop.tasks.workspace import Workspace, write_json
+
+    ws = Workspace(root)
+    ws.splits.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"text": ["the film was bad", "the film was good"], "label": ["negative", "positive"],
+                  "split": "test"}).to_parquet(ws.splits)
+    write_json(ws.data_version, asdict(DataVersion("e" * 32, 1, "data/raw/x.csv", "x.csv", 2, 0)))
+    if not ws.challenger_dir.exists():
+        shutil.copytree(trained, ws.challenger_dir)
+    params = parse_params({"model": {"base": str(base)}, "validate": {"labels": ["negative", "positive"]},
+                           "mlflow": mlflow_section})
+    (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True)))
+    for number in range(first, first + count):
+        write_json(ws.evaluation, {"models": {"challenger": {**SCORES, "macro_f1": 0.8 + number / 100}},
+                                   "challenger_files": folder_manifest(ws.challenger_dir)})
+        write_json(ws.decision, {"promote": True, "reasons": [f"better, try {number}"]})
+        start_pipeline_run(params.mlflow, ws, {"data.md5": "e" * 32})
+        stages.register(params, ws)
+    return params
+
+
+def version_folder(name: str, version: str) -> Path:
+    """Where the local store keeps a version's files (its source, a file:// URI)."""
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    from tuneloop.tasks import registry
+
+    return Path(url2pathname(urlparse(registry.get_version(name, version).source).path))
+
+
+def test_loading_the_champion_as_the_readme_shows_never_takes_it_out_of_service(
+        trained, tiny_bert, mlflow_sandbox, tmp_path, capsys, caplog):
+    import mlflow
+
+    from tuneloop import stages
+    from tuneloop.tasks import registry
+    from tuneloop.tasks.integrity import MANIFEST_TAG, folder_manifest
+    from tuneloop.tasks.serve import registry_loader, registry_lookup
+    from tuneloop.tasks.workspace import Workspace
+
+    name, root = "tl-hostile-readme-user", tmp_path / "project"
+    params = register_versions(root, trained, tiny_bert, {"tracking_uri": mlflow_sandbox.tracking_uri,
+                                                          "experiment": mlflow_sandbox.experiment,
+                                                          "model_name": name}, 2)
+    folder = version_folder(name, "2")
+    recorded = json.loads(registry.get_version(name, "2").tags[MANIFEST_TAG])
+    assert folder_manifest(folder) == recorded
+
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")  # exactly the README's lines
+    assert model.predict(pd.DataFrame({"text": ["what a film"]}))["label"].tolist()[0] in {"negative", "positive"}
+    assert sorted(set(folder_manifest(folder)) - set(recorded)) == ["registered_model_meta"]  # MLflow wrote it there
+
+    # serve: the follower loads the untouched champion; /health is 200
+    follower = ChampionFollower(name, str(tiny_bert), registry_lookup(name),
+                                registry_loader(name, tmp_path / "serve-cache", str(tiny_bert), "cpu"), 60.0)
+    with caplog.at_level("WARNING", logger="tuneloop.integrity"):
+        with TestClient(create_app(follower, PredictionStore(f"sqlite:///{tmp_path}/p.db"), LIMITS, TOKENS)) as client:
+            health = client.get("/health")
+    assert (health.status_code, health.json()["version"], health.json()["last_error"]) == (200, "2", None)
+    assert any("also holds registered_model_meta, written by MLflow" in r.getMessage() for r in caplog.records)
+
+    # evaluate: the champion is scored, not refused
+    candidate = stages.champion_candidate(params, Workspace(root))
+    assert candidate is not None and "v2" in str(vars(candidate))
+
+    # rollback, and forward again onto the loaded version
+    code, out, err = tuneloop_main(capsys, "rollback", "--root", str(root), "--why", "test")
+    assert (code, err) == (0, "") and "from version 2 to version 1" in out
+    code, out, err = tuneloop_main(capsys, "rollback", "--root", str(root), "--why", "test")
+    assert (code, err) == (0, "") and "from version 1 to version 2" in out
+    assert registry.alias_version(name, registry.CHAMPION).version == "2"
+    assert {k: v for k, v in folder_manifest(folder).items() if k != "registered_model_meta"} == recorded
+
+
+@pytest.mark.parametrize("change, problem", [
+    ("flip", "artifacts/classifier/labels.json: sha256"),
+    ("remove", "artifacts/classifier/labels.json: missing"),
+    ("add", "model.safetensors: not recorded for this version"),
+])
+def test_beside_mlflows_own_file_a_changed_missing_or_added_file_is_still_refused(tmp_path, change, problem):
+    from tuneloop.tasks.integrity import IntegrityError, check_folder, folder_manifest
+
+    (tmp_path / "artifacts" / "classifier").mkdir(parents=True)
+    (tmp_path / "MLmodel").write_text("flavors: {}\n")
+    (tmp_path / "artifacts" / "classifier" / "labels.json").write_text('["negative", "positive"]')
+    recorded = folder_manifest(tmp_path)
+    (tmp_path / "registered_model_meta").write_text("model_name: m\nmodel_version: '1'\n")
+    check_folder(tmp_path, recorded, "version 1")  # MLflow's file alone: loads
+    labels = tmp_path / "artifacts" / "classifier" / "labels.json"
+    if change == "flip":
+        labels.write_text('["positive", "negative"]')
+    elif change == "remove":
+        labels.unlink()
+    else:
+        (tmp_path / "model.safetensors").write_bytes(b"other weights")
+    with pytest.raises(IntegrityError) as refused:
+        check_folder(tmp_path, recorded, "version 1")
+    assert f"refusing to load it: {problem}" in str(refused.value)
+    assert "registered_model_meta" not in str(refused.value)
+
+
+# --- a copied project is a project of its own ----------------------------------------------------
+
+
+def test_a_project_copied_with_cp_a_reads_and_writes_only_its_own_artefacts(
+        trained, tiny_bert, tmp_path, monkeypatch, capsys):
+    import shutil
+    import sqlite3
+    import subprocess
+
+    import mlflow
+
+    from tuneloop.tasks import registry
+    from tuneloop.tasks.integrity import folder_manifest
+
+    previous_uri = mlflow.get_tracking_uri()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    name, original, copy = "tl-hostile-copied", tmp_path / "original", tmp_path / "copy"
+    original.mkdir()
+    try:
+        register_versions(original, trained, tiny_bert, {"experiment": "copied", "model_name": name}, 1)
+        before = folder_manifest(original)  # every file, mlflow.db and mlartifacts/ included
+        subprocess.run(["cp", "-a", str(original), str(copy)], check=True)
+
+        code, out, err = tuneloop_main(capsys, "status", "--json", "--root", str(copy))  # the copy runs
+        assert (code, err, json.loads(out)["champion"]["version"]) == (0, "", "1")
+        mlflow.pyfunc.load_model(f"models:/{name}@champion")  # MLflow writes beside the copy's files
+        assert version_folder(name, "1").is_relative_to(copy)
+        register_versions(copy, trained, tiny_bert, {"experiment": "copied", "model_name": name}, 1, 1)  # version 2
+        assert version_folder(name, "2").is_relative_to(copy)
+        assert folder_manifest(original) == before  # the original was neither read into nor written
+
+        with sqlite3.connect(copy / "mlflow.db") as db:
+            named = [row for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                                               ("model_versions", "source"), ("model_versions", "storage_location"))
+                     for row in db.execute(f"SELECT {column} FROM {table}") if str(original) in str(row[0])]
+        assert named == []
+
+        shutil.rmtree(original)  # the copy stands alone: both versions load, rollback works
+        for version in ("1", "2"):
+            registry.verified_version(name, version, tmp_path / "fresh-cache", str(tiny_bert))
+        code, out, err = tuneloop_main(capsys, "rollback", "--root", str(copy), "--why", "test")
+        assert code == 0 and "from version 2 to version 1" in out and "Traceback" not in err
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+
+
+# --- validate: bounded regexes, and data that cannot train refused before any model loads ---------
+
+
+def test_a_nested_quantifier_pii_pattern_is_matched_in_bounded_time_by_the_guarded_engine(tmp_path):
+    from tuneloop.tasks.config import ValidateConfig
+    from tuneloop.tasks.validate import validate_dataset
+
+    texts = ["a" * 1999 + "!", "aaaa", "a fine film", "a" * 30 + "b"] * 5
+    frame = pd.DataFrame({"row": range(1, 21), "text": texts, "label": ["pos", "neg"] * 10})
+    config = ValidateConfig(pii_patterns={"evil": r"^(a+)+$"}, min_rows_per_class=1)
+    result = next(r for r in validate_dataset(frame, config, tmp_path).results if r.rule == "pii")
+    assert (result.passed, result.example_rows) == (False, (2, 6, 10, 14, 18))
+    assert result.message.startswith("pii: 5 rows contain personal data (evil): rows 2 (evil: 'aaaa')")
+
+
+def test_a_catastrophic_pii_pattern_stops_at_its_time_budget_naming_it():
+    import time
+
+    from tuneloop.tasks.validate import PatternTimeout, pii_matches
+
+    texts = pd.Series(["fine", "a" * 40 + "!"])
+    started = time.monotonic()
+    with pytest.raises(PatternTimeout) as stopped:
+        pii_matches(texts, {"email": "@", "evil": r"(a|aa)+$"}, pd.Series([7, 8]), seconds=1.0)
+    assert time.monotonic() - started < 10
+    assert str(stopped.value) == ("validate.pii_patterns['evil'] ran past the 1 s the PII check may take (searching "
+                                  "row 8): it backtracks catastrophically on some texts; rewrite it without nested "
+                                  "repeats such as (a+)+ or (a|aa)+")
+
+
+def untrainable(texts: list[str], labels: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({"row": range(1, len(texts) + 1), "text": texts, "label": labels})
+
+
+@pytest.mark.parametrize("frame, message", [
+    (untrainable([], []), "the data has no rows (after ingest.exclude_labels): nothing to train on"),
+    (untrainable([f"review {i}" for i in range(60)], ["pos"] * 60),
+     "the data holds 1 label (['pos']): a classifier needs at least 2"),
+    (untrainable(["Great film!"] * 30 + ["great film"] * 30, ["pos", "neg"] * 30),
+     "after the split, validation has no rows (train 60, validation 0, test 0); after the split, test has no rows "
+     "(train 60, validation 0, test 0); the data holds 1 distinct texts (after normalising) and rows with one "
+     "text share a split: add rows with other texts"),
+], ids=["no-rows", "one-class", "all-duplicates"])
+def test_data_that_cannot_train_is_refused_by_validate_before_any_model_loads(
+        mlflow_sandbox, tmp_path, capsys, frame, message):
+    from dataclasses import asdict
+
+    from tuneloop import stages
+    from tuneloop.params import parse_params
+    from tuneloop.tasks.ingest import DataVersion
+    from tuneloop.tasks.split import UntrainableData
+    from tuneloop.tasks.tracking import start_pipeline_run
+    from tuneloop.tasks.workspace import Workspace, write_json
+
+    ws = Workspace(tmp_path)
+    ws.dataset.parent.mkdir(parents=True)
+    frame.to_parquet(ws.dataset)
+    write_json(ws.data_version, asdict(DataVersion("e" * 32, 1, "data/raw/x.csv", "x.csv", len(frame), 0,
+                                                   labels=sorted(set(frame["label"])))))
+    params = parse_params({"mlflow": {"tracking_uri": mlflow_sandbox.tracking_uri,
+                                      "experiment": mlflow_sandbox.experiment},
+                           "validate": {"min_rows_per_class": 1, "max_class_imbalance": 100.0}})
+    start_pipeline_run(params.mlflow, ws, {"data.md5": "e" * 32})
+    with pytest.raises(UntrainableData) as refused:
+        stages.validate(params, ws)
+    assert str(refused.value) == f"the data cannot train a classifier: {message}"
+    assert not ws.splits.exists() and not (tmp_path / "models").exists()

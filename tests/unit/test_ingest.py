@@ -271,3 +271,91 @@ def test_ingest_keeps_the_remotes_other_options_such_as_an_s3_endpoint(tmp_path:
     config = (tmp_path / ".dvc" / "config").read_text()
     assert "url = s3://bucket/dvc" in config
     assert "endpointurl = http://127.0.0.1:9000" in config
+
+
+# --- hostile files: every text byte-exact or refused, nothing written (issue 21) ---------------
+
+
+def project_files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("nul.csv", b'text,label\n"The film\x00 was fine",positive\n"dull",negative\n',
+     "column 'text', row 1 holds a NUL character, which cannot be kept as written (1 rows in all); remove it from "
+     "the file"),
+    ("nul.jsonl", b'{"text": "fine", "label": "positive"}\n{"text": "bad\\u0000", "label": "negative"}\n',
+     "column 'text', row 2 holds a NUL character, which cannot be kept as written (1 rows in all); remove it from "
+     "the file"),
+    ("surrogate.jsonl", b'{"text": "fine", "label": "positive"}\n{"text": "bad \\ud800 one", "label": "negative"}\n',
+     "column 'text', row 2 holds a lone surrogate (a \\ud800-\\udfff escape), which cannot be kept as written "
+     "(1 rows in all); remove it from the file"),
+    ("old-mac.csv", b"text,label\rgood film,positive\rbad film,negative\r",
+     "ends its lines with CR alone (classic Mac); save it with LF or CRLF line ends"),
+    ("old-mac.jsonl", b'{"text": "a", "label": "x"}\r{"text": "b", "label": "y"}\r',
+     "ends its lines with CR alone (classic Mac); save it with LF or CRLF line ends"),
+    ("header-only.csv", b"text,label\n", "has a header but no rows: nothing to learn from"),
+    ("labels.jsonl", b'{"text": "a", "label": true}\n{"text": "b", "label": "true"}\n',
+     "column 'label' spells the label 'true' as a boolean and as a string: write every label the same way (all "
+     "strings, or all numbers and true/false)"),
+    ("numbers.jsonl", b'{"text": "a", "label": 1}\n{"text": "b", "label": "1"}\n',
+     "column 'label' spells the label '1' as a number and as a string: write every label the same way (all "
+     "strings, or all numbers and true/false)"),
+    ("nested.jsonl", b'{"text": "a", "label": ["x"]}\n',
+     "column 'label', row 1: a label is one string, number or true/false, not a list or an object"),
+])
+def test_a_text_that_cannot_be_kept_byte_exact_or_a_label_spelled_two_ways_is_refused_and_nothing_is_written(
+        tmp_path: Path, name: str, content: bytes, message: str) -> None:
+    (tmp_path / name).write_bytes(content)
+    before = project_files(tmp_path)
+    with pytest.raises(IngestError) as refused:
+        run_ingest(IngestConfig(source=name), Workspace(tmp_path))
+    assert str(refused.value) in (f"{tmp_path / name}: {message}", f"{tmp_path / name} {message}")
+    assert project_files(tmp_path) == before  # no snapshot, no DVC repo, no prepared data
+
+
+def test_a_text_is_kept_exactly_as_written_quotes_newlines_and_spaces_included(tmp_path: Path) -> None:
+    texts = ['  two  spaces, a "quote" and\na newline  ', "tab\there", "line\u2028separator (raw in JSON)", "x\r\ny"]
+    frame = pd.DataFrame({"text": texts, "label": ["a", "b", "a", "b"]})
+    frame.to_csv(tmp_path / "exact.csv", index=False)
+    (tmp_path / "exact.jsonl").write_text("".join(json.dumps({"text": t, "label": "a"}, ensure_ascii=False) + "\n"
+                                                  for t in texts))
+    assert read_table(tmp_path / "exact.csv")["text"].tolist() == texts
+    assert read_table(tmp_path / "exact.jsonl")["text"].tolist() == texts
+
+
+def test_json_labels_are_text_by_one_rule_whole_numbers_without_a_fraction(tmp_path: Path) -> None:
+    lines = [{"text": "a", "label": True}, {"text": "b", "label": False}, {"text": "c", "label": 1},
+             {"text": "d", "label": 1.0}, {"text": "e", "label": 2.5}, {"text": "f", "label": None}]
+    (tmp_path / "labels.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    frame, _ = canonicalize(read_table(tmp_path / "labels.jsonl"), IngestConfig())
+    assert frame["label"].tolist() == ["true", "false", "1", "1", "2.5", None]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_pipe_or_a_device_as_the_source_is_refused_without_reading_it(tmp_path: Path, kind: str) -> None:
+    import os
+
+    source = tmp_path / "data.csv"
+    if kind == "fifo":
+        os.mkfifo(source)  # opening it to read would wait for a writer forever
+    else:
+        source.symlink_to("/dev/zero")  # reading it would never end
+    before = project_files(tmp_path)
+    with pytest.raises(IngestError) as refused:
+        run_ingest(IngestConfig(source="data.csv"), Workspace(tmp_path))
+    assert str(refused.value) == (f"data source {source} is not a regular file (a pipe or a device?); copy the data "
+                                  "to a file")
+    assert project_files(tmp_path) == before
+
+
+def test_restoring_a_data_version_dvc_does_not_hold_fails_in_one_line_and_leaves_no_folder(
+        ingest_round_trip: IngestRoundTrip) -> None:
+    root = ingest_round_trip.workspace.root
+    before = project_files(root)
+    with pytest.raises(IngestError) as refused:
+        restore_data("0123456789abcdef" * 2, 12, "data/raw/reviews.csv", root, root / "data" / "restored" / "v9",
+                     ingest_round_trip.config.dvc_remote)
+    assert str(refused.value) == ("DVC could not restore data version 0123456789abcdef0123456789abcdef: neither the "
+                                  "project's DVC cache nor the remote .dvc-remote holds it; nothing was written")
+    assert project_files(root) == before

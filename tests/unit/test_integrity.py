@@ -23,6 +23,11 @@ A, B, C = "a" * 64, "b" * 64, "c" * 64
     ({"w.safetensors": A, "labels.json": C}, {"w.safetensors": A}, ["labels.json: missing"]),
     ({"adapter_model.safetensors": A}, {"adapter_model.safetensors": A, "model.safetensors": B},
      ["model.safetensors: not recorded for this version"]),
+    ({"MLmodel": A}, {"MLmodel": A, "registered_model_meta": B}, []),  # MLflow writes it on models:/ loads
+    ({"MLmodel": A}, {"MLmodel": B, "registered_model_meta": B}, [f"MLmodel: sha256 {B[:12]}... but {A[:12]}... was "
+                                                                 "recorded"]),
+    ({"MLmodel": A}, {"sub/registered_model_meta": B}, ["MLmodel: missing",
+                                                        "sub/registered_model_meta: not recorded for this version"]),
 ])
 def test_manifest_problems_name_every_changed_missing_and_extra_file(expected, actual, problems) -> None:
     assert manifest_problems(expected, actual) == problems
