@@ -51,7 +51,10 @@ def print_version(value: bool) -> None:
 
 @app.callback()
 def entry(version: bool = typer.Option(False, "--version", callback=print_version, is_eager=True,
-                                       help="print tuneloop's version and exit")) -> None:
+                                       help="print tuneloop's version and exit"),
+          debug: bool = typer.Option(False, "--debug", help="show the traceback of a failure that otherwise ends in "
+                                     "one line, and library warnings (anywhere on the line: tuneloop run --debug)")
+          ) -> None:
     """Keep a fine-tuned text classifier good in production."""
 
 
@@ -66,6 +69,23 @@ def offline_environment() -> None:
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",  # a busy 2-core machine needs more than 20 s
     }.items():
         os.environ.setdefault(key, value)
+
+
+# Library deprecation notices (transformers, PEFT, torch ...) speak to developers, not to someone
+# reading one line per stage; PYTHONWARNINGS carries the choice into torchrun's and tune's workers.
+QUIET_WARNINGS = "ignore::FutureWarning,ignore::DeprecationWarning"
+
+
+def quiet_library_warnings() -> None:
+    """FutureWarning and DeprecationWarning are not shown, here or in the
+    processes this one starts, unless the user chose otherwise (PYTHONWARNINGS, -W)."""
+    import warnings
+
+    if os.environ.get("PYTHONWARNINGS") or sys.warnoptions:
+        return
+    os.environ["PYTHONWARNINGS"] = QUIET_WARNINGS
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -162,7 +182,8 @@ def stage_commands(docs: dict[str, str]) -> None:
 stage_commands({
     "ingest": "Read the source, snapshot it under DVC, push it, print its version.",
     "validate": "Run the Great Expectations suite; stop on a blocking rule.",
-    "split": "Deterministic stratified train/validation/test split.",
+    "split": "Train/validation/test by a hash of each row's normalised text: duplicates share a split and no "
+             "row changes split as the data grows (a declared split column is kept).",
     "baseline": "Base model's linear probe and zero-shot scores on the test split.",
 })
 
@@ -494,6 +515,7 @@ def main() -> None:
         sys.argv.remove("--debug")
         os.environ["TUNELOOP_DEBUG"] = "1"
     else:
+        quiet_library_warnings()
         for name in ("prefect.flow_runs", "prefect.task_runs"):
             logging.getLogger(name).addFilter(QuietExpectedFailures())
     try:
