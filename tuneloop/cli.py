@@ -149,10 +149,14 @@ def close_own_runs(loaded, status: str, outcome: str) -> None:
             raise
 
 
+SIGNALLED: list[int] = []  # the signal that stopped this command, once one has
+
+
 def terminate_on_sigterm() -> None:
     """SIGTERM ends the command like Ctrl-C: exit handlers run (Prefect's
     temporary server stops) and the command's MLflow run is closed KILLED."""
     def stop(signum, frame):
+        SIGNALLED.append(signum)
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
@@ -500,6 +504,13 @@ def expected_error_names() -> set[str]:
     return found
 
 
+def mlflow_is_a_server() -> bool:
+    """Whether MLflow's tracking URI is a server that can fail to answer (not a SQLite file or a folder)."""
+    import mlflow
+
+    return mlflow.get_tracking_uri().split(":", 1)[0] in {"http", "https"}
+
+
 def main() -> None:
     """The `tuneloop` command: expected failures end in one message and exit 2."""
     import logging
@@ -528,7 +539,10 @@ def main() -> None:
     except Exception as error:
         from tuneloop.tasks import registry
 
-        if debug or not registry.unreachable(error):
+        if SIGNALLED and not debug:  # what failed while stopping (a Prefect server gone with it) is not the news
+            typer.secho(f"tuneloop stopped by {signal.Signals(SIGNALLED[0]).name}", fg=typer.colors.RED, err=True)
+            sys.exit(128 + SIGNALLED[0])
+        if debug or not registry.unreachable(error) or not mlflow_is_a_server():
             raise
         import mlflow
 

@@ -148,3 +148,19 @@ def test_a_library_future_warning_does_not_break_the_one_line_per_stage_output(t
     assert done.stdout.strip() == "[6/9] finetune: the next stage line"
     # PEFT asks transformers' deprecated `is_gradient_checkpointing`: shown without the setting, silent with it
     assert ("FutureWarning" in done.stderr) is not quiet
+
+
+def test_a_sigterm_on_a_sqlite_project_is_told_as_the_signal_not_as_a_silent_mlflow_server(project: Path) -> None:
+    # the command is stopped by SIGTERM; what fails on the way out (a connection refused by a Prefect
+    # server that died with it) must not be reported as "the MLflow server ... did not answer"
+    runner = ("import os, signal; from tuneloop.tasks import registry\n"
+              "def stopped(*args):\n"
+              "    try:\n        os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    finally:\n        raise ConnectionRefusedError(111, 'Connection refused')\n"
+              "registry.model_status = stopped\n"
+              "from tuneloop.cli import main; main()")
+    result = tuneloop("status", cwd=project, code=runner.replace("\n", "\n"), env={
+        "MLFLOW_TRACKING_URI": f"sqlite:///{project}/mlflow.db"})
+    assert "MLflow server" not in result.stderr
+    assert result.stderr.strip() == "tuneloop stopped by SIGTERM"
+    assert result.returncode == 128 + 15
