@@ -241,6 +241,9 @@ def init(data: Path = typer.Argument(..., help="your labelled file: CSV (, ; tab
 @app.command()
 def run(params: Path = ParamsOption, root: Path = RootOption,
         tune: bool = typer.Option(False, "--tune/--no-tune", help="search finetune's settings first (tune.enabled: true)"),
+        commit: bool = typer.Option(True, "--commit/--no-commit", help="commit dvc.lock, metrics/, plots/, params.yaml "
+                                    "and data/raw/*.dvc after a run with params.yaml's values, so `dvc metrics diff "
+                                    "HEAD~1` shows what changed against the previous run"),
         sets: Optional[list[str]] = SetOption) -> None:
     """Run the whole retraining flow and print the decision."""
     from tuneloop.tasks.errors import TuneloopError
@@ -253,7 +256,7 @@ def run(params: Path = ParamsOption, root: Path = RootOption,
         start_ephemeral_server()  # dies with this command, even a SIGKILLed one
         try:
             result = retrain_flow(params_path=str(params), root=str(workspace.root), tune_settings=tune,
-                                  overrides=sets or [])
+                                  overrides=sets or [], commit=commit)
         except TuneloopError as error:
             from tuneloop.tasks.registry import RegistryUnavailable
 
