@@ -13,11 +13,12 @@ from pathlib import Path
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed
 
-from tuneloop.tasks import registry
-from tuneloop.tasks.dvclock import record_stage
+from tuneloop.tasks import registry, runlog
+from tuneloop.tasks.dvclock import commit_iteration, record_stage
 from tuneloop.tasks.lock import project_lock
-from tuneloop.tasks.workspace import Workspace
+from tuneloop.tasks.workspace import Workspace, read_json
 from tuneloop import stages
 from tuneloop.params import Params, load_params
 
@@ -40,13 +41,16 @@ register = stage_task(stages.register, retries=2, retry_delay_seconds=5)  # a re
 
 @flow(name="retrain")
 def retrain_flow(params_path: str = "params.yaml", root: str = ".", tune_settings: bool = False,
-                 overrides: list[str] | None = None) -> dict:
+                 overrides: list[str] | None = None, commit: bool = True) -> dict:
     """ingest → validate → split → baseline → [tune] → finetune → evaluate → gate → register.
 
     Args:
         tune_settings: search finetune's settings first, as if params said
             `tune.enabled: true` (`tuneloop run --tune`).
         overrides: `section.key=value` strings over params.yaml (`--set`).
+        commit: a run with params.yaml's values commits dvc.lock, metrics/,
+            plots/, params.yaml and the data's .dvc pointer in the project's
+            git repo, so the next run can be diffed against it (`--no-commit`).
 
     Returns:
         The registration: model name, new version, whether it was promoted,
@@ -61,7 +65,26 @@ def retrain_flow(params_path: str = "params.yaml", root: str = ".", tune_setting
     if not as_params_yaml:
         print("dvc.lock left as it was: this run's params differ from params.yaml (--tune or --set)", flush=True)
     with project_lock(workspace.root, "retrain flow"):  # one writer: a CLI run or a deployment, not both
-        return run_stages(params, workspace, record=as_params_yaml)
+        result = run_stages(params, workspace, record=as_params_yaml)
+        if as_params_yaml and commit:
+            verdict = "promoted" if result["promoted"] else "rejected"
+            print(commit_iteration(workspace.root, f"tuneloop run: {result['model']} v{result['version']} {verdict}, "
+                                                   f"data {read_json(workspace.data_version)['md5'][:8]}"), flush=True)
+    # the flow run's final state says what happened; a caller still gets the dict
+    return Completed(message=runlog.outcome_message(result), data=result)
+
+
+def run_step(stage_task, params: Params, workspace: Workspace, record: bool):
+    """One stage as a task; a failure is logged to the flow run, with its reason, before it propagates."""
+    try:
+        result = stage_task(params, workspace)
+    except Exception as error:
+        position = f"{stages.STAGES.index(stage_task.name) + 1}/{len(stages.STAGES)}"
+        runlog.log_failure(position, stage_task.name, error)
+        raise
+    if record:
+        record_stage(workspace.root, stage_task.name)
+    return result
 
 
 def run_stages(params: Params, workspace: Workspace, record: bool = True) -> dict:
@@ -69,10 +92,7 @@ def run_stages(params: Params, workspace: Workspace, record: bool = True) -> dic
     each finished stage is written into dvc.lock, so `dvc status` agrees."""
 
     def step(stage_task):
-        result = stage_task(params, workspace)
-        if record:
-            record_stage(workspace.root, stage_task.name)
-        return result
+        return run_step(stage_task, params, workspace, record)
 
     step(ingest)
     step(validate)

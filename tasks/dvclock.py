@@ -50,3 +50,44 @@ def record_stage(root: Path, stage: str) -> bool:
     finally:
         os.chdir(here)
     return True
+
+
+# What a run writes that a user diffs: DVC's record of the stages and the data snapshot's
+# pointer, the metrics and plot data, and the settings they came from.
+ITERATION_FILES = ("dvc.lock", "dvc.yaml", "params.yaml", ".gitignore", "metrics", "plots")
+
+
+def iteration_paths(root: Path) -> list[str]:
+    """The files of one iteration that exist in `root`: ITERATION_FILES and data/raw/*.dvc."""
+    found = [name for name in ITERATION_FILES if (root / name).exists()]
+    return found + sorted(str(p.relative_to(root)) for p in (root / "data" / "raw").glob("*.dvc"))
+
+
+def git(root: Path, *args: str):
+    import subprocess
+
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+
+
+def commit_iteration(root: Path, message: str) -> str:
+    """Commits the iteration's files (and nothing else the user staged), as DVC's
+    example projects do each iteration, so `dvc metrics diff HEAD~1`,
+    `dvc plots diff HEAD~1` and `dvc exp show` compare runs.
+
+    Returns:
+        One line saying what happened: the commit, that nothing changed, or why
+        it could not commit and the command that would.
+    """
+    paths = iteration_paths(root)
+    command = f"git add {' '.join(paths)} && git commit -m '{message}'"
+    top = git(root, "rev-parse", "--show-toplevel")
+    if top.returncode != 0 or Path(top.stdout.strip()).resolve() != root.resolve() or not paths:
+        return f"not a git repository of its own: to keep this run, `git init` and {command}"
+    git(root, "add", "--", *paths)
+    if not git(root, "status", "--porcelain", "--", *paths).stdout.strip():
+        return "nothing to commit: dvc.lock, metrics/ and plots/ are as the last commit has them"
+    done = git(root, "commit", "-q", "-m", message, "--", *paths)
+    if done.returncode != 0:
+        return f"not committed ({(done.stderr or done.stdout).strip().splitlines()[-1]}); to keep this run: {command}"
+    head = git(root, "rev-parse", "--short", "HEAD").stdout.strip()
+    return f"committed {', '.join(paths)} as {head}: `dvc metrics diff HEAD~1` compares with the previous run"

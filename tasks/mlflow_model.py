@@ -16,7 +16,8 @@ computes. The folder holds:
     input_example.json, serving_input_example.json   text in
     README.md                                        the model card
     tuneloop_classifier.py                           builds the model (MLflow "models from code": no pickle)
-    code/tuneloop/                                   the scorer's modules, so no tuneloop install is needed
+    code/tuneloop/                                   every tuneloop module the entry file imports, transitively
+                                                     (`bundled_modules`), so no tuneloop install is needed
     artifacts/classifier/                            what finetune saved: weights, head, tokenizer, labels
     artifacts/base_model/                            a LoRA version's base model, unless a pip package ships it
 
@@ -27,8 +28,11 @@ copy carried inside the model.
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import json
 import shutil
+import sys
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -199,28 +203,101 @@ def portable_folder(source: Path, target: Path, base_reference: str) -> Path:
     return target
 
 
-def code_package(target: Path) -> Path:
-    """The modules scoring imports, laid out as the `tuneloop` package (MLflow puts
-    the model's code/ first on sys.path), so the model loads where tuneloop is not installed."""
-    import tuneloop
-    from tuneloop.tasks import classifier, fastpath
+PACKAGE = "tuneloop"  # the import name whose modules the model carries
 
-    package = target / "tuneloop"
-    (package / "tasks").mkdir(parents=True)
-    shutil.copy(Path(tuneloop.__file__), package / "__init__.py")
-    (package / "tasks" / "__init__.py").write_text('"""The scoring modules of tuneloop, carried by an MLflow model."""\n')
-    for module in (classifier, fastpath):
-        shutil.copy(Path(module.__file__), package / "tasks" / Path(module.__file__).name)
-    shutil.copy(Path(__file__), package / "tasks" / Path(__file__).name)
-    return package
+
+def imported_names(source: str, package: str = "") -> set[str]:
+    """Every module name `source` imports, module-level and inside functions
+    (a lazy import runs too), relative ones resolved against `package`;
+    `from a import b` gives both `a` and `a.b` (b may be a module).
+    Imports under `if TYPE_CHECKING:` never run and are left out."""
+    names: set[str] = set()
+    todo = [ast.parse(source)]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            todo += node.orelse  # the body never runs
+            continue
+        todo += ast.iter_child_nodes(node)
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = importlib.util.resolve_name("." * node.level + (node.module or ""), package) \
+                if node.level else node.module or ""
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names if alias.name != "*")
+    return names
+
+
+def module_spec(name: str):
+    """The import spec of module `name`, found as `import` would find it but
+    without running any module (`from m import f` asks about `m.f`, which must
+    not import `m`); None when `name` is no module."""
+    spec, path = None, None
+    parts = name.split(".")
+    for depth in range(1, len(parts) + 1):
+        if spec is not None and spec.submodule_search_locations is None:
+            return None  # a module's attribute, not a submodule
+        fullname = ".".join(parts[:depth])
+        module = sys.modules.get(fullname)
+        spec = getattr(module, "__spec__", None) if module is not None else next(
+            (found for finder in sys.meta_path if hasattr(finder, "find_spec")
+             for found in [finder.find_spec(fullname, path)] if found is not None), None)
+        if spec is None:
+            return None
+        path = list(spec.submodule_search_locations or [])
+    return spec
+
+
+def bundled_modules(entry_source: str, package: str = PACKAGE) -> dict[str, Path]:
+    """The modules of `package` that running `entry_source` can import, with
+    their source files: its imports followed transitively, each package's
+    `__init__` included (Python runs it before any module inside).
+
+    Returns:
+        {module name: source file}, e.g. {"tuneloop.tasks.classifier": .../tasks/classifier.py}.
+    """
+    found: dict[str, Path] = {}
+    todo = [name for name in imported_names(entry_source) if name.split(".")[0] == package]
+    while todo:
+        name = todo.pop()
+        if name in found:
+            continue
+        spec = module_spec(name)
+        if spec is None or not spec.origin:  # `from pkg import function`: not a module
+            continue
+        found[name] = Path(spec.origin)
+        parent = name.rpartition(".")[0] if spec.submodule_search_locations is None else name
+        todo += [m for m in imported_names(found[name].read_text(), parent) if m.split(".")[0] == package]
+        todo += [".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)]  # its packages
+    return found
+
+
+def code_package(target: Path, entry_source: str) -> Path:
+    """The tuneloop modules the model's entry file imports, laid out as the
+    `tuneloop` package under `target` (MLflow puts the model's code/ first on
+    sys.path), so the model loads where tuneloop is not installed.
+
+    Returns:
+        `target/tuneloop`.
+    """
+    for name, source in bundled_modules(entry_source).items():
+        parts = name.split(".")
+        relative = Path(*parts, "__init__.py") if source.name == "__init__.py" else Path(*parts[:-1], source.name)
+        (target / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target / relative)
+    return target / PACKAGE
+
+
+ENTRY_SOURCE = ("\"\"\"Builds tuneloop's classifier for MLflow (models from code).\"\"\"\n\n"
+                "import mlflow\n\nfrom tuneloop.tasks.mlflow_model import ClassifierModel\n\n"
+                "mlflow.models.set_model(ClassifierModel())\n")  # the entry file: its imports decide `code/`
 
 
 def model_code(path: Path) -> Path:
     """The MLflow "model from code" file: MLflow runs it to build the model, so
     loading a version unpickles nothing."""
-    path.write_text('"""Builds tuneloop\'s classifier for MLflow (models from code)."""\n\n'
-                    "import mlflow\n\nfrom tuneloop.tasks.mlflow_model import ClassifierModel\n\n"
-                    "mlflow.models.set_model(ClassifierModel())\n")
+    path.write_text(ENTRY_SOURCE)
     return path
 
 
@@ -264,7 +341,7 @@ def save_version_model(challenger: Path, base_name: str, base_path: Path | None,
     mlflow.pyfunc.save_model(
         str(out_dir), python_model=str(model_code(scratch / ENTRY_FILE)), artifacts=artifacts, signature=signature(),
         input_example=pd.DataFrame({"text": EXAMPLE_TEXTS}), pip_requirements=requirements(bundled),
-        code_paths=[str(code_package(scratch / "code"))], metadata={"tuneloop.labels": labels})
+        code_paths=[str(code_package(scratch / "code", ENTRY_SOURCE))], metadata={"tuneloop.labels": labels})
     relocatable_mlmodel(Path(out_dir))
     (Path(out_dir) / "README.md").write_text(model_card(card, labels, method))
     return Path(out_dir)

@@ -278,9 +278,14 @@ def create_version(name: str, run_id: str, model_dir: Path, tags: dict[str, str]
     own_run = version_run(name, run_id, key)
     with tempfile.TemporaryDirectory(prefix="tuneloop-register-") as scratch:
         frozen = Path(shutil.copytree(model_dir, Path(scratch) / "model"))
+        logged = logged_model(name, own_run, frozen, tags) if (frozen / "MLmodel").exists() else None
         manifest = integrity.folder_manifest(frozen)
-        c.log_artifacts(own_run, str(frozen), artifact_path="model")
-    source = f"{c.get_run(own_run).info.artifact_uri}/model"
+        if logged is None:  # a bare classifier folder (no MLmodel) stays a run artefact
+            c.log_artifacts(own_run, str(frozen), artifact_path="model")
+        else:
+            c.log_model_artifacts(logged.model_id, str(frozen))
+            finish_logged_model(logged.model_id, own_run, tags)
+    source = logged.artifact_location if logged else f"{c.get_run(own_run).info.artifact_uri}/model"
     clean = {k: str(v)[:MAX_TAG] for k, v in tags.items()}
     manifest_json = json.dumps(manifest, sort_keys=True)
     if len(manifest_json) > MAX_TAG:
@@ -288,9 +293,43 @@ def create_version(name: str, run_id: str, model_dir: Path, tags: dict[str, str]
     clean.update({integrity.MANIFEST_TAG: manifest_json, REGISTRATION_TAG: INCOMPLETE})
     if key:
         clean[KEY_TAG] = key
-    info = as_info(c.create_model_version(name, source=source, run_id=own_run, tags=clean, description=description))
+    info = as_info(c.create_model_version(name, source=source, run_id=own_run, tags=clean, description=description,
+                                          model_id=logged.model_id if logged else None))
     c.update_run(own_run, name=f"register {name} v{info.version}")
     return finish_version(name, info.version, reference)
+
+
+def logged_model(name: str, run_id: str, model_dir: Path, tags: dict[str, str]):
+    """An MLflow 3 logged model, output of the version's run, for the MLflow model in
+    `model_dir`; its id is written into the folder's MLmodel (before the files are hashed).
+    The experiment's Models tab and the runs table's Models column show it."""
+    from mlflow.models import Model
+
+    c = client()
+    experiment_id = c.get_run(run_id).info.experiment_id
+    model = c.create_logged_model(experiment_id, name=name, source_run_id=run_id, model_type="text-classifier",
+                                  tags={k: str(v)[:MAX_TAG] for k, v in tags.items() if k.startswith(("data.", "base_model.", "git."))},
+                                  params={k: v for k, v in tags.items() if k.startswith("tune")} or None)
+    mlmodel = Model.load(str(model_dir / "MLmodel"))
+    mlmodel.model_id, mlmodel.run_id = model.model_id, run_id
+    mlmodel.save(str(model_dir / "MLmodel"))
+    return model
+
+
+def finish_logged_model(model_id: str, run_id: str, tags: dict[str, str]) -> None:
+    """The logged model marked ready, listed as its run's output, with the version's
+    test metrics linked to it (the Models tab's metric columns)."""
+    import time as clock
+
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
+
+    c, now = client(), int(clock.time() * 1000)
+    c.log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])
+    metrics = [Metric(k, float(v), now, 0, model_id=model_id, run_id=run_id)
+               for k, v in tags.items() if k.startswith("test.")]
+    if metrics:
+        c.log_batch(run_id, metrics=metrics)
+    c.finalize_logged_model(model_id, LoggedModelStatus.READY)
 
 
 def finish_version(name: str, version: str, reference: Path | None = None) -> VersionInfo:

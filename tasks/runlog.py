@@ -37,10 +37,35 @@ def stage_logger() -> logging.Logger:
     return logger
 
 
-def log_line(line: str) -> None:
+def log_line(line: str, level: int = logging.INFO) -> None:
     """Sends a stage line to the Prefect run's logs (the UI's Logs tab), when inside a run."""
     if in_prefect_run():
-        stage_logger().info(line)
+        stage_logger().log(level, line)
+
+
+def reason(error: BaseException) -> str:
+    """An error in one line: its type and the first line of its message."""
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+def log_failure(position: str, stage: str, error: BaseException) -> str:
+    """The line saying a stage failed and why, at ERROR in the flow run's logs
+    (the whole message follows it, for the reasons a validation lists).
+
+    Returns:
+        The line: `[2/9] validate failed: DataValidationError: data validation failed: ...`.
+    """
+    line = f"[{position}] {stage} failed: {reason(error)}"
+    rest = str(error).strip()
+    log_line(line + (f"\n{rest}" if "\n" in rest else ""), logging.ERROR)
+    return line
+
+
+def outcome_message(result: dict) -> str:
+    """What a finished retraining did, as the flow run's final state message."""
+    verdict = "promoted to champion" if result["promoted"] else "registered, not promoted"
+    return f"{result['model']} version {result['version']} {verdict}; champion: version {result['champion']}"
 
 
 def metrics_rows(evaluation: dict) -> list[dict]:
@@ -80,12 +105,25 @@ def without_password(uri: str) -> str:
     return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))
 
 
+def run_link(run_id: str, experiment_id: str, tracking_uri: str) -> str | None:
+    """The MLflow UI's page of a run, when the tracking URI is a web server (else None:
+    a SQLite file or a folder has no page until someone starts `mlflow ui` on it)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(tracking_uri)
+    if parts.scheme not in {"http", "https"}:
+        return None
+    host = parts.netloc.rpartition("@")[2]  # the browser asks for credentials itself
+    return f"{parts.scheme}://{host}{parts.path.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
 def publish_mlflow_run(run_id: str, experiment_id: str, tracking_uri: str) -> None:
     """The pipeline's MLflow run on the flow run: a tag `mlflow-run:<id>` (the
-    runs list shows it) and a markdown artifact saying where to find it."""
+    runs list shows it), a markdown artifact saying where to find it and, on an
+    MLflow server, a link artifact that opens the run in its UI."""
     if not in_prefect_run():
         return
-    from prefect.artifacts import create_markdown_artifact
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact
     from prefect.client.orchestration import get_client
     from prefect.runtime import flow_run
 
@@ -98,3 +136,7 @@ def publish_mlflow_run(run_id: str, experiment_id: str, tracking_uri: str) -> No
         f"# MLflow run\n\n- run id `{run_id}`\n- experiment id `{experiment_id}`\n- tracking URI `{where}`\n\n"
         f"Open it with `mlflow ui --backend-store-uri {where}`, experiment {experiment_id}.\n",
         key="mlflow-run", description="the MLflow run this flow run logs to")
+    link = run_link(run_id, experiment_id, tracking_uri)
+    if link:
+        create_link_artifact(link, link_text=f"MLflow run {run_id}", key="mlflow-run-link",
+                             description="opens the pipeline's run in the MLflow UI")

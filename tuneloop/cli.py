@@ -51,7 +51,10 @@ def print_version(value: bool) -> None:
 
 @app.callback()
 def entry(version: bool = typer.Option(False, "--version", callback=print_version, is_eager=True,
-                                       help="print tuneloop's version and exit")) -> None:
+                                       help="print tuneloop's version and exit"),
+          debug: bool = typer.Option(False, "--debug", help="show the traceback of a failure that otherwise ends in "
+                                     "one line, and library warnings (anywhere on the line: tuneloop run --debug)")
+          ) -> None:
     """Keep a fine-tuned text classifier good in production."""
 
 
@@ -66,6 +69,23 @@ def offline_environment() -> None:
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",  # a busy 2-core machine needs more than 20 s
     }.items():
         os.environ.setdefault(key, value)
+
+
+# Library deprecation notices (transformers, PEFT, torch ...) speak to developers, not to someone
+# reading one line per stage; PYTHONWARNINGS carries the choice into torchrun's and tune's workers.
+QUIET_WARNINGS = "ignore::FutureWarning,ignore::DeprecationWarning"
+
+
+def quiet_library_warnings() -> None:
+    """FutureWarning and DeprecationWarning are not shown, here or in the
+    processes this one starts, unless the user chose otherwise (PYTHONWARNINGS, -W)."""
+    import warnings
+
+    if os.environ.get("PYTHONWARNINGS") or sys.warnoptions:
+        return
+    os.environ["PYTHONWARNINGS"] = QUIET_WARNINGS
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -129,10 +149,14 @@ def close_own_runs(loaded, status: str, outcome: str) -> None:
             raise
 
 
+SIGNALLED: list[int] = []  # the signal that stopped this command, once one has
+
+
 def terminate_on_sigterm() -> None:
     """SIGTERM ends the command like Ctrl-C: exit handlers run (Prefect's
     temporary server stops) and the command's MLflow run is closed KILLED."""
     def stop(signum, frame):
+        SIGNALLED.append(signum)
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
@@ -162,7 +186,8 @@ def stage_commands(docs: dict[str, str]) -> None:
 stage_commands({
     "ingest": "Read the source, snapshot it under DVC, push it, print its version.",
     "validate": "Run the Great Expectations suite; stop on a blocking rule.",
-    "split": "Deterministic stratified train/validation/test split.",
+    "split": "Train/validation/test by a hash of each row's normalised text: duplicates share a split and no "
+             "row changes split as the data grows (a declared split column is kept).",
     "baseline": "Base model's linear probe and zero-shot scores on the test split.",
 })
 
@@ -216,6 +241,9 @@ def init(data: Path = typer.Argument(..., help="your labelled file: CSV (, ; tab
 @app.command()
 def run(params: Path = ParamsOption, root: Path = RootOption,
         tune: bool = typer.Option(False, "--tune/--no-tune", help="search finetune's settings first (tune.enabled: true)"),
+        commit: bool = typer.Option(True, "--commit/--no-commit", help="commit dvc.lock, metrics/, plots/, params.yaml "
+                                    "and data/raw/*.dvc after a run with params.yaml's values, so `dvc metrics diff "
+                                    "HEAD~1` shows what changed against the previous run"),
         sets: Optional[list[str]] = SetOption) -> None:
     """Run the whole retraining flow and print the decision."""
     from tuneloop.tasks.errors import TuneloopError
@@ -228,7 +256,7 @@ def run(params: Path = ParamsOption, root: Path = RootOption,
         start_ephemeral_server()  # dies with this command, even a SIGKILLed one
         try:
             result = retrain_flow(params_path=str(params), root=str(workspace.root), tune_settings=tune,
-                                  overrides=sets or [])
+                                  overrides=sets or [], commit=commit)
         except TuneloopError as error:
             from tuneloop.tasks.registry import RegistryUnavailable
 
@@ -487,6 +515,13 @@ def expected_error_names() -> set[str]:
     return found
 
 
+def mlflow_is_a_server() -> bool:
+    """Whether MLflow's tracking URI is a server that can fail to answer (not a SQLite file or a folder)."""
+    import mlflow
+
+    return mlflow.get_tracking_uri().split(":", 1)[0] in {"http", "https"}
+
+
 def main() -> None:
     """The `tuneloop` command: expected failures end in one message and exit 2."""
     import logging
@@ -502,6 +537,7 @@ def main() -> None:
         sys.argv.remove("--debug")
         os.environ["TUNELOOP_DEBUG"] = "1"
     else:
+        quiet_library_warnings()
         for name in ("prefect.flow_runs", "prefect.task_runs"):
             logging.getLogger(name).addFilter(QuietExpectedFailures())
     try:
@@ -514,7 +550,10 @@ def main() -> None:
     except Exception as error:
         from tuneloop.tasks import registry
 
-        if debug or not registry.unreachable(error):
+        if SIGNALLED and not debug:  # what failed while stopping (a Prefect server gone with it) is not the news
+            typer.secho(f"tuneloop stopped by {signal.Signals(SIGNALLED[0]).name}", fg=typer.colors.RED, err=True)
+            sys.exit(128 + SIGNALLED[0])
+        if debug or not registry.unreachable(error) or not mlflow_is_a_server():
             raise
         import mlflow
 

@@ -10,6 +10,7 @@ defaults would have refused), and writes a commented `params.yaml`, a
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,9 @@ __pycache__/
 !/data/incoming/.gitkeep
 /data/restored/
 /.dvc-remote/
+/dvc_plots/
 """
+PLOTS_PAGE = Path(__file__).with_name("dvc_plots.html")  # `dvc plots show` offline: Vega carried inline
 SECTION_NOTES = {
     "model": "the base model: all-MiniLM-L6-v2 ships with tuneloop; any local Hugging Face folder works",
     "mlflow": "null tracking_uri: SQLite (mlflow.db) in this folder; every run adds a registry version",
@@ -304,4 +307,15 @@ def init_project(data: Path, folder: Path, text: str | None = None, label: str |
     if not (folder / ".git").exists():
         run_git(folder, "init", "-q")
     open_dvc_repo(folder, IngestConfig().dvc_remote).close()
+    offline_plots(folder)
     return proposal
+
+
+def offline_plots(folder: Path) -> None:
+    """`dvc plots show` writes a page that renders offline: DVC's page loads Vega
+    from a CDN; this template (config plots.html_template) carries it inline."""
+    shutil.copy(PLOTS_PAGE, folder / ".dvc" / PLOTS_PAGE.name)
+    config = folder / ".dvc" / "config"
+    text = config.read_text() if config.exists() else ""
+    if "html_template" not in text:
+        config.write_text(text + f"[plots]\n    html_template = {PLOTS_PAGE.name}\n")

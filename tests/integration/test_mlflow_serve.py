@@ -1,6 +1,7 @@
 """The champion served by MLflow's own server, no tuneloop service involved:
 `mlflow models serve -m models:/NAME@champion --env-manager local` on a
-loopback port answers `/invocations` with labels and probabilities."""
+loopback port answers `/invocations` with labels and probabilities, here and
+in a Python where tuneloop is not installed (`tests/isolated_python.py`)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ helpers (tiny_model)
 
+from isolated_python import isolated_environment, isolated_python, tuneloop_importable  # noqa: E402
 from tiny_model import build_tiny_bert, sentiment_rows  # noqa: E402
 
 from tuneloop.tasks import mlflow_model, registry  # noqa: E402
@@ -52,14 +54,14 @@ def champion(mlflow_sandbox, tmp_path_factory) -> str:
     return mlflow_sandbox.tracking_uri
 
 
-def test_mlflow_models_serve_answers_invocations_for_the_champion(champion, tmp_path) -> None:
+def serve_and_ask(python: Path, env: dict, tmp_path: Path) -> list[dict]:
+    """Starts `python -m mlflow models serve` on the champion, asks two texts, stops it."""
     port, log = free_port(), tmp_path / "serve.log"
-    command = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion",
+    command = [str(python), "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion",
                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
-    bin_dir = str(Path(sys.executable).parent)  # MLflow runs `uvicorn` from PATH, as in an activated venv
-    env = {**os.environ, "MLFLOW_TRACKING_URI": champion, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
     with log.open("w") as sink:
-        process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
             wait_for_ping(process, http, log)
@@ -69,10 +71,26 @@ def test_mlflow_models_serve_answers_invocations_for_the_champion(champion, tmp_
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
     assert answer.status_code == 200, answer.text
-    predictions = answer.json()["predictions"]
+    return answer.json()["predictions"]
+
+
+def check_predictions(predictions: list[dict]) -> None:
     assert [set(p) for p in predictions] == [{"label", "confidence", "probabilities"}] * 2
     assert {p["label"] for p in predictions} <= {"negative", "positive"}
     assert [sum(p["probabilities"].values()) for p in predictions] == pytest.approx([1.0, 1.0], abs=1e-5)
+
+
+def test_mlflow_models_serve_answers_invocations_for_the_champion(champion, tmp_path) -> None:
+    bin_dir = str(Path(sys.executable).parent)  # MLflow runs `uvicorn` from PATH, as in an activated venv
+    env = {**os.environ, "MLFLOW_TRACKING_URI": champion, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+    check_predictions(serve_and_ask(Path(sys.executable), env, tmp_path))
+
+
+def test_mlflow_models_serve_answers_where_tuneloop_is_not_installed(champion, tmp_path) -> None:
+    python = isolated_python(tmp_path / "venv")
+    assert "No module named 'tuneloop'" in tuneloop_importable(python, tmp_path).stderr
+    check_predictions(serve_and_ask(python, isolated_environment(tmp_path / "venv", MLFLOW_TRACKING_URI=champion),
+                                    tmp_path))
 
 
 def wait_for_ping(process: subprocess.Popen, http: httpx.Client, log: Path, limit_s: float = 240) -> None:

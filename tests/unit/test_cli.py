@@ -111,3 +111,56 @@ def test_status_does_not_import_torch(project: Path) -> None:
     result = tuneloop("status", "--json", cwd=project, code=runner)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "torch imported: False"
+
+
+def test_split_help_says_rows_are_split_by_a_hash_of_their_text_not_stratified() -> None:
+    text = help_of("split")
+    assert "stratified" not in text.lower()
+    assert "hash of each row's normalised text" in " ".join(text.split())
+
+
+def test_debug_is_offered_in_help() -> None:
+    assert "--debug" in help_of() and "traceback" in help_of()
+
+
+PEFT_ON_TINY_BERT = """
+import sys, tempfile
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+{setup}
+from tiny_model import build_tiny_bert
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModel
+base = build_tiny_bert(Path(tempfile.mkdtemp()))
+get_peft_model(AutoModel.from_pretrained(base), LoraConfig(r=4, target_modules="all-linear"))
+print("[6/9] finetune: the next stage line")
+"""
+
+
+@pytest.mark.parametrize("quiet", [True, False], ids=["tuneloop", "without tuneloop's setting"])
+def test_a_library_future_warning_does_not_break_the_one_line_per_stage_output(tmp_path: Path, quiet: bool) -> None:
+    setup = "from tuneloop.cli import quiet_library_warnings; quiet_library_warnings()" if quiet else ""
+    code = PEFT_ON_TINY_BERT.format(tests=str(REPO / "tests"), setup=setup)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[6/9] finetune: the next stage line"
+    # PEFT asks transformers' deprecated `is_gradient_checkpointing`: shown without the setting, silent with it
+    assert ("FutureWarning" in done.stderr) is not quiet
+
+
+def test_a_sigterm_on_a_sqlite_project_is_told_as_the_signal_not_as_a_silent_mlflow_server(project: Path) -> None:
+    # the command is stopped by SIGTERM; what fails on the way out (a connection refused by a Prefect
+    # server that died with it) must not be reported as "the MLflow server ... did not answer"
+    runner = ("import os, signal; from tuneloop.tasks import registry\n"
+              "def stopped(*args):\n"
+              "    try:\n        os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    finally:\n        raise ConnectionRefusedError(111, 'Connection refused')\n"
+              "registry.model_status = stopped\n"
+              "from tuneloop.cli import main; main()")
+    result = tuneloop("status", cwd=project, code=runner.replace("\n", "\n"), env={
+        "MLFLOW_TRACKING_URI": f"sqlite:///{project}/mlflow.db"})
+    assert "MLflow server" not in result.stderr
+    assert result.stderr.strip() == "tuneloop stopped by SIGTERM"
+    assert result.returncode == 128 + 15

@@ -41,3 +41,40 @@ def test_a_missing_dependency_is_said_not_raised(tmp_path: Path, capsys) -> None
     (root / "out.txt").write_text("0\n")
     assert record_stage(root, "count") is False
     assert "dvc.lock not updated for stage count" in capsys.readouterr().out
+
+
+def test_a_run_commits_the_files_it_owns_and_nothing_else_the_user_staged(tmp_path) -> None:
+    import subprocess
+
+    from tuneloop.tasks.dvclock import commit_iteration
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+
+    git("init", "-q")
+    git("config", "user.email", "t@example.org")
+    git("config", "user.name", "t")
+    (tmp_path / "params.yaml").write_text("finetune: {epochs: 1}\n")
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "evaluation.json").write_text('{"challenger": {"macro_f1": 0.8}}\n')
+    (tmp_path / "data" / "raw").mkdir(parents=True)
+    (tmp_path / "data" / "raw" / "reviews.csv.dvc").write_text("outs: []\n")
+    (tmp_path / "notes.txt").write_text("mine")
+    git("add", "notes.txt")  # the user's own staged work stays staged, uncommitted
+
+    said = commit_iteration(tmp_path, "tuneloop run: m v1 promoted, data 0123abcd")
+    assert said.startswith("committed dvc.lock, params.yaml, metrics, data/raw/reviews.csv.dvc as ")
+    assert git("log", "--format=%s").strip() == "tuneloop run: m v1 promoted, data 0123abcd"
+    assert sorted(git("show", "--name-only", "--format=", "HEAD").split()) == [
+        "data/raw/reviews.csv.dvc", "dvc.lock", "metrics/evaluation.json", "params.yaml"]
+    assert git("status", "--porcelain").strip() == "A  notes.txt"
+    assert commit_iteration(tmp_path, "again").startswith("nothing to commit")
+
+
+def test_outside_a_git_repository_of_its_own_a_run_says_the_command_that_would_keep_it(tmp_path) -> None:
+    from tuneloop.tasks.dvclock import commit_iteration
+
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")
+    said = commit_iteration(tmp_path, "m")
+    assert said == "not a git repository of its own: to keep this run, `git init` and git add dvc.lock && git commit -m 'm'"

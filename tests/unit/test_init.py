@@ -154,3 +154,25 @@ def test_a_declared_split_that_leaks_is_named_and_its_rule_becomes_a_warning(tmp
     clean.to_csv(path, index=False)
     init_project(path, tmp_path / "q")
     assert load_params(tmp_path / "q" / "params.yaml").validate_.severity["split_leakage"] == "error"
+
+
+def test_dvc_plots_show_in_an_init_project_renders_offline_and_its_page_is_git_ignored(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    data = tmp_path / "intents.csv"
+    frame().to_csv(data, index=False)
+    folder = tmp_path / "project"
+    init_project(data, folder)
+    (folder / "plots").mkdir()
+    (folder / "plots" / "confusion.csv").write_text("actual,predicted\na,a\na,b\nb,b\n")
+    (folder / "plots" / "calibration.csv").write_text("confidence,accuracy,rows\n0.55,0.5,2\n0.95,1.0,1\n")
+    (folder / "plots" / "training.csv").write_text("epoch,step,val_macro_f1\n0,0,0.6\n1,10,0.8\n")
+    dvc = Path(sys.executable).with_name("dvc")
+    done = subprocess.run([str(dvc), "plots", "show"], cwd=folder, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    page = (folder / "dvc_plots" / "index.html").read_text()
+    assert "<script src=" not in page and "cdn.jsdelivr" not in page  # nothing fetched
+    assert "vega-embed 6.18.2" in page and page.count("vegaEmbed(") >= 3  # the libraries inline, three plots
+    ignored = subprocess.run(["git", "check-ignore", "dvc_plots/index.html"], cwd=folder, capture_output=True)
+    assert ignored.returncode == 0

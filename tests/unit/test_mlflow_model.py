@@ -100,3 +100,18 @@ def test_a_versions_run_is_named_after_it_and_carries_the_pipelines_source_tags(
     run = registry.client().get_run(registry.get_version(champion["name"], "1").run_id)
     assert run.info.run_name == f"register {champion['name']} v1"
     assert (run.data.tags["mlflow.source.type"], run.data.tags["data.md5"]) == ("JOB", "e" * 32)
+
+
+def test_a_version_is_an_mlflow_3_logged_model_output_by_its_run_with_its_test_metrics(champion, tmp_path) -> None:
+    import mlflow
+    from mlflow.models import Model
+
+    version = registry.client().get_model_version(champion["name"], "1")
+    root = Path(mlflow.artifacts.download_artifacts(f"models:/{champion['name']}/1", dst_path=str(tmp_path)))
+    model_id = Model.load(str(root / "MLmodel")).model_id
+    logged = registry.client().get_logged_model(model_id)
+    assert version.source == logged.artifact_location  # the version is the logged model's files
+    assert (logged.source_run_id, logged.status.name) == (version.run_id, "READY")
+    run = registry.client().get_run(version.run_id)
+    assert [o.model_id for o in run.outputs.model_outputs] == [model_id]  # the runs table's Models column
+    assert {m.key: m.value for m in logged.metrics} == pytest.approx({f"test.{k}": v for k, v in SCORES.items()})

@@ -1,0 +1,166 @@
+"""A registered version loads and answers where tuneloop is not installed.
+
+Each flavour the register stage packages (LoRA on a local base it carries,
+full fine-tuning) is loaded with `mlflow.pyfunc.load_model("models:/...")` in
+a fresh Python where `import tuneloop` fails (`tests/isolated_python.py`), and
+must answer what tuneloop's own scorer answers. The model's `code/` is derived
+from its entry file's imports, so a module the scorer starts importing is
+carried without anyone listing it. A version packaged before that (only
+classifier, fastpath and mlflow_model under `code/`) still loads where
+tuneloop is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from isolated_python import isolated_environment, isolated_python, tuneloop_importable
+
+from tuneloop.tasks import mlflow_model, registry
+from tuneloop.tasks.classifier import load_classifier, score_texts
+from tuneloop.tasks.finetune import FinetuneConfig, finetune
+from tuneloop.tasks.tracking import start_pipeline_run
+from tuneloop.tasks.workspace import Workspace
+
+TEXTS = ["the film was great", "the plot was awful really", "this movie was boring"]
+FLAVOURS = {"lora": FinetuneConfig(epochs=1, max_steps=4, learning_rate=1e-2, batch_size=16, lora_r=8, max_length=32),
+            "full": FinetuneConfig(method="full", epochs=1, max_steps=4, learning_rate=1e-3, batch_size=16,
+                                   max_length=32)}
+NAME = "tl-isolated"
+OLD_LAYOUT = ("classifier.py", "fastpath.py", "mlflow_model.py")  # what code/tuneloop/tasks held before
+
+LOAD_AND_PREDICT = """
+import importlib.util, json, sys
+report = {"tuneloop_importable": importlib.util.find_spec("tuneloop") is not None}
+import mlflow, pandas as pd
+mlflow.set_tracking_uri(sys.argv[1])
+answer = mlflow.pyfunc.load_model(sys.argv[2]).predict(pd.DataFrame({"text": json.loads(sys.argv[3])}))
+report.update(labels=answer["label"].tolist(), confidence=answer["confidence"].tolist(),
+              modules={m.__name__: m.__file__ for m in list(sys.modules.values())
+                       if m.__name__.startswith("tuneloop") and getattr(m, "__file__", None)})
+print("REPORT " + json.dumps(report))
+"""
+
+
+@pytest.fixture(scope="module")
+def versions(tiny_bert, toy_task, mlflow_sandbox, tmp_path_factory) -> dict:
+    """One registered version per flavour, plus a LoRA version packaged the old way."""
+    tmp = tmp_path_factory.mktemp("isolated")
+    card = mlflow_model.CardFacts(NAME, "0" * 32, "x.csv", "tiny", "0" * 64, "unknown", {"macro_f1": 0.5})
+    run_id = start_pipeline_run(mlflow_sandbox.config(model_name=NAME), Workspace(tmp), {"data.md5": "0" * 32})
+    found = {}
+    for flavour, config in FLAVOURS.items():
+        trained = finetune("tiny", tiny_bert, toy_task["train"], toy_task["validation"], toy_task["labels"], config,
+                           tmp / flavour / "trained", tmp / flavour / "checkpoints", flavour, progress=False).model_dir
+        base = tiny_bert if flavour == "lora" else None
+        packaged = mlflow_model.save_version_model(trained, str(tiny_bert), base, card, tmp / flavour / "model",
+                                                   tmp / flavour / "scratch")
+        found[flavour] = {"version": registry.create_version(NAME, run_id, packaged, {}).version,
+                          "expected": score_texts(load_classifier(trained, str(tiny_bert), "cpu"), TEXTS),
+                          "packaged": packaged}
+    old = Path(shutil.copytree(found["lora"]["packaged"], tmp / "old" / "model"))
+    tasks = old / "code" / "tuneloop" / "tasks"
+    for path in tasks.iterdir():
+        if path.name not in OLD_LAYOUT:
+            path.unlink()
+    (tasks / "__init__.py").write_text('"""The scoring modules of tuneloop, carried by an MLflow model."""\n')
+    found["old layout"] = {**found["lora"], "version": registry.create_version(NAME, run_id, old, {}).version,
+                           "packaged": old}
+    return {"uri": mlflow_sandbox.tracking_uri, "flavours": found, "tmp": tmp}
+
+
+def load_and_predict(python: Path, uri: str, version: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = isolated_environment(python.parent.parent) if python != Path(sys.executable) else None
+    return subprocess.run([str(python), "-c", LOAD_AND_PREDICT, uri, f"models:/{NAME}/{version}", json.dumps(TEXTS)],
+                          cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+
+
+def report(done: subprocess.CompletedProcess) -> dict:
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(next(line for line in done.stdout.splitlines() if line.startswith("REPORT "))[7:])
+
+
+@pytest.fixture(scope="module")
+def bare_python(tmp_path_factory) -> Path:
+    return isolated_python(tmp_path_factory.mktemp("bare") / "venv")
+
+
+def test_tuneloop_cannot_be_imported_in_the_bare_python(bare_python, tmp_path) -> None:
+    done = tuneloop_importable(bare_python, tmp_path)
+    assert done.returncode == 1 and "No module named 'tuneloop'" in done.stderr
+    assert tuneloop_importable(Path(sys.executable), tmp_path).returncode == 0  # while here it can
+
+
+@pytest.mark.parametrize("flavour", list(FLAVOURS))
+def test_each_flavour_loads_and_predicts_where_tuneloop_is_not_installed(versions, bare_python, flavour,
+                                                                         tmp_path) -> None:
+    version = versions["flavours"][flavour]
+    answer = report(load_and_predict(bare_python, versions["uri"], version["version"], tmp_path))
+
+    assert answer["tuneloop_importable"] is False
+    assert answer["labels"] == [s.label for s in version["expected"]]
+    assert answer["confidence"] == pytest.approx([s.confidence for s in version["expected"]], abs=1e-5)
+    # every tuneloop module that ran came from the model's own code/ folder
+    assert answer["modules"] and all("/code/tuneloop/" in path for path in answer["modules"].values())
+    assert "tuneloop.tasks.config" in answer["modules"] and "tuneloop.tasks.labels" in answer["modules"]
+
+
+def test_a_version_packaged_before_the_bundle_was_derived_still_loads_where_tuneloop_is_installed(
+        versions, bare_python, tmp_path) -> None:
+    old = versions["flavours"]["old layout"]
+    answer = report(load_and_predict(Path(sys.executable), versions["uri"], old["version"], tmp_path))
+
+    assert answer["tuneloop_importable"] is True
+    assert answer["labels"] == [s.label for s in old["expected"]]
+    # and it is the defect this test file guards against: without tuneloop it cannot load
+    bare = load_and_predict(bare_python, versions["uri"], old["version"], tmp_path)
+    assert bare.returncode != 0 and "No module named 'tuneloop.tasks.config'" in bare.stderr
+
+
+def test_the_bundle_is_what_the_entry_file_imports_and_nothing_that_orchestrates() -> None:
+    bundled = mlflow_model.bundled_modules(mlflow_model.ENTRY_SOURCE)
+    carried = set(bundled)
+    assert {"tuneloop", "tuneloop.tasks", "tuneloop.tasks.mlflow_model", "tuneloop.tasks.classifier",
+            "tuneloop.tasks.fastpath", "tuneloop.tasks.config", "tuneloop.tasks.labels"} <= carried
+    # each carried module's own tuneloop imports are carried too: the set is closed
+    for name, source in bundled.items():
+        package = name if source.name == "__init__.py" else name.rpartition(".")[0]
+        imported = {m for m in mlflow_model.imported_names(source.read_text(), package) if m.startswith("tuneloop")}
+        assert {m for m in imported if mlflow_model.module_spec(m) is not None} <= carried, name
+    # no stage, tracking or orchestration module rides along (they import Prefect, DVC, MLflow's client)
+    for name, source in bundled.items():
+        third_party = {m.split(".")[0] for m in mlflow_model.imported_names(source.read_text())}
+        assert not third_party & {"prefect", "dvc", "great_expectations", "optuna", "evidently", "fastapi"}, name
+        assert "mlflow" not in third_party or name == "tuneloop.tasks.mlflow_model", name
+
+
+def test_a_module_the_scorer_starts_importing_is_carried_without_being_listed(tmp_path) -> None:
+    package = tmp_path / "pkgx"
+    (package / "inner").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "inner" / "__init__.py").write_text("")
+    (package / "inner" / "entry.py").write_text("from pkgx.inner import core\n")
+    (package / "inner" / "core.py").write_text("def f():\n    from . import calibration\n    return calibration\n")
+    (package / "inner" / "calibration.py").write_text("from typing import TYPE_CHECKING\n"
+                                                      "if TYPE_CHECKING:\n    from pkgx import heavy\n")
+    (package / "heavy.py").write_text("import prefect\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        found = mlflow_model.bundled_modules("from pkgx.inner.entry import *\n", package="pkgx")
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert set(found) == {"pkgx", "pkgx.inner", "pkgx.inner.entry", "pkgx.inner.core", "pkgx.inner.calibration"}
+
+
+def test_the_bundle_carries_every_file_in_its_package_place(versions) -> None:
+    code = versions["flavours"]["full"]["packaged"] / "code" / "tuneloop"
+    carried = sorted(str(p.relative_to(code)) for p in code.rglob("*.py"))
+    assert carried == sorted(["__init__.py", "tasks/__init__.py", "tasks/classifier.py", "tasks/config.py",
+                              "tasks/fastpath.py", "tasks/labels.py", "tasks/mlflow_model.py"])
