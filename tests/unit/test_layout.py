@@ -18,7 +18,7 @@ PACKAGES = {"tuneloop": PROJECT / "tuneloop", "tuneloop.flows": PROJECT / "flows
 
 # Floors, top down: a module may import its own floor or any floor below it.
 BASE = {"config", "errors", "decision", "labels", "workspace"}  # plain values: settings, errors, decisions, paths
-CORE = {"classifier", "fastpath", "metrics"}  # the model: torch, transformers, peft, numpy only
+CORE = {"classifier", "fastpath", "metrics", "calibration"}  # the model: torch, transformers, peft, numpy, SciPy
 ENTRY = {"cli", "demo", "init", "__main__", "distributed_finetune", "tune_worker"}  # commands and process entries
 STAGE_IO = {"params", "stages", "monitoring", "launch", "tune_runs"}
 FLOORS = ("base", "core", "tasks", "stage I/O", "flows", "entry")

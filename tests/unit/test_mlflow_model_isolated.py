@@ -1,7 +1,7 @@
 """A registered version loads and answers where tuneloop is not installed.
 
 Each flavour the register stage packages (LoRA on a local base it carries,
-full fine-tuning) is loaded with `mlflow.pyfunc.load_model("models:/...")` in
+full fine-tuning, the base model's linear probe when it is the champion) is loaded with `mlflow.pyfunc.load_model("models:/...")` in
 a fresh Python where `import tuneloop` fails (`tests/isolated_python.py`), and
 must answer what tuneloop's own scorer answers. The model's `code/` is derived
 from its entry file's imports, so a module the scorer starts importing is
@@ -32,7 +32,8 @@ from tuneloop.tasks.workspace import Workspace
 TEXTS = ["the film was great", "the plot was awful really", "this movie was boring"]
 FLAVOURS = {"lora": FinetuneConfig(epochs=1, max_steps=4, learning_rate=1e-2, batch_size=16, lora_r=8, max_length=32),
             "full": FinetuneConfig(method="full", epochs=1, max_steps=4, learning_rate=1e-3, batch_size=16,
-                                   max_length=32)}
+                                   max_length=32),
+            "probe": None}
 NAME = "tl-isolated"
 OLD_LAYOUT = ("classifier.py", "fastpath.py", "mlflow_model.py")  # what code/tuneloop/tasks held before
 
@@ -57,9 +58,13 @@ def versions(tiny_bert, toy_task, mlflow_sandbox, tmp_path_factory) -> dict:
     run_id = start_pipeline_run(mlflow_sandbox.config(model_name=NAME), Workspace(tmp), {"data.md5": "0" * 32})
     found = {}
     for flavour, config in FLAVOURS.items():
-        trained = finetune("tiny", tiny_bert, toy_task["train"], toy_task["validation"], toy_task["labels"], config,
-                           tmp / flavour / "trained", tmp / flavour / "checkpoints", flavour, progress=False).model_dir
-        base = tiny_bert if flavour == "lora" else None
+        if config is None:
+            trained = probe_model(tiny_bert, toy_task, tmp / flavour / "trained")
+        else:
+            trained = finetune("tiny", tiny_bert, toy_task["train"], toy_task["validation"], toy_task["labels"],
+                               config, tmp / flavour / "trained", tmp / flavour / "checkpoints", flavour,
+                               progress=False).model_dir
+        base = tiny_bert if flavour in ("lora", "probe") else None
         packaged = mlflow_model.save_version_model(trained, str(tiny_bert), base, card, tmp / flavour / "model",
                                                    tmp / flavour / "scratch")
         found[flavour] = {"version": registry.create_version(NAME, run_id, packaged, {}).version,
@@ -74,6 +79,26 @@ def versions(tiny_bert, toy_task, mlflow_sandbox, tmp_path_factory) -> dict:
     found["old layout"] = {**found["lora"], "version": registry.create_version(NAME, run_id, old, {}).version,
                            "packaged": old}
     return {"uri": mlflow_sandbox.tracking_uri, "flavours": found, "tmp": tmp}
+
+
+def probe_model(tiny_bert: Path, task: dict, out: Path) -> Path:
+    """The base model's probe as the baseline stage saves it: head, tokenizer, calibration."""
+    import numpy as np
+
+    from tuneloop.tasks.baseline import embed, fit_probe, load_encoder, save_probe_model
+    from tuneloop.tasks.calibration import calibrate
+    from tuneloop.tasks.config import BaselineConfig, ModelConfig
+
+    encoder, tokenizer = load_encoder(tiny_bert, "cpu")
+    settings = BaselineConfig(max_length=32)
+    (train_texts, train_y), (val_texts, val_y) = task["train"], task["validation"]
+    probe = fit_probe(embed(encoder, tokenizer, train_texts, settings, "mean", progress=False), np.array(train_y),
+                      task["labels"], 1.0, 200)
+    logits = probe.logits(embed(encoder, tokenizer, val_texts, settings, "mean", progress=False))
+    temperature, abstention = calibrate(logits, np.array(val_y), task["labels"], ModelConfig())
+    out.mkdir(parents=True)
+    save_probe_model(probe, out, tokenizer, str(tiny_bert), "mean", 32, temperature, abstention)
+    return out
 
 
 def load_and_predict(python: Path, uri: str, version: str, cwd: Path) -> subprocess.CompletedProcess:
