@@ -10,7 +10,9 @@ shipped params.yaml), so the numbers include everything a user waits for:
 - hwu64: 64 home-assistant intents, tuneloop's own split (no split column);
 - hwu64-folds: the same file with the authors' folds as a split column
   (folds 1-8 train, 9 validation, 10 test);
-- movies: the shipped VADER movie reviews with the shipped params.yaml.
+- movies: the shipped VADER movie reviews with the shipped params.yaml;
+- movies-97-3: the first 3,000 movie reviews without the neutral ones (2,889
+  positive, 98 negative), `tuneloop init` defaults: the imbalanced case.
 
 Prints a table (test macro-F1 and accuracy of the validation-tuned probe and of
 the champion on the same test rows, the gain's bootstrap interval, the whole
@@ -39,6 +41,7 @@ from benchmarks.measure import machine
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 HWU64 = ROOT.parent / "shared" / "datasets" / "hwu64" / "hwu64.csv"
+CASES = ("hwu64", "hwu64-folds", "movies", "movies-97-3")
 
 
 def tuneloop(folder: Path, *args: str) -> subprocess.CompletedProcess:
@@ -55,6 +58,12 @@ def hwu64_with_folds(target: Path) -> Path:
     return target
 
 
+def movies_97_3(target: Path) -> Path:
+    frame = pd.read_csv(ROOT / "data" / "vader_sentiment" / "movie_reviews.csv", nrows=3000)
+    frame[frame["label"] != "neutral"].drop(columns="score").to_csv(target, index=False)
+    return target
+
+
 def prepare(case: str, folder: Path) -> None:
     """A project folder for the case, as a user would make it."""
     if case == "movies":
@@ -64,7 +73,8 @@ def prepare(case: str, folder: Path) -> None:
         shutil.copy(ROOT / "dvc.yaml", folder / "dvc.yaml")
         subprocess.run(["git", "init", "-q"], cwd=folder, check=True)
         return
-    data = HWU64 if case == "hwu64" else hwu64_with_folds(folder.parent / f"{case}.csv")
+    data = HWU64 if case == "hwu64" else movies_97_3(folder.parent / f"{case}.csv") if case == "movies-97-3" \
+        else hwu64_with_folds(folder.parent / f"{case}.csv")
     done = tuneloop(folder.parent, "init", str(data), str(folder))
     if done.returncode != 0:
         raise RuntimeError(f"init failed: {done.stderr[-2000:]}")
@@ -80,14 +90,17 @@ def measure(case: str, scratch: Path) -> dict:
         return {"case": case, "error": (done.stdout + done.stderr)[-3000:]}
     evaluation = json.loads((folder / "metrics" / "evaluation.json").read_text())
     finetune = json.loads((folder / "metrics" / "finetune.json").read_text())
-    gate = json.loads((folder / "metrics" / "gate.json").read_text())
+    gate = json.loads((folder / "reports" / "gate.json").read_text())
     base = next(c for c in gate["checks"] if c["name"] == "beats_base")
     found = re.search(r"gain ([+-][\d.]+) .*CI \[([+-][\d.]+), ([+-][\d.]+)\]", base["reason"])
     models = evaluation["models"]
+    chosen = gate.get("candidate")  # challenger or base_probe; None: nothing promoted
     return {
         "case": case, "test_rows": evaluation["test_rows"], "labels": len(evaluation["labels"]),
         "probe": {k: models["base_probe"][k] for k in ("macro_f1", "accuracy")},
-        "champion": {k: models["challenger"][k] for k in ("macro_f1", "accuracy")},
+        "challenger": {k: models["challenger"][k] for k in ("macro_f1", "accuracy")},
+        "champion": {k: models[chosen][k] for k in ("macro_f1", "accuracy")} if chosen else None,
+        "champion_is": chosen,
         "gain": float(found.group(1)), "ci": [float(found.group(2)), float(found.group(3))],
         "promoted": gate["promote"], "gate_reason": base["reason"],
         "run_seconds": seconds, "finetune_seconds": finetune["seconds"], "epochs": finetune["epochs_run"],
@@ -96,8 +109,8 @@ def measure(case: str, scratch: Path) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| data | labels | test rows | probe macro-F1 / acc | champion macro-F1 / acc | gain [95% CI] | "
-             "promoted | run | fine-tuning |", "|---|---:|---:|---|---|---|---|---:|---|"]
+    lines = ["| data | labels | test rows | probe macro-F1 / acc | challenger macro-F1 / acc | gain [95% CI] | "
+             "champion | run | fine-tuning |", "|---|---:|---:|---|---|---|---|---:|---|"]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['case']} | failed: {r['error'][-200:]!r} |")
@@ -105,16 +118,16 @@ def table(results: list[dict]) -> str:
         ci = f"[{r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}]" if r.get("ci") else ""
         lines.append(
             f"| {r['case']} | {r['labels']} | {r['test_rows']} | {r['probe']['macro_f1']:.4f} / "
-            f"{r['probe']['accuracy']:.4f} | {r['champion']['macro_f1']:.4f} / {r['champion']['accuracy']:.4f} | "
-            f"{r['gain']:+.4f} {ci} | {'yes' if r['promoted'] else 'no'} | {r['run_seconds'] / 60:.1f} min | "
+            f"{r['probe']['accuracy']:.4f} | {r['challenger']['macro_f1']:.4f} / {r['challenger']['accuracy']:.4f} | "
+            f"{r['gain']:+.4f} {ci} | {r['champion_is'] or 'none'} | {r['run_seconds'] / 60:.1f} min | "
             f"{r['epochs']} epochs, {r['finetune_seconds']:.0f} s, {r['train_examples_per_s']:.0f} ex/s |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=("hwu64", "hwu64-folds", "movies"), action="append")
-    cases = parser.parse_args().only or ["hwu64", "hwu64-folds", "movies"]
+    parser.add_argument("--only", choices=CASES, action="append")
+    cases = parser.parse_args().only or list(CASES)
     if not HWU64.exists():
         cases = [c for c in cases if not c.startswith("hwu64")]
     where = machine()

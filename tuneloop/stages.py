@@ -461,9 +461,8 @@ def register(params: Params, ws: Workspace) -> dict:
         write_json(ws.registration, {"version": int(info.version), "champion": int(result["champion"] or 0)})
         finish_run(ws, "FINISHED", "promoted" if decision["promote"] else "rejected", version=info.version)
     what = "the base probe" if candidate == PROBE else "the fine-tuned challenger"
-    say("register", f"{name} version {info.version} ({what}) "
-                    f"{'promoted to champion' if decision['promote'] else 'rejected'}; "
-                    f"champion is version {result['champion']}")
+    say("register", f"{name} version {info.version} {'promoted to champion' if decision['promote'] else 'rejected'}; "
+                    f"champion is version {result['champion']} (version {info.version} holds {what})")
     return result
 
 

@@ -75,7 +75,7 @@ def serve_and_ask(python: Path, env: dict, tmp_path: Path) -> list[dict]:
 
 
 def check_predictions(predictions: list[dict]) -> None:
-    assert [set(p) for p in predictions] == [{"label", "confidence", "probabilities"}] * 2
+    assert [set(p) for p in predictions] == [{"label", "confidence", "probabilities", "abstained"}] * 2
     assert {p["label"] for p in predictions} <= {"negative", "positive"}
     assert [sum(p["probabilities"].values()) for p in predictions] == pytest.approx([1.0, 1.0], abs=1e-5)
 

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 import tuneloop.tasks.tune as tune
+from tuneloop.tasks.calibration import Abstention
 from tuneloop.tasks.finetune import FinetuneConfig, FinetuneResult
 from tuneloop.tasks.ingest import DataVersion
 from tuneloop.tasks.report import render_evaluation_report
@@ -294,6 +295,7 @@ def test_tune_stage_never_reads_the_test_split_and_its_best_settings_reach_finet
 
     used = []
     monkeypatch.setattr(stages, "finetune_model", lambda *args, **kwargs: used.append(args[5]) or fake_result(0.9))
+    monkeypatch.setattr(stages, "calibrate_model", lambda *args: (1.0, Abstention()))  # nothing trained to calibrate
     stages.finetune(params, workspace)
     assert used == [apply_params(params.finetune, record["best_params"])]
     assert used[0].lora_r == record["best_params"]["lora_r"] != params.finetune.lora_r
