@@ -26,6 +26,7 @@ import torch
 
 from tuneloop.tasks.calibration import Abstention, calibrate, softmax
 from tuneloop.tasks.classifier import HEAD_FILE, LABELS_FILE, META_FILE
+from tuneloop.tasks.labels import resolve_class_weight
 from tuneloop.tasks.classifier import load_encoder as load_base_encoder
 from tuneloop.tasks.classifier import load_tokenizer, pooled_embeddings, read_meta, resolve_pooling
 from tuneloop.tasks.errors import TuneloopError
@@ -81,14 +82,16 @@ def fit_probe(embeddings: np.ndarray, y: np.ndarray, labels: Sequence[str], c: f
 
 def select_probe(train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray],
                  labels: Sequence[str], config: BaselineConfig) -> tuple[Probe, dict[str, float]]:
-    """Fits one probe per `probe_c` and `probe_class_weights` on train; returns the
-    best on validation macro-F1 (on a tie: unweighted first, then the stronger
-    regularisation) and every setting's score, keyed `C=10` / `C=10 balanced`."""
+    """Fits one probe per `probe_c` and `probe_class_weights` on train ("auto": balanced
+    on imbalanced rows, else none); returns the best on validation macro-F1 (on a tie:
+    the first weighting listed, then the stronger regularisation) and every setting's
+    score, keyed `C=10` / `C=10 balanced`."""
     from tuneloop.tasks.metrics import macro_f1
 
     scores: dict[str, float] = {}
     best: tuple[Probe, float] | None = None
-    for class_weight in config.probe_class_weights:
+    weightings = dict.fromkeys(resolve_class_weight(how, train[1], len(labels)) for how in config.probe_class_weights)
+    for class_weight in weightings:
         for c in sorted(config.probe_c):
             probe = fit_probe(train[0], train[1], labels, c, config.probe_max_iter, class_weight)
             score = macro_f1(validation[1], probe.logits(validation[0]).argmax(1), len(labels))

@@ -252,7 +252,9 @@ class BaselineConfig:
     # inverse L2 strengths tried; the one with the best validation macro-F1 is kept
     probe_c: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0)
     # class weightings tried with each C: "balanced" lets a 97:3 file's probe see the small class
-    probe_class_weights: tuple[str, ...] = ("none", "balanced")
+    # "auto": balanced when the largest class has 10x the rows of the smallest, else none;
+    # list [none, balanced] to let validation macro-F1 choose
+    probe_class_weights: tuple[str, ...] = ("auto",)
     probe_max_iter: int = 1000
     zero_shot_template: str = "This text is {label}."
     zero_shot_temperature: float = 0.05  # cosine similarities are close together; sharpen them
@@ -263,8 +265,8 @@ class BaselineConfig:
         check_finite("baseline", self)
         if not self.probe_c or min(self.probe_c) <= 0:
             raise ValueError("baseline.probe_c must list at least one positive value")
-        if not self.probe_class_weights or set(self.probe_class_weights) - {"none", "balanced"}:
-            raise ValueError("baseline.probe_class_weights must list none and/or balanced")
+        if not self.probe_class_weights or set(self.probe_class_weights) - {"auto", "none", "balanced"}:
+            raise ValueError("baseline.probe_class_weights must list auto, none and/or balanced")
         for name in ("batch_size", "max_length", "probe_max_iter"):
             check_range("baseline", self, name, 1)
         check_range("baseline", self, "zero_shot_temperature", 0, low_open=True)

@@ -35,6 +35,7 @@ from tuneloop.tasks.classifier import (HEAD_FILE, LABELS_FILE, META_FILE, Classi
 from tuneloop.tasks.distributed import Ranks
 from tuneloop.tasks.metrics import macro_f1
 from tuneloop.tasks.config import FinetuneConfig
+from tuneloop.tasks.labels import resolve_class_weight
 
 CHECKPOINT_FILE = "last.pt"
 LOSS_EVERY = 20  # steps between loss readbacks (a host sync): the progress bar's and the loss curve's
@@ -245,20 +246,14 @@ def snapshot(model, optimizer, scheduler, state: TrainState, fingerprint: str) -
     }
 
 
-# "auto" weighs classes only when the largest has this many times the rows of the smallest:
-# on HWU64 (6.5x) balanced weights cost 0.011 test macro-F1, on a 97:3 file they are what learns
-AUTO_BALANCE_RATIO = 10.0
-
-
 def class_weights(targets: torch.Tensor, classes: int, how: str) -> torch.Tensor | None:
     """Per-class loss weights: "balanced" gives class c rows / (classes x rows of c), so
     every class weighs the same in the loss and the weight averaged over the rows is 1;
     a class without train rows gets 0. "none": None (every row weighs 1). "auto": balanced
-    when the classes' row counts differ by AUTO_BALANCE_RATIO or more, else none."""
-    counts = torch.bincount(targets, minlength=classes).float()  # (classes,)
-    present = counts[counts > 0]
-    if how == "none" or (how == "auto" and float(present.max() / present.min()) < AUTO_BALANCE_RATIO):
+    when the classes' row counts differ by labels.AUTO_BALANCE_RATIO or more, else none."""
+    if resolve_class_weight(how, targets.numpy(), classes) == "none":
         return None
+    counts = torch.bincount(targets, minlength=classes).float()  # (classes,)
     weights = len(targets) / (int((counts > 0).sum()) * counts.clamp(min=1))
     return torch.where(counts > 0, weights, torch.zeros_like(weights))
 

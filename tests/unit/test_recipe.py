@@ -33,7 +33,8 @@ def separable(n: int, classes: int, seed: int, spread: float = 0.6) -> tuple[np.
 def test_the_probe_is_scikit_learns_logistic_regression_with_c_chosen_on_validation() -> None:
     train, validation, test = separable(600, 5, 0), separable(300, 5, 1), separable(300, 5, 2)
     labels = [f"c{i}" for i in range(5)]
-    probe, scores = select_probe(train, validation, labels, BaselineConfig(probe_c=(0.01, 1.0, 100.0)))
+    probe, scores = select_probe(train, validation, labels, BaselineConfig(probe_c=(0.01, 1.0, 100.0),
+                                                                           probe_class_weights=("none", "balanced")))
     assert set(scores) == {"C=0.01", "C=1", "C=100", "C=0.01 balanced", "C=1 balanced", "C=100 balanced"}
     assert scores[probe.setting] == max(scores.values())
     weighting = "balanced" if probe.class_weight == "balanced" else None
@@ -49,9 +50,13 @@ def test_on_a_97_to_3_split_the_balanced_probe_is_chosen_and_finds_the_small_cla
         return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), y
 
     train, validation, test = lopsided(2400, 0), lopsided(1500, 1), lopsided(1500, 2)
-    probe, scores = select_probe(train, validation, LABELS, BaselineConfig(probe_c=(0.1,)))
+    probe, scores = select_probe(train, validation, LABELS, BaselineConfig(probe_c=(0.1,),
+                                                                           probe_class_weights=("none", "balanced")))
     plain = fit_probe(*train, LABELS, 0.1, 1000)
     assert probe.class_weight == "balanced" and scores["C=0.1 balanced"] > scores["C=0.1"]
+    # the default, auto, weighs classes here without trying the plain probe
+    auto, auto_scores = select_probe(train, validation, LABELS, BaselineConfig(probe_c=(0.1,)))
+    assert auto.class_weight == "balanced" and set(auto_scores) == {"C=0.1 balanced"}
     from tuneloop.tasks.metrics import macro_f1
     assert macro_f1(test[1], plain.logits(test[0]).argmax(1), 2) < 0.55  # the majority class, nearly always
     assert macro_f1(test[1], probe.logits(test[0]).argmax(1), 2) > 0.6
@@ -175,6 +180,8 @@ def test_balanced_class_weights_make_each_class_weigh_the_same_and_average_one()
     assert weights.tolist() == pytest.approx([100 / (2 * 97), 100 / (2 * 3), 0.0])
     assert float(weights[targets].mean()) == pytest.approx(1.0)
     assert class_weights(targets, 3, "none") is None
+    assert class_weights(targets, 3, "auto").tolist() == weights.tolist()  # 97:3 is over 10x: balanced
+    assert class_weights(torch.tensor([0] * 60 + [1] * 10), 2, "auto") is None  # 6x: plain, as on HWU64
     logits, y = torch.zeros(2, 3), torch.tensor([0, 1])
     plain = row_losses(logits, y, None, 0.0)
     assert plain.tolist() == pytest.approx([np.log(3)] * 2)
