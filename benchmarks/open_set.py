@@ -31,16 +31,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from benchmarks.measure import machine
-from benchmarks.recipe import HWU64, RESULTS, tuneloop
+from benchmarks.recipe import HWU64, run_cases, tuneloop
 
 CASES = ("no-oos-label", "oos-label")
 
@@ -116,10 +113,10 @@ def measure(case: str, scratch: Path) -> dict:
     truth = test["label"].astype(str).tolist() + ["__unseen__"] * len(unseen)
     answers = ask(folder, texts)
     gate = json.loads((folder / "reports" / "gate.json").read_text())
-    meta_rule = [line for line in done.stdout.splitlines() if "finetune:" in line or "baseline:" in line]
+    stage_lines = [line for line in done.stdout.splitlines() if "finetune:" in line or "baseline:" in line]
     return {"case": case, "out_of_scope_label": oos_label, "champion_is": gate.get("candidate"),
             "unseen_intents": sorted(unseen["label"].unique().tolist()), "run_seconds": seconds,
-            "stage_lines": meta_rule, **scores(answers, truth, oos_label)}
+            "stage_lines": stage_lines, **scores(answers, truth, oos_label)}
 
 
 def table(results: list[dict]) -> str:
@@ -142,18 +139,7 @@ def table(results: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=CASES, action="append")
-    cases = parser.parse_args().only or list(CASES)
-    where = machine()
-    results = []
-    with tempfile.TemporaryDirectory(prefix="tuneloop-open-set-") as scratch:
-        for case in cases:
-            results.append(measure(case, Path(scratch)))
-            print(table(results[-1:]).splitlines()[-1], flush=True)
-    print(f"\n{where['cpu']}, {where['cores']} cores, torch {where['torch']}\n\n{table(results)}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"open-set-{datetime.now(timezone.utc):%Y-%m-%d}.json"
-    out.write_text(json.dumps({"machine": where, "results": results}, indent=2) + "\n")
-    print(f"\nwritten to {out}")
+    run_cases("open-set", parser.parse_args().only or list(CASES), measure, table)
 
 
 if __name__ == "__main__":

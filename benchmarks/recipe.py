@@ -124,23 +124,29 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def run_cases(name: str, cases: list[str], measure_case, table_of) -> None:
+    """Measures each case in a scratch folder, one table row as each finishes, then the
+    whole table and benchmarks/results/<name>-<date>.json."""
+    where = machine()
+    results = []
+    with tempfile.TemporaryDirectory(prefix=f"tuneloop-{name}-") as scratch:
+        for case in cases:
+            results.append(measure_case(case, Path(scratch)))
+            print(table_of(results[-1:]).splitlines()[-1], flush=True)
+    print(f"\n{where['cpu']}, {where['cores']} cores, torch {where['torch']}\n\n{table_of(results)}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{name}-{datetime.now(timezone.utc):%Y-%m-%d}.json"
+    out.write_text(json.dumps({"machine": where, "results": results}, indent=2) + "\n")
+    print(f"\nwritten to {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=CASES, action="append")
     cases = parser.parse_args().only or list(CASES)
     if not HWU64.exists():
         cases = [c for c in cases if not c.startswith("hwu64")]
-    where = machine()
-    results = []
-    with tempfile.TemporaryDirectory(prefix="tuneloop-recipe-") as scratch:
-        for case in cases:
-            results.append(measure(case, Path(scratch)))
-            print(table(results[-1:]).splitlines()[-1], flush=True)
-    print(f"\n{where['cpu']}, {where['cores']} cores, torch {where['torch']}\n\n{table(results)}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"recipe-{datetime.now(timezone.utc):%Y-%m-%d}.json"
-    out.write_text(json.dumps({"machine": where, "results": results}, indent=2) + "\n")
-    print(f"\nwritten to {out}")
+    run_cases("recipe", cases, measure, table)
 
 
 if __name__ == "__main__":
