@@ -421,7 +421,9 @@ class ServeConfig:
     poll_seconds: float = 2.0  # how often the `champion` alias is read: the bound on how stale serving can be
     max_text_chars: int = 2000  # longer texts get 413 (the validate stage's bound on training texts)
     max_batch: int = 64  # more texts in one request get 413
-    batch_size: int = 32  # texts per forward pass inside one request
+    batch_size: int = 32  # texts per forward pass, from one request or several scored together
+    batch_window_ms: float = 2.0  # how long an idle scorer waits for other requests to join a batch
+    max_queued_texts: int = 1024  # texts waiting to be scored beyond this get 503 with Retry-After
     device: str = "auto"  # "auto" (CUDA when present) | "cpu" | "cuda"
     tokens_file: str | None = None  # name:scopes:secret lines; $TUNELOOP_TOKENS(_FILE) beat it (tasks/auth.py)
     max_body_bytes: int = 1_048_576  # bodies over this get 413 before parsing; 64 texts x 2000 chars fit
@@ -435,9 +437,11 @@ class ServeConfig:
             raise ValueError(f"serve.port must be 0-65535, got {self.port}")
         check_named("serve", "host", self.host)
         check_device("serve", "device", self.device)
-        for name in ("poll_seconds", "max_text_chars", "max_batch", "batch_size", "max_body_bytes"):
+        for name in ("poll_seconds", "max_text_chars", "max_batch", "batch_size", "max_body_bytes", "max_queued_texts"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"serve.{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.batch_window_ms <= 1000:
+            raise ValueError(f"serve.batch_window_ms must be 0-1000, got {self.batch_window_ms}")
         if self.retention_days is not None and self.retention_days <= 0:
             raise ValueError(f"serve.retention_days must be positive or null, got {self.retention_days}")
 

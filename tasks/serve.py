@@ -16,13 +16,14 @@ true labels the monitoring flow scores against.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 import threading
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
@@ -41,7 +42,8 @@ from fastapi.security import HTTPBearer
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from tuneloop.tasks.auth import Token, TokenGate, authorize
-from tuneloop.tasks.classifier import Classifier, load_classifier, predict_proba, score_texts
+from tuneloop.tasks.batching import MicroBatcher, QueueFull
+from tuneloop.tasks.classifier import Classifier, Scored, load_classifier, predict_proba, score_texts
 from tuneloop.tasks.limits import BodyLimit, SlowClientLimits, header_timeout_protocol, text_problem
 from tuneloop.tasks.privacy import mask_pii
 from tuneloop.tasks.store import FeedbackConflict, Prediction, PredictionStore, store_url, utcnow
@@ -324,18 +326,45 @@ def feedback_labels(body: FeedbackRequest, logged: pd.DataFrame) -> list[str]:
     return labels
 
 
-def answer(served: Served, texts: list[str], batch_size: int) -> PredictResponse:
+def scored_together(batch: list[tuple[Served, str]], batch_size: int) -> list[Scored]:
+    """The scorer's work: the texts of many requests, each request's with the version it
+    was taken under (a swap mid-batch splits the batch, it never mixes versions)."""
+    results: list[Scored | None] = [None] * len(batch)
+    by_version: dict[int, list[int]] = {}
+    for index, (served, _) in enumerate(batch):
+        by_version.setdefault(id(served), []).append(index)
+    for indices in by_version.values():
+        served = batch[indices[0]][0]
+        for index, scored in zip(indices, score_texts(served.classifier, [batch[i][1] for i in indices], batch_size)):
+            results[index] = scored
+    return results
+
+
+def response_of(served: Served, scored: list[Scored]) -> PredictResponse:
     request_id = uuid.uuid4().hex
-    items = [ItemPrediction(request_id=request_id, item=index, label=scored.label, confidence=scored.confidence,
-                            model_version=served.version, probabilities=scored.probabilities,
-                            abstained=scored.abstained)
-             for index, scored in enumerate(score_texts(served.classifier, texts, batch_size))]
+    items = [ItemPrediction(request_id=request_id, item=index, label=s.label, confidence=s.confidence,
+                            model_version=served.version, probabilities=s.probabilities, abstained=s.abstained)
+             for index, s in enumerate(scored)]
     return PredictResponse(request_id=request_id, model_version=served.version, predictions=items)
 
 
-def as_logged(response: PredictResponse, texts: list[str], mask: bool = False) -> list[Prediction]:
-    """The rows the store keeps: texts masked of e-mails, phones and cards when `mask`."""
-    return [Prediction(p.request_id, p.item, mask_pii(text) if mask else text, p.label, p.confidence,
+def written_together(store: PredictionStore, mask: bool, after: Callable[[], None] = lambda: None):
+    """The store writer's work: the rows of many requests in one transaction (a group
+    commit); masked of e-mails, phones and cards here, off the request path, when
+    `mask`; then `after` (the retention purge, at most hourly)."""
+    def write(rows: list[Prediction]) -> list[int]:
+        if mask:
+            rows = [replace(row, text=mask_pii(row.text)) for row in rows]
+        store.log(rows)
+        after()
+        return [1] * len(rows)
+
+    return write
+
+
+def as_logged(response: PredictResponse, texts: list[str]) -> list[Prediction]:
+    """The rows the store keeps (the writer masks them)."""
+    return [Prediction(p.request_id, p.item, text, p.label, p.confidence,
                        p.probabilities, p.model_version, abstained=p.abstained)
             for p, text in zip(response.predictions, texts)]
 
@@ -427,6 +456,13 @@ def create_app(follower: ChampionFollower, store: PredictionStore, config: Serve
     checked before any body is read; /health and /version stay open (probes, no
     data). Bodies are bounded in size, time and number (`limits`)."""
     purge = retention_purger(store, config)
+    # Concurrent requests are scored together by one worker (they would only split the
+    # same cores, or GPU, between them) and their predictions written in one transaction.
+    scorer = MicroBatcher(lambda batch: scored_together(batch, config.batch_size), "scoring",
+                          max_items=config.batch_size, window_s=config.batch_window_ms / 1000,
+                          max_queued=config.max_queued_texts)
+    writer = MicroBatcher(written_together(store, config.mask_pii, purge), "prediction store", max_items=4096,
+                          window_s=0.0, max_queued=max(4096, 2 * config.max_queued_texts))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -437,14 +473,13 @@ def create_app(follower: ChampionFollower, store: PredictionStore, config: Serve
         follower.start()
         yield
         follower.stop()
+        scorer.close()
+        writer.close()
 
     app = FastAPI(title="tuneloop", summary="The champion text classifier.", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, limits=limits)
     if tokens:  # added last, so it runs first: no body is read for a caller without a token
         app.add_middleware(TokenGate, tokens=tokens, scopes=SCOPES)
-    # One forward pass at a time: concurrent requests would split the same cores
-    # (or GPU) between them and all finish later; queued, each gets all of it.
-    scoring = threading.Lock()
     auth = (401, 403) if tokens else ()
     may_predict, may_label = scope_guard(tokens, "predict"), scope_guard(tokens, "feedback")
 
@@ -465,17 +500,21 @@ def create_app(follower: ChampionFollower, store: PredictionStore, config: Serve
         return served
 
     @app.post("/predict", response_model=PredictResponse, responses=errors(400, *auth, 413, 422, 503))
-    def predict(body: PredictRequest, caller: str = Depends(may_predict)) -> PredictResponse:
+    async def predict(body: PredictRequest, caller: str = Depends(may_predict)) -> PredictResponse:
         texts = request_texts(body, config)
         served = served_or_503()
-        with scoring:
-            response = answer(served, texts, config.batch_size)
+        try:
+            scored = await asyncio.wrap_future(scorer.submit([(served, text) for text in texts]))
+        except QueueFull as full:
+            raise HTTPException(503, str(full), headers={"Retry-After": str(full.retry_after_s)}) from None
+        response = response_of(served, scored)
         try:  # a prediction is served only once it is logged: monitoring sees every one
-            store.log(as_logged(response, texts, config.mask_pii))
-            purge()
+            await asyncio.wrap_future(writer.submit(as_logged(response, texts)))
         except Exception as error:
             log.exception("logging request %s failed", response.request_id)
-            raise HTTPException(503, f"the prediction store is unavailable: {type(error).__name__}") from None
+            retry = {"Retry-After": str(error.retry_after_s)} if isinstance(error, QueueFull) else None
+            raise HTTPException(503, f"the prediction store is unavailable: {type(error).__name__}",
+                                headers=retry) from None
         return response
 
     @app.post("/feedback", response_model=FeedbackResponse, responses=errors(400, *auth, 404, 409, 413, 422))
