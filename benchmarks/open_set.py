@@ -114,7 +114,9 @@ def measure(case: str, scratch: Path) -> dict:
     answers = ask(folder, texts)
     gate = json.loads((folder / "reports" / "gate.json").read_text())
     stage_lines = [line for line in done.stdout.splitlines() if "finetune:" in line or "baseline:" in line]
+    failed = [c["reason"] for c in gate.get("checks", []) if not c.get("passed", True)]
     return {"case": case, "out_of_scope_label": oos_label, "champion_is": gate.get("candidate"),
+            "gate_failures": failed,
             "unseen_intents": sorted(unseen["label"].unique().tolist()), "run_seconds": seconds,
             "stage_lines": stage_lines, **scores(answers, truth, oos_label)}
 
