@@ -314,3 +314,74 @@ def test_answers_use_one_model_version_even_when_the_alias_moves_mid_traffic(cla
     assert {p["model_version"] for p in first["predictions"]} == {"1"}
     assert {p["model_version"] for p in second["predictions"]} == {"2"}
     assert store.window()["model_version"].tolist() == ["1", "1", "2", "2"]
+
+
+# --- concurrent load: micro-batching and back-pressure -------------------------------------------
+
+
+def test_concurrent_requests_are_scored_together_and_every_text_answered_and_logged_once(
+        classifier, store, monkeypatch):
+    import tuneloop.tasks.serve as serve
+    from concurrent.futures import ThreadPoolExecutor
+
+    calls: list[int] = []
+    real = serve.score_texts
+
+    def counted(model, texts, batch_size):
+        calls.append(len(texts))
+        time.sleep(0.02)  # a forward pass takes time: requests arriving meanwhile join the next batch
+        return real(model, texts, batch_size)
+
+    monkeypatch.setattr(serve, "score_texts", counted)
+    requests = [[f"text {i}"] if i % 3 else [f"text {i} a", f"text {i} b", f"text {i} c"] for i in range(48)]
+    config = ServeConfig(max_text_chars=50, max_batch=4, poll_seconds=60.0, batch_window_ms=5.0)
+    with TestClient(create_app(follower_for(Registry("1", {"1": classifier})), store, config)) as client:
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda texts: client.post("/predict", json={"texts": texts}), requests))
+
+    assert [a.status_code for a in answers] == [200] * len(requests)
+    every_text = [t for texts in requests for t in texts]
+    expected = dict(zip(every_text, predict_proba(classifier, every_text)))
+    for texts, answer in zip(requests, answers):  # each caller got its own texts' answers, in order
+        got = answer.json()["predictions"]
+        assert [p["item"] for p in got] == list(range(len(texts)))
+        for text, item in zip(texts, got):
+            assert item["confidence"] == pytest.approx(float(expected[text].max()), abs=1e-5)
+    logged = store.window()
+    assert len(logged) == len(every_text) == sum(calls)  # every text scored once, logged once
+    assert not logged.duplicated(["request_id", "item"]).any()
+    assert sorted(logged["text"]) == sorted(every_text)
+    assert len(calls) < len(requests) and max(calls) > 3  # batched across requests
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_logs_nothing_for_it(classifier, store, monkeypatch):
+    import threading
+    import tuneloop.tasks.serve as serve
+
+    entered, release = threading.Event(), threading.Event()
+    real = serve.score_texts
+
+    def blocked(model, texts, batch_size):
+        entered.set()
+        release.wait(10)
+        return real(model, texts, batch_size)
+
+    monkeypatch.setattr(serve, "score_texts", blocked)
+    config = ServeConfig(max_text_chars=50, max_batch=4, poll_seconds=60.0, max_queued_texts=2)
+    with TestClient(create_app(follower_for(Registry("1", {"1": classifier})), store, config)) as client:
+        results: dict[str, object] = {}
+        first = threading.Thread(target=lambda: results.update(a=client.post("/predict", json={"text": "one"})))
+        first.start()
+        assert entered.wait(10)  # the scorer is busy with the first request
+        second = threading.Thread(target=lambda: results.update(
+            b=client.post("/predict", json={"texts": ["two", "three"]})))
+        second.start()
+        time.sleep(0.3)  # the second request's two texts now fill the queue
+        refused = client.post("/predict", json={"text": "four"})
+        release.set()
+        first.join(10), second.join(10)
+
+    assert refused.status_code == 503
+    assert "queue is full" in refused.json()["detail"] and int(refused.headers["Retry-After"]) >= 1
+    assert results["a"].status_code == results["b"].status_code == 200
+    assert sorted(store.window()["text"]) == ["one", "three", "two"]  # the refused text was never logged
