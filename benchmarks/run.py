@@ -37,6 +37,7 @@ from tuneloop.params import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+MAX_QUALITY_GAP = 0.01  # validation macro-F1: a wider gap means one side did not learn, and no speed ratio is given
 
 
 def load_rows(train_rows: int, seed: int) -> tuple[dict, tuple[str, ...]]:
@@ -77,7 +78,7 @@ def trainer_arguments(config: FinetuneConfig, out: Path):
     return TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=config.batch_size, per_device_eval_batch_size=64,
         learning_rate=config.learning_rate, num_train_epochs=config.epochs, weight_decay=config.weight_decay,
-        warmup_steps=config.warmup_ratio, seed=config.seed, save_strategy="no", report_to="none",
+        warmup_steps=config.warmup_ratio, seed=config.seed,  # a float < 1 is a share of the steps save_strategy="no", report_to="none",
     )
 
 
@@ -197,7 +198,9 @@ def finetune_row(name: str, run: dict, examples: int, tokens: int, flops: float,
 def run_benchmark(train_rows: int, seed: int) -> dict:
     """Every measurement, in one process."""
     params = load_params(ROOT / "params.yaml")
-    config = replace(params.finetune, epochs=1, max_steps=None, device="cpu", precision="fp32")
+    # one epoch on both sides: no step floor (min_steps, min_examples_per_class), a random head (no probe)
+    config = replace(params.finetune, epochs=1, max_steps=None, min_steps=0, min_examples_per_class=0,
+                     head_init="random", device="cpu", precision="fp32")
     base_path = resolve_model_path(params.model.base)
     rows, labels = load_rows(train_rows, seed)
     from transformers import AutoTokenizer
@@ -247,16 +250,23 @@ def markdown_table(report: dict) -> str:
     """The README's table."""
     ours, theirs = report["finetune"]
     score_ours, score_theirs = report["score"]["runs"]
-    ratio = lambda a, b: f"**{a / b:.2f}x**"  # noqa: E731
+    gap = abs(ours["val_macro_f1"] - theirs["val_macro_f1"])
+    same_steps = ours["steps"] == theirs["steps"]
+
+    def ratio(a: float, b: float, comparable: bool = True) -> str:
+        return f"**{a / b:.2f}x**" if comparable else "none: unequal work or quality"
+
+    fair = gap <= MAX_QUALITY_GAP and same_steps
     lines = [
         f"| fine-tuning ({ours['steps']} steps of batch {report['config']['batch_size']}) | tuneloop | HF Trainer | ratio | target |",
         "|---|---:|---:|---:|---|",
         f"| training examples/s | {ours['examples_per_s']:.1f} | {theirs['examples_per_s']:.1f} | "
-        f"{ratio(ours['examples_per_s'], theirs['examples_per_s'])} | >= 2x |",
+        f"{ratio(ours['examples_per_s'], theirs['examples_per_s'], fair)} | >= 3x |",
         f"| non-padding tokens/s | {ours['tokens_per_s']:.0f} | {theirs['tokens_per_s']:.0f} | "
-        f"{ratio(ours['tokens_per_s'], theirs['tokens_per_s'])} | |",
+        f"{ratio(ours['tokens_per_s'], theirs['tokens_per_s'], fair)} | |",
+        f"| optimizer steps | {ours['steps']} | {theirs['steps']} | | equal |",
         f"| validation macro-F1 | {ours['val_macro_f1']:.4f} | {theirs['val_macro_f1']:.4f} | "
-        f"{ours['val_macro_f1'] - theirs['val_macro_f1']:+.4f} | no worse |",
+        f"{ours['val_macro_f1'] - theirs['val_macro_f1']:+.4f} | within {MAX_QUALITY_GAP} |",
         f"| useful GFLOP/s (share of the {report['peak_gflops']:.0f} GFLOP/s matmul peak) | "
         f"{ours['useful_gflops_per_s']:.1f} ({ours['fraction_of_peak']:.0%}) | "
         f"{theirs['useful_gflops_per_s']:.1f} ({theirs['fraction_of_peak']:.0%}) | | >= 50% |",

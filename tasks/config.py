@@ -293,7 +293,7 @@ class FinetuneConfig:
     # average class has been seen this many times (0 turns either off).
     min_steps: int = 500  # a 2,000-row set trains 8 epochs, not 63 steps
     min_examples_per_class: int = 400  # 64 classes of ~140 rows: 3 epochs
-    head_init: str = "probe"  # "probe" starts the head from the baseline's linear probe | "random"
+    head_init: str = "probe"  # "probe": from the baseline's linear probe | "random": no probe (the head starts at zero)
     label_smoothing: float = 0.1  # cross-entropy's target smoothing (temperature scaling recalibrates)
     # "balanced" weighs each class's loss by rows / (classes x its rows), so a 97:3 file does not
     # learn the majority class alone; "none" is the plain mean; "auto": balanced when the largest

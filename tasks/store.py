@@ -50,8 +50,11 @@ PREDICTIONS = sa.Table(
     sa.Column("feedback_by", sa.String(64), nullable=True),  # the token that labelled it: provenance
     sa.Column("abstained", sa.Boolean, nullable=True),  # the model said "none of these" (None: logged before)
     sa.UniqueConstraint("request_id", "item", name="uq_request_item"),
+    sa.Index("ix_predictions_version_ts", "model_version", "ts"),  # the monitor's window: one range scan
 )
 COLUMNS = [c.name for c in PREDICTIONS.columns]
+BULKY = ("text", "probabilities")  # what a window without texts leaves out
+TEXT_CHUNK = 500  # ids per IN (...) query: under SQLite's bound on parameters
 # Every label a prediction was given, first labels and corrections alike: nothing is overwritten unseen.
 FEEDBACK_HISTORY = sa.Table(
     "feedback_history", METADATA,
@@ -115,6 +118,12 @@ def engine_url(url: str) -> str:
     return f"postgresql+psycopg://{rest}" if scheme in {"postgresql", "postgres"} else url
 
 
+def add_missing_indexes(engine: sa.Engine) -> None:
+    """Stores created before an index existed get it."""
+    for index in PREDICTIONS.indexes:
+        index.create(engine, checkfirst=True)
+
+
 class PredictionStore:
     """A thin handle on one database; safe to share across threads."""
 
@@ -124,6 +133,7 @@ class PredictionStore:
         self.engine = sa.create_engine(engine_url(url), connect_args=args, pool_pre_ping=True)
         METADATA.create_all(self.engine)
         add_missing_columns(self.engine)
+        add_missing_indexes(self.engine)
 
     def log(self, predictions: Iterable[Prediction]) -> int:
         """Appends predictions; returns how many were written."""
@@ -208,9 +218,14 @@ class PredictionStore:
         return frame
 
     def window(self, start: datetime | None = None, end: datetime | None = None,
-               model_version: str | None = None, limit: int | None = None) -> pd.DataFrame:
-        """Predictions with start <= ts < end (newest `limit` if given), oldest first."""
-        query = sa.select(PREDICTIONS)
+               model_version: str | None = None, limit: int | None = None, texts: bool = True) -> pd.DataFrame:
+        """Predictions with start <= ts < end (newest `limit` if given), oldest first.
+
+        `texts=False` leaves out the text and the probabilities (most of a row's
+        bytes): a window of a million predictions then fits in ~100 MB, and
+        `texts(ids)` fetches the few texts a caller needs."""
+        columns = [c for c in PREDICTIONS.columns if texts or c.name not in BULKY]
+        query = sa.select(*columns)
         if start is not None:
             query = query.where(PREDICTIONS.c.ts >= start)
         if end is not None:
@@ -221,10 +236,20 @@ class PredictionStore:
         if limit is not None:
             query = query.limit(limit)
         with self.engine.connect() as conn:
-            frame = pd.DataFrame(conn.execute(query).mappings().all(), columns=COLUMNS)
+            frame = pd.DataFrame(conn.execute(query).all(), columns=[c.name for c in columns])
         if not frame.empty:
             frame["ts"] = frame["ts"].map(as_utc)
         return frame.iloc[::-1].reset_index(drop=True)
+
+    def texts(self, ids: Sequence[int]) -> dict[int, str]:
+        """The logged text of each prediction id (ids not in the store are left out)."""
+        ids, out = sorted({int(i) for i in ids}), {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), TEXT_CHUNK):
+                chunk = ids[start : start + TEXT_CHUNK]
+                out.update(conn.execute(sa.select(PREDICTIONS.c.id, PREDICTIONS.c.text)
+                                        .where(PREDICTIONS.c.id.in_(chunk))).all())
+        return out
 
     def labelled(self, since: datetime | None = None) -> pd.DataFrame:
         """Predictions whose true label arrived after `since` (all when None), in feedback order."""

@@ -19,7 +19,7 @@ import pandas as pd
 from tuneloop.params import Params
 from tuneloop.tasks import registry
 from tuneloop.tasks.drift import (DriftMetrics, abstention_shift, classifier_predictor, compute_drift, current_frame,
-                                  encoder_embedder, reference_frame)
+                                  encoder_embedder, reference_frame, sample)
 from tuneloop.tasks.feedback import export_feedback, labelled_rows, last_feedback_export
 from tuneloop.tasks.rollback import arrival_action, compare_live, decide_rollback, rollback_blocker
 from tuneloop.tasks.store import PredictionStore, store_url, utcnow
@@ -33,9 +33,19 @@ def prediction_store(params: Params, workspace: Workspace) -> PredictionStore:
 
 
 def read_window(params: Params, workspace: Workspace, version: str) -> pd.DataFrame:
+    """The champion's window, with the text of only the rows that need one: the drift
+    sample (`current_frame` draws the same rows) and the labelled rows (rollback
+    re-scores them); the other rows' text is None. Memory grows by ~100 bytes a
+    row, not by the texts."""
     config = params.monitor
+    store = prediction_store(params, workspace)
     start = utcnow() - timedelta(hours=config.window_hours) if config.window_hours else None
-    return prediction_store(params, workspace).window(start=start, model_version=version, limit=config.window_rows)
+    window = store.window(start=start, model_version=version, limit=config.window_rows, texts=False)
+    needed = set(sample(window, config.sample_rows, config.seed)["id"]) | set(
+        window.loc[window["true_label"].notna(), "id"])
+    texts = store.texts(sorted(needed))
+    window["text"] = [texts.get(i) for i in window["id"]]
+    return window
 
 
 def champion_labels(params: Params, workspace: Workspace, version: str) -> tuple[str, ...]:
@@ -60,15 +70,34 @@ def measure_drift(params: Params, workspace: Workspace, version: str, window: pd
     """The champion's reference sample (scored by the champion) against the window."""
     from tuneloop.tasks.classifier import resolve_model_path
 
-    name, config = params.mlflow.model_name, params.monitor
-    splits = pd.read_parquet(registry.download_reference(name, version, workspace.models_cache))
-    predict = version_predictor(params, workspace, version)
+    config = params.monitor
     embed = encoder_embedder(resolve_model_path(params.model.base), config)
-    reference = reference_frame(splits, config, predict, embed)
+    reference = cached_reference(params, workspace, version, embed)
     metrics = compute_drift(reference, current_frame(window, config, embed), config, report_path)
     expected = expected_abstention(params, workspace, version)
     served = window["abstained"] if "abstained" in window else []
     return replace(metrics, **abstention_shift(list(served), expected))
+
+
+def cached_reference(params: Params, workspace: Workspace, version: str, embed) -> pd.DataFrame:
+    """The version's reference sample, scored and embedded once per version and
+    reference settings, then read back (a registered version never changes: its
+    files are hash-checked when loaded)."""
+    import hashlib
+
+    name, config = params.mlflow.model_name, params.monitor
+    key = json.dumps([name, version, params.model.base, config.reference_split, config.sample_rows, config.seed,
+                      config.max_length])
+    path = workspace.models_cache / f"reference-{hashlib.sha256(key.encode()).hexdigest()[:16]}.parquet"
+    if path.exists():
+        return pd.read_parquet(path)
+    splits = pd.read_parquet(registry.download_reference(name, version, workspace.models_cache))
+    reference = reference_frame(splits, config, version_predictor(params, workspace, version), embed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    reference.to_parquet(partial)
+    partial.replace(path)
+    return reference
 
 
 def expected_abstention(params: Params, workspace: Workspace, version: str) -> float | None:
