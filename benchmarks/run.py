@@ -97,15 +97,16 @@ def own_forward(model: torch.nn.Module):
 class ForTrainer(torch.nn.Module):
     """The same TextClassifier as the Trainer expects a model: labels in, loss and logits out."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, label_smoothing: float = 0.0):
         super().__init__()
-        self.model, self.forward_logits = model, own_forward(model)
+        self.model, self.forward_logits, self.label_smoothing = model, own_forward(model), label_smoothing
 
     def forward(self, input_ids, attention_mask, labels=None):
         from transformers.modeling_outputs import SequenceClassifierOutput
 
         logits = self.forward_logits(input_ids, attention_mask)
-        loss = torch.nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        loss = (torch.nn.functional.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+                if labels is not None else None)  # the finetune stage's loss: same smoothing
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
@@ -118,7 +119,7 @@ def finetune_trainer(base_path: Path, rows: dict, labels, config: FinetuneConfig
         started = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(base_path)
         torch.manual_seed(config.seed)  # the same initial head and adapters as the finetune stage
-        model = ForTrainer(build_model(base_path, labels, config))
+        model = ForTrainer(build_model(base_path, labels, config), config.label_smoothing)
 
         def encoded(texts, targets):
             ids = tokenizer(list(texts), truncation=True, max_length=config.max_length)

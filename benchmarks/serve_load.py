@@ -73,7 +73,8 @@ def servers(project: Path, facts: dict) -> dict[str, dict]:
     """How to start each server and speak to it."""
     from tuneloop.tasks.classifier import resolve_model_path
 
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # mlflow starts `uvicorn` by name
     return {
         "tuneloop serve": {
             "argv": lambda port: [str(BIN / "tuneloop"), "serve", "--root", str(project), "--port", str(port)],

@@ -421,7 +421,7 @@ class ServeConfig:
     poll_seconds: float = 2.0  # how often the `champion` alias is read: the bound on how stale serving can be
     max_text_chars: int = 2000  # longer texts get 413 (the validate stage's bound on training texts)
     max_batch: int = 64  # more texts in one request get 413
-    batch_size: int = 32  # texts per forward pass, from one request or several scored together
+    batch_size: int = 8  # texts per forward pass, from one request or several scored together
     batch_window_ms: float = 2.0  # how long an idle scorer waits for other requests to join a batch
     max_queued_texts: int = 1024  # texts waiting to be scored beyond this get 503 with Retry-After
     device: str = "auto"  # "auto" (CUDA when present) | "cpu" | "cuda"
