@@ -121,7 +121,7 @@ def main() -> None:
             started = time.perf_counter()
             fill_store(url, rows, version, texts, labels, confidences)
             fill = time.perf_counter() - started
-            for cache in (f for f in (project / "state" / "registry_cache").glob("reference-*.parquet")):
+            for cache in (project / "state" / "registry_cache").glob("reference-*.parquet"):
                 cache.unlink()  # the first run pays for the reference sample
             runs = [timed_monitor(project, url) for _ in range(2)]
             size = Path(f"{scratch}/predictions-{rows}.db").stat().st_size / 2**20

@@ -169,14 +169,13 @@ async def load(url: str, spec: dict, requests: list[list[str]], clients: int) ->
             "statuses": {str(k): v for k, v in sorted(statuses.items())}, "answered_texts": answered}
 
 
-def labels_of(url: str, spec: dict, texts: list[str], name: str) -> list[str]:
+def labels_of(url: str, spec: dict, texts: list[str]) -> list[str]:
     import httpx
 
     out = []
     for start in range(0, len(texts), BATCH):
         body = httpx.post(url + spec["path"], json=spec["body"](texts[start:start + BATCH]), timeout=120).json()
-        rows = body["predictions"]
-        out += [row["label"] for row in rows]
+        out += [row["label"] for row in body["predictions"]]
     return out
 
 
@@ -187,7 +186,7 @@ def measure_server(name: str, spec: dict, facts: dict, args, logs: Path) -> dict
     with running(spec, logs / f"{name.split()[0]}.log") as url:
         for texts in ([t] for t in facts["texts"][:20]):  # warm-up: first calls, lazy imports
             httpx.post(url + spec["path"], json=spec["body"](texts), timeout=120)
-        labels = labels_of(url, spec, facts["texts"][:200], name) if name != "pipeline + FastAPI" else None
+        labels = labels_of(url, spec, facts["texts"][:200]) if name != "pipeline + FastAPI" else None
         for clients in args.clients:
             requests = schedule(facts["texts"], args.singles, 0 if clients == 1 else args.batches, args.seed)
             before = store_rows(facts["store"]) if name == "tuneloop serve" else None

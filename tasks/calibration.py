@@ -94,13 +94,6 @@ def in_scope_accuracy(probs: np.ndarray, y: np.ndarray, threshold: float, oos_in
     return float(right[inside].mean())
 
 
-def oos_f1(probs: np.ndarray, y: np.ndarray, threshold: float, oos_index: int) -> float:
-    """F1 of "abstained" as a detector of out-of-scope rows."""
-    caught, actual = abstains(probs, threshold, oos_index), y == oos_index
-    hits = int((caught & actual).sum())
-    return 2 * hits / max(1, int(caught.sum()) + int(actual.sum()))
-
-
 def candidate_thresholds(confidence: np.ndarray) -> np.ndarray:
     """0 and quantiles of the confidences: every distinct operating point, at a bounded cost."""
     grid = np.quantile(confidence, np.linspace(0.0, 1.0, THRESHOLD_GRID)) if len(confidence) else np.array([])

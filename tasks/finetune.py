@@ -82,8 +82,12 @@ def build_model(base_path: Path, labels: Sequence[str], config: FinetuneConfig,
         # encoder random gradients that Adam scales up to full-size steps, and at 2e-3 that
         # collapsed MiniLM to one class in 2 of 4 seeds (movie reviews, 80 steps); from
         # zero the head learns the classes' directions first and 4 of 4 seeds learned.
-        model.head.weight.copy_(head[0]) if head is not None else model.head.weight.zero_()
-        model.head.bias.copy_(head[1]) if head is not None else model.head.bias.zero_()
+        if head is None:
+            model.head.weight.zero_()
+            model.head.bias.zero_()
+        else:
+            model.head.weight.copy_(head[0])
+            model.head.bias.copy_(head[1])
     return model
 
 
