@@ -207,11 +207,16 @@ def prefect_env(stack: Stack) -> dict[str, str]:
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false"}
 
 
-def start_prefect(stack: Stack) -> subprocess.Popen:
+def start_prefect(stack: Stack, database: str | None = None) -> subprocess.Popen:
+    """`prefect server start` on loopback; on PostgreSQL database `database` (as
+    a team runs it: SQLite's single writer timed out API reads under the worker's load)."""
     port = free_port()
     stack.prefect_api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, **prefect_env(stack)}
+    if database:
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = stack.postgres_url(database).replace("+psycopg", "+asyncpg")
     return launch(stack, "prefect", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                     "--port", str(port)], {**os.environ, **prefect_env(stack)})
+                                     "--port", str(port)], env)
 
 
 def start_worker(stack: Stack, project: Path, env: dict[str, str], pool: str = "tuneloop") -> subprocess.Popen:

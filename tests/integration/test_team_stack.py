@@ -1,7 +1,7 @@
 """The team stack, started on loopback and used for real: PostgreSQL (MLflow's
-backend store and the prediction store), moto's S3 server (MLflow's artefacts
-and the DVC remote), an MLflow server proxying artefacts, a Prefect server and
-a process worker running the deployments of `tuneloop deploy`.
+backend store, the prediction store and the Prefect server's database), moto's
+S3 server (MLflow's artefacts and the DVC remote), an MLflow server proxying
+artefacts, a Prefect server and a process worker running the deployments of `tuneloop deploy`.
 
 The story: new labelled data → two overlapping retrain requests → one retrain
 run executed by the worker (the other CANCELLED) → version 1 champion →
@@ -134,9 +134,9 @@ def tuneloop(story: Story, *args: str, timeout: float = 600) -> subprocess.Compl
 
 
 def prefect(story: Story, method: str, path: str, body: dict | None = None):
-    """One call to the Prefect API; a 503 (its SQLite database busy) is tried again."""
+    """One call to the Prefect API; a 503 (its database busy) is tried again."""
     for attempt in range(10):
-        response = httpx.request(method, f"{story.stack.prefect_api}{path}", json=body, timeout=30)
+        response = httpx.request(method, f"{story.stack.prefect_api}{path}", json=body, timeout=60)
         if response.status_code != 503:
             break
         time.sleep(1 + attempt)
@@ -200,10 +200,10 @@ def timed(story: Story, part: str) -> Iterator[None]:
 
 
 def start_servers(stack: Stack) -> None:
-    """PostgreSQL and S3 first (MLflow needs both), Prefect meanwhile."""
-    prefect_server = start_prefect(stack)
+    """PostgreSQL and S3 first (MLflow and Prefect keep their state in PostgreSQL)."""
     s3 = start_s3(stack)
-    start_postgres(stack, ("mlflow", "predictions"))
+    start_postgres(stack, ("mlflow", "predictions", "prefect"))
+    prefect_server = start_prefect(stack, "prefect")
     wait_for_s3(stack, s3)
     mlflow = start_mlflow(stack, "mlflow")
     wait_for_http(f"{stack.mlflow_url}/health", mlflow, stack.tmp / "mlflow.log")
