@@ -26,7 +26,7 @@ import torch
 
 from tuneloop.tasks.calibration import Abstention, calibrate, softmax
 from tuneloop.tasks.classifier import HEAD_FILE, LABELS_FILE, META_FILE
-from tuneloop.tasks.labels import resolve_class_weight
+from tuneloop.tasks.labels import decision_offsets, resolve_class_weight
 from tuneloop.tasks.classifier import load_encoder as load_base_encoder
 from tuneloop.tasks.classifier import load_tokenizer, pooled_embeddings, read_meta, resolve_pooling
 from tuneloop.tasks.errors import TuneloopError
@@ -43,6 +43,7 @@ class Probe:
     labels: list[str]
     c: float = 0.0  # the regularisation it was fitted with
     class_weight: str = "none"  # "balanced": each class weighed by rows / (classes x its rows)
+    offsets: list[float] | None = None  # per-class decision offsets folded into `bias` (imbalanced rows)
 
     def logits(self, embeddings: np.ndarray) -> np.ndarray:
         return (torch.from_numpy(embeddings) @ self.weight.T + self.bias).numpy()  # (rows, classes)
@@ -85,20 +86,57 @@ def select_probe(train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndar
     """Fits one probe per `probe_c` and `probe_class_weights` on train ("auto": balanced
     on imbalanced rows, else none); returns the best on validation macro-F1 (on a tie:
     the first weighting listed, then the stronger regularisation) and every setting's
-    score, keyed `C=10` / `C=10 balanced`."""
+    score, keyed `C=10` / `C=10 balanced`.
+
+    With decision offsets (`probe_thresholds`, imbalanced rows) each setting is instead
+    scored by its out-of-fold train macro-F1 after its offsets (keyed `C=10 balanced
+    offsets`): a 97:3 file's validation holds ~8 rows of the small class, train ~80, and
+    the chosen probe carries its offsets in its bias."""
     from tuneloop.tasks.metrics import macro_f1
 
     scores: dict[str, float] = {}
     best: tuple[Probe, float] | None = None
     weightings = dict.fromkeys(resolve_class_weight(how, train[1], len(labels)) for how in config.probe_class_weights)
+    offsets = resolve_class_weight(config.probe_thresholds, train[1], len(labels)) != "none"
     for class_weight in weightings:
         for c in sorted(config.probe_c):
             probe = fit_probe(train[0], train[1], labels, c, config.probe_max_iter, class_weight)
-            score = macro_f1(validation[1], probe.logits(validation[0]).argmax(1), len(labels))
-            scores[probe.setting] = score
+            if offsets:
+                shift, score = out_of_fold_offsets(train, probe, config.probe_max_iter)
+                probe.bias, probe.offsets = probe.bias + torch.from_numpy(shift), shift.tolist()
+                scores[f"{probe.setting} offsets"] = score
+            else:
+                score = macro_f1(validation[1], probe.logits(validation[0]).argmax(1), len(labels))
+                scores[probe.setting] = score
             if best is None or score > best[1]:
                 best = (probe, score)
     return best[0], scores
+
+
+def out_of_fold_offsets(train: tuple[np.ndarray, np.ndarray], probe: Probe, max_iter: int,
+                        folds: int = 5) -> tuple[np.ndarray, float]:
+    """`labels.decision_offsets` for `probe`'s setting, chosen on out-of-fold logits of the
+    train rows (k-fold, stratified), and the out-of-fold macro-F1 with them; zero offsets
+    (and validation cannot be replaced: score -1) when the smallest class has under 2 rows."""
+    from sklearn.model_selection import StratifiedKFold
+
+    from tuneloop.tasks.metrics import macro_f1
+
+    x, y = train
+    classes = len(probe.labels)
+    counts = np.bincount(y, minlength=classes)
+    folds = min(folds, int(counts[counts > 0].min()))
+    if folds < 2:
+        return np.zeros(classes, dtype=np.float32), -1.0
+    logits = np.zeros((len(y), classes), dtype=np.float32)
+    for fit_rows, held_rows in StratifiedKFold(folds, shuffle=True, random_state=0).split(x, y):
+        fold_probe = fit_probe(x[fit_rows], y[fit_rows], probe.labels, probe.c, max_iter, probe.class_weight)
+        logits[held_rows] = fold_probe.logits(x[held_rows])
+    present = counts > 0
+    offsets = np.zeros(classes, dtype=np.float32)
+    offsets[present] = decision_offsets(logits[:, present], np.searchsorted(np.flatnonzero(present), y),
+                                        int(present.sum()))
+    return offsets, macro_f1(y, (logits + offsets).argmax(1), classes)
 
 
 def save_probe(probe: Probe, out_dir: Path) -> None:
@@ -120,7 +158,7 @@ def save_probe_model(probe: Probe, out_dir: Path, tokenizer, base_model: str, po
     save_file({"weight": probe.weight.contiguous(), "bias": probe.bias.contiguous()}, str(out_dir / HEAD_FILE))
     tokenizer.save_pretrained(out_dir)
     meta = {"method": "probe", "base_model": base_model, "max_length": max_length, "pooling": pooling,
-            "probe": {"c": probe.c, "class_weight": probe.class_weight},
+            "probe": {"c": probe.c, "class_weight": probe.class_weight, "offsets": probe.offsets},
             "temperature": temperature, "abstention": abstention.to_dict()}
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
 
@@ -202,7 +240,7 @@ def run_baseline(config: BaselineConfig, model: ModelConfig, base_path: Path, la
         predicted = probs.argmax(1)
         result[name] = {"accuracy": accuracy(y["test"], predicted), "macro_f1": macro_f1(y["test"], predicted, len(labels))}
     write_json(workspace.baseline_metrics, result)  # the test scores only: `dvc metrics show` columns
-    result["probe"].update(setting=probe.setting, c=probe.c, class_weight=probe.class_weight,
+    result["probe"].update(setting=probe.setting, c=probe.c, class_weight=probe.class_weight, offsets=probe.offsets,
                            temperature=temperature, abstention=abstention.rule,
                            validation_macro_f1_by_setting=scores)
     return result

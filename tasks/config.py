@@ -255,6 +255,9 @@ class BaselineConfig:
     # "auto": balanced when the largest class has 10x the rows of the smallest, else none;
     # list [none, balanced] to let validation macro-F1 choose
     probe_class_weights: tuple[str, ...] = ("auto",)
+    # "auto": on imbalanced rows (as class weights' auto) per-class offsets to the probe's logits,
+    # chosen for macro-F1 on out-of-fold train predictions; "none": plain argmax; "balanced": always
+    probe_thresholds: str = "auto"
     probe_max_iter: int = 1000
     zero_shot_template: str = "This text is {label}."
     zero_shot_temperature: float = 0.05  # cosine similarities are close together; sharpen them
@@ -267,6 +270,8 @@ class BaselineConfig:
             raise ValueError("baseline.probe_c must list at least one positive value")
         if not self.probe_class_weights or set(self.probe_class_weights) - {"auto", "none", "balanced"}:
             raise ValueError("baseline.probe_class_weights must list auto, none and/or balanced")
+        if self.probe_thresholds not in ("auto", "none", "balanced"):
+            raise ValueError(f"baseline.probe_thresholds must be auto, none or balanced, got {self.probe_thresholds!r}")
         for name in ("batch_size", "max_length", "probe_max_iter"):
             check_range("baseline", self, name, 1)
         check_range("baseline", self, "zero_shot_temperature", 0, low_open=True)
