@@ -112,7 +112,7 @@ def validate(params: Params, ws: Workspace) -> ValidationReport:
         except (DataValidationError, SplitError):
             finish_run(ws, "FAILED", "stopped at validation")
             raise
-    say("validate", f"{len(report.results)} rules passed or warned, Data Docs at {report.data_docs}")
+    say("validate", f"{len(report.results)} rules passed or warned, report {report.page}")
     return report
 
 
