@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
 from tuneloop.tasks import registry, runlog
-from tuneloop.tasks.dvclock import commit_iteration, record_stage
+from tuneloop.tasks.dvclock import commit_iteration, commits_iteration, record_stage
 from tuneloop.tasks.lock import project_lock
 from tuneloop.tasks.workspace import Workspace, read_json
 from tuneloop import stages
@@ -41,16 +41,17 @@ register = stage_task(stages.register, retries=2, retry_delay_seconds=5)  # a re
 
 @flow(name="retrain")
 def retrain_flow(params_path: str = "params.yaml", root: str = ".", tune_settings: bool = False,
-                 overrides: list[str] | None = None, commit: bool = True) -> dict:
+                 overrides: list[str] | None = None, commit: bool | None = None) -> dict:
     """ingest → validate → split → baseline → [tune] → finetune → evaluate → gate → register.
 
     Args:
         tune_settings: search finetune's settings first, as if params said
             `tune.enabled: true` (`tuneloop run --tune`).
         overrides: `section.key=value` strings over params.yaml (`--set`).
-        commit: a run with params.yaml's values commits dvc.lock, metrics/,
-            plots/, params.yaml and the data's .dvc pointer in the project's
-            git repo, so the next run can be diffed against it (`--no-commit`).
+        commit: whether a run with params.yaml's values commits dvc.lock,
+            metrics/, plots/, params.yaml and the data's .dvc pointer in the
+            project's git repo, so the next run can be diffed against it
+            (`--commit/--no-commit`); None: as `ingest.commit_iterations` says.
 
     Returns:
         The registration: model name, new version, whether it was promoted,
@@ -66,7 +67,7 @@ def retrain_flow(params_path: str = "params.yaml", root: str = ".", tune_setting
         print("dvc.lock left as it was: this run's params differ from params.yaml (--tune or --set)", flush=True)
     with project_lock(workspace.root, "retrain flow"):  # one writer: a CLI run or a deployment, not both
         result = run_stages(params, workspace, record=as_params_yaml)
-        if as_params_yaml and commit:
+        if commits_iteration(params.ingest.commit_iterations, commit, as_params_yaml):
             verdict = "promoted" if result["promoted"] else "rejected"
             print(commit_iteration(workspace.root, f"tuneloop run: {result['model']} v{result['version']} {verdict}, "
                                                    f"data {read_json(workspace.data_version)['md5'][:8]}"), flush=True)

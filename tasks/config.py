@@ -121,6 +121,9 @@ class IngestConfig:
     length_slices: tuple[int, ...] = (10, 25)
     dvc_remote: str | None = ".dvc-remote"
     incoming_dir: str | None = "data/incoming"  # labelled files dropped here join the source
+    # `tuneloop run` commits the data's .dvc pointer, dvc.lock, metrics/ and plots/ (tasks/dvclock.py);
+    # the run's --commit/--no-commit beats it
+    commit_iterations: bool = True
     __pydantic_config__ = {"extra": "forbid"}
 
     def __post_init__(self) -> None:

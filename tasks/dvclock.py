@@ -69,6 +69,14 @@ def git(root: Path, *args: str):
     return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
 
 
+def commits_iteration(setting: bool, flag: bool | None, as_params_yaml: bool) -> bool:
+    """Whether a run ends by committing its iteration: the run's --commit/--no-commit
+    when given (`flag`), else params' `ingest.commit_iterations` (`setting`); never
+    for a run whose values are not params.yaml's (--tune, --set), which dvc.lock
+    does not record either."""
+    return as_params_yaml and (setting if flag is None else flag)
+
+
 def commit_iteration(root: Path, message: str) -> str:
     """Commits the iteration's files (and nothing else the user staged), as DVC's
     example projects do each iteration, so `dvc metrics diff HEAD~1`,

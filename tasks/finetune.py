@@ -40,6 +40,26 @@ from tuneloop.tasks.labels import resolve_class_weight
 CHECKPOINT_FILE = "last.pt"
 LOSS_EVERY = 20  # steps between loss readbacks (a host sync): the progress bar's and the loss curve's
 
+# (step, {name: value}): how training reports its curve as it goes (the stage logs it to MLflow)
+OnMetrics = Callable[[int, dict[str, float]], None]
+
+
+def no_metrics(step: int, values: dict[str, float]) -> None:
+    """The OnMetrics of a caller that does not listen."""
+
+
+def curve_values(point: dict) -> dict[str, float]:
+    """A loss-curve point as reported: {loss, learning_rate}."""
+    return {"loss": point["loss"], "learning_rate": point["learning_rate"]}
+
+
+def replay(state: TrainState, on_metrics: OnMetrics) -> None:
+    """Reports the points a resumed run's checkpoint already holds, so its curve starts complete."""
+    for point in state.curve:
+        on_metrics(point["step"], curve_values(point))
+    for epoch in state.history:
+        on_metrics(epoch["step"], {"val_macro_f1": epoch["val_macro_f1"]})
+
 
 @dataclass
 class FinetuneResult:
@@ -298,9 +318,11 @@ def sharded_loss_function(model: torch.nn.Module, ranks: Ranks, classes: torch.T
 
 def train_steps(model, batches, ids, targets, pad_id, optimizer, scheduler, config, device, bar,
                 curve: list[dict], first_step: int, ranks: Ranks = Ranks(),
-                weights: torch.Tensor | None = None) -> tuple[int, int, int, torch.Tensor]:
+                weights: torch.Tensor | None = None,
+                on_metrics: OnMetrics = no_metrics) -> tuple[int, int, int, torch.Tensor]:
     """Runs optimizer steps over `batches` (global batches) until the next checkpoint is due,
-    appending a loss-curve point to `curve` every LOSS_EVERY steps and at the end.
+    appending a loss-curve point to `curve` (and reporting it to `on_metrics`) every
+    LOSS_EVERY steps and at the end.
 
     Each rank trains on its shard of every global batch (`distributed.shard`);
     `model` is the DDP-wrapped model when distributed, so gradients are averaged.
@@ -339,6 +361,7 @@ def train_steps(model, batches, ids, targets, pad_id, optimizer, scheduler, conf
         due = config.checkpoint_every_steps > 0 and done % config.checkpoint_every_steps == 0
         if done % LOSS_EVERY == 0 or due or done == len(batches):
             curve.append(curve_point(first_step + done, window, unread, scheduler, ranks))
+            on_metrics(curve[-1]["step"], curve_values(curve[-1]))
             bar.set_postfix(loss=f"{curve[-1]['loss']:.4f}")
             window.zero_()
             unread = 0
@@ -353,6 +376,7 @@ def finetune(
     out_dir: Path, checkpoint_dir: Path, data_key: str, progress: bool = True,
     on_epoch_end: Callable[[int, float], None] | None = None,
     head: tuple[torch.Tensor, torch.Tensor] | None = None, pooling: str = "auto",
+    on_metrics: OnMetrics | None = None,
 ) -> FinetuneResult:
     """Fine-tunes `base_path` on `train`, early-stopping on validation macro-F1.
 
@@ -370,6 +394,11 @@ def finetune(
         head: (weight, bias) to start the classifier head from (the linear
             probe, with `head_init: probe`); None starts it at random.
         pooling: `model.pooling`, the same the probe was fitted with.
+        on_metrics: called (on the main rank) with (step, {name: value}) while
+            training: loss and learning_rate every LOSS_EVERY steps, val_macro_f1
+            after each epoch (and the probe's start); a resumed run first
+            reports the points its checkpoint holds. Plain values: the caller
+            decides where they go (the stage logs them to MLflow).
 
     Raises:
         ValueError: no train or no validation rows.
@@ -402,8 +431,11 @@ def finetune(
     checkpoint = load_checkpoint(checkpoint_path, fingerprint)
     state = restore(model, optimizer, scheduler, checkpoint) if checkpoint else TrainState()
     resumed_from = state.step
+    report = on_metrics if on_metrics is not None and ranks.is_main else no_metrics
+    replay(state, report)
     if head is not None and not checkpoint:
         score_start(model, tokenizer, labels, validation, config, device, state, ranks)
+        report(0, {"val_macro_f1": state.history[-1]["val_macro_f1"]})
     trained = distributed.wrap(model, ranks, device)  # DDP across ranks; `model` itself otherwise
     pad_id = tokenizer.pad_token_id or 0
     bar = tqdm(total=total_steps, initial=state.step, desc="fine-tuning", unit="step",
@@ -417,7 +449,7 @@ def finetune(
             started = time.perf_counter()
             steps, examples, tokens, loss_sum = train_steps(
                 trained, batches, ids, targets, pad_id, optimizer, scheduler, config, device, bar, state.curve,
-                state.step, ranks, weights)
+                state.step, ranks, weights, report)
             state.step, state.examples, state.tokens = state.step + steps, state.examples + examples, state.tokens + tokens
             state.epoch_loss += float(distributed.mean_across(loss_sum, ranks).item())
             state.epoch_steps += steps
@@ -426,6 +458,7 @@ def finetune(
             if batches and ranks.is_main:  # one writer: every rank holds the same weights
                 save_checkpoint(checkpoint_path, snapshot(model, optimizer, scheduler, state, fingerprint))
         stopped_early = end_epoch(model, tokenizer, labels, validation, config, device, state, ranks, floor)
+        report(state.history[-1]["step"], {"val_macro_f1": state.history[-1]["val_macro_f1"]})
         if ranks.is_main:
             save_checkpoint(checkpoint_path, snapshot(model, optimizer, scheduler, state, fingerprint))
         if on_epoch_end is not None:

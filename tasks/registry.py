@@ -445,6 +445,30 @@ def record_audit(name: str, action: str, from_version: str | None, to_version: s
     return entry
 
 
+AUDIT_TABLE = "audit.json"  # the audit trail as a table artefact of each register stage run
+AUDIT_COLUMNS = ("time", "action", "version", "from", "to", "reason")
+
+
+def audit_table(entries: Sequence[dict]) -> dict[str, list]:
+    """Audit entries ({at, action, from, to, why}) as table columns, one row per
+    event; `version` is the version the event made champion."""
+    rows = [(e["at"], e["action"], e["to"], e["from"], e["to"], e["why"]) for e in entries]
+    return {column: [row[i] for row in rows] for i, column in enumerate(AUDIT_COLUMNS)}
+
+
+def log_audit_table(name: str, run_id: str) -> dict[str, list]:
+    """Logs `name`'s whole audit trail as `audit.json` on `run_id` (`mlflow.log_table`):
+    the trail as a table in the run's Artifacts view. The registered model's
+    `audit.*` tags stay the record the code reads.
+
+    Returns:
+        The table logged.
+    """
+    table = audit_table(audit_trail(name))
+    client().log_table(run_id, data=table, artifact_file=AUDIT_TABLE)
+    return table
+
+
 def move_champion(name: str, to_version: str, action: str, why: str) -> dict:
     """Points `champion` at `to_version`; the version it leaves becomes `previous`.
 

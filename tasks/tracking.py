@@ -10,17 +10,27 @@ holding its settings and numbers, so a stage run again after a params change
 one. A pipeline run ends at registration (or failure); a stage run after that,
 without a new ingest, opens a new pipeline run continuing the ended one (tag
 `tuneloop.continues`), so each pipeline run registers at most one version.
+
+A stage's run opens when the stage starts (`stage_run`) and ends with it
+(FINISHED, or FAILED when the stage raised), so the UI shows a running stage as
+RUNNING, its curves as they grow (finetune's loss), and its real duration. The
+pipeline run carries the run's settings as params (`finetune.learning_rate`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import socket
 import sqlite3
 import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -262,14 +272,22 @@ def run_name(stage: str, data_md5: str | None, detail: str = "") -> str:
     return " ".join(part for part in (stage, detail, f"data:{data_md5[:8]}" if data_md5 else "") if part)
 
 
-def start_pipeline_run(config: MlflowConfig, workspace: Workspace, tags: dict[str, str]) -> str:
+def start_pipeline_run(config: MlflowConfig, workspace: Workspace, tags: dict[str, str],
+                       params: Mapping[str, str] | None = None, started_ms: int | None = None) -> str:
     """Opens the MLflow run of a new pipeline run and records its id (and, as
-    tags, the process running it)."""
+    tags, the process running it).
+
+    Args:
+        params: the run's settings, flattened (`flat_params`): the run's Parameters in the UI.
+        started_ms: when the run began (epoch ms); None: now.
+    """
     import mlflow
 
     experiment_id = configure_tracking(config, workspace.root)
-    run = mlflow.MlflowClient().create_run(experiment_id, run_name=run_name("retrain", tags.get("data.md5")),
+    run = mlflow.MlflowClient().create_run(experiment_id, start_time=started_ms,
+                                           run_name=run_name("retrain", tags.get("data.md5")),
                                            tags={**tags, **owner_tags()})
+    log_new_params(run.info.run_id, params or {}, {})
     write_json(workspace.run_state, {"run_id": run.info.run_id, "experiment_id": experiment_id})
     return run.info.run_id
 
@@ -304,22 +322,70 @@ def continue_pipeline_run(workspace: Workspace, experiment_id: str, ended) -> st
     return run.info.run_id
 
 
-def start_stage_run(workspace: Workspace, stage: str, detail: str = "") -> str:
+def start_stage_run(workspace: Workspace, stage: str, detail: str = "",
+                    pipeline_params: Mapping[str, str] | None = None, started_ms: int | None = None) -> str:
     """A new run for one run of `stage`, child of the current pipeline run, named
-    after the stage, `detail` and the data version, with the pipeline's source tags."""
+    after the stage, `detail` and the data version, with the pipeline's source tags
+    and, like a pipeline run, its process (so a killed stage's run is reaped KILLED).
+
+    Args:
+        pipeline_params: the run's flattened params (`flat_params`), logged on the
+            pipeline run where it lacks them (a continued pipeline run starts without).
+        started_ms: when the stage began (epoch ms); None: now.
+    """
     import mlflow
 
     client = mlflow.MlflowClient()
     parent_id = current_run_id(workspace)
-    parent = client.get_run(parent_id).data.tags
+    parent_run = client.get_run(parent_id)
+    parent = parent_run.data.tags
+    log_new_params(parent_id, pipeline_params or {}, parent_run.data.params)
     experiment_id = read_json(workspace.run_state)["experiment_id"]
     inherited = {k: v for k, v in parent.items() if k in SOURCE_TAGS or k == "data.md5"}
     flow_run = prefect_flow_run_id()
     if flow_run:  # a stage the flow retried or resumed runs in a newer flow run than the pipeline run's
         inherited[PREFECT_TAG] = str(flow_run)
-    run = client.create_run(experiment_id, run_name=run_name(stage, parent.get("data.md5"), detail), tags={
-        **inherited, "mlflow.parentRunId": parent_id, "tuneloop.stage": stage})
+    run = client.create_run(experiment_id, start_time=started_ms,
+                            run_name=run_name(stage, parent.get("data.md5"), detail),
+                            tags={**inherited, **owner_tags(), "mlflow.parentRunId": parent_id,
+                                  "tuneloop.stage": stage})
     return run.info.run_id
+
+
+PARAM_KEY = re.compile(r"[^0-9A-Za-z_\-. :]")  # what MLflow accepts in a param name, less `/`
+MAX_PARAM_KEY, MAX_PARAM_VALUE, PARAMS_PER_BATCH = 250, 6000, 100  # MLflow's limits (mlflow.utils.validation)
+
+
+def flat_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested settings as MLflow params: {"finetune": {"learning_rate": 0.002}} ->
+    {"finetune.learning_rate": "0.002"}. Lists are JSON; names keep only the
+    characters MLflow accepts and values are cut to its limits."""
+    out: dict[str, str] = {}
+    for key, value in values.items():
+        name = PARAM_KEY.sub("_", f"{prefix}{key}")[:MAX_PARAM_KEY]
+        if isinstance(value, Mapping) and value:
+            out.update(flat_params(value, f"{name}."))
+        else:
+            text = value if isinstance(value, str) else json.dumps(value, default=str)
+            out[name] = text[:MAX_PARAM_VALUE]
+    return out
+
+
+def log_new_params(run_id: str, params: Mapping[str, str], logged: Mapping[str, str]) -> list[str]:
+    """Logs the params `run_id` does not hold yet, 100 to a request. MLflow params
+    never change: a key already logged keeps its value (a stage run again with
+    other settings holds them on its own run).
+
+    Returns:
+        The keys logged.
+    """
+    import mlflow
+    from mlflow.entities import Param
+
+    new = [Param(key, value) for key, value in params.items() if key not in logged]
+    for start in range(0, len(new), PARAMS_PER_BATCH):
+        mlflow.MlflowClient().log_batch(run_id, params=new[start : start + PARAMS_PER_BATCH])
+    return [param.key for param in new]
 
 
 def flatten(prefix: str, values: Any) -> dict[str, float]:
@@ -341,42 +407,124 @@ def curve_metrics(stage: str, curves: Mapping[str, Sequence[tuple[int, float]]],
             for name, points in curves.items() for step, value in points]
 
 
-def log_stage(workspace: Workspace, stage: str, metrics: Any = None, params: dict | None = None,
-              artifacts: Iterable[Path] = (), curves: Mapping[str, Sequence[tuple[int, float]]] | None = None,
-              detail: str = "") -> str:
-    """Logs one run of a stage: its settings, numbers and files go to a new
-    child run of the pipeline's run; its numbers also go to the pipeline's run
-    (latest value first, earlier ones kept as metric history).
+@dataclass(frozen=True)
+class StageRun:
+    """One stage's open MLflow run and the pipeline run it is a child of."""
+
+    run_id: str
+    pipeline_id: str
+    stage: str
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@contextmanager
+def stage_run(workspace: Workspace, stage: str, params: Mapping[str, Any] | None = None, detail: str = "",
+              pipeline_params: Mapping[str, str] | None = None, started_ms: int | None = None) -> Iterator[StageRun]:
+    """The MLflow run of one run of `stage`, open while the stage works: RUNNING
+    in the UI, its metrics there as they are logged, its duration the stage's.
+    It ends FINISHED when the block ends, FAILED when it raises, KILLED on
+    Ctrl-C or SIGTERM (SystemExit).
 
     Args:
-        curves: {name: [(step, value), ...]}, logged at their steps on both runs (loss curves).
+        params: the stage's settings, logged as `stage.key` params.
         detail: words the run's name adds after the stage (`lora`).
+        pipeline_params: the run's flattened params, for the pipeline run (`start_stage_run`).
+        started_ms: when the stage began (epoch ms), for a stage whose run opens after its work.
+    """
+    import mlflow
+    from mlflow.entities import Param
+
+    client = mlflow.MlflowClient()
+    run = StageRun(start_stage_run(workspace, stage, detail, pipeline_params, started_ms),
+                   current_run_id(workspace), stage)
+    settings = [Param(f"{stage}.{k}", str(v)[:MAX_PARAM_VALUE]) for k, v in (params or {}).items()]
+    for start in range(0, len(settings), PARAMS_PER_BATCH):
+        client.log_batch(run.run_id, params=settings[start : start + PARAMS_PER_BATCH])
+    try:
+        yield run
+    except (KeyboardInterrupt, SystemExit):
+        end_stage_run(run.run_id, "KILLED", f"killed during {stage}")
+        raise
+    except BaseException as error:
+        end_stage_run(run.run_id, "FAILED", f"failed: {type(error).__name__}: {error}")
+        raise
+    client.set_terminated(run.run_id)
+
+
+def end_stage_run(run_id: str, status: str, outcome: str) -> None:
+    """Ends a stage's run with its outcome, unless the MLflow server is what failed
+    (the error that stopped the stage is then the one to tell; the reaper ends it)."""
+    import mlflow
+
+    try:
+        client = mlflow.MlflowClient()
+        client.set_tag(run_id, "tuneloop.outcome", outcome[:MAX_PARAM_VALUE])
+        client.set_terminated(run_id, status=status)
+    except Exception as error:  # noqa: BLE001 - the stage's own error propagates instead
+        log.warning("could not end the stage's MLflow run %s %s: %s", run_id, status, error)
+
+
+def log_stage_metrics(run: StageRun, metrics: Any, step: int = 0) -> None:
+    """Logs a stage's numbers (nested dicts become `stage.a.b`) to its run and the
+    pipeline's run (latest value first, earlier ones kept as metric history)."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    now = now_ms()
+    metric_list = [Metric(k, v, now, step) for k, v in flatten(run.stage, metrics or {}).items()]
+    if metric_list:
+        for run_id in (run.run_id, run.pipeline_id):
+            mlflow.MlflowClient().log_batch(run_id, metrics=metric_list)
+
+
+def log_points(run: StageRun, step: int, values: Mapping[str, float]) -> None:
+    """Logs {name: value} at `step` as `stage.name` on the stage's and the
+    pipeline's runs: one point of a live curve (loss while training)."""
+    log_stage_metrics(run, dict(values), step)
+
+
+def log_curves(run: StageRun, curves: Mapping[str, Sequence[tuple[int, float]]]) -> None:
+    """{name: [(step, value), ...]} at their steps, at once (a curve made in other processes)."""
+    import mlflow
+
+    metric_list = curve_metrics(run.stage, curves, now_ms())
+    for start in range(0, len(metric_list), 1000):  # MLflow's metrics per request
+        for run_id in (run.run_id, run.pipeline_id):
+            mlflow.MlflowClient().log_batch(run_id, metrics=metric_list[start : start + 1000])
+
+
+def log_stage_artifacts(run: StageRun, artifacts: Iterable[Path]) -> None:
+    """Files under `stage/`, folders under `stage/<folder name>/`, on the stage's run."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    for path in artifacts:
+        path = Path(path)
+        if path.is_dir():
+            client.log_artifacts(run.run_id, str(path), artifact_path=f"{run.stage}/{path.name}")
+        elif path.exists():
+            client.log_artifact(run.run_id, str(path), artifact_path=run.stage)
+
+
+def log_stage(workspace: Workspace, stage: str, metrics: Any = None, params: dict | None = None,
+              artifacts: Iterable[Path] = (), curves: Mapping[str, Sequence[tuple[int, float]]] | None = None,
+              detail: str = "", started_ms: int | None = None) -> str:
+    """Logs one run of a stage whose work is done (ingest, whose data version
+    names the pipeline run, so its run cannot open before): its settings,
+    numbers and files in a new child run of the pipeline's run, dated from
+    `started_ms` so its duration is the stage's.
 
     Returns:
         The stage run's id.
     """
-    import time
-
-    import mlflow
-    from mlflow.entities import Metric, Param
-
-    client = mlflow.MlflowClient()
-    run_id = start_stage_run(workspace, stage, detail)
-    now = int(time.time() * 1000)
-    metric_list = [Metric(k, v, now, 0) for k, v in flatten(stage, metrics or {}).items()]
-    metric_list += curve_metrics(stage, curves or {}, now)
-    param_list = [Param(f"{stage}.{k}", str(v)[:6000]) for k, v in (params or {}).items()]
-    client.log_batch(run_id, metrics=metric_list, params=param_list)
-    if metric_list:
-        client.log_batch(current_run_id(workspace), metrics=metric_list)
-    for path in artifacts:
-        path = Path(path)
-        if path.is_dir():
-            client.log_artifacts(run_id, str(path), artifact_path=f"{stage}/{path.name}")
-        elif path.exists():
-            client.log_artifact(run_id, str(path), artifact_path=stage)
-    client.set_terminated(run_id)
-    return run_id
+    with stage_run(workspace, stage, params, detail, started_ms=started_ms) as run:
+        log_stage_metrics(run, metrics)
+        log_curves(run, curves or {})
+        log_stage_artifacts(run, artifacts)
+    return run.run_id
 
 
 def log_dataset(run_ids: Sequence[str], frame, data_md5: str, path: str, name: str, context: str) -> None:

@@ -1,8 +1,9 @@
 """Validate stage: data-quality rules checked by Great Expectations.
 
 Every rule is a real GX expectation (or a few) run through a Checkpoint on an
-ephemeral context, so the Data Docs HTML written under `report_dir` shows the
-same verdicts this module reports. What GX cannot express directly (text
+ephemeral context; tuneloop's own page (`validation_page`) shows the verdicts.
+GX's Data Docs are not built: they load their scripts and styles from a CDN,
+so offline (where tuneloop runs) they show a blank page. What GX cannot express directly (text
 length after stripping, duplicates, split leakage, per-class counts) is first
 computed into derived columns on a copy of the frame, and GX checks those.
 
@@ -19,6 +20,7 @@ takes seconds, and importing this module must stay cheap.
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -44,7 +46,6 @@ PII_SECONDS = 60.0
 
 _MAX_EXAMPLES = 5
 _EXCERPT_CHARS = 60
-_SITE_NAME = "validation"
 # Which source columns each rule reads; a rule whose columns are missing
 # cannot be checked (schema reports the missing column itself).
 _RULE_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -72,10 +73,10 @@ class RuleResult:
 
 @dataclass(frozen=True)
 class ValidationReport:
-    """Every rule's verdict, in RULES order, and where the Data Docs are."""
+    """Every rule's verdict, in RULES order, and where its page is."""
 
     results: tuple[RuleResult, ...]
-    data_docs: Path | None  # index.html of the Data Docs site
+    page: Path | None  # index.html: tuneloop's offline validation page
 
     @property
     def errors(self) -> tuple[RuleResult, ...]:
@@ -103,7 +104,7 @@ class ValidationReport:
                 }
                 for r in self.results
             ],
-            "data_docs": str(self.data_docs) if self.data_docs else None,
+            "page": str(self.page) if self.page else None,
         }
 
 
@@ -118,21 +119,21 @@ class DataValidationError(TuneloopError, ValueError):
         self.report = report
         lines = [f"data validation failed: {len(report.errors)} blocking rule(s) failed"]
         lines += [f"  - {r.message}" for r in report.errors]
-        if report.data_docs is not None:
-            lines.append(f"  Data Docs: {report.data_docs}")
+        if report.page is not None:
+            lines.append(f"  report: {report.page}")
         super().__init__("\n".join(lines))
 
 
 def validate_dataset(frame: pd.DataFrame, config: ValidateConfig, report_dir: Path) -> ValidationReport:
     """Runs every rule through Great Expectations; writes tuneloop's offline
-    page (index.html) and GX's Data Docs (gx/).
+    page (index.html).
 
     Args:
         frame: columns `row` (1-based source row), `text`, `label`, optionally
             `split`; other columns are ignored. Without `row`, rows are
             numbered 1..n in frame order.
         config: thresholds, PII patterns and rule severities.
-        report_dir: the page and the Data Docs site are written here (created if needed).
+        report_dir: the page is written here (created if needed).
 
     Returns:
         The report, one RuleResult per rule in RULES order, with the path of
@@ -147,7 +148,8 @@ def validate_dataset(frame: pd.DataFrame, config: ValidateConfig, report_dir: Pa
     classes = _class_frame(frame, config.labels)
     report_dir = Path(report_dir).resolve()
     report_dir.mkdir(parents=True, exist_ok=True)
-    context = _gx_context(report_dir / "gx")  # GX's Data Docs beside tuneloop's own page
+    shutil.rmtree(report_dir / "gx", ignore_errors=True)  # Data Docs an older tuneloop built: blank offline
+    context = _gx_context()
     row_checks = _row_expectations(config, set(frame.columns))
     class_checks = _class_expectations(config, classes) if "label" in frame.columns else []
     gx_results = _run_checkpoint(context, "rows", rows, row_checks, keys=["row"])
@@ -158,10 +160,8 @@ def validate_dataset(frame: pd.DataFrame, config: ValidateConfig, report_dir: Pa
         _rule_result(rule, config, [r for r in gx_results if _rule_of(r) == rule], texts, set(frame.columns))
         for rule in RULES
     )
-    report = ValidationReport(results=results, data_docs=report_dir / "index.html")
-    gx_index = report_dir / "gx" / "index.html"
-    write_validation_page(report.data_docs, report.to_dict()["rules"], len(frame),
-                          "gx/index.html" if gx_index.is_file() else None)
+    report = ValidationReport(results=results, page=report_dir / "index.html")
+    write_validation_page(report.page, report.to_dict()["rules"], len(frame))
     return report
 
 
@@ -374,8 +374,8 @@ def _class_expectations(config: ValidateConfig, classes: pd.DataFrame) -> list[A
 # --- running GX -------------------------------------------------------------
 
 
-def _gx_context(report_dir: Path) -> Any:
-    """Returns an ephemeral GX context whose only Data Docs site is report_dir, progress bars off."""
+def _gx_context() -> Any:
+    """Returns an ephemeral GX context that writes no files (no Data Docs site), progress bars off."""
     import great_expectations as gx
     from great_expectations.data_context.types.base import (
         DataContextConfig,
@@ -383,16 +383,10 @@ def _gx_context(report_dir: Path) -> Any:
         ProgressBarsConfig,
     )
 
-    site = {
-        "class_name": "SiteBuilder",
-        "show_how_to_buttons": False,
-        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(report_dir)},
-        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-    }
     project = DataContextConfig(
         store_backend_defaults=InMemoryStoreBackendDefaults(),
         progress_bars=ProgressBarsConfig(globally=False),
-        data_docs_sites={_SITE_NAME: site},
+        data_docs_sites={},
     )
     return gx.get_context(mode="ephemeral", project_config=project)
 
@@ -400,7 +394,7 @@ def _gx_context(report_dir: Path) -> Any:
 def _run_checkpoint(
     context: Any, name: str, frame: pd.DataFrame, expectations: list[Any], keys: list[str]
 ) -> list[Any]:
-    """Validates `frame` against `expectations` in a Checkpoint that also updates Data Docs.
+    """Validates `frame` against `expectations` in a Checkpoint (no actions: nothing is written).
 
     Args:
         keys: columns that name a failing record; GX returns them with the
@@ -418,7 +412,7 @@ def _run_checkpoint(
     checkpoint = context.checkpoints.add(gx.Checkpoint(
         name=name,
         validation_definitions=[definition],
-        actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=[_SITE_NAME])],
+        actions=[],
         result_format={
             "result_format": "SUMMARY",
             "unexpected_index_column_names": keys,

@@ -1,9 +1,9 @@
 """The validation stage's own page, `reports/validation/index.html`: every
 rule's verdict on one self-contained page (no scripts, no stylesheets from the
-internet), with the status the flow acted on. Great Expectations' Data Docs
-load their scripts and styles from a CDN, so offline they list no results; and
-they call a run with a failed warning-only rule "Failed" although the flow
-went on."""
+internet), with the status the flow acted on. It replaces Great Expectations'
+Data Docs, which load their scripts and styles from a CDN, so offline they list
+no results, and which call a run with a failed warning-only rule "Failed"
+although the flow went on."""
 
 from __future__ import annotations
 
@@ -32,13 +32,12 @@ def verdict(passed: bool, severity: str) -> tuple[str, str]:
     return ("warning", "warning") if severity == "warning" else ("failed", "failed")
 
 
-def render_validation_page(rules: Sequence[dict], rows: int, gx_docs: str | None) -> str:
+def render_validation_page(rules: Sequence[dict], rows: int) -> str:
     """The page's HTML.
 
     Args:
         rules: ValidationReport.to_dict()["rules"]: rule, severity, passed, message, example_rows.
         rows: the rows validated.
-        gx_docs: the Great Expectations Data Docs' index, relative to this page (None: no link).
     """
     status = overall_status([r["passed"] for r in rules], [r["severity"] for r in rules])
     css = {"Passed": "passed", "Passed with warnings": "warning", "Failed": "failed"}[status]
@@ -48,18 +47,16 @@ def render_validation_page(rules: Sequence[dict], rows: int, gx_docs: str | None
         examples = ", ".join(map(str, rule["example_rows"])) or "-"
         body.append(f"<tr><td>{escape(rule['rule'])}</td><td>{escape(rule['severity'])}</td>"
                     f"<td class=\"{kind}\">{text}</td><td>{escape(rule['message'])}</td><td>{examples}</td></tr>")
-    link = (f"<p>Great Expectations' own Data Docs: <a href=\"{escape(gx_docs)}\">{escape(gx_docs)}</a> "
-            "(their styles and scripts come from the internet).</p>") if gx_docs else ""
     return (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>Data validation: {status}</title>"
             f"<style>{STYLE}</style></head><body><h1>Data validation</h1>"
             f"<p class=\"status {css}\">Status: {status}</p><p>{rows} rows, {len(rules)} rules. "
             "A failed <em>error</em> rule stops the flow before training; a failed <em>warning</em> rule is "
             "reported and the flow goes on.</p>"
             "<table><thead><tr><th>rule</th><th>severity</th><th>result</th><th>what was found</th>"
-            f"<th>example rows</th></tr></thead><tbody>{''.join(body)}</tbody></table>{link}</body></html>")
+            f"<th>example rows</th></tr></thead><tbody>{''.join(body)}</tbody></table></body></html>")
 
 
-def write_validation_page(path: Path, rules: Sequence[dict], rows: int, gx_docs: str | None) -> Path:
+def write_validation_page(path: Path, rules: Sequence[dict], rows: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_validation_page(rules, rows, gx_docs), encoding="utf-8")
+    path.write_text(render_validation_page(rules, rows), encoding="utf-8")
     return path

@@ -241,9 +241,11 @@ def init(data: Path = typer.Argument(..., help="your labelled file: CSV (, ; tab
 @app.command()
 def run(params: Path = ParamsOption, root: Path = RootOption,
         tune: bool = typer.Option(False, "--tune/--no-tune", help="search finetune's settings first (tune.enabled: true)"),
-        commit: bool = typer.Option(True, "--commit/--no-commit", help="commit dvc.lock, metrics/, plots/, params.yaml "
-                                    "and data/raw/*.dvc after a run with params.yaml's values, so `dvc metrics diff "
-                                    "HEAD~1` shows what changed against the previous run"),
+        commit: Optional[bool] = typer.Option(None, "--commit/--no-commit", show_default=False,
+                                              help="commit dvc.lock, metrics/, plots/, params.yaml and "
+                                              "data/raw/*.dvc after a run with params.yaml's values, so `dvc "
+                                              "metrics diff HEAD~1` shows what changed against the previous run "
+                                              "[default: ingest.commit_iterations, true as shipped]"),
         sets: Optional[list[str]] = SetOption) -> None:
     """Run the whole retraining flow and print the decision."""
     from tuneloop.tasks.errors import TuneloopError

@@ -1,8 +1,9 @@
 """The pipeline's stages as the CLI, `dvc.yaml` and the Prefect flow call them.
 
-Each function hands a stage module only its own params section, logs what the
-stage produced into the pipeline's MLflow run and prints one line saying what
-happened. The work itself lives in `tasks/`.
+Each function hands a stage module only its own params section, works inside
+the stage's own MLflow run (open while it works: `stage_run`), logs what the
+stage produced there and into the pipeline's run, and prints one line saying
+what happened. The work itself lives in `tasks/`.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any, Iterator, Mapping
 
 import pandas as pd
 
@@ -56,15 +59,34 @@ def git_commit(ws: Workspace) -> str:
         return "unknown"
 
 
+def pipeline_params(params: Params) -> dict[str, str]:
+    """The run's settings (params.yaml with --set and --tune applied) as MLflow
+    params of the pipeline run, one per setting: `finetune.learning_rate`."""
+    return tracking.flat_params(params.model_dump(mode="json", by_alias=True))
+
+
+@contextmanager
+def stage_run(params: Params, ws: Workspace, stage: str, settings: Mapping[str, Any] | None = None,
+              detail: str = "") -> Iterator[tracking.StageRun]:
+    """The stage's MLflow run, open while the block works (`tracking.stage_run`),
+    child of the pipeline run, which gets the run's params if it lacks them."""
+    with tracking.stage_run(ws, stage, settings, detail, pipeline_params(params)) as run:
+        yield run
+
+
 def ingest(params: Params, ws: Workspace) -> DataVersion:
+    """The data version names the pipeline run, so the run opens once it is
+    known; the ingest stage's run is dated from the stage's start."""
+    started = tracking.now_ms()
     version = run_ingest(params.ingest, ws)
     commit = git_commit(ws)
     run_id = tracking.start_pipeline_run(params.mlflow, ws, {"data.md5": version.md5, "git.commit": commit,
-                                                             **tracking.source_tags(commit)})
+                                                             **tracking.source_tags(commit)},
+                                         pipeline_params(params), started)
     runlog.publish_mlflow_run(run_id, read_json(ws.run_state)["experiment_id"],
                               tracking.tracking_uri(params.mlflow, ws.root))
     tracking.log_stage(ws, "ingest", {"rows": version.rows, "excluded_rows": version.excluded_rows},
-                       params={"source": version.source, "data_md5": version.md5})
+                       params={"source": version.source, "data_md5": version.md5}, started_ms=started)
     excluded = f", {version.excluded_rows} rows with excluded labels dropped" if version.excluded_rows else ""
     say("ingest", f"{version.rows} rows from {version.source}, data version {version.short}{excluded}")
     return version
@@ -72,30 +94,32 @@ def ingest(params: Params, ws: Workspace) -> DataVersion:
 
 def validate(params: Params, ws: Workspace) -> ValidationReport:
     """Raises DataValidationError (and closes the run as failed) on a blocking rule."""
-    frame = pd.read_parquet(ws.dataset)
-    report = validate_dataset(frame, params.validate_, ws.validation_dir)
-    if params.declared_labels is None:
-        say("validate", f"{len(load_data_version(ws).labels)} labels read from the data (validate.labels: auto)")
-    write_json(ws.validation_summary, report.to_dict())
-    write_json(ws.validation_metrics, {"errors": len(report.errors), "warnings": len(report.warnings)})
-    tracking.log_stage(ws, "validate", {"errors": len(report.errors), "warnings": len(report.warnings)},
-                       artifacts=[ws.validation_dir])
-    for warning in report.warnings:
-        say("validate", f"warning: {warning.message}")
-    try:
-        check_report(report)
-        check_declared_split(frame)
-        check_trainable(frame, params.split)  # before baseline loads any model
-    except (DataValidationError, SplitError):
-        finish_run(ws, "FAILED", "stopped at validation")
-        raise
-    say("validate", f"{len(report.results)} rules passed or warned, Data Docs at {report.data_docs}")
+    with stage_run(params, ws, "validate") as run:
+        frame = pd.read_parquet(ws.dataset)
+        report = validate_dataset(frame, params.validate_, ws.validation_dir)
+        if params.declared_labels is None:
+            say("validate", f"{len(load_data_version(ws).labels)} labels read from the data (validate.labels: auto)")
+        write_json(ws.validation_summary, report.to_dict())
+        write_json(ws.validation_metrics, {"errors": len(report.errors), "warnings": len(report.warnings)})
+        tracking.log_stage_metrics(run, {"errors": len(report.errors), "warnings": len(report.warnings)})
+        tracking.log_stage_artifacts(run, [ws.validation_dir])
+        for warning in report.warnings:
+            say("validate", f"warning: {warning.message}")
+        try:
+            check_report(report)
+            check_declared_split(frame)
+            check_trainable(frame, params.split)  # before baseline loads any model
+        except (DataValidationError, SplitError):
+            finish_run(ws, "FAILED", "stopped at validation")
+            raise
+    say("validate", f"{len(report.results)} rules passed or warned, report {report.page}")
     return report
 
 
 def split(params: Params, ws: Workspace) -> dict[str, int]:
-    counts = run_split(params.split, ws)
-    tracking.log_stage(ws, "split", counts, params=asdict(params.split))
+    with stage_run(params, ws, "split", asdict(params.split)) as run:
+        counts = run_split(params.split, ws)
+        tracking.log_stage_metrics(run, counts)
     moved = counts.get("leaked_to_train")
     say("split", ", ".join(f"{name} {counts[name]}" for name in ("train", "validation", "test"))
         + (f"; {moved} validation/test rows repeating a train text moved to train" if moved else ""))
@@ -103,11 +127,12 @@ def split(params: Params, ws: Workspace) -> dict[str, int]:
 
 
 def baseline(params: Params, ws: Workspace) -> dict:
-    result = run_baseline(params.baseline, params.model, resolve_model_path(params.model.base),
-                          project_labels(params, ws), ws)
-    probe = result["probe"]
-    tracking.log_stage(ws, "baseline", {"probe": {k: probe[k] for k in ("accuracy", "macro_f1", "c", "temperature")},
-                                        "zero_shot": result["zero_shot"]}, params=asdict(params.baseline))
+    with stage_run(params, ws, "baseline", asdict(params.baseline)) as run:
+        result = run_baseline(params.baseline, params.model, resolve_model_path(params.model.base),
+                              project_labels(params, ws), ws)
+        probe = result["probe"]
+        tracking.log_stage_metrics(run, {"probe": {k: probe[k] for k in ("accuracy", "macro_f1", "c", "temperature")},
+                                         "zero_shot": result["zero_shot"]})
     say("baseline", f"probe macro-F1 {probe['macro_f1']:.4f} ({probe['setting']}, chosen on validation; "
                     f"temperature {probe['temperature']:.2f}), zero-shot macro-F1 {result['zero_shot']['macro_f1']:.4f}")
     return result
@@ -143,11 +168,12 @@ def finetune_settings(params: Params, ws: Workspace) -> FinetuneConfig:
     return apply_params(params.finetune, record["best_params"]) if record else params.finetune
 
 
-def record_tuning(ws: Workspace, record: dict, result: tuning.TuneResult, tune_run: str) -> None:
-    """Writes metrics/tune.json and the plots, and logs them to the tuning run and the pipeline's run."""
+def record_tuning(ws: Workspace, record: dict, result: tuning.TuneResult, tune_run: str,
+                  run: tracking.StageRun) -> None:
+    """Writes metrics/tune.json and the plots, and logs them to the tuning run, the stage's run and the pipeline's."""
     write_json(ws.tune_result, record)
     tune_runs.close_tune_run(tune_run, result, [ws.tune_result, *write_tuning_plots(record, ws.tune_reports)])
-    tracking.log_stage(ws, "tune", {k: record[k] for k in ("best_value", "n_complete", "n_pruned", "n_failed")})
+    tracking.log_stage_metrics(run, {k: record[k] for k in ("best_value", "n_complete", "n_pruned", "n_failed")})
     # tags, not params: a resumed or extended search may change them within one pipeline run
     run_id = tracking.current_run_id(ws)
     registry.client().set_tag(run_id, "tune.study", result.study_name)
@@ -179,18 +205,19 @@ def tune(params: Params, ws: Workspace, workers: int = 1) -> dict:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is printed below
-    data, storage = tune_data(params, ws), tune_storage(params, ws)
-    pipeline = {"run_id": tracking.current_run_id(ws), "experiment_id": read_json(ws.run_state)["experiment_id"]}
-    name = tuning.study_name(params.tune, params.finetune, data)
-    tune_run = tune_runs.open_tune_run(pipeline["experiment_id"], pipeline["run_id"], name, params.tune, storage)
-    runs = tune_runs.TrialRuns(tune_run, pipeline["experiment_id"])
-    try:
-        result = search(params, ws, data, storage, runs, workers)
-    except BaseException:
-        tune_runs.close_tune_run(tune_run, None)
-        raise
-    record = {"enabled": True, "data_version": version.md5, "storage": tuning.redact(storage), **asdict(result)}
-    record_tuning(ws, record, result, tune_run)
+    with stage_run(params, ws, "tune") as run:
+        data, storage = tune_data(params, ws), tune_storage(params, ws)
+        experiment_id = read_json(ws.run_state)["experiment_id"]
+        name = tuning.study_name(params.tune, params.finetune, data)
+        tune_run = tune_runs.open_tune_run(experiment_id, run.pipeline_id, name, params.tune, storage)
+        runs = tune_runs.TrialRuns(tune_run, experiment_id)
+        try:
+            result = search(params, ws, data, storage, runs, workers)
+        except BaseException:
+            tune_runs.close_tune_run(tune_run, None)
+            raise
+        record = {"enabled": True, "data_version": version.md5, "storage": tuning.redact(storage), **asdict(result)}
+        record_tuning(ws, record, result, tune_run, run)
     resumed = f", resumed a study of {result.resumed_trials} trials" if result.resumed_trials else ""
     say("tune", f"{result.n_complete} complete, {result.n_pruned} pruned, {result.n_failed} failed trials on "
                 f"{result.train_rows} train rows in {result.seconds:.0f}s{resumed}; best validation macro-F1 "
@@ -243,34 +270,43 @@ def finetune_inputs(params: Params, ws: Workspace) -> dict:
                 head=start_head(params, ws, base_path, settings), pooling=params.model.pooling)
 
 
-def train_model(inputs: dict, progress: bool = True) -> FinetuneResult:
-    """Runs the fine-tuning core on `finetune_inputs` (in every rank when distributed)."""
+def train_model(inputs: dict, progress: bool = True, on_metrics=None) -> FinetuneResult:
+    """Runs the fine-tuning core on `finetune_inputs` (in every rank when distributed).
+
+    Args:
+        on_metrics: (step, {name: value}) as training goes (`tasks.finetune.OnMetrics`).
+    """
     return finetune_model(inputs["base_model"], inputs["base_path"], inputs["train"], inputs["validation"],
                           inputs["labels"], inputs["config"], inputs["out_dir"], inputs["checkpoint_dir"],
-                          inputs["data_key"], progress=progress, head=inputs["head"], pooling=inputs["pooling"])
+                          inputs["data_key"], progress=progress, head=inputs["head"], pooling=inputs["pooling"],
+                          on_metrics=on_metrics)
 
 
 def finetune(params: Params, ws: Workspace, nproc: int = 1) -> FinetuneResult:
-    """Fine-tunes in this process, or in `nproc` DDP processes (torchrun) when nproc > 1."""
-    if nproc > 1:
-        result = launch(params, ws.root, nproc)
-        settings = finetune_settings(params, ws)
-    else:
-        inputs = finetune_inputs(params, ws)
-        settings = inputs["config"]
-        result = train_model(inputs)
-    labels = project_labels(params, ws)
-    temperature, abstention = calibrate_model(ws.challenger_dir, labelled_rows(load_split(ws, "validation"), labels),
-                                              labels, params.model, params.evaluate.batch_size)
-    summary = {k: v for k, v in asdict(result).items() if k not in {"model_dir", "history", "curve"}}
-    summary["temperature"] = temperature
-    write_json(ws.finetune_metrics, plotdata.finetune_headline(summary))
-    plotdata.write_csv(ws.training_plot, ("epoch", "step", "val_macro_f1"), plotdata.training_rows(result.history))
-    run_id = tracking.log_stage(ws, "finetune", summary,
-                                params=asdict(settings), curves=training_curves(result), detail=settings.method)
-    data = load_data_version(ws)
-    tracking.log_dataset([run_id, tracking.current_run_id(ws)], pd.read_parquet(ws.splits), data.md5, data.path,
-                         Path(data.source).name, "training")
+    """Fine-tunes in this process, its loss, learning rate and validation
+    macro-F1 logged to the stage's run as training goes, or in `nproc` DDP
+    processes (torchrun) when nproc > 1, their curve logged when they end."""
+    settings = finetune_settings(params, ws)  # the tuned values when tuning is on
+    with stage_run(params, ws, "finetune", asdict(settings), settings.method) as run:
+        if nproc > 1:
+            result = launch(params, ws.root, nproc)
+            tracking.log_curves(run, training_curves(result))
+        else:
+            result = train_model(finetune_inputs(params, ws),
+                                 on_metrics=lambda step, values: tracking.log_points(run, step, values))
+        labels = project_labels(params, ws)
+        temperature, abstention = calibrate_model(ws.challenger_dir,
+                                                  labelled_rows(load_split(ws, "validation"), labels),
+                                                  labels, params.model, params.evaluate.batch_size)
+        summary = {k: v for k, v in asdict(result).items() if k not in {"model_dir", "history", "curve"}}
+        summary["temperature"] = temperature
+        write_json(ws.finetune_metrics, plotdata.finetune_headline(summary))
+        plotdata.write_csv(ws.training_plot, ("epoch", "step", "val_macro_f1"),
+                           plotdata.training_rows(result.history))
+        tracking.log_stage_metrics(run, summary)
+        data = load_data_version(ws)
+        tracking.log_dataset([run.run_id, run.pipeline_id], pd.read_parquet(ws.splits), data.md5, data.path,
+                             Path(data.source).name, "training")
     resumed = f", resumed at step {result.resumed_from_step}" if result.resumed_from_step else ""
     tuned = ", tuned settings" if settings != params.finetune else ""
     say("finetune", f"{result.steps} steps in {result.seconds:.0f}s ({result.train_examples_per_s:.1f} ex/s), "
@@ -316,6 +352,12 @@ def champion_candidate(params: Params, ws: Workspace):
 def evaluate(params: Params, ws: Workspace) -> dict:
     """Scores base probe, champion and challenger on the same test rows and
     writes the side-by-side report."""
+    with stage_run(params, ws, "evaluate") as run:
+        return score_candidates(params, ws, run)
+
+
+def score_candidates(params: Params, ws: Workspace, run: tracking.StageRun) -> dict:
+    """The evaluate stage's work, logged to its open run."""
     test = load_split(ws, "test")
     trained = read_json(ws.finetune_metrics)
     check_probe_model(ws)
@@ -344,7 +386,8 @@ def evaluate(params: Params, ws: Workspace) -> dict:
     write_json(ws.evaluation_metrics, headline)
     write_plot_data(ws, evaluation, predictions)
     pictures = write_evaluation_plots(evaluation, ws.evaluation_plots)  # PNGs for the MLflow UI
-    tracking.log_stage(ws, "evaluate", headline, artifacts=[ws.evaluation, *pictures])
+    tracking.log_stage_metrics(run, headline)
+    tracking.log_stage_artifacts(run, [ws.evaluation, *pictures])
     say("evaluate", ", ".join(f"{k} macro-F1 {m['macro_f1']:.4f}" for k, m in headline.items())
         + f" on {evaluation['test_rows']} test rows"
         + (f" ({evaluation['new_test_rows']} new since the champion's data)" if "new_test_rows" in evaluation else "")
@@ -372,15 +415,17 @@ def write_plot_data(ws: Workspace, evaluation: dict, predictions: pd.DataFrame) 
 
 
 def gate(params: Params, ws: Workspace) -> Decision:
-    evaluation = read_json(ws.evaluation)
-    frame = pd.read_parquet(ws.test_predictions)
-    predictions = {column: frame[column].to_numpy() for column in frame.columns}
-    decision = decide_promotion(evaluation, predictions, params.gate)
-    write_json(ws.decision, {**decision.to_dict(), "outcome": outcome(decision, evaluation, params.gate.metric)})
-    write_json(ws.gate_metrics, {"promote": int(decision.yes)})
-    evaluation["gate"] = decision.to_dict()  # the report shows the decision and its reasons
-    write_evaluation_report(evaluation, ws.evaluation_report)
-    tracking.log_stage(ws, "gate", {"promote": int(decision.yes)}, artifacts=[ws.decision, ws.evaluation_report])
+    with stage_run(params, ws, "gate") as run:
+        evaluation = read_json(ws.evaluation)
+        frame = pd.read_parquet(ws.test_predictions)
+        predictions = {column: frame[column].to_numpy() for column in frame.columns}
+        decision = decide_promotion(evaluation, predictions, params.gate)
+        write_json(ws.decision, {**decision.to_dict(), "outcome": outcome(decision, evaluation, params.gate.metric)})
+        write_json(ws.gate_metrics, {"promote": int(decision.yes)})
+        evaluation["gate"] = decision.to_dict()  # the report shows the decision and its reasons
+        write_evaluation_report(evaluation, ws.evaluation_report)
+        tracking.log_stage_metrics(run, {"promote": int(decision.yes)})
+        tracking.log_stage_artifacts(run, [ws.decision, ws.evaluation_report])
     runlog.publish_gate(decision.yes, list(decision.reasons), evaluation)
     verdict = f"PROMOTE {decision.choice}" if decision.yes else "REJECT"
     say("gate", f"{verdict}: {outcome(decision, evaluation, params.gate.metric)}"
@@ -443,22 +488,23 @@ def register(params: Params, ws: Workspace) -> dict:
                             "(an unfinished version is never served)"):
         tracking.configure_tracking(params.mlflow, ws.root)
         candidate = registered_candidate(decision)
-        check_candidate_unchanged(ws, candidate)
-        key = registry.registration_key(read_json(ws.evaluation), decision)
-        plan = registry.plan_registration(registry.list_versions(name), key)
-        run_id = tracking.current_run_id(ws)
-        if plan.action == "create":
-            info = create_version(params, ws, run_id, key, candidate)
-        else:
-            say("register", plan.reason)
-            info = registry.finish_version(name, plan.version, ws.splits) if plan.action == "resume" \
-                else registry.get_version(name, plan.version)
-        apply_decision(name, info, decision)
-        champion = registry.alias_version(name, registry.CHAMPION)
-        result = {"model": name, "version": info.version, "promoted": decision["promote"], "candidate": candidate,
-                  "champion": champion.version if champion else None, "reasons": decision["reasons"],
-                  "outcome": decision.get("outcome")}
-        write_json(ws.registration, {"version": int(info.version), "champion": int(result["champion"] or 0)})
+        with stage_run(params, ws, "register") as run:
+            check_candidate_unchanged(ws, candidate)
+            key = registry.registration_key(read_json(ws.evaluation), decision)
+            plan = registry.plan_registration(registry.list_versions(name), key)
+            if plan.action == "create":
+                info = create_version(params, ws, run.pipeline_id, key, candidate)
+            else:
+                say("register", plan.reason)
+                info = registry.finish_version(name, plan.version, ws.splits) if plan.action == "resume" \
+                    else registry.get_version(name, plan.version)
+            apply_decision(name, info, decision)
+            champion = registry.alias_version(name, registry.CHAMPION)
+            result = {"model": name, "version": info.version, "promoted": decision["promote"],
+                      "candidate": candidate, "champion": champion.version if champion else None,
+                      "reasons": decision["reasons"], "outcome": decision.get("outcome")}
+            write_json(ws.registration, {"version": int(info.version), "champion": int(result["champion"] or 0)})
+            registry.log_audit_table(name, run.run_id)  # the registry's audit trail, readable in the run's UI
         finish_run(ws, "FINISHED", "promoted" if decision["promote"] else "rejected", version=info.version)
     what = "the base probe" if candidate == PROBE else "the fine-tuned challenger"
     say("register", f"{name} version {info.version} {'promoted to champion' if decision['promote'] else 'rejected'}; "

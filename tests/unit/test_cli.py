@@ -166,3 +166,24 @@ def test_a_sigterm_on_a_sqlite_project_is_told_as_the_signal_not_as_a_silent_mlf
     assert "MLflow server" not in result.stderr
     assert result.stderr.strip() == "tuneloop stopped by SIGTERM"
     assert result.returncode == 128 + 15
+
+
+@pytest.mark.parametrize("flag, passed", [([], None), (["--commit"], True), (["--no-commit"], False)])
+def test_run_passes_commit_to_the_flow_only_when_the_flag_is_given(project: Path, monkeypatch, flag: list[str],
+                                                                    passed: bool | None) -> None:
+    """No flag: the flow follows ingest.commit_iterations; a flag overrides it."""
+    import tuneloop.flows.ephemeral
+    import tuneloop.flows.retrain
+
+    called = {}
+
+    def flow(**kwargs):
+        called.update(kwargs)
+        return {"model": "m", "version": "1", "promoted": True, "champion": "1"}
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(tuneloop.flows.retrain, "retrain_flow", flow)
+    monkeypatch.setattr(tuneloop.flows.ephemeral, "start_ephemeral_server", lambda: None)
+    result = CliRunner().invoke(app, ["run", "--root", str(project), *flag])
+    assert result.exit_code == 0, result.output
+    assert called["commit"] is passed

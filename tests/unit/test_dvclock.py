@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tuneloop.tasks.dvclock import record_stage
@@ -78,3 +79,17 @@ def test_outside_a_git_repository_of_its_own_a_run_says_the_command_that_would_k
     (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")
     said = commit_iteration(tmp_path, "m")
     assert said == "not a git repository of its own: to keep this run, `git init` and git add dvc.lock && git commit -m 'm'"
+
+
+@pytest.mark.parametrize("setting, flag, as_params_yaml, commits", [
+    (True, None, True, True),  # shipped: a plain run commits
+    (False, None, True, False),  # ingest.commit_iterations: false
+    (False, True, True, True),  # --commit beats the setting
+    (True, False, True, False),  # --no-commit beats it
+    (True, True, False, False),  # --tune or --set: not params.yaml's values, never committed
+])
+def test_the_run_flag_beats_ingest_commit_iterations_and_only_params_yaml_runs_commit(
+        setting: bool, flag: bool | None, as_params_yaml: bool, commits: bool) -> None:
+    from tuneloop.tasks.dvclock import commits_iteration
+
+    assert commits_iteration(setting, flag, as_params_yaml) is commits

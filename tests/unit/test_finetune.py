@@ -18,19 +18,41 @@ FAST = FinetuneConfig(epochs=6, learning_rate=1e-2, batch_size=16, lora_r=8, max
                       checkpoint_every_steps=10, patience=6, min_steps=0, min_examples_per_class=0)
 
 
-def train(tiny_bert: Path, toy_task: dict, out: Path, config: FinetuneConfig = FAST, data_key: str = "v1"):
+def train(tiny_bert: Path, toy_task: dict, out: Path, config: FinetuneConfig = FAST, data_key: str = "v1",
+          on_metrics=None):
     return finetune("tiny", tiny_bert, toy_task["train"], toy_task["validation"], toy_task["labels"], config,
-                    out / "model", out / "checkpoints", data_key, progress=False)
+                    out / "model", out / "checkpoints", data_key, progress=False, on_metrics=on_metrics)
+
+
+def listener() -> tuple[list, list, object]:
+    """(loss points, val_macro_f1 points, the on_metrics callable that fills them)."""
+    losses, scores = [], []
+
+    def on_metrics(step: int, values: dict) -> None:
+        if "loss" in values:
+            losses.append((step, values["loss"], values["learning_rate"]))
+        if "val_macro_f1" in values:
+            scores.append((step, values["val_macro_f1"]))
+
+    return losses, scores, on_metrics
 
 
 @pytest.fixture(scope="module")
 def lora_run(tiny_bert, toy_task, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora")
-    return train(tiny_bert, toy_task, out), out
+    losses, scores, on_metrics = listener()
+    return train(tiny_bert, toy_task, out, on_metrics=on_metrics), out, (losses, scores)
+
+
+def test_training_reports_each_curve_point_and_epoch_score_to_on_metrics_as_it_goes(lora_run):
+    result, _, (losses, scores) = lora_run
+    assert losses == [(p["step"], p["loss"], p["learning_rate"]) for p in result.curve]
+    assert scores == [(h["step"], h["val_macro_f1"]) for h in result.history]
+    assert len(losses) > len(scores) >= 2
 
 
 def test_lora_learns_a_separable_task(lora_run):
-    result, _ = lora_run
+    result, _, _ = lora_run
     assert result.best_val_macro_f1 >= 0.9
     assert result.train_macro_f1 >= 0.85  # tiny random encoder, 96 steps from a zero head: 0.897 measured
     assert result.steps == 6 * 16  # 256 rows / 16 per batch, 6 epochs
@@ -38,7 +60,7 @@ def test_lora_learns_a_separable_task(lora_run):
 
 
 def test_lora_run_saves_adapter_as_safetensors_with_tokenizer_and_label_map(lora_run):
-    result, _ = lora_run
+    result, _, _ = lora_run
     files = {p.name for p in result.model_dir.iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "labels.json", "tuneloop.json",
             "tokenizer.json"} <= files
@@ -51,7 +73,7 @@ def test_lora_run_saves_adapter_as_safetensors_with_tokenizer_and_label_map(lora
 
 
 def test_saved_model_reloads_with_the_validation_score_it_reported(lora_run, tiny_bert, toy_task):
-    result, _ = lora_run
+    result, _, _ = lora_run
     classifier = load_classifier(result.model_dir, base_model=str(tiny_bert))
     texts, labels = toy_task["validation"]
     predicted = predict_proba(classifier, texts).argmax(1)
@@ -59,7 +81,7 @@ def test_saved_model_reloads_with_the_validation_score_it_reported(lora_run, tin
 
 
 def test_finished_run_removes_its_checkpoint(lora_run):
-    _, out = lora_run
+    _, out, _ = lora_run
     assert not (out / "checkpoints" / ft.CHECKPOINT_FILE).exists()
 
 
@@ -83,8 +105,13 @@ def test_interrupted_run_resumes_from_its_checkpoint_and_ends_with_the_same_weig
     with pytest.raises(Interrupted):
         train(tiny_bert, toy_task, tmp_path / "resumed")
     monkeypatch.setattr(ft, "save_checkpoint", original_save)
-    resumed = train(tiny_bert, toy_task, tmp_path / "resumed")
+    losses, scores, on_metrics = listener()
+    resumed = train(tiny_bert, toy_task, tmp_path / "resumed", on_metrics=on_metrics)
     assert resumed.resumed_from_step == saves[-1] > 0
+    # the resumed run reports its whole curve: the checkpoint's points first, then its own
+    assert [step for step, _, _ in losses] == [p["step"] for p in resumed.curve]
+    assert losses[0][0] < resumed.resumed_from_step < losses[-1][0]
+    assert [step for step, _ in scores] == [h["step"] for h in resumed.history]
     assert resumed.steps == reference.steps
     ours = load_file(str(resumed.model_dir / "adapter_model.safetensors"))
     theirs = load_file(str(reference.model_dir / "adapter_model.safetensors"))

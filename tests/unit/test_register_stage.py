@@ -3,6 +3,7 @@ another without a fresh ingest each keep their own files, verified, and serve.""
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -93,6 +94,33 @@ def test_two_versions_registered_without_a_fresh_ingest_keep_their_own_files_and
     assert client.get_run(parents[1]).data.tags["tuneloop.continues"] == first_pipeline
     assert client.get_run(first_pipeline).data.tags["tuneloop.version"] == "1"
     assert client.get_run(parents[1]).data.tags["tuneloop.version"] == "2"
+
+
+def test_each_register_run_shows_the_audit_trail_as_a_table_with_one_row_per_event(
+        workspace, challengers, tiny_bert, mlflow_sandbox, mlflow_model_name, tmp_path) -> None:
+    from tuneloop import stages
+
+    params = stage_params(tiny_bert, mlflow_sandbox, mlflow_model_name)
+    start_pipeline_run(params.mlflow, workspace, {"data.md5": "e" * 32})
+    for challenger in challengers:  # two versions, each promoted
+        evaluated(workspace, challenger, promote=True)
+        stages.register(params, workspace)
+    client = registry.client()
+    pipelines = {client.get_run(v.run_id).data.tags["mlflow.parentRunId"]
+                 for v in registry.list_versions(mlflow_model_name)}
+    runs = [run for run in client.search_runs([mlflow_sandbox.experiment_id], "tags.`tuneloop.stage` = 'register'",
+                                              order_by=["start_time ASC"])
+            if run.data.tags["mlflow.parentRunId"] in pipelines and "tuneloop.model" not in run.data.tags]
+    tables = [json.loads(Path(registry.client().download_artifacts(run.info.run_id, registry.AUDIT_TABLE,
+                                                                   str(tmp_path))).read_text()) for run in runs]
+    assert [run.info.status for run in runs] == ["FINISHED", "FINISHED"]
+    assert [table["columns"] for table in tables] == [["time", "action", "version", "from", "to", "reason"]] * 2
+    trail = registry.audit_trail(mlflow_model_name)
+    assert tables[1]["data"] == [[trail[0]["at"], "promote", "1", None, "1", "gate passed: test"],
+                                 [trail[1]["at"], "promote", "2", "1", "2", "gate passed: test"]]
+    assert tables[0]["data"] == tables[1]["data"][:1]  # the first run's table: the trail as it stood then
+    tags = registry.client().get_registered_model(mlflow_model_name).tags
+    assert len([k for k in tags if k.startswith("audit.")]) == 2  # the tags the code reads stay
 
 
 def test_register_refuses_a_challenger_that_changed_after_evaluate_scored_it(

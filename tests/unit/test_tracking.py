@@ -72,3 +72,48 @@ def test_a_stage_after_the_pipeline_run_ended_opens_a_new_pipeline_run_continuin
     assert (parent.data.tags["tuneloop.continues"], parent.data.tags["data.md5"]) == (ended, "d" * 32)
     assert (parent.info.status, client.get_run(ended).info.status) == ("RUNNING", "FINISHED")
     assert client.get_run(ended).data.params == {}  # nothing rewritten in the ended run
+
+
+# --- the pipeline run's params: every setting, within MLflow's limits ---------------------------
+
+
+def test_settings_flatten_to_one_param_per_setting_named_at_the_dots() -> None:
+    from tuneloop.tasks.tracking import flat_params
+
+    assert flat_params({"finetune": {"learning_rate": 0.002, "target_modules": ["q", "v"], "max_steps": None},
+                        "model": {"base": "all-MiniLM-L6-v2", "calibrate": True}}) == {
+        "finetune.learning_rate": "0.002", "finetune.target_modules": '["q", "v"]', "finetune.max_steps": "null",
+        "model.base": "all-MiniLM-L6-v2", "model.calibrate": "true"}
+
+
+def test_params_beyond_mlflows_limits_are_cut_to_fit_and_all_logged(mlflow_sandbox, tmp_path: Path) -> None:
+    from tuneloop.tasks.tracking import flat_params, start_pipeline_run
+    from tuneloop.tasks.workspace import Workspace
+
+    settings = {"section": {f"key{i}": i for i in range(150)}, "long": "x" * 7000,
+                "odd key!": {"a/b": [1, 2]}, "k" * 300: 1}
+    run_id = start_pipeline_run(mlflow_sandbox.config(experiment="params-test"), Workspace(tmp_path), {},
+                                flat_params(settings))  # 153 params: more than MLflow takes in one request
+    logged = mlflow.MlflowClient().get_run(run_id).data.params
+    assert len(logged) == 153
+    assert (logged["section.key0"], logged["section.key149"]) == ("0", "149")
+    assert logged["long"] == "x" * 6000  # MLflow's longest param value
+    assert logged["odd key_.a_b"] == "[1, 2]"  # characters MLflow refuses in a name become _
+    assert logged["k" * 250] == "1"  # MLflow's longest name
+
+
+def test_a_continued_pipeline_run_gets_the_params_its_first_stage_brings(mlflow_sandbox, tmp_path: Path) -> None:
+    from tuneloop.tasks.tracking import end_pipeline_run, start_pipeline_run, stage_run
+    from tuneloop.tasks.workspace import Workspace
+
+    ws = Workspace(tmp_path)
+    ended = start_pipeline_run(mlflow_sandbox.config(experiment="continued-params"), ws, {},
+                               {"finetune.epochs": "1"})
+    end_pipeline_run(ws)
+    with stage_run(ws, "finetune", {"epochs": 4}, pipeline_params={"finetune.epochs": "4"}) as run:
+        pass
+    client = mlflow.MlflowClient()
+    assert run.pipeline_id != ended
+    assert client.get_run(run.pipeline_id).data.params == {"finetune.epochs": "4"}
+    assert client.get_run(run.run_id).data.params == {"finetune.epochs": "4"}
+    assert client.get_run(ended).data.params == {"finetune.epochs": "1"}  # an ended run is never rewritten

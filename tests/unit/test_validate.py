@@ -1,4 +1,4 @@
-"""Tests for the validate stage: every rule, its severity, its messages and the Data Docs.
+"""Tests for the validate stage: every rule, its severity, its messages and its offline page.
 
 Each frame is validated once (module-scoped fixtures) because a run through
 Great Expectations costs about half a second, plus a few seconds to import it.
@@ -131,32 +131,48 @@ def test_check_report_passes_clean_data(clean_report: ValidationReport) -> None:
     assert check_report(clean_report) is None
 
 
-def test_gx_data_docs_are_written_under_report_dir_gx(clean_report: ValidationReport, clean_dir: Path) -> None:
-    html = (clean_dir / "gx" / "index.html").read_text()
-    assert "validations/rows" in html and "validations/classes" in html
-    assert list(clean_dir.glob("gx/validations/**/*.html"))
-
-
 def external_references(html: str) -> list[str]:
     """src= / href= of scripts, stylesheets and images that load from the internet."""
     return re.findall(r"<(?:script|link|img)[^>]*(?:src|href)=[\"']?(?:https?:)?//[^\"' >]+", html)
 
 
+def remote_loads(folder: Path) -> dict[str, list[str]]:
+    """Every page under `folder` (relative name) with what it loads from the internet."""
+    return {str(page.relative_to(folder)): external_references(page.read_text(errors="replace"))
+            for page in sorted(folder.rglob("*.htm*"))}
+
+
+def test_no_page_under_the_report_folder_loads_anything_from_the_internet(
+    clean_report: ValidationReport, clean_dir: Path
+) -> None:
+    assert remote_loads(clean_dir) == {"index.html": []}  # GX's Data Docs (CDN scripts and styles) are not built
+    assert sorted(p.name for p in clean_dir.iterdir()) == ["index.html"]
+
+
+def test_data_docs_an_older_tuneloop_left_in_the_report_folder_are_removed(tmp_path: Path) -> None:
+    stale = tmp_path / "gx" / "index.html"
+    stale.parent.mkdir()
+    stale.write_text('<script src="https://cdn.jsdelivr.net/npm/jquery.min.js"></script>')
+    assert remote_loads(tmp_path) == {"gx/index.html": ["<script src=\"https://cdn.jsdelivr.net/npm/jquery.min.js"]}
+    validate_dataset(make_frame(clean_records()), CONFIG, tmp_path)
+    assert remote_loads(tmp_path) == {"index.html": []}
+
+
 def test_validation_page_is_self_contained_and_lists_every_rule(
     clean_report: ValidationReport, clean_dir: Path
 ) -> None:
-    assert clean_report.data_docs == clean_dir.resolve() / "index.html"
-    html = clean_report.data_docs.read_text()
+    assert clean_report.page == clean_dir.resolve() / "index.html"
+    html = clean_report.page.read_text()
     assert external_references(html) == []
     assert "Status: Passed</p>" in html
     assert all(f"<td>{name}</td>" in html for name in RULES)
-    assert 'href="gx/index.html"' in html
+    assert "<a " not in html  # no link to Data Docs or anywhere else
 
 
 def test_a_failed_warning_only_rule_reads_passed_with_warnings_as_the_flow_went_on(
     warnings_only_report: ValidationReport,
 ) -> None:
-    html = warnings_only_report.data_docs.read_text()
+    html = warnings_only_report.page.read_text()
     assert check_report(warnings_only_report) is None  # the flow goes on
     assert "Status: Passed with warnings" in html and "Status: Failed" not in html
     assert html.count('<td class="warning">warning</td>') == 2  # duplicate_texts and pii
@@ -164,7 +180,7 @@ def test_a_failed_warning_only_rule_reads_passed_with_warnings_as_the_flow_went_
 
 
 def test_a_failed_error_rule_reads_failed(dirty_report: ValidationReport) -> None:
-    assert "Status: Failed</p>" in dirty_report.data_docs.read_text()
+    assert "Status: Failed</p>" in dirty_report.page.read_text()
 
 
 def test_report_to_dict_is_json_with_verdicts(clean_report: ValidationReport) -> None:
@@ -172,7 +188,7 @@ def test_report_to_dict_is_json_with_verdicts(clean_report: ValidationReport) ->
     assert summary["passed"] is True
     assert summary["errors"] == [] and summary["warnings"] == []
     assert [r["rule"] for r in summary["rules"]] == list(RULES)
-    assert summary["data_docs"] == str(clean_report.data_docs)
+    assert summary["page"] == str(clean_report.page)
 
 
 # --- row rules -----------------------------------------------------------------
