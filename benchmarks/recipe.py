@@ -88,8 +88,10 @@ def measure(case: str, scratch: Path) -> dict:
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         return {"case": case, "error": (done.stdout + done.stderr)[-3000:]}
-    evaluation = json.loads((folder / "metrics" / "evaluation.json").read_text())
+    evaluation = json.loads((folder / "reports" / "evaluation.json").read_text())  # metrics/ holds headlines only
     finetune = json.loads((folder / "metrics" / "finetune.json").read_text())
+    # the finetune stage's line: "N steps in Xs (Y ex/s), ..."
+    trained = re.search(r"finetune\W.*?(\d+) steps in (\d+)s \(([\d.]+) ex/s\)", done.stdout + done.stderr)
     gate = json.loads((folder / "reports" / "gate.json").read_text())
     base = next(c for c in gate["checks"] if c["name"] == "beats_base")
     found = re.search(r"gain ([+-][\d.]+) .*CI \[([+-][\d.]+), ([+-][\d.]+)\]", base["reason"])
@@ -103,8 +105,9 @@ def measure(case: str, scratch: Path) -> dict:
         "champion_is": chosen,
         "gain": float(found.group(1)), "ci": [float(found.group(2)), float(found.group(3))],
         "promoted": gate["promote"], "gate_reason": base["reason"],
-        "run_seconds": seconds, "finetune_seconds": finetune["seconds"], "epochs": finetune["epochs_run"],
-        "train_examples_per_s": finetune["train_examples_per_s"],
+        "run_seconds": seconds, "finetune_seconds": float(trained.group(2)) if trained else float("nan"),
+        "epochs": finetune["epochs_run"], "steps": int(trained.group(1)) if trained else None,
+        "train_examples_per_s": float(trained.group(3)) if trained else float("nan"),
     }
 
 
