@@ -24,9 +24,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from tuneloop.tasks.calibration import Abstention, calibrate, softmax
+from tuneloop.tasks.calibration import Abstention, calibrate, decision_offsets, softmax
 from tuneloop.tasks.classifier import HEAD_FILE, LABELS_FILE, META_FILE
-from tuneloop.tasks.labels import decision_offsets, resolve_class_weight
+from tuneloop.tasks.labels import resolve_class_weight
 from tuneloop.tasks.classifier import load_encoder as load_base_encoder
 from tuneloop.tasks.classifier import load_tokenizer, pooled_embeddings, read_meta, resolve_pooling
 from tuneloop.tasks.errors import TuneloopError
