@@ -476,9 +476,11 @@ class MonitorConfig:
     # more "none of these" answers than the champion gave on validation (one-sided binomial)
     abstain_p_value: float = 0.001
     # Performance without labels (CBPE, tasks/metrics.py): the window's accuracy estimated from its
-    # calibrated confidences; a retraining reason when it lies this far below the champion's test
-    # accuracy (None: not checked). See README "Monitoring" for the estimate on shifted domains.
-    max_estimated_accuracy_drop: float | None = 0.05
+    # calibrated confidences; a retraining reason when it lies more than this below the champion's
+    # test accuracy (None: not checked). Movie champion (benchmarks/label_free.py): 200-row movie
+    # windows drop 0.027 at the 99th percentile, 0.034 at the 99.9th; tweets and NYT editorials
+    # 0.056 and 0.054 (truly 0.19 and 0.18: calibration does not survive the shift).
+    max_estimated_accuracy_drop: float | None = 0.035
     # Automatic rollback: the previous champion, re-scored on the champion's labelled live
     # rows, must beat it by the margin with its bootstrap interval above zero.
     auto_rollback: bool = True

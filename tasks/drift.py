@@ -217,21 +217,24 @@ def abstention_shift(abstained: Sequence[bool | None], expected: float | None) -
             "abstain_p_value": float(test.pvalue)}
 
 
-def probability_matrix(logged: Sequence[dict | None], predicted: Sequence[str], confidence: Sequence[float],
+def probability_matrix(logged: Sequence[dict | None] | None, predicted: Sequence[str], confidence: Sequence[float],
                        labels: Sequence[str]) -> np.ndarray:
     """(rows, labels) calibrated probabilities from the store's per-row {label: p}.
 
-    A row missing some labels (logged with its top label only, or None) keeps its
-    predicted label's confidence and shares what is left equally among the labels
-    it lacks: exact for two labels."""
+    A row missing some labels (logged with its top label only, None, or `logged`
+    None: no row fetched) keeps its predicted label's confidence and shares what
+    is left equally among the labels it lacks: exact for two labels."""
     index = {label: j for j, label in enumerate(labels)}
     out = np.full((len(predicted), len(labels)), np.nan)
-    for i, (row, top, conf) in enumerate(zip(logged, predicted, confidence)):
+    for i, row in enumerate(logged or ()):
         for label, p in (row or {}).items():
             if label in index:
                 out[i, index[label]] = float(p)
-        if top in index and np.isnan(out[i, index[top]]):
-            out[i, index[top]] = float(conf)
+    rows = np.arange(len(predicted))
+    top = np.array([index.get(label, -1) for label in predicted], dtype=np.int64)  # (rows,) -1: unknown label
+    known = top >= 0
+    fill = known & np.isnan(out[rows, np.where(known, top, 0)])
+    out[rows[fill], top[fill]] = np.asarray(confidence, dtype=float)[fill]
     missing = np.isnan(out)
     left = np.clip(1.0 - np.nansum(out, axis=1), 0.0, None) / np.maximum(missing.sum(1), 1)  # (rows,)
     return np.where(missing, left[:, None], out)

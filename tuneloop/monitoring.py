@@ -83,13 +83,16 @@ def measure_drift(params: Params, workspace: Workspace, version: str, window: pd
 def estimate_window(params: Params, workspace: Workspace, window: pd.DataFrame,
                     labels: tuple[str, ...]) -> EstimatedPerformance | None:
     """Accuracy and macro-F1 of every prediction in the window, estimated from their
-    logged calibrated probabilities alone (None: an empty window)."""
+    logged calibrated probabilities alone (None: an empty window). With two labels
+    the served confidence holds both probabilities, so nothing more is read."""
     if window.empty:
         return None
     config = params.monitor
-    logged = prediction_store(params, workspace).probabilities(window["id"].tolist())
-    probs = probability_matrix([logged.get(i) for i in window["id"]], window["label"].tolist(),
-                               window["confidence"].tolist(), labels)
+    logged = None
+    if len(labels) > 2:
+        fetched = prediction_store(params, workspace).probabilities(window["id"].tolist())
+        logged = [fetched.get(i) for i in window["id"]]
+    probs = probability_matrix(logged, window["label"].tolist(), window["confidence"].tolist(), labels)
     return estimate_performance(probs, config.bootstrap_samples, config.confidence, config.seed)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from tuneloop import monitoring
 from tuneloop.flows import monitor as monitor_flow_module
@@ -121,7 +122,7 @@ def test_logged_probabilities_with_only_the_top_label_are_completed() -> None:
 
 # --- the decision -----------------------------------------------------------------------------------
 
-CONFIG = MonitorConfig(min_rows=100, max_estimated_accuracy_drop=0.05)
+CONFIG = MonitorConfig(min_rows=100, max_estimated_accuracy_drop=0.05)  # not the default: round numbers
 
 
 def estimated(accuracy_value: float, rows: int = 500) -> EstimatedPerformance:
@@ -207,3 +208,25 @@ def test_a_window_whose_estimated_accuracy_dropped_requests_retraining(tmp_path,
         assert "estimated accuracy dropped below the champion's" in result["reasons"]
     else:
         assert asked == [] and result["reasons"] == ["drift: insufficient data", "no estimated accuracy drop"]
+
+
+def test_with_more_than_two_labels_the_window_is_estimated_from_its_logged_probabilities(tmp_path) -> None:
+    params = parse_params({"serve": {"store_url": f"sqlite:///{tmp_path}/p.db"},
+                           "monitor": {"window_hours": None, "bootstrap_samples": 100}})
+    probs, _, _ = calibrated_rows(300, 3, seed=4)
+    labels = ("a", "b", "c")
+    store = PredictionStore(params.serve.store_url)
+    store.log(Prediction(f"r-{i}", 0, "t", labels[row.argmax()], float(row.max()), dict(zip(labels, row.tolist())),
+                         "1") for i, row in enumerate(probs))
+    window = monitoring.read_window(params, Workspace(tmp_path), "1")
+    estimate = monitoring.estimate_window(params, Workspace(tmp_path), window, labels)
+    assert estimate.accuracy == pytest.approx(probs.max(1).mean())
+    assert estimate.macro_f1 == pytest.approx(expected_macro_f1(probs))  # not the top-label-only completion
+    assert estimate.macro_f1 != pytest.approx(expected_macro_f1(
+        probability_matrix(None, [labels[j] for j in probs.argmax(1)], probs.max(1), labels)))
+
+
+def test_the_shipped_params_yaml_writes_the_threshold_the_code_defaults_to() -> None:
+    """Written out, not left to the default: test_params' comparison cannot see a missing key."""
+    shipped = yaml.safe_load((Path(__file__).resolve().parents[2] / "params.yaml").read_text())
+    assert shipped["monitor"]["max_estimated_accuracy_drop"] == MonitorConfig().max_estimated_accuracy_drop
