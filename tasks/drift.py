@@ -301,7 +301,8 @@ def decide_estimated_drop(estimate: EstimatedPerformance | None, reference_accur
         return Decision("estimated drop", False, note=f"{said}; the champion has no test accuracy to compare with",
                         marks=DROP_MARKS)
     drop = reference_accuracy - estimate.accuracy
+    where = "below" if drop >= 0 else "above"
     check = Check("estimated_accuracy", drop - limit > TOLERANCE,
-                  f"{said}: {abs(drop):.3f} {'below' if drop >= 0 else 'above'} the champion's test accuracy {reference_accuracy:.3f} "
+                  f"{said}: {abs(drop):.3f} {where} the champion's test accuracy {reference_accuracy:.3f} "
                   f"(retrain when more than {limit})")
     return Decision("estimated drop", check.passed, (check,), marks=DROP_MARKS)
