@@ -27,7 +27,7 @@ class Decision:
     previous version); `marks` prefix each check's reason by its outcome.
     """
 
-    action: str  # "promote" | "drift" | "rollback" | "retrain"
+    action: str  # "promote" | "drift" | "estimated drop" | "rollback" | "retrain"
     yes: bool
     checks: tuple[Check, ...] = ()
     note: str = ""

@@ -3,9 +3,11 @@
 A window of logged predictions is compared with the champion's reference data
 (a sample of its training split, scored by the champion) by Evidently: text
 descriptors, the base encoder's embeddings, predicted labels and confidences.
-The decision is a pure function returning its reasons, like the gate. Live
-metrics from feedback are in `tasks/feedback.py`, the rollback decision in
-`tasks/rollback.py`.
+The decision is a pure function returning its reasons, like the gate. Without
+labels, the window's accuracy is estimated from its logged calibrated
+probabilities (`metrics.estimate_performance`) and compared with the
+champion's test accuracy by another pure decision. Live metrics from feedback
+are in `tasks/feedback.py`, the rollback decision in `tasks/rollback.py`.
 
 Evidently (0.7) is imported only where a report is built, so the decisions
 import nothing heavy.
@@ -21,12 +23,14 @@ import numpy as np
 import pandas as pd
 
 from tuneloop.tasks.config import MonitorConfig
-from tuneloop.tasks.decision import Check, Decision
+from tuneloop.tasks.decision import TOLERANCE, Check, Decision
+from tuneloop.tasks.metrics import EstimatedPerformance
 
 TEXT, PREDICTION, CONFIDENCE = "text", "prediction", "confidence"
 EMBEDDING = "text_embedding"  # the Evidently embedding set: columns emb_0 ... emb_<hidden-1>
 DESCRIPTORS = ("chars", "words", "sentences", "non_letter_pct")
 SIGNAL_MARKS = ("DRIFT ", "ok    ")  # a drifted signal, a quiet one
+DROP_MARKS = ("DROP  ", "ok    ")  # the estimated accuracy fell too far, or did not
 
 Embed = Callable[[Sequence[str]], np.ndarray]  # texts -> (rows, hidden) sentence embeddings
 Predict = Callable[[Sequence[str]], tuple[list[str], np.ndarray]]  # texts -> predicted labels, confidences
@@ -213,7 +217,30 @@ def abstention_shift(abstained: Sequence[bool | None], expected: float | None) -
             "abstain_p_value": float(test.pvalue)}
 
 
-# --- the decision (pure) ---------------------------------------------------------------------
+def probability_matrix(logged: Sequence[dict | None] | None, predicted: Sequence[str], confidence: Sequence[float],
+                       labels: Sequence[str]) -> np.ndarray:
+    """(rows, labels) calibrated probabilities from the store's per-row {label: p}.
+
+    A row missing some labels (logged with its top label only, None, or `logged`
+    None: no row fetched) keeps its predicted label's confidence and shares what
+    is left equally among the labels it lacks: exact for two labels."""
+    index = {label: j for j, label in enumerate(labels)}
+    out = np.full((len(predicted), len(labels)), np.nan)
+    for i, row in enumerate(logged or ()):
+        for label, p in (row or {}).items():
+            if label in index:
+                out[i, index[label]] = float(p)
+    rows = np.arange(len(predicted))
+    top = np.array([index.get(label, -1) for label in predicted], dtype=np.int64)  # (rows,) -1: unknown label
+    known = top >= 0
+    fill = known & np.isnan(out[rows, np.where(known, top, 0)])
+    out[rows[fill], top[fill]] = np.asarray(confidence, dtype=float)[fill]
+    missing = np.isnan(out)
+    left = np.clip(1.0 - np.nansum(out, axis=1), 0.0, None) / np.maximum(missing.sum(1), 1)  # (rows,)
+    return np.where(missing, left[:, None], out)
+
+
+# --- the decisions (pure) --------------------------------------------------------------------
 
 
 def decide_drift(metrics: DriftMetrics | None, window_rows: int, config: MonitorConfig) -> Decision:
@@ -252,3 +279,30 @@ def drift_status(decision: Decision) -> str:
     if decision.note:
         return "insufficient data"
     return "drift" if decision.yes else "no drift"
+
+
+def decide_estimated_drop(estimate: EstimatedPerformance | None, reference_accuracy: float | None,
+                          window_rows: int, config: MonitorConfig) -> Decision:
+    """Yes when the window's estimated accuracy (CBPE, without labels) lies more than
+    `max_estimated_accuracy_drop` below the champion's test accuracy: a retraining
+    reason like drift. No verdict (a note) when it is switched off, the window is
+    under `min_rows`, or the champion has no recorded test accuracy."""
+    limit = config.max_estimated_accuracy_drop
+    if limit is None:
+        return Decision("estimated drop", False, note="monitor.max_estimated_accuracy_drop is null: not checked",
+                        marks=DROP_MARKS)
+    if estimate is None or window_rows < config.min_rows:
+        return Decision("estimated drop", False, note=f"{window_rows} predictions in the window, fewer than "
+                                                      f"min_rows {config.min_rows}: no estimate", marks=DROP_MARKS)
+    said = (f"estimated accuracy {estimate.accuracy:.3f} ({estimate.confidence:.0%} range "
+            f"{estimate.accuracy_low:.3f}-{estimate.accuracy_high:.3f}), macro-F1 {estimate.macro_f1:.3f}, "
+            f"from the calibrated confidences of {estimate.rows} predictions")
+    if reference_accuracy is None:
+        return Decision("estimated drop", False, note=f"{said}; the champion has no test accuracy to compare with",
+                        marks=DROP_MARKS)
+    drop = reference_accuracy - estimate.accuracy
+    where = "below" if drop >= 0 else "above"
+    check = Check("estimated_accuracy", drop - limit > TOLERANCE,
+                  f"{said}: {abs(drop):.3f} {where} the champion's test accuracy {reference_accuracy:.3f} "
+                  f"(retrain when more than {limit})")
+    return Decision("estimated drop", check.passed, (check,), marks=DROP_MARKS)

@@ -251,6 +251,16 @@ class PredictionStore:
                                         .where(PREDICTIONS.c.id.in_(chunk))).all())
         return out
 
+    def probabilities(self, ids: Sequence[int]) -> dict[int, dict[str, float]]:
+        """The logged {label: calibrated probability} of each prediction id (ids not in the store are left out)."""
+        ids, out = sorted({int(i) for i in ids}), {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), TEXT_CHUNK):
+                chunk = ids[start : start + TEXT_CHUNK]
+                out.update((i, json.loads(p)) for i, p in conn.execute(
+                    sa.select(PREDICTIONS.c.id, PREDICTIONS.c.probabilities).where(PREDICTIONS.c.id.in_(chunk))))
+        return out
+
     def labelled(self, since: datetime | None = None) -> pd.DataFrame:
         """Predictions whose true label arrived after `since` (all when None), in feedback order."""
         query = sa.select(PREDICTIONS).where(PREDICTIONS.c.true_label.is_not(None))

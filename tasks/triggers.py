@@ -1,8 +1,9 @@
 """triggers: when new data or drift is worth a retraining run.
 
 New labelled data (files in `data/incoming/`, or feedback-labelled production
-predictions exported there, `tasks/feedback.py`) and significant drift are
-weighed by one pure decision; the request itself (a Prefect event or an
+predictions exported there, `tasks/feedback.py`), significant drift and an
+estimated accuracy drop (`drift.decide_estimated_drop`) are weighed by one pure
+decision; the request itself (a Prefect event or an
 in-process run) is `tuneloop.flows.request`.
 """
 
@@ -16,15 +17,20 @@ from tuneloop.tasks.ingest import incoming_files, read_table
 from tuneloop.tasks.workspace import Workspace
 
 
-def decide_retraining(new_rows: int, drift_significant: bool, config: TriggerConfig) -> Decision:
-    """Retrain when enough new labelled rows exist and new data or drift asks for it."""
+def decide_retraining(new_rows: int, drift_significant: bool, config: TriggerConfig,
+                      estimated_drop: bool = False) -> Decision:
+    """Retrain when enough new labelled rows exist and new data, drift or an
+    estimated accuracy drop (monitor.max_estimated_accuracy_drop) asks for it."""
     enough = new_rows >= config.min_new_labelled_rows
-    wanted = (config.retrain_on_new_data and new_rows > 0) or (config.retrain_on_drift and drift_significant)
+    wanted = ((config.retrain_on_new_data and new_rows > 0) or (config.retrain_on_drift and drift_significant)
+              or estimated_drop)
     checks = [Check("new_rows", enough, f"{new_rows} new labelled rows ({'>=' if enough else '<'} "
                                         f"{config.min_new_labelled_rows} required)")]
     if drift_significant:
         checks.append(Check("drift", config.retrain_on_drift, "significant drift"
                             + ("" if config.retrain_on_drift else " (retrain_on_drift is off)")))
+    if estimated_drop:
+        checks.append(Check("estimated_drop", True, "estimated accuracy dropped below the champion's"))
     if not wanted:
         checks.append(Check("asked", False, "nothing asks for retraining"))
     return Decision("retrain", enough and wanted, tuple(checks), marks=("", ""))

@@ -2,7 +2,7 @@
 
 Stage I/O for `flows/monitor.py`, as `tuneloop/stages.py` is for the retrain
 flow: each function reads what it needs from the store, the registry and the
-workspace, calls the pure work in `tasks/` (drift, feedback, rollback), and
+workspace, calls the pure work in `tasks/` (drift, metrics, feedback, rollback), and
 writes the outcome back. The flow only composes them.
 """
 
@@ -19,8 +19,9 @@ import pandas as pd
 from tuneloop.params import Params
 from tuneloop.tasks import registry
 from tuneloop.tasks.drift import (DriftMetrics, abstention_shift, classifier_predictor, compute_drift, current_frame,
-                                  encoder_embedder, reference_frame, sample)
+                                  encoder_embedder, probability_matrix, reference_frame, sample)
 from tuneloop.tasks.feedback import export_feedback, labelled_rows, last_feedback_export
+from tuneloop.tasks.metrics import EstimatedPerformance, estimate_performance
 from tuneloop.tasks.rollback import arrival_action, compare_live, decide_rollback, rollback_blocker
 from tuneloop.tasks.store import PredictionStore, store_url, utcnow
 from tuneloop.tasks.tracking import configure_tracking, flatten
@@ -77,6 +78,28 @@ def measure_drift(params: Params, workspace: Workspace, version: str, window: pd
     expected = expected_abstention(params, workspace, version)
     served = window["abstained"] if "abstained" in window else []
     return replace(metrics, **abstention_shift(list(served), expected))
+
+
+def estimate_window(params: Params, workspace: Workspace, window: pd.DataFrame,
+                    labels: tuple[str, ...]) -> EstimatedPerformance | None:
+    """Accuracy and macro-F1 of every prediction in the window, estimated from their
+    logged calibrated probabilities alone (None: an empty window). With two labels
+    the served confidence holds both probabilities, so nothing more is read."""
+    if window.empty:
+        return None
+    config = params.monitor
+    logged = None
+    if len(labels) > 2:
+        fetched = prediction_store(params, workspace).probabilities(window["id"].tolist())
+        logged = [fetched.get(i) for i in window["id"]]
+    probs = probability_matrix(logged, window["label"].tolist(), window["confidence"].tolist(), labels)
+    return estimate_performance(probs, config.bootstrap_samples, config.confidence, config.seed)
+
+
+def tested_accuracy(version: registry.VersionInfo) -> float | None:
+    """The version's test accuracy as registered (tag `test.accuracy`; None: not recorded)."""
+    value = version.tags.get("test.accuracy")
+    return float(value) if value else None
 
 
 def cached_reference(params: Params, workspace: Workspace, version: str, embed) -> pd.DataFrame:
@@ -146,6 +169,7 @@ def log_monitoring(params: Params, workspace: Workspace, version: str, summary: 
             "rolled_back": str(summary["rollback"]["rolled_back"]).lower()}
     run = client.create_run(experiment_id, tags=tags, run_name=f"monitor v{version}")
     numbers = {"window_rows": summary["window_rows"], "live": summary["live"],
+               "estimated": summary["estimated"]["metrics"] or {},
                "drift": summary["drift"]["metrics"] or {}, "rollback": summary["rollback"]["comparison"] or {}}
     now = int(time.time() * 1000)
     client.log_batch(run.info.run_id, metrics=[Metric(k, v, now, 0) for k, v in flatten("", numbers).items()],
@@ -155,6 +179,8 @@ def log_monitoring(params: Params, workspace: Workspace, version: str, summary: 
         client.log_artifact(run.info.run_id, summary["report"], artifact_path="monitor")
     client.set_terminated(run.info.run_id)
     version_tags = {f"live.{k}": v for k, v in summary["live"].items() if v is not None}
+    estimate = summary["estimated"]["metrics"] or {}
+    version_tags.update({f"estimated.{k}": f"{estimate[k]:.6f}" for k in ("accuracy", "macro_f1") if k in estimate})
     version_tags.update({"drift.status": summary["drift"]["status"], "monitor.run_id": run.info.run_id,
                          "monitor.at": summary["at"]})
     for key, value in version_tags.items():

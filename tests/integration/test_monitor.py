@@ -142,6 +142,15 @@ def test_window_holds_only_the_champions_predictions_with_their_feedback(monitor
     assert result["live"]["macro_f1"] < 0.3  # every answer flipped on a task the weights learned
 
 
+def test_the_window_is_estimated_without_labels_and_compared_only_with_a_recorded_test_accuracy(monitored) -> None:
+    result, _ = monitored
+    estimated = result["estimated"]
+    assert estimated["metrics"]["rows"] == TOY_ROWS + TWEET_ROWS
+    assert 0.5 <= estimated["metrics"]["accuracy_low"] <= estimated["metrics"]["accuracy"] <= 1.0
+    assert estimated["reference_accuracy"] is None and estimated["drop"] is False  # registered without test.accuracy
+    assert "the champion has no test accuracy to compare with" in estimated["reasons"][0]
+
+
 def test_evidently_html_report_is_written_under_reports_monitor(monitored, project) -> None:
     result, _ = monitored
     report = Path(result["report"])
@@ -183,11 +192,13 @@ def test_numbers_are_logged_to_mlflow_and_onto_the_version(monitored, project, m
     assert run.data.metrics["live.macro_f1"] == pytest.approx(result["live"]["macro_f1"])
     assert run.data.metrics["drift.embedding_auc"] == pytest.approx(result["drift"]["metrics"]["embedding_auc"])
     assert run.data.metrics["window_rows"] == TOY_ROWS + TWEET_ROWS
+    assert run.data.metrics["estimated.accuracy"] == pytest.approx(result["estimated"]["metrics"]["accuracy"])
     artifacts = {a.path for a in client.list_artifacts(result["run_id"], "monitor")}
     assert {"monitor/summary.json", f"monitor/{Path(result['report']).name}"} <= artifacts
     tags = registry.get_version(project["name"], "2").tags
     assert float(tags["live.macro_f1"]) == pytest.approx(result["live"]["macro_f1"])
     assert tags["drift.status"] == "drift" and tags["monitor.run_id"] == result["run_id"]
+    assert float(tags["estimated.macro_f1"]) == pytest.approx(result["estimated"]["metrics"]["macro_f1"], abs=1e-6)
 
 
 def test_drift_with_enough_new_labels_exports_them_and_requests_retraining(monitored, project) -> None:
