@@ -425,8 +425,9 @@ def stage_run(workspace: Workspace, stage: str, params: Mapping[str, Any] | None
               pipeline_params: Mapping[str, str] | None = None, started_ms: int | None = None) -> Iterator[StageRun]:
     """The MLflow run of one run of `stage`, open while the stage works: RUNNING
     in the UI, its metrics there as they are logged, its duration the stage's.
-    It ends FINISHED when the block ends, FAILED when it raises, KILLED on
-    Ctrl-C or SIGTERM (SystemExit).
+    It ends FINISHED when the block ends, FAILED when it raises an error, KILLED
+    when a signal stops it (Ctrl-C, SIGTERM as SystemExit, Prefect's
+    TerminationSignal: any BaseException that is not an Exception).
 
     Args:
         params: the stage's settings, logged as `stage.key` params.
@@ -445,11 +446,11 @@ def stage_run(workspace: Workspace, stage: str, params: Mapping[str, Any] | None
         client.log_batch(run.run_id, params=settings[start : start + PARAMS_PER_BATCH])
     try:
         yield run
-    except (KeyboardInterrupt, SystemExit):
-        end_stage_run(run.run_id, "KILLED", f"killed during {stage}")
-        raise
-    except BaseException as error:
+    except Exception as error:
         end_stage_run(run.run_id, "FAILED", f"failed: {type(error).__name__}: {error}")
+        raise
+    except BaseException as signal:
+        end_stage_run(run.run_id, "KILLED", f"killed during {stage} ({type(signal).__name__})")
         raise
     client.set_terminated(run.run_id)
 

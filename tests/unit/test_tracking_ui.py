@@ -117,6 +117,25 @@ def test_a_stage_that_fails_ends_its_run_failed_with_the_reason(tiny_bert, toy_t
     assert tracking_client().get_run(pipeline).info.status == "RUNNING"  # the command's error handler ends it
 
 
+class TerminationSignal(BaseException):
+    """What Prefect raises in a task when the process gets SIGTERM (a BaseException)."""
+
+
+def test_a_stage_stopped_by_a_signal_ends_its_run_killed_not_failed(tiny_bert, toy_task, mlflow_sandbox,
+                                                                    tmp_path) -> None:
+    ws = Workspace(tmp_path)
+    params = tiny_params(tiny_bert, toy_task["labels"], mlflow_sandbox)
+    pipeline = tracking.start_pipeline_run(params.mlflow, ws, {"data.md5": MD5})
+    for signal in (TerminationSignal(), KeyboardInterrupt(), SystemExit(143)):
+        with pytest.raises(type(signal)), tracking.stage_run(ws, "finetune"):
+            raise signal
+    runs = tracking_client().search_runs([mlflow_sandbox.experiment_id],
+                                         f"tags.`mlflow.parentRunId` = '{pipeline}'")
+    assert sorted((r.info.status, r.data.tags["tuneloop.outcome"]) for r in runs) == [
+        ("KILLED", "killed during finetune (KeyboardInterrupt)"), ("KILLED", "killed during finetune (SystemExit)"),
+        ("KILLED", "killed during finetune (TerminationSignal)")]
+
+
 def tracking_client():
     import mlflow
 
