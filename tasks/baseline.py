@@ -180,18 +180,28 @@ def probe_head(probe_dir: Path, labels: Sequence[str], hidden_size: int,
 
     Raises:
         FileNotFoundError: no probe: run the baseline stage first.
-        TuneloopError: it was fitted for other labels, another base model or another pooling.
+        TuneloopError: it was fitted for other labels, another base model or another pooling
+            (or its pooling is not recorded).
     """
     if not (probe_dir / PROBE_WEIGHTS).exists():
         raise FileNotFoundError(f"{probe_dir / PROBE_WEIGHTS} is missing: run `tuneloop baseline` first "
                                 "(or set finetune.head_init: random)")
     probe = load_probe(probe_dir)
-    fitted_pooling = read_meta(probe_dir).get("pooling") if (probe_dir / META_FILE).exists() else None
-    if probe.labels != list(labels) or probe.weight.shape[1] != hidden_size or (
-            pooling is not None and fitted_pooling is not None and fitted_pooling != pooling):
+    if probe.labels != list(labels) or probe.weight.shape[1] != hidden_size:
         raise TuneloopError(f"the probe in {probe_dir} was fitted for other labels, another base model or another "
                             "pooling: run `tuneloop baseline` again")
+    if pooling is not None:
+        check_probe_pooling(probe_dir, pooling)
     return probe.weight, probe.bias
+
+
+def check_probe_pooling(probe_dir: Path, pooling: str) -> None:
+    """Raises TuneloopError unless the probe was fitted on `pooling` (resolved) sentence vectors,
+    as its tuneloop.json records: `model.pooling` changed since the baseline ran."""
+    fitted = read_meta(probe_dir).get("pooling") if (probe_dir / META_FILE).exists() else None
+    if fitted != pooling:
+        raise TuneloopError(f"the probe in {probe_dir} was fitted on {fitted or 'unrecorded'} pooling, "
+                            f"model.pooling is now {pooling}: run `tuneloop baseline` again")
 
 
 def zero_shot_proba(encoder, tokenizer, embeddings: np.ndarray, labels: Sequence[str], config: BaselineConfig,

@@ -10,8 +10,9 @@ interrupted flow leaves the finished stages recorded and `dvc repro` resumes.
 
 from __future__ import annotations
 
-import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -35,20 +36,15 @@ def record_stage(root: Path, stage: str) -> bool:
     """
     if stage not in declared_stages(root):
         return False
-    from dvc.exceptions import DvcException
-    from dvc.repo import Repo
-
-    logging.getLogger("dvc").setLevel(logging.WARNING)
-    here = os.getcwd()
-    os.chdir(root)  # DVC resolves a target against the working folder, not the repo's root
-    try:
-        with Repo(".") as repo:
-            repo.commit(f"dvc.yaml:{stage}", force=True)
-    except DvcException as error:
-        print(f"dvc.lock not updated for stage {stage}: {error}", flush=True)
+    # `dvc commit` in its own process, run in the project: DVC's Python API resolves paths
+    # against the working folder (its run cache even when given the repo's root), and
+    # changing this process's folder would move it under every other thread too.
+    done = subprocess.run([sys.executable, "-m", "dvc", "commit", "--force", "--quiet", f"dvc.yaml:{stage}"],
+                          cwd=root, capture_output=True, text=True, env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    if done.returncode != 0:
+        said = (done.stderr or done.stdout).strip().splitlines() or [f"dvc exited with {done.returncode}"]
+        print(f"dvc.lock not updated for stage {stage}: {said[-1]}", flush=True)
         return False
-    finally:
-        os.chdir(here)
     return True
 
 
@@ -64,8 +60,6 @@ def iteration_paths(root: Path) -> list[str]:
 
 
 def git(root: Path, *args: str):
-    import subprocess
-
     return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
 
 

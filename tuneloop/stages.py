@@ -21,7 +21,7 @@ import pandas as pd
 from tuneloop.tasks import integrity, mlflow_model, plotdata, registry, runlog, tracking
 from tuneloop.tasks import tune as tuning
 from tuneloop.tasks.tune_space import apply_params
-from tuneloop.tasks.baseline import probe_head, run_baseline
+from tuneloop.tasks.baseline import check_probe_pooling, probe_head, run_baseline
 from tuneloop.tasks.classifier import read_meta, resolve_model_path, resolve_pooling
 from tuneloop.tasks.evaluate import classifier_candidate, evaluate_models
 from tuneloop.tasks.finetune import FinetuneConfig, FinetuneResult, calibrate_model, finetune as finetune_model
@@ -360,7 +360,7 @@ def score_candidates(params: Params, ws: Workspace, run: tracking.StageRun) -> d
     """The evaluate stage's work, logged to its open run."""
     test = load_split(ws, "test")
     trained = read_json(ws.finetune_metrics)
-    check_probe_model(ws)
+    check_probe_model(params, ws)
     candidates = [classifier_candidate(PROBE, "base model + linear probe", ws.probe_dir, params.model.base,
                                        params.evaluate.batch_size)]
     champion = champion_candidate(params, ws)
@@ -395,14 +395,16 @@ def score_candidates(params: Params, ws: Workspace, run: tracking.StageRun) -> d
     return evaluation
 
 
-def check_probe_model(ws: Workspace) -> None:
+def check_probe_model(params: Params, ws: Workspace) -> None:
     """Raises TuneloopError when models/probe/ is not a complete probe model (a
-    baseline stage of an older tuneloop wrote only its weights)."""
+    baseline stage of an older tuneloop wrote only its weights) or was fitted on
+    another pooling than `model.pooling` now asks for."""
     from tuneloop.tasks.classifier import META_FILE
     from tuneloop.tasks.errors import TuneloopError
 
     if not (ws.probe_dir / META_FILE).exists():
         raise TuneloopError(f"{ws.probe_dir} holds no complete probe model: run `tuneloop baseline` again")
+    check_probe_pooling(ws.probe_dir, resolve_pooling(params.model.pooling, resolve_model_path(params.model.base)))
 
 
 def write_plot_data(ws: Workspace, evaluation: dict, predictions: pd.DataFrame) -> None:

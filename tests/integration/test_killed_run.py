@@ -1,7 +1,7 @@
 """A SIGKILLed `tuneloop run` leaves no Prefect server behind.
 
 The real command starts Prefect's ephemeral API server and blocks in ingest
-(its source is a FIFO nobody writes). It is killed with SIGKILL, which runs no
+(a test hook holds it where it opens its source). It is killed with SIGKILL, which runs no
 exit handler; the server must still go, because it asked the kernel to be
 signalled when its parent dies. SIGTERM is tried too: the command exits and
 stops the server itself.
@@ -34,6 +34,22 @@ def servers_of(prefect_home: Path) -> list[int]:
     return found
 
 
+# Loaded by the command's Python (sitecustomize on PYTHONPATH): when ingest opens the source,
+# it says so in a file and holds there (a sleep, so a signal still ends it), never reading.
+HOLD_AT_THE_SOURCE = """
+import os, sys, time
+
+def hold_at_the_source(event, args):
+    if event == "open" and str(args[0]).endswith("source.csv"):
+        with open(os.environ["TUNELOOP_TEST_REACHED"], "w"):
+            pass
+        while True:
+            time.sleep(60)
+
+sys.addaudithook(hold_at_the_source)
+"""
+
+
 def wait_for(condition, seconds: float, what: str):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -49,18 +65,22 @@ def wait_for(condition, seconds: float, what: str):
 def test_killed_run_leaves_no_prefect_server_behind(tmp_path, how):
     project, home = tmp_path / "project", tmp_path / "prefect"
     project.mkdir()
-    os.mkfifo(project / "source.csv")  # ingest blocks reading it: a run that never ends by itself
+    (project / "source.csv").write_text("text,label\ngood,positive\n")
+    hook, reached = tmp_path / "hook", tmp_path / "ingest-reached"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(HOLD_AT_THE_SOURCE)  # a run that never ends by itself
     params = {"ingest": {"source": "source.csv", "incoming_dir": None},
               "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}}
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     env = {k: v for k, v in os.environ.items() if k not in {"PREFECT_API_URL", "MLFLOW_TRACKING_URI"}}
-    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", TUNELOOP_TEST_REACHED=str(reached),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
     run = subprocess.Popen([sys.executable, "-m", "tuneloop.cli", "run", "--root", str(project)], env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         (server,) = wait_for(lambda: servers_of(home), 240, "the ephemeral Prefect server starting")
-        time.sleep(3)  # the flow is under way (or blocked in ingest)
-        assert run.poll() is None
+        wait_for(lambda: reached.exists() or run.poll() is not None, 240, "the flow's ingest opening its source")
+        assert run.poll() is None and reached.exists()  # the flow is under way, held in ingest
         run.send_signal(how)
         run.wait(timeout=60)
         wait_for(lambda: not servers_of(home), 30, "the Prefect server exiting after its command died")

@@ -31,6 +31,27 @@ def test_a_stage_is_recorded_with_its_deps_and_outs_hashed(tmp_path: Path) -> No
     assert "up to date" in status.stdout
 
 
+def test_recording_a_stage_leaves_the_process_working_folder_alone(tmp_path: Path, monkeypatch) -> None:
+    """Other threads (Prefect's task runner, a server) share the process's working folder:
+    it is never changed, not even for the call."""
+    import os
+
+    (tmp_path / "project").mkdir()
+    root = dvc_project(tmp_path / "project", "in.txt")
+    (root / "in.txt").write_text("abc\n")
+    (root / "out.txt").write_text("4 in.txt\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    changes = []
+    monkeypatch.setattr(os, "chdir", changes.append)  # a change is noted, not made
+    assert record_stage(root, "count") is True
+    assert changes == [] and Path.cwd() == elsewhere
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["count"]
+    assert [d["path"] for d in lock["deps"]] == ["in.txt"] and [o["path"] for o in lock["outs"]] == ["out.txt"]
+    assert not (elsewhere / "dvc.lock").exists()
+
+
 def test_nothing_is_recorded_without_a_pipeline_or_for_an_undeclared_stage(tmp_path: Path) -> None:
     assert record_stage(tmp_path, "count") is False
     root = dvc_project(tmp_path, "in.txt")

@@ -179,3 +179,16 @@ def test_linear_schedule_warms_up_then_decays_to_zero():
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match="method"):
         FinetuneConfig(method="qlora")
+
+
+def test_a_head_learning_rate_of_zero_saves_the_probe_head_unchanged(tiny_bert, toy_task, tmp_path):
+    """`head_learning_rate: 0.0` freezes a probe-started head: it is not read as "unset"
+    (which would train the head at `learning_rate`) while the adapters train."""
+    probe = (torch.randn(2, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([0.1, -0.1]))
+    config = replace(FAST, epochs=2, head_learning_rate=0.0, checkpoint_every_steps=0)
+    result = finetune("tiny", tiny_bert, toy_task["train"], toy_task["validation"], toy_task["labels"], config,
+                      tmp_path / "model", tmp_path / "checkpoints", "v1", progress=False, head=probe)
+    assert [h["epoch"] for h in result.history] == [0, 1, 2]
+    assert result.best_val_macro_f1 > result.history[0]["val_macro_f1"]  # a trained epoch was kept
+    saved = load_file(str(result.model_dir / "head.safetensors"))
+    assert torch.equal(saved["weight"], probe[0]) and torch.equal(saved["bias"], probe[1])

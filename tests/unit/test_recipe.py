@@ -237,3 +237,30 @@ def test_only_a_probe_started_head_trains_at_the_head_learning_rate() -> None:
     fresh, _ = make_optimizer(model, config, torch.device("cpu"), 10, probe_started=False)
     assert [g["initial_lr"] for g in started.param_groups] == [2e-3, 1e-4]
     assert [g["initial_lr"] for g in fresh.param_groups] == [2e-3, 2e-3]
+
+
+def test_a_probe_fitted_with_another_pooling_is_refused_as_a_head_and_for_evaluation(tmp_path: Path,
+                                                                                     tiny_bert: Path) -> None:
+    from tuneloop import stages
+    from tuneloop.params import parse_params
+    from tuneloop.tasks.baseline import save_probe_model
+    from tuneloop.tasks.calibration import Abstention
+    from tuneloop.tasks.classifier import read_meta
+    from tuneloop.tasks.workspace import Workspace
+
+    ws = Workspace(tmp_path)
+    x, y = separable(100, 2, 4)
+    save_probe_model(fit_probe(x, y, LABELS, 1.0, 100), ws.probe_dir, load_tokenizer(tiny_bert), str(tiny_bert),
+                     "mean", 32, 1.0, Abstention())
+    assert read_meta(ws.probe_dir)["pooling"] == "mean"
+    assert probe_head(ws.probe_dir, LABELS, 16, "mean")[0].shape == (2, 16)
+    refused = r"^the probe in .* was fitted on mean pooling, model.pooling is now cls: run `tuneloop baseline` again$"
+    with pytest.raises(TuneloopError, match=refused):
+        probe_head(ws.probe_dir, LABELS, 16, "cls")
+
+    def params(pooling: str):
+        return parse_params({"model": {"base": str(tiny_bert), "pooling": pooling}, "validate": {"labels": LABELS}})
+
+    stages.check_probe_model(params("auto"), ws)  # auto is mean for a BERT without a pooling config
+    with pytest.raises(TuneloopError, match=refused.replace("cls", "last")):
+        stages.check_probe_model(params("last"), ws)

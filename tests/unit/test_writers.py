@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -85,20 +86,31 @@ def test_second_writer_is_refused_and_a_killed_writers_run_is_marked_killed(proj
         pass
 
 
-def test_a_waiting_writer_gets_the_lock_once_the_holder_exits(tmp_path):
+def test_a_waiting_writer_gets_the_lock_once_the_holder_exits(tmp_path, monkeypatch):
+    import tuneloop.tasks.lock as lock
+
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from tuneloop.tasks.lock import project_lock\n"
+        "import sys; from tuneloop.tasks.lock import project_lock\n"
         f"with project_lock({str(tmp_path)!r}, 'run'):\n"
-        "    print('held', flush=True); time.sleep(3)")], stdout=subprocess.PIPE, text=True)
+        "    print('held', flush=True); sys.stdin.readline()")],  # holds it until told to go
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(ProjectBusy, match=rf"test refused: `tuneloop run` \(pid {holder.pid} on .*\) is writing"):
         with project_lock(tmp_path, "test", wait=0):
             pass
-    started = time.monotonic()
+    retries = []
+
+    def let_the_holder_go_once_waiting(seconds: float) -> None:  # the lock's pause between tries
+        if not retries:
+            holder.stdin.close()  # its readline ends: it exits, and the kernel drops its lock
+            holder.wait(timeout=30)
+        retries.append(seconds)
+        time.sleep(seconds)
+
+    monkeypatch.setattr(lock, "time", SimpleNamespace(monotonic=time.monotonic, sleep=let_the_holder_go_once_waiting))
     with project_lock(tmp_path, "test", wait=30):
-        waited = time.monotonic() - started
         assert json.loads(lock_path(tmp_path).read_text())["pid"] == os.getpid()
-    assert holder.wait(timeout=10) == 0 and 0.5 < waited < 30
+    assert holder.returncode == 0 and len(retries) >= 1  # it waited, then got the lock
 
 
 def test_the_lock_is_reentrant_within_one_process(tmp_path):
