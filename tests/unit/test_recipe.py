@@ -84,7 +84,7 @@ def test_on_a_97_to_3_split_offsets_chosen_out_of_fold_beat_the_balanced_argmax(
 
 
 def test_offsets_raise_macro_f1_on_the_rows_they_are_chosen_on_and_stay_zero_where_argmax_is_best() -> None:
-    from tuneloop.tasks.calibration import decision_offsets
+    from tuneloop.tasks.baseline import decision_offsets
     from tuneloop.tasks.metrics import macro_f1
 
     rng = np.random.default_rng(0)
