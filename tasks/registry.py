@@ -22,7 +22,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from tuneloop.tasks import integrity
 
@@ -250,7 +250,8 @@ def close_abandoned_runs(experiment_id: str, key: str) -> list[str]:
 
 
 def create_version(name: str, run_id: str, model_dir: Path, tags: dict[str, str], reference: Path | None = None,
-                   key: str | None = None, description: str | None = None) -> VersionInfo:
+                   key: str | None = None, description: str | None = None,
+                   training_run_id: str | None = None) -> VersionInfo:
     """Registers a copy of the model folder as a new, complete version with its own run.
 
     Every version gets a run of its own (a child of `run_id`, the pipeline's
@@ -266,6 +267,8 @@ def create_version(name: str, run_id: str, model_dir: Path, tags: dict[str, str]
         reference: the splits the version learned from (drift monitoring's reference data).
         key: the registration's key (`registration_key`), so a re-run can find this version.
         description: shown on the version's page in the MLflow UI (the model card).
+        training_run_id: the run that trained the model (finetune's, or baseline's for
+            the probe): the logged model's source run and an output of it; None: the version's run.
 
     Returns:
         The new version; its `run_id` is the version's own run.
@@ -278,13 +281,14 @@ def create_version(name: str, run_id: str, model_dir: Path, tags: dict[str, str]
     own_run = version_run(name, run_id, key)
     with tempfile.TemporaryDirectory(prefix="tuneloop-register-") as scratch:
         frozen = Path(shutil.copytree(model_dir, Path(scratch) / "model"))
-        logged = logged_model(name, own_run, frozen, tags) if (frozen / "MLmodel").exists() else None
+        trained_by = training_run_id or own_run
+        logged = logged_model(name, trained_by, frozen, tags) if (frozen / "MLmodel").exists() else None
         manifest = integrity.folder_manifest(frozen)
         if logged is None:  # a bare classifier folder (no MLmodel) stays a run artefact
             c.log_artifacts(own_run, str(frozen), artifact_path="model")
         else:
             c.log_model_artifacts(logged.model_id, str(frozen))
-            finish_logged_model(logged.model_id, own_run, tags)
+            finish_logged_model(logged.model_id, dict.fromkeys([trained_by, own_run]), tags)
     source = logged.artifact_location if logged else f"{c.get_run(own_run).info.artifact_uri}/model"
     clean = {k: str(v)[:MAX_TAG] for k, v in tags.items()}
     manifest_json = json.dumps(manifest, sort_keys=True)
@@ -300,7 +304,7 @@ def create_version(name: str, run_id: str, model_dir: Path, tags: dict[str, str]
 
 
 def logged_model(name: str, run_id: str, model_dir: Path, tags: dict[str, str]):
-    """An MLflow 3 logged model, output of the version's run, for the MLflow model in
+    """An MLflow 3 logged model whose source is run `run_id` (the training run), for the MLflow model in
     `model_dir`; its id is written into the folder's MLmodel (before the files are hashed).
     The experiment's Models tab and the runs table's Models column show it."""
     from mlflow.models import Model
@@ -316,19 +320,21 @@ def logged_model(name: str, run_id: str, model_dir: Path, tags: dict[str, str]):
     return model
 
 
-def finish_logged_model(model_id: str, run_id: str, tags: dict[str, str]) -> None:
-    """The logged model marked ready, listed as its run's output, with the version's
-    test metrics linked to it (the Models tab's metric columns)."""
+def finish_logged_model(model_id: str, run_ids: Iterable[str], tags: dict[str, str]) -> None:
+    """The logged model marked ready, listed as an output of each run in `run_ids`
+    (training and version runs: the runs table's Models column), with the version's
+    test metrics linked to it from the first (the Models tab's metric columns)."""
     import time as clock
 
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
 
-    c, now = client(), int(clock.time() * 1000)
-    c.log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])
-    metrics = [Metric(k, float(v), now, 0, model_id=model_id, run_id=run_id)
+    c, now, run_ids = client(), int(clock.time() * 1000), list(run_ids)
+    for run_id in run_ids:
+        c.log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])
+    metrics = [Metric(k, float(v), now, 0, model_id=model_id, run_id=run_ids[0])
                for k, v in tags.items() if k.startswith("test.")]
     if metrics:
-        c.log_batch(run_id, metrics=metrics)
+        c.log_batch(run_ids[0], metrics=metrics)
     c.finalize_logged_model(model_id, LoggedModelStatus.READY)
 
 

@@ -309,6 +309,18 @@ def current_run_id(workspace: Workspace) -> str:
     return continue_pipeline_run(workspace, state["experiment_id"], run)
 
 
+def last_stage_run(workspace: Workspace, stage: str, data_md5: str) -> str | None:
+    """The newest FINISHED run of `stage` on data version `data_md5` in the project's
+    experiment (the run that trained what is being registered), or None."""
+    import mlflow
+
+    experiment_id = read_json(workspace.run_state)["experiment_id"]
+    found = mlflow.MlflowClient().search_runs(
+        [experiment_id], f"tags.`tuneloop.stage` = '{stage}' and tags.`data.md5` = '{data_md5}' "
+                         "and attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"], max_results=1)
+    return found[0].info.run_id if found else None
+
+
 def continue_pipeline_run(workspace: Workspace, experiment_id: str, ended) -> str:
     """Opens the pipeline run that continues an ended one: same data tags, a
     link back (`tuneloop.continues`), recorded as the current pipeline run."""

@@ -537,7 +537,9 @@ def create_version(params: Params, ws: Workspace, run_id: str, key: str,
             folder, params.model.base, resolve_model_path(params.model.base) if on_base else None, card,
             Path(scratch) / "model", Path(scratch))
         description = (packaged / "README.md").read_text()
-        return registry.create_version(params.mlflow.model_name, run_id, packaged, tags, ws.splits, key, description)
+        trained_by = tracking.last_stage_run(ws, "baseline" if candidate == PROBE else "finetune", tags["data.md5"])
+        return registry.create_version(params.mlflow.model_name, run_id, packaged, tags, ws.splits, key, description,
+                                       trained_by)
 
 
 def apply_decision(name: str, info: registry.VersionInfo, decision: dict) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tuneloop.tasks import registry
+from tuneloop.tasks import registry, tracking
 from tuneloop.tasks.classifier import load_classifier, score_texts
 from tuneloop.tasks.finetune import FinetuneConfig, finetune
 from tuneloop.tasks.ingest import DataVersion
@@ -49,8 +49,10 @@ def champion(tiny_bert, toy_task, mlflow_sandbox, tmp_path_factory) -> dict:
                            "mlflow": {"tracking_uri": mlflow_sandbox.tracking_uri,
                                       "experiment": mlflow_sandbox.experiment, "model_name": name}})
     start_pipeline_run(params.mlflow, ws, {"data.md5": "e" * 32, "mlflow.source.type": "JOB"})
+    with tracking.stage_run(ws, "finetune") as training:  # the run that trained it, as the finetune stage opens it
+        pass
     stages.register(params, ws)
-    return {"name": name, "trained": trained, "base": tiny_bert}
+    return {"name": name, "trained": trained, "base": tiny_bert, "training_run": training.run_id}
 
 
 def test_the_champion_loads_as_an_mlflow_pyfunc_model_and_answers_like_tuneloop_serve(champion) -> None:
@@ -102,7 +104,7 @@ def test_a_versions_run_is_named_after_it_and_carries_the_pipelines_source_tags(
     assert (run.data.tags["mlflow.source.type"], run.data.tags["data.md5"]) == ("JOB", "e" * 32)
 
 
-def test_a_version_is_an_mlflow_3_logged_model_output_by_its_run_with_its_test_metrics(champion, tmp_path) -> None:
+def test_a_version_is_an_mlflow_3_logged_model_of_its_training_run_with_its_test_metrics(champion, tmp_path) -> None:
     import mlflow
     from mlflow.models import Model
 
@@ -111,7 +113,7 @@ def test_a_version_is_an_mlflow_3_logged_model_output_by_its_run_with_its_test_m
     model_id = Model.load(str(root / "MLmodel")).model_id
     logged = registry.client().get_logged_model(model_id)
     assert version.source == logged.artifact_location  # the version is the logged model's files
-    assert (logged.source_run_id, logged.status.name) == (version.run_id, "READY")
-    run = registry.client().get_run(version.run_id)
-    assert [o.model_id for o in run.outputs.model_outputs] == [model_id]  # the runs table's Models column
+    assert (logged.source_run_id, logged.status.name) == (champion["training_run"], "READY")
+    for run_id in (champion["training_run"], version.run_id):  # the runs table's Models column, both rows
+        assert [o.model_id for o in registry.client().get_run(run_id).outputs.model_outputs] == [model_id]
     assert {m.key: m.value for m in logged.metrics} == pytest.approx({f"test.{k}": v for k, v in SCORES.items()})
