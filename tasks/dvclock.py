@@ -49,8 +49,11 @@ def record_stage(root: Path, stage: str) -> bool:
 
 
 # What a run writes that a user diffs: DVC's record of the stages and the data snapshot's
-# pointer, the metrics and plot data, and the settings they came from.
-ITERATION_FILES = ("dvc.lock", "dvc.yaml", "params.yaml", ".gitignore", "metrics", "plots")
+# pointer, the metrics and plot data, and the settings they came from; and DVC's project
+# config (`tuneloop init` writes its remote and offline plots template), so a clone of the
+# repository can `dvc pull` (credentials stay in the git-ignored .dvc/config.local).
+ITERATION_FILES = ("dvc.lock", "dvc.yaml", "params.yaml", ".gitignore", "metrics", "plots", ".dvc/config",
+                   ".dvcignore")
 
 
 def iteration_paths(root: Path) -> list[str]:

@@ -82,15 +82,18 @@ def test_a_run_commits_the_files_it_owns_and_nothing_else_the_user_staged(tmp_pa
     (tmp_path / "metrics" / "evaluation.json").write_text('{"challenger": {"macro_f1": 0.8}}\n')
     (tmp_path / "data" / "raw").mkdir(parents=True)
     (tmp_path / "data" / "raw" / "reviews.csv.dvc").write_text("outs: []\n")
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / ".dvc" / "config").write_text("[core]\n    remote = tuneloop\n")  # init's remote: a clone pulls
+    (tmp_path / ".dvc" / "config.local").write_text("[remote \"tuneloop\"]\n    secret_access_key = s\n")
     (tmp_path / "notes.txt").write_text("mine")
     git("add", "notes.txt")  # the user's own staged work stays staged, uncommitted
 
     said = commit_iteration(tmp_path, "tuneloop run: m v1 promoted, data 0123abcd")
-    assert said.startswith("committed dvc.lock, params.yaml, metrics, data/raw/reviews.csv.dvc as ")
+    assert said.startswith("committed dvc.lock, params.yaml, metrics, .dvc/config, data/raw/reviews.csv.dvc as ")
     assert git("log", "--format=%s").strip() == "tuneloop run: m v1 promoted, data 0123abcd"
     assert sorted(git("show", "--name-only", "--format=", "HEAD").split()) == [
-        "data/raw/reviews.csv.dvc", "dvc.lock", "metrics/evaluation.json", "params.yaml"]
-    assert git("status", "--porcelain").strip() == "A  notes.txt"
+        ".dvc/config", "data/raw/reviews.csv.dvc", "dvc.lock", "metrics/evaluation.json", "params.yaml"]
+    assert git("status", "--porcelain").splitlines() == ["A  notes.txt", "?? .dvc/config.local"]  # keys stay out
     assert commit_iteration(tmp_path, "again").startswith("nothing to commit")
 
 
