@@ -51,7 +51,8 @@ def main() -> None:
                        FinetuneConfig(max_steps=2, batch_size=16, max_length=64, head_init="random"),
                        out / "trained", out / "ckpt", "bench", progress=False).model_dir
     card = mlflow_model.CardFacts("bench", "0" * 32, "x.csv", "MiniLM", "0" * 64, "unknown", {})
-    referenced = mlflow_model.save_version_model(trained, "all-MiniLM-L6-v2", base, card, out / "ref" / "m", out / "ref")
+    referenced = mlflow_model.save_version_model(trained, "all-MiniLM-L6-v2", base, card, out / "ref" / "m",
+                                                 out / "ref")
     carried = mlflow_model.save_version_model(trained, str(base), base, card, out / "car" / "m", out / "car")
 
     classifier, load_s = timed(lambda: load_classifier(trained, "all-MiniLM-L6-v2", "cpu"))

@@ -29,7 +29,6 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-
 from benchmarks.measure import machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,11 +131,13 @@ def main() -> None:
             for line in runs[0]["lines"]:
                 print("    " + line)
     where = machine()
-    lines = ["| logged predictions in the window | store | first run (reference scored) | cached reference | peak RSS |",
+    lines = ["| logged predictions in the window | store | first run (reference scored) | cached reference "
+             "| peak RSS |",
              "|---:|---:|---:|---:|---:|"]
     for r in results:
         first, second = r["runs"]
-        lines.append(f"| {r['rows']:,} | {r['store_mib']:.0f} MiB | {first['seconds']:.1f} s | {second['seconds']:.1f} s | "
+        lines.append(f"| {r['rows']:,} | {r['store_mib']:.0f} MiB | {first['seconds']:.1f} s | "
+                     f"{second['seconds']:.1f} s | "
                      f"{max(first['peak_rss_mib'], second['peak_rss_mib']):.0f} MiB |")
     print(f"\n{where['cpu']}, {where['cores']} cores, torch {where['torch']}\n\n" + "\n".join(lines))
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -28,12 +28,12 @@ import torch
 
 from benchmarks.flops import inference_flops, token_parameters, training_flops
 from benchmarks.measure import PeakMemory, machine, matmul_peak
+from tuneloop.params import load_params
 from tuneloop.tasks.classifier import load_classifier, predict_proba, resolve_model_path, tokenize
 from tuneloop.tasks.finetune import FinetuneConfig, build_model, finetune
 from tuneloop.tasks.ingest import canonicalize, read_table
 from tuneloop.tasks.metrics import macro_f1
 from tuneloop.tasks.split import split_dataset
-from tuneloop.params import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -78,7 +78,8 @@ def trainer_arguments(config: FinetuneConfig, out: Path):
     return TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=config.batch_size, per_device_eval_batch_size=64,
         learning_rate=config.learning_rate, num_train_epochs=config.epochs, weight_decay=config.weight_decay,
-        warmup_steps=config.warmup_ratio, seed=config.seed,  # a float < 1 is a share of the steps save_strategy="no", report_to="none",
+        warmup_steps=config.warmup_ratio, seed=config.seed,  # a float < 1 is a share of the steps
+        save_strategy="no", report_to="none",
     )
 
 
@@ -226,8 +227,9 @@ def run_benchmark(train_rows: int, seed: int) -> dict:
         print("fine-tuning: Hugging Face Trainer ...", flush=True)
         theirs = finetune_trainer(base_path, rows, labels, config, work / "hf")
         gc.collect()
-        report["finetune"] = [finetune_row("tuneloop finetune", ours, len(train_lengths), sum(train_lengths), flops, peak),
-                              finetune_row("HF Trainer + PEFT", theirs, len(train_lengths), sum(train_lengths), flops, peak)]
+        rows, tokens = len(train_lengths), sum(train_lengths)
+        report["finetune"] = [finetune_row("tuneloop finetune", ours, rows, tokens, flops, peak),
+                              finetune_row("HF Trainer + PEFT", theirs, rows, tokens, flops, peak)]
         report["score"] = score_both(Path(ours["model_dir"]), rows["test"][0], params.evaluate.batch_size,
                                      inference_flops(shape["token_parameters_merged"], shape["layers"],
                                                      shape["hidden"], test_lengths), peak)
@@ -244,7 +246,8 @@ def score_both(model_dir: Path, texts: list[str], batch_size: int, flops: float,
                                 "useful_gflops_per_s": flops / s / 1e9, "fraction_of_peak": flops / s / 1e9 / peak,
                                 "peak_rss_increase_mib": mem}
     return {"rows": len(texts), "batch_size": batch_size, "identical_predictions": int((ours == theirs).sum()),
-            "runs": [row("tuneloop evaluate", ours_s, ours_mem), row("pipeline-style transformers loop", theirs_s, theirs_mem)]}
+            "runs": [row("tuneloop evaluate", ours_s, ours_mem),
+                     row("pipeline-style transformers loop", theirs_s, theirs_mem)]}
 
 
 def markdown_table(report: dict) -> str:
@@ -259,7 +262,8 @@ def markdown_table(report: dict) -> str:
 
     fair = gap <= MAX_QUALITY_GAP and same_steps
     lines = [
-        f"| fine-tuning ({ours['steps']} steps of batch {report['config']['batch_size']}) | tuneloop | HF Trainer | ratio | target |",
+        f"| fine-tuning ({ours['steps']} steps of batch {report['config']['batch_size']}) | tuneloop | HF Trainer "
+        "| ratio | target |",
         "|---|---:|---:|---:|---|",
         f"| training examples/s | {ours['examples_per_s']:.1f} | {theirs['examples_per_s']:.1f} | "
         f"{ratio(ours['examples_per_s'], theirs['examples_per_s'], fair)} | >= 3x |",
@@ -271,7 +275,8 @@ def markdown_table(report: dict) -> str:
         f"| useful GFLOP/s (share of the {report['peak_gflops']:.0f} GFLOP/s matmul peak) | "
         f"{ours['useful_gflops_per_s']:.1f} ({ours['fraction_of_peak']:.0%}) | "
         f"{theirs['useful_gflops_per_s']:.1f} ({theirs['fraction_of_peak']:.0%}) | | >= 50% |",
-        f"| peak RSS increase (MiB) | {ours['peak_rss_increase_mib']:.0f} | {theirs['peak_rss_increase_mib']:.0f} | | |",
+        f"| peak RSS increase (MiB) | {ours['peak_rss_increase_mib']:.0f} | "
+        f"{theirs['peak_rss_increase_mib']:.0f} | | |",
         "",
         f"| scoring ({report['score']['rows']} test rows, batch {report['score']['batch_size']}) | tuneloop evaluate "
         "| pipeline-style transformers loop | ratio | target |",
@@ -279,7 +284,8 @@ def markdown_table(report: dict) -> str:
         f"| rows/s | {score_ours['rows_per_s']:.0f} | {score_theirs['rows_per_s']:.0f} | "
         f"{ratio(score_ours['rows_per_s'], score_theirs['rows_per_s'])} | >= 3x |",
         f"| identical predictions | {report['score']['identical_predictions']} / {report['score']['rows']} | | | all |",
-        f"| useful GFLOP/s (share of peak) | {score_ours['useful_gflops_per_s']:.1f} ({score_ours['fraction_of_peak']:.0%}) "
+        f"| useful GFLOP/s (share of peak) | {score_ours['useful_gflops_per_s']:.1f} "
+        f"({score_ours['fraction_of_peak']:.0%}) "
         f"| {score_theirs['useful_gflops_per_s']:.1f} ({score_theirs['fraction_of_peak']:.0%}) | | |",
         f"| peak RSS increase (MiB) | {score_ours['peak_rss_increase_mib']:.0f} | "
         f"{score_theirs['peak_rss_increase_mib']:.0f} | | |",

@@ -234,7 +234,8 @@ def ratios(results: list[dict]) -> list[str]:
     for peer in (name for name in by if name != "tuneloop serve"):
         for clients, r in ours.items():
             if clients in by[peer]:
-                out.append(f"{clients} clients: tuneloop serve {r['requests_per_s'] / by[peer][clients]['requests_per_s']:.2f}x "
+                ratio = r["requests_per_s"] / by[peer][clients]["requests_per_s"]
+                out.append(f"{clients} clients: tuneloop serve {ratio:.2f}x "
                            f"the requests/s of {peer}")
     return out
 

@@ -10,14 +10,15 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from tuneloop.flows.request import request_retraining
+from tuneloop.params import load_params
 from tuneloop.tasks.triggers import decide_retraining, pending_incoming
 from tuneloop.tasks.workspace import Workspace
-from tuneloop.params import load_params
 
 
 @task(cache_policy=NO_CACHE)
 def count_pending(params, workspace: Workspace) -> tuple[list[str], int]:
-    merged = json.loads(workspace.data_version.read_text()).get("incoming", []) if workspace.data_version.exists() else []
+    merged = (json.loads(workspace.data_version.read_text()).get("incoming", [])
+              if workspace.data_version.exists() else [])
     files, rows = pending_incoming(params.ingest, workspace, merged)
     return [str(p.relative_to(workspace.root)) for p in files], rows
 

@@ -15,12 +15,12 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
+from tuneloop import stages
+from tuneloop.params import Params, load_params
 from tuneloop.tasks import registry, runlog
 from tuneloop.tasks.dvclock import commit_iteration, commits_iteration, record_stage
 from tuneloop.tasks.lock import project_lock
 from tuneloop.tasks.workspace import Workspace, read_json
-from tuneloop import stages
-from tuneloop.params import Params, load_params
 
 
 def stage_task(fn, **options):

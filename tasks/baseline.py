@@ -25,13 +25,19 @@ import numpy as np
 import torch
 
 from tuneloop.tasks.calibration import Abstention, calibrate, softmax
-from tuneloop.tasks.classifier import HEAD_FILE, LABELS_FILE, META_FILE
-from tuneloop.tasks.labels import resolve_class_weight
+from tuneloop.tasks.classifier import (
+    HEAD_FILE,
+    LABELS_FILE,
+    META_FILE,
+    load_tokenizer,
+    pooled_embeddings,
+    read_meta,
+    resolve_pooling,
+)
 from tuneloop.tasks.classifier import load_encoder as load_base_encoder
-from tuneloop.tasks.classifier import load_tokenizer, pooled_embeddings, read_meta, resolve_pooling
-from tuneloop.tasks.errors import TuneloopError
 from tuneloop.tasks.config import BaselineConfig, ModelConfig
-from tuneloop.tasks.labels import label_indices
+from tuneloop.tasks.errors import TuneloopError
+from tuneloop.tasks.labels import label_indices, resolve_class_weight
 
 PROBE_WEIGHTS = "probe.safetensors"
 
@@ -284,7 +290,8 @@ def run_baseline(config: BaselineConfig, model: ModelConfig, base_path: Path, la
     for name, probs in (("probe", probe.predict_proba(x["test"])),
                         ("zero_shot", zero_shot_proba(encoder, tokenizer, x["test"], labels, config, pooling))):
         predicted = probs.argmax(1)
-        result[name] = {"accuracy": accuracy(y["test"], predicted), "macro_f1": macro_f1(y["test"], predicted, len(labels))}
+        result[name] = {"accuracy": accuracy(y["test"], predicted),
+                        "macro_f1": macro_f1(y["test"], predicted, len(labels))}
     write_json(workspace.baseline_metrics, result)  # the test scores only: `dvc metrics show` columns
     result["probe"].update(setting=probe.setting, c=probe.c, class_weight=probe.class_weight, offsets=probe.offsets,
                            temperature=temperature, abstention=abstention.rule,

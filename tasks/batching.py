@@ -8,7 +8,8 @@ first so a single text never waits behind a 64-text batch, and splits a request
 bigger than the room left into chunks (it finishes when its last chunk does).
 A batch waits at most `window_s` after its oldest item arrived for others to
 join it: an idle worker waits that long, a busy one finds its next batch already
-waiting longer and starts at once, so the batch grows with the load. At most `max_queued` items wait: beyond that `submit` raises
+waiting longer and starts at once, so the batch grows with the load. At most
+`max_queued` items wait: beyond that `submit` raises
 `QueueFull` at once (the service answers 503 with Retry-After), so memory and
 latency stay bounded under any load.
 

@@ -16,11 +16,17 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from tuneloop.tasks.calibration import (Abstention, abstains, decided_labels, risk_coverage, selective_summary,
-                                        uncalibrated)
-from tuneloop.tasks.metrics import accuracy, classification_summary, macro_f1, reliability
+from tuneloop.tasks.calibration import (
+    Abstention,
+    abstains,
+    decided_labels,
+    risk_coverage,
+    selective_summary,
+    uncalibrated,
+)
 from tuneloop.tasks.config import EvaluateConfig
 from tuneloop.tasks.labels import label_index, label_indices
+from tuneloop.tasks.metrics import accuracy, classification_summary, macro_f1, reliability
 
 Scorer = Callable[[Sequence[str]], np.ndarray]
 CORE_COLUMNS = {"row", "text", "label", "split", "id", "score"}
@@ -110,7 +116,8 @@ def score_candidate(candidate: Candidate, test: pd.DataFrame, y_true: np.ndarray
         unknown_labels=sorted(set(labels) - set(candidate.labels)) if candidate.labels is not None else [],
         temperature=candidate.temperature,
         ece_uncalibrated=reliability(uncalibrated(probs, candidate.temperature), y_true)["ece"],
-        abstention={**selective_summary(probs, y_true, candidate.abstention, labels), "rule": candidate.abstention.rule},
+        abstention={**selective_summary(probs, y_true, candidate.abstention, labels),
+                    "rule": candidate.abstention.rule},
         risk_coverage=risk_coverage(probs, y_true),
     )
     return summary, probs

@@ -29,13 +29,27 @@ import torch.nn.functional as F
 
 from tuneloop.tasks import distributed, integrity
 from tuneloop.tasks.calibration import Abstention, calibrate
-from tuneloop.tasks.classifier import (HEAD_FILE, LABELS_FILE, META_FILE, Classifier, TextClassifier, load_classifier,
-                                       load_encoder, load_tokenizer, pad_batch, pick_device, predict_logits,
-                                       predict_proba, read_meta, resolve_pooling, tokenize)
-from tuneloop.tasks.distributed import Ranks
-from tuneloop.tasks.metrics import macro_f1
+from tuneloop.tasks.classifier import (
+    HEAD_FILE,
+    LABELS_FILE,
+    META_FILE,
+    Classifier,
+    TextClassifier,
+    load_classifier,
+    load_encoder,
+    load_tokenizer,
+    pad_batch,
+    pick_device,
+    predict_logits,
+    predict_proba,
+    read_meta,
+    resolve_pooling,
+    tokenize,
+)
 from tuneloop.tasks.config import FinetuneConfig
+from tuneloop.tasks.distributed import Ranks
 from tuneloop.tasks.labels import resolve_class_weight
+from tuneloop.tasks.metrics import macro_f1
 
 CHECKPOINT_FILE = "last.pt"
 LOSS_EVERY = 20  # steps between loss readbacks (a host sync): the progress bar's and the loss curve's
@@ -450,7 +464,8 @@ def finetune(
             steps, examples, tokens, loss_sum = train_steps(
                 trained, batches, ids, targets, pad_id, optimizer, scheduler, config, device, bar, state.curve,
                 state.step, ranks, weights, report)
-            state.step, state.examples, state.tokens = state.step + steps, state.examples + examples, state.tokens + tokens
+            state.step, state.examples, state.tokens = (state.step + steps, state.examples + examples,
+                                                        state.tokens + tokens)
             state.epoch_loss += float(distributed.mean_across(loss_sum, ranks).item())
             state.epoch_steps += steps
             state.seconds += time.perf_counter() - started

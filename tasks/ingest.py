@@ -26,10 +26,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from tuneloop.tasks.config import IngestConfig
 from tuneloop.tasks.errors import TuneloopError
 from tuneloop.tasks.split import SPLIT_ALIASES
 from tuneloop.tasks.workspace import Workspace, read_json, write_json
-from tuneloop.tasks.config import IngestConfig
 
 REMOTE_NAME = "tuneloop"
 
@@ -215,7 +215,7 @@ def canonicalize(raw: pd.DataFrame, config: IngestConfig) -> tuple[pd.DataFrame,
     if missing:
         raise IngestError(f"columns {missing} not in the source; it has {list(raw.columns)}")
     texts = raw[config.text_column]
-    if not (texts.dropna().map(type) == str).all():
+    if not texts.dropna().map(lambda value: isinstance(value, str)).all():
         raise IngestError(f"column {config.text_column!r} holds numbers or other non-text values; "
                           "name the column that holds the texts (ingest.text_column)")
     frame = pd.DataFrame({"row": range(1, len(raw) + 1)})

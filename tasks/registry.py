@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 from tuneloop.tasks import integrity
-
 from tuneloop.tasks.errors import TuneloopError
 from tuneloop.tasks.tracking import SOURCE_TAGS
 
@@ -312,7 +311,8 @@ def logged_model(name: str, run_id: str, model_dir: Path, tags: dict[str, str]):
     c = client()
     experiment_id = c.get_run(run_id).info.experiment_id
     model = c.create_logged_model(experiment_id, name=name, source_run_id=run_id, model_type="text-classifier",
-                                  tags={k: str(v)[:MAX_TAG] for k, v in tags.items() if k.startswith(("data.", "base_model.", "git."))},
+                                  tags={k: str(v)[:MAX_TAG] for k, v in tags.items()
+                                        if k.startswith(("data.", "base_model.", "git."))},
                                   params={k: v for k, v in tags.items() if k.startswith("tune")} or None)
     mlmodel = Model.load(str(model_dir / "MLmodel"))
     mlmodel.model_id, mlmodel.run_id = model.model_id, run_id

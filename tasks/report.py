@@ -179,7 +179,8 @@ def _metrics_table_html(models: dict[str, dict]) -> str:
             continue  # an evaluation from before calibration: no empty rows
         best = _best_columns(values, score)
         cells = "".join(_metric_cell(v, spec, i in best) for i, v in enumerate(values))
-        rows.append(f'<tr><td class="label">{_esc(label)}</td><td class="hint">{_esc(hint) if hint else ""}</td>{cells}</tr>')
+        rows.append(f'<tr><td class="label">{_esc(label)}</td>'
+                    f'<td class="hint">{_esc(hint) if hint else ""}</td>{cells}</tr>')
     return (
         '<table><thead><tr><th class="label">Metric</th><th>better</th>'
         f"{header}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
@@ -311,7 +312,8 @@ def _confusion_row_html(labels: Sequence[str], models: dict[str, dict]) -> str:
             uri = figure_to_data_uri(_confusion_figure(name, labels, matrix))
             cells.append(f"<figure>{_img(uri, f'confusion matrix: {name}')}</figure>")
         else:
-            cells.append(f'<div class="card"><h3>{_esc(name)}</h3><p class="note">No confusion matrix {MISSING}</p></div>')
+            cells.append(f'<div class="card"><h3>{_esc(name)}</h3>'
+                         f'<p class="note">No confusion matrix {MISSING}</p></div>')
     return (
         '<p class="note">Cells show counts and the share of the true row; colour follows the share.</p>'
         f'<div class="grid">{"".join(cells)}</div>'

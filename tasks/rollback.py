@@ -79,7 +79,8 @@ def decide_rollback(config: MonitorConfig, labelled: int, previous_version: str 
     if blocker is not None:
         return Decision("rollback", False, note=blocker)
     if comparison is None:
-        return Decision("rollback", False, note=f"previous champion v{previous_version} was not scored on the live rows")
+        return Decision("rollback", False,
+                        note=f"previous champion v{previous_version} was not scored on the live rows")
     gap = comparison.previous - comparison.champion
     level = int(round(config.confidence * 100))
     worse = clears(gap, comparison.low, config.rollback_margin)

@@ -24,12 +24,9 @@ import threading
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Callable
-
-from datetime import timedelta
-from typing import Annotated
+from typing import Annotated, Callable
 
 import numpy as np
 import pandas as pd
@@ -44,10 +41,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from tuneloop.tasks.auth import Token, TokenGate, authorize
 from tuneloop.tasks.batching import MicroBatcher, QueueFull
 from tuneloop.tasks.classifier import Classifier, Scored, load_classifier, predict_proba, score_texts
+from tuneloop.tasks.config import ServeConfig
 from tuneloop.tasks.limits import BodyLimit, SlowClientLimits, header_timeout_protocol, text_problem
 from tuneloop.tasks.privacy import mask_pii
 from tuneloop.tasks.store import FeedbackConflict, Prediction, PredictionStore, store_url, utcnow
-from tuneloop.tasks.config import ServeConfig
 
 log = logging.getLogger("tuneloop.serve")
 

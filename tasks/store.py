@@ -8,8 +8,8 @@ reads windows of it.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 import os
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -68,7 +68,8 @@ FEEDBACK_HISTORY = sa.Table(
     sa.Column("action", sa.String(16), nullable=False),  # "label" | "correction"
 )
 HISTORY_COLUMNS = [c.name for c in FEEDBACK_HISTORY.columns]
-ADDED_COLUMNS = {"feedback_by": "VARCHAR(64)", "abstained": "BOOLEAN"}  # columns newer than the first stores: added in place
+# columns newer than the first stores: added in place
+ADDED_COLUMNS = {"feedback_by": "VARCHAR(64)", "abstained": "BOOLEAN"}
 
 
 @dataclass(frozen=True)

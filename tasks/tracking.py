@@ -34,9 +34,8 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-from tuneloop.tasks.workspace import Workspace, read_json, write_json
 from tuneloop.tasks.config import MlflowConfig
-
+from tuneloop.tasks.workspace import Workspace, read_json, write_json
 
 log = logging.getLogger("tuneloop.tracking")
 
@@ -328,7 +327,8 @@ def continue_pipeline_run(workspace: Workspace, experiment_id: str, ended) -> st
 
     tags = {k: v for k, v in ended.data.tags.items() if k.startswith("data.") or k in SOURCE_TAGS}
     tags["tuneloop.continues"] = ended.info.run_id
-    run = mlflow.MlflowClient().create_run(experiment_id, run_name=run_name("retrain", tags.get("data.md5"), "continued"),
+    name = run_name("retrain", tags.get("data.md5"), "continued")
+    run = mlflow.MlflowClient().create_run(experiment_id, run_name=name,
                                            tags=tags)
     write_json(workspace.run_state, {"run_id": run.info.run_id, "experiment_id": experiment_id})
     return run.info.run_id

@@ -29,10 +29,9 @@ from typing import Any, Callable
 import pandas as pd
 import regex
 
-from tuneloop.tasks.errors import TuneloopError
 from tuneloop.tasks.config import RULES, ValidateConfig
+from tuneloop.tasks.errors import TuneloopError
 from tuneloop.tasks.validation_page import write_validation_page
-
 
 # what spreadsheets and exports write for a missing value: never a text to learn from
 MISSING_TEXTS = frozenset({"nan", "none", "null", "n/a", "#n/a", "<na>"})

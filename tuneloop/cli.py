@@ -95,8 +95,8 @@ def fail(message: str, code: int = 2) -> None:
 
 def load(params: Path, root: Path, sets: Optional[list[str]] = None):
     """Validates params (with the `--set` overrides) once, at the edge; returns (params, workspace)."""
-    from tuneloop.tasks.workspace import Workspace
     from tuneloop.params import ParamsError, load_params
+    from tuneloop.tasks.workspace import Workspace
 
     root = root.resolve()
     try:
@@ -240,7 +240,8 @@ def init(data: Path = typer.Argument(..., help="your labelled file: CSV (, ; tab
 
 @app.command()
 def run(params: Path = ParamsOption, root: Path = RootOption,
-        tune: bool = typer.Option(False, "--tune/--no-tune", help="search finetune's settings first (tune.enabled: true)"),
+        tune: bool = typer.Option(False, "--tune/--no-tune",
+                                  help="search finetune's settings first (tune.enabled: true)"),
         commit: Optional[bool] = typer.Option(None, "--commit/--no-commit", show_default=False,
                                               help="commit dvc.lock, metrics/, plots/, params.yaml and "
                                               "data/raw/*.dvc after a run with params.yaml's values, so `dvc "
@@ -277,8 +278,8 @@ def status(params: Path = ParamsOption, root: Path = RootOption,
            as_json: bool = typer.Option(False, "--json/--table", help="print JSON instead of a table"),
            sets: Optional[list[str]] = SetOption) -> None:
     """The registered model, its champion (data version, test metrics) and the last run's decision."""
-    from tuneloop.tasks.tracking import configure_tracking, reap_dead_runs
     from tuneloop.tasks.registry import model_status
+    from tuneloop.tasks.tracking import configure_tracking, reap_dead_runs
 
     loaded, workspace = load(params, root, sets)
     configure_tracking(loaded.mlflow, workspace.root)
@@ -397,8 +398,8 @@ def demo(root: Path = RootOption,
          workspace: Path = typer.Option(Path("/tmp/tuneloop-demo"), help="the demo's own project folder "
                                         "(new, empty, or one the demo made; outside this repo)")) -> None:
     """Play the production story on the shipped data: train, serve, drift, retrain, bad version, rollback."""
-    from tuneloop.flows.ephemeral import start_ephemeral_server
     from tuneloop.demo import DemoError, fresh_workspace, run_demo
+    from tuneloop.flows.ephemeral import start_ephemeral_server
 
     root, workspace = root.resolve(), workspace.resolve()
     try:
@@ -483,8 +484,11 @@ def rollback(to: Optional[str] = typer.Option(None, "--to", help="version to ser
     configure_tracking(loaded.mlflow, workspace.root)
     with writing(loaded, workspace, "rollback"):
         try:
-            entry = registry.rollback(loaded.mlflow.model_name, to, why, check=lambda version: registry.verified_version(
-                loaded.mlflow.model_name, version, workspace.models_cache, loaded.model.base))
+            def check(version: str):
+                return registry.verified_version(loaded.mlflow.model_name, version, workspace.models_cache,
+                                                 loaded.model.base)
+
+            entry = registry.rollback(loaded.mlflow.model_name, to, why, check=check)
         except registry.RollbackError as error:
             fail(f"rollback refused, the registry is unchanged: {error}")
     typer.echo(f"{loaded.mlflow.model_name}: champion rolled back from version {entry['from']} "

@@ -138,7 +138,8 @@ def summary_table(model_name: str) -> str:
         lines.append(f"{v.version:>7}  {v.tags.get('decision', '-'):<10} {v.tags.get('data.md5', '')[:8]:<8} "
                      f"{float(test) if test else float('nan'):>13.4f} {float(live) if live else float('nan'):>13.4f}"
                      f"  {','.join(v.aliases)}")
-    lines.append("alias moves: " + "; ".join(f"{e['action']} {e['from']}->{e['to']}" for e in registry.audit_trail(model_name)))
+    moves = (f"{e['action']} {e['from']}->{e['to']}" for e in registry.audit_trail(model_name))
+    lines.append("alias moves: " + "; ".join(moves))
     return "\n".join(lines)
 
 
@@ -197,9 +198,9 @@ def run_demo(project: Path, workspace: Path, movies: int, tweets: int, later_twe
     """Plays the story; returns the closing summary table."""
     from tuneloop.flows.monitor import monitor_flow
     from tuneloop.flows.retrain import retrain_flow
+    from tuneloop.params import load_params
     from tuneloop.tasks import registry
     from tuneloop.tasks.tracking import configure_tracking
-    from tuneloop.params import load_params
 
     story = Story()
     workspace.mkdir(parents=True, exist_ok=True)
@@ -226,7 +227,8 @@ def run_demo(project: Path, workspace: Path, movies: int, tweets: int, later_twe
         story.step("3 traffic", f"{tweets} tweets served by v{first['version']} (live accuracy {accuracy:.3f}); "
                                 "their true labels sent to /feedback")
         monitored = monitor_flow(params_path="params.yaml", root=str(workspace))
-        story.step("4 monitor", f"drift status {monitored['drift']['status']}: " + "; ".join(monitored["drift"]["reasons"]))
+        story.step("4 monitor", f"drift status {monitored['drift']['status']}: "
+                                + "; ".join(monitored["drift"]["reasons"]))
         retraining = monitored["retraining"]
         result = (retraining.get("request") or {}).get("result")
         if not retraining["requested"] or result is None:
@@ -235,14 +237,16 @@ def run_demo(project: Path, workspace: Path, movies: int, tweets: int, later_twe
                    + ("promoted" if result["promoted"] else "rejected") + ": " + "; ".join(result["reasons"]))
         if result["promoted"]:
             seconds = follow_seconds(url, name, result["version"])
-            story.step("6 promotion served", f"the service served v{result['version']} {seconds:.1f}s after the alias moved")
+            story.step("6 promotion served",
+                       f"the service served v{result['version']} {seconds:.1f}s after the alias moved")
         good = registry.alias_version(name, registry.CHAMPION).version
         bad = force_bad_version(name, workspace, params.mlflow.experiment)
         seconds = follow_seconds(url, name, bad)
         story.step("7 bad version forced", f"v{bad} (classifier head negated) forced to champion, gate bypassed; "
                                            f"served {seconds:.1f}s later")
         accuracy = send_with_feedback(url, shifted.iloc[tweets:])
-        story.step("8 traffic", f"{later_tweets} more tweets served by v{bad} (live accuracy {accuracy:.3f}), labels fed back")
+        story.step("8 traffic",
+                   f"{later_tweets} more tweets served by v{bad} (live accuracy {accuracy:.3f}), labels fed back")
         monitored = monitor_flow(params_path="params.yaml", root=str(workspace))
         rollback = monitored["rollback"]
         if not rollback["rolled_back"]:

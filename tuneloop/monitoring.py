@@ -18,8 +18,17 @@ import pandas as pd
 
 from tuneloop.params import Params
 from tuneloop.tasks import registry
-from tuneloop.tasks.drift import (DriftMetrics, abstention_shift, classifier_predictor, compute_drift, current_frame,
-                                  encoder_embedder, probability_matrix, reference_frame, sample)
+from tuneloop.tasks.drift import (
+    DriftMetrics,
+    abstention_shift,
+    classifier_predictor,
+    compute_drift,
+    current_frame,
+    encoder_embedder,
+    probability_matrix,
+    reference_frame,
+    sample,
+)
 from tuneloop.tasks.feedback import export_feedback, labelled_rows, last_feedback_export
 from tuneloop.tasks.metrics import EstimatedPerformance, estimate_performance
 from tuneloop.tasks.rollback import arrival_action, compare_live, decide_rollback, rollback_blocker

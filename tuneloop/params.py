@@ -15,9 +15,20 @@ from typing import Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tuneloop.tasks.config import (BaselineConfig, EvaluateConfig, FinetuneConfig, GateConfig, IngestConfig,
-                                   MlflowConfig, ModelConfig, MonitorConfig, ServeConfig, SplitConfig,
-                                   TriggerConfig, ValidateConfig)
+from tuneloop.tasks.config import (
+    BaselineConfig,
+    EvaluateConfig,
+    FinetuneConfig,
+    GateConfig,
+    IngestConfig,
+    MlflowConfig,
+    ModelConfig,
+    MonitorConfig,
+    ServeConfig,
+    SplitConfig,
+    TriggerConfig,
+    ValidateConfig,
+)
 from tuneloop.tasks.errors import TuneloopError
 from tuneloop.tasks.tune_space import TuneConfig
 

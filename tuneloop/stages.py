@@ -18,23 +18,24 @@ from typing import Any, Iterator, Mapping
 
 import pandas as pd
 
+from tuneloop import tune_runs
+from tuneloop.launch import launch, launch_tune_workers
+from tuneloop.params import Params
 from tuneloop.tasks import integrity, mlflow_model, plotdata, registry, runlog, tracking
 from tuneloop.tasks import tune as tuning
-from tuneloop.tasks.tune_space import apply_params
 from tuneloop.tasks.baseline import check_probe_pooling, probe_head, run_baseline
 from tuneloop.tasks.classifier import read_meta, resolve_model_path, resolve_pooling
 from tuneloop.tasks.evaluate import classifier_candidate, evaluate_models
-from tuneloop.tasks.finetune import FinetuneConfig, FinetuneResult, calibrate_model, finetune as finetune_model
+from tuneloop.tasks.finetune import FinetuneConfig, FinetuneResult, calibrate_model
+from tuneloop.tasks.finetune import finetune as finetune_model
 from tuneloop.tasks.gate import CHALLENGER, PROBE, Decision, decide_promotion, outcome
 from tuneloop.tasks.ingest import DataVersion, load_data_version, run_ingest
 from tuneloop.tasks.labels import label_indices
 from tuneloop.tasks.report import write_evaluation_plots, write_evaluation_report, write_tuning_plots
 from tuneloop.tasks.split import SplitError, check_declared_split, check_trainable, load_split, run_split
+from tuneloop.tasks.tune_space import apply_params
 from tuneloop.tasks.validate import DataValidationError, ValidationReport, check_report, validate_dataset
 from tuneloop.tasks.workspace import Workspace, read_json, write_json
-from tuneloop import tune_runs
-from tuneloop.launch import launch, launch_tune_workers
-from tuneloop.params import Params
 
 STAGES = ("ingest", "validate", "split", "baseline", "tune", "finetune", "evaluate", "gate", "register")
 
@@ -134,7 +135,8 @@ def baseline(params: Params, ws: Workspace) -> dict:
         tracking.log_stage_metrics(run, {"probe": {k: probe[k] for k in ("accuracy", "macro_f1", "c", "temperature")},
                                          "zero_shot": result["zero_shot"]})
     say("baseline", f"probe macro-F1 {probe['macro_f1']:.4f} ({probe['setting']}, chosen on validation; "
-                    f"temperature {probe['temperature']:.2f}), zero-shot macro-F1 {result['zero_shot']['macro_f1']:.4f}")
+                    f"temperature {probe['temperature']:.2f}), "
+                    f"zero-shot macro-F1 {result['zero_shot']['macro_f1']:.4f}")
     return result
 
 

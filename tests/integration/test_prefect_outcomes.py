@@ -23,8 +23,8 @@ def runs(tmp_path_factory) -> dict:
     """A flow whose validate stage fails, a flow that finishes as retrain_flow does, and a
     flow that publishes an MLflow server's run, each read back from the Prefect API."""
     from prefect import flow, task
-    from prefect.testing.utilities import prefect_test_harness
     from prefect.states import Completed
+    from prefect.testing.utilities import prefect_test_harness
 
     from tuneloop.flows.retrain import run_step
 

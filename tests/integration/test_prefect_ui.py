@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tuneloop.params import parse_params
 from tuneloop.tasks import tracking
 from tuneloop.tasks.workspace import Workspace, write_json
-from tuneloop.params import parse_params
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from test_gate import build_case, spread  # noqa: E402  the gate's own scenario builder
@@ -59,7 +59,7 @@ def read_back(flow_run_id) -> dict:
     """The flow run's logs, artifacts and tags as the Prefect API serves them."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
-    from prefect.logging.handlers import APILogHandler, PrefectConsoleHandler
+    from prefect.logging.handlers import APILogHandler
 
     APILogHandler().flush()
     with get_client(sync_client=True) as client:

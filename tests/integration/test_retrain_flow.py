@@ -156,7 +156,7 @@ def test_bad_data_stops_at_validation_and_leaves_the_registry_as_it_was(project,
     assert result.returncode == 2
     assert "registry is unchanged" in result.stderr
     for rule, row in (("label_set", "51"), ("non_empty_text", "61"), ("split_leakage", "1")):
-        line = next(l for l in result.stderr.splitlines() if f"- {rule}:" in l)
+        line = next(out for out in result.stderr.splitlines() if f"- {rule}:" in out)
         assert f"row {row} (" in line or f"rows {row} (" in line, line
     assert "] split:" not in result.stdout  # stopped before the split stage
     assert registry_versions(project) == before

@@ -9,12 +9,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_model import build_tiny_model, sentiment_rows
 
 from tuneloop.tasks import finetune as finetune_module
-from tuneloop.tasks.classifier import (Classifier, TextClassifier, default_pooling, load_classifier, load_encoder,
-                                       load_tokenizer, pad_batch, predict_logits, predict_proba, tokenize)
+from tuneloop.tasks.classifier import (
+    Classifier,
+    TextClassifier,
+    default_pooling,
+    load_classifier,
+    load_encoder,
+    load_tokenizer,
+    pad_batch,
+    predict_logits,
+    predict_proba,
+    tokenize,
+)
 from tuneloop.tasks.finetune import FinetuneConfig, finetune
-from tiny_model import build_tiny_model, sentiment_rows
 
 FAMILIES = {"bert": "mean", "roberta": "mean", "distilbert": "mean", "deberta-v2": "mean",
             "llama": "last", "qwen2": "last", "mistral": "last"}

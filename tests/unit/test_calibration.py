@@ -10,8 +10,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tuneloop.tasks.calibration import (Abstention, abstains, choose_abstention, decided_labels, fit_temperature,
-                                        in_scope_accuracy, risk_coverage, selective_summary, softmax, uncalibrated)
+from tuneloop.tasks.calibration import (
+    Abstention,
+    abstains,
+    choose_abstention,
+    decided_labels,
+    fit_temperature,
+    in_scope_accuracy,
+    risk_coverage,
+    selective_summary,
+    softmax,
+    uncalibrated,
+)
 from tuneloop.tasks.metrics import reliability
 
 LABELS = ["a", "b", "c", "d", "oos"]

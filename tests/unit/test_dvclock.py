@@ -102,7 +102,8 @@ def test_outside_a_git_repository_of_its_own_a_run_says_the_command_that_would_k
 
     (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")
     said = commit_iteration(tmp_path, "m")
-    assert said == "not a git repository of its own: to keep this run, `git init` and git add dvc.lock && git commit -m 'm'"
+    assert said == ("not a git repository of its own: to keep this run, `git init` and "
+                    "git add dvc.lock && git commit -m 'm'")
 
 
 @pytest.mark.parametrize("setting, flag, as_params_yaml, commits", [

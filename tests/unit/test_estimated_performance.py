@@ -18,8 +18,14 @@ from tuneloop.params import parse_params
 from tuneloop.tasks.calibration import softmax
 from tuneloop.tasks.config import MonitorConfig
 from tuneloop.tasks.drift import decide_drift, decide_estimated_drop, probability_matrix
-from tuneloop.tasks.metrics import (EstimatedPerformance, accuracy, estimate_performance, expected_confusion,
-                                    expected_macro_f1, macro_f1)
+from tuneloop.tasks.metrics import (
+    EstimatedPerformance,
+    accuracy,
+    estimate_performance,
+    expected_confusion,
+    expected_macro_f1,
+    macro_f1,
+)
 from tuneloop.tasks.registry import VersionInfo
 from tuneloop.tasks.store import Prediction, PredictionStore, utcnow
 from tuneloop.tasks.triggers import decide_retraining

@@ -71,7 +71,8 @@ def test_fast_path_gives_the_models_own_loss_and_gradients(tiny_bert, method):
     assert got.keys() == expected.keys()
     for name in expected:
         if name.endswith("key.bias") or name.endswith("key.base_layer.bias"):
-            continue  # softmax ignores a shift shared by all keys: its true gradient is 0, both sides hold rounding noise
+            # softmax ignores a shift shared by all keys: its true gradient is 0, both sides hold rounding noise
+            continue
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
 
 

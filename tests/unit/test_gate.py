@@ -253,7 +253,8 @@ def many_slices_case(regressed: int | None, seed: int) -> tuple[dict, dict]:
         pred["challenger"][inside] = (y[inside] + 1) % n_classes
     models = {}
     for key, p in pred.items():
-        slices = {f"s{i:02d}": {"rows": rows, "accuracy": accuracy(y[slice_of == f"s{i:02d}"], p[slice_of == f"s{i:02d}"]),
+        slices = {f"s{i:02d}": {"rows": rows,
+                                "accuracy": accuracy(y[slice_of == f"s{i:02d}"], p[slice_of == f"s{i:02d}"]),
                                 "macro_f1": macro_f1(y[slice_of == f"s{i:02d}"], p[slice_of == f"s{i:02d}"], n_classes)}
                   for i in range(n_slices)}
         models[key] = {"accuracy": accuracy(y, p), "macro_f1": macro_f1(y, p, n_classes),

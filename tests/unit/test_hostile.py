@@ -20,12 +20,12 @@ from fastapi.testclient import TestClient
 
 from tuneloop.tasks.auth import Token, TokenError, bind_refusal, load_tokens, parse_tokens
 from tuneloop.tasks.classifier import load_classifier
+from tuneloop.tasks.feedback import export_feedback
 from tuneloop.tasks.finetune import FinetuneConfig, finetune
 from tuneloop.tasks.limits import BodyLimit
 from tuneloop.tasks.privacy import mask_pii
 from tuneloop.tasks.serve import ChampionFollower, ServeConfig, create_app
 from tuneloop.tasks.store import Prediction, PredictionStore, utcnow
-from tuneloop.tasks.feedback import export_feedback
 
 FAST = FinetuneConfig(epochs=1, max_steps=4, learning_rate=1e-2, batch_size=16, lora_r=8, max_length=32)
 LIMITS = ServeConfig(max_text_chars=50, max_batch=4, poll_seconds=60.0, max_body_bytes=1_100_000)

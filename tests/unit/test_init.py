@@ -9,17 +9,17 @@ import pandas as pd
 import pytest
 import yaml
 
-from tuneloop.tasks.ingest import IngestError, read_table
 from tuneloop.init import InitError, fitted_bounds, init_project, propose_columns
 from tuneloop.params import load_params
+from tuneloop.tasks.ingest import IngestError, read_table
 
 ROWS = [("wake me up at seven", "alarm_set"), ("what time is it", "datetime_query"), ("up", "volume_up"),
         ("turn the lights off", "iot_hue_lightoff"), ("play some jazz", "play_music")] * 12
 
 
 def frame() -> pd.DataFrame:
-    return pd.DataFrame({"utterance": [t for t, _ in ROWS], "intent": [l for _, l in ROWS],
-                         "scenario": [l.split("_")[0] for _, l in ROWS]})
+    return pd.DataFrame({"utterance": [t for t, _ in ROWS], "intent": [label for _, label in ROWS],
+                         "scenario": [label.split("_")[0] for _, label in ROWS]})
 
 
 @pytest.mark.parametrize("name, write", [
@@ -111,7 +111,7 @@ def test_init_writes_a_project_whose_params_load_with_labels_auto_and_git_and_dv
     assert params.validate_.labels == "auto" and params.declared_labels is None
     assert params.validate_.min_text_chars == 2  # "up"
     assert params.mlflow.model_name == "project-classifier"
-    assert proposal.labels == sorted({l for _, l in ROWS})
+    assert proposal.labels == sorted({label for _, label in ROWS})
     assert (folder / ".git").is_dir() and (folder / ".dvc").is_dir()
     pipeline = (folder / "dvc.yaml").read_text()
     assert "tasks/" not in pipeline and "tuneloop/" not in pipeline  # no deps on tuneloop's own source files

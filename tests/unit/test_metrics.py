@@ -8,9 +8,9 @@ import pytest
 
 from tuneloop.tasks.metrics import (
     accuracy,
-    interval_position,
     classification_summary,
     confusion_matrix,
+    interval_position,
     macro_f1,
     metric_function,
     paired_bootstrap,

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tuneloop.params import parse_params
 from tuneloop.tasks import registry, tracking
 from tuneloop.tasks.classifier import load_classifier, score_texts
 from tuneloop.tasks.finetune import FinetuneConfig, finetune
@@ -21,7 +22,6 @@ from tuneloop.tasks.ingest import DataVersion
 from tuneloop.tasks.integrity import folder_manifest
 from tuneloop.tasks.tracking import start_pipeline_run
 from tuneloop.tasks.workspace import Workspace, write_json
-from tuneloop.params import parse_params
 
 FAST = FinetuneConfig(epochs=1, max_steps=4, learning_rate=1e-2, batch_size=16, lora_r=8, max_length=32)
 TEXTS = ["the film was great", "the plot was awful really", "this movie was boring"]
@@ -42,7 +42,8 @@ def champion(tiny_bert, toy_task, mlflow_sandbox, tmp_path_factory) -> dict:
     pd.DataFrame({"text": texts, "label": labels, "split": "test"}).to_parquet(ws.splits)
     write_json(ws.data_version, asdict(DataVersion("e" * 32, 1, "data/raw/x.csv", "x.csv", 64, 0)))
     shutil.copytree(trained, ws.challenger_dir)
-    write_json(ws.evaluation, {"models": {"challenger": SCORES}, "challenger_files": folder_manifest(ws.challenger_dir)})
+    write_json(ws.evaluation, {"models": {"challenger": SCORES},
+                               "challenger_files": folder_manifest(ws.challenger_dir)})
     write_json(ws.decision, {"promote": True, "reasons": ["test"]})
     name = "tl-pyfunc-champion"
     params = parse_params({"model": {"base": str(tiny_bert)}, "validate": {"labels": ["negative", "positive"]},

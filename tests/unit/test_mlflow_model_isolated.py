@@ -1,7 +1,8 @@
 """A registered version loads and answers where tuneloop is not installed.
 
 Each flavour the register stage packages (LoRA on a local base it carries,
-full fine-tuning, the base model's linear probe when it is the champion) is loaded with `mlflow.pyfunc.load_model("models:/...")` in
+full fine-tuning, the base model's linear probe when it is the champion) is
+loaded with `mlflow.pyfunc.load_model("models:/...")` in
 a fresh Python where `import tuneloop` fails (`tests/isolated_python.py`), and
 must answer what tuneloop's own scorer answers. The model's `code/` is derived
 from its entry file's imports, so a module the scorer starts importing is
@@ -19,9 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
-
 from isolated_python import isolated_environment, isolated_python, tuneloop_importable
 
 from tuneloop.tasks import mlflow_model, registry

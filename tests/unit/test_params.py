@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tuneloop.tasks.gate import GateConfig
 from tuneloop.params import Params, ParamsError, apply_overrides, load_params, parse_params
+from tuneloop.tasks.gate import GateConfig
 
 PROJECT = Path(__file__).resolve().parents[2]
 PARAMS_YAML = PROJECT / "params.yaml"

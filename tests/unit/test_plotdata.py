@@ -5,8 +5,14 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from tuneloop.tasks.plotdata import (calibration_rows, confusion_rows, evaluation_headline, finetune_headline,
-                                     training_rows, write_csv)
+from tuneloop.tasks.plotdata import (
+    calibration_rows,
+    confusion_rows,
+    evaluation_headline,
+    finetune_headline,
+    training_rows,
+    write_csv,
+)
 
 
 def test_confusion_rows_name_the_actual_and_predicted_label_of_each_row() -> None:
@@ -24,7 +30,8 @@ def test_training_rows_are_one_per_epoch_with_its_validation_macro_f1() -> None:
 
 
 def test_metrics_keep_only_the_headline_numbers_flat_per_model() -> None:
-    evaluation = {"models": {"challenger": {"accuracy": 0.9, "macro_f1": 0.8, "ece": 0.05, "latency_ms_per_example": 3.0,
+    evaluation = {"models": {"challenger": {"accuracy": 0.9, "macro_f1": 0.8, "ece": 0.05,
+                                            "latency_ms_per_example": 3.0,
                                             "per_class": {"neg": {"f1": 0.7}}, "confusion_matrix": [[1]]}}}
     assert evaluation_headline(evaluation) == {"challenger": {"accuracy": 0.9, "macro_f1": 0.8, "ece": 0.05}}
     summary = {"best_val_macro_f1": 0.8, "train_macro_f1": 0.9, "epochs_run": 2, "seconds": 14.1, "steps": 8}

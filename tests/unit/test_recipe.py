@@ -13,8 +13,14 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from tuneloop.tasks.baseline import BaselineConfig, fit_probe, probe_head, save_probe, select_probe
-from tuneloop.tasks.classifier import (Classifier, load_classifier, load_encoder, load_tokenizer, pooled_embeddings,
-                              predict_proba)
+from tuneloop.tasks.classifier import (
+    Classifier,
+    load_classifier,
+    load_encoder,
+    load_tokenizer,
+    pooled_embeddings,
+    predict_proba,
+)
 from tuneloop.tasks.errors import TuneloopError
 from tuneloop.tasks.evaluate import Candidate, EvaluateConfig, aligned, evaluate_models
 from tuneloop.tasks.finetune import FinetuneConfig, build_model, finetune
@@ -224,7 +230,8 @@ def test_balanced_class_weights_make_each_class_weigh_the_same_and_average_one()
     assert plain.tolist() == pytest.approx([np.log(3)] * 2)
     assert row_losses(logits, y, weights, 0.0).tolist() == pytest.approx((plain * weights[:2]).tolist())
     confident = torch.tensor([[10.0, 0.0, 0.0]])
-    assert float(row_losses(confident, torch.tensor([0]), None, 0.1)) > float(row_losses(confident, torch.tensor([0]), None, 0.0))
+    target = torch.tensor([0])
+    assert float(row_losses(confident, target, None, 0.1)) > float(row_losses(confident, target, None, 0.0))
 
 
 def test_only_a_probe_started_head_trains_at_the_head_learning_rate() -> None:

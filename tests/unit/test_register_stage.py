@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tuneloop.params import parse_params
 from tuneloop.tasks import registry
 from tuneloop.tasks.classifier import load_classifier, predict_proba
 from tuneloop.tasks.finetune import FinetuneConfig, finetune
@@ -20,7 +21,6 @@ from tuneloop.tasks.mlflow_model import REWRITTEN
 from tuneloop.tasks.serve import registry_loader
 from tuneloop.tasks.tracking import start_pipeline_run
 from tuneloop.tasks.workspace import Workspace, write_json
-from tuneloop.params import parse_params
 
 FAST = FinetuneConfig(epochs=1, max_steps=4, learning_rate=1e-2, batch_size=16, lora_r=8, max_length=32)
 TEXTS = ["the film was great", "the plot was awful really", "this movie was boring"]

@@ -15,6 +15,7 @@ import requests
 from mlflow.exceptions import MlflowException
 
 from tuneloop.tasks import registry
+from tuneloop.tasks.integrity import MANIFEST_TAG, IntegrityError
 from tuneloop.tasks.registry import (
     CHAMPION,
     MAX_TAG,
@@ -29,7 +30,6 @@ from tuneloop.tasks.registry import (
     move_champion,
     reject_version,
 )
-from tuneloop.tasks.integrity import MANIFEST_TAG, IntegrityError
 from tuneloop.tasks.tracking import start_pipeline_run
 from tuneloop.tasks.workspace import Workspace
 

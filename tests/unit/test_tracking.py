@@ -103,7 +103,7 @@ def test_params_beyond_mlflows_limits_are_cut_to_fit_and_all_logged(mlflow_sandb
 
 
 def test_a_continued_pipeline_run_gets_the_params_its_first_stage_brings(mlflow_sandbox, tmp_path: Path) -> None:
-    from tuneloop.tasks.tracking import end_pipeline_run, start_pipeline_run, stage_run
+    from tuneloop.tasks.tracking import end_pipeline_run, stage_run, start_pipeline_run
     from tuneloop.tasks.workspace import Workspace
 
     ws = Workspace(tmp_path)

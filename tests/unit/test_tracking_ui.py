@@ -13,10 +13,10 @@ from dataclasses import asdict
 import pandas as pd
 import pytest
 
+from tuneloop.params import parse_params
 from tuneloop.tasks import tracking
 from tuneloop.tasks.ingest import DataVersion
 from tuneloop.tasks.workspace import Workspace, write_json
-from tuneloop.params import parse_params
 
 MD5 = "0123456789abcdef0123456789abcdef"
 COMMIT = "a" * 40

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import optuna
 import pytest
-
-import tuneloop.tasks.tune as tune
 from test_tune import workspace  # noqa: F401  (the fixture)
 from tune_worker_fake import BASE, DATA, config, sleeping_finetune
+
+import tuneloop.tasks.tune as tune
 
 HELPER = Path(__file__).with_name("tune_worker_fake.py")
 
@@ -150,8 +150,8 @@ def test_tune_stage_with_two_workers_logs_every_trial_of_both_under_its_tuning_r
     from contextlib import contextmanager
 
     from mlflow import MlflowClient
-
     from test_tune import child_runs, stage_params
+
     from tuneloop import stages
 
     launched, real_launch = [], stages.launch_tune_workers

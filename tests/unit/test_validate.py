@@ -280,7 +280,8 @@ def test_null_and_non_string_texts_fail_schema(tmp_path: Path) -> None:
 
 
 def test_a_declared_split_outside_train_validation_test_fails_schema_naming_rows(tmp_path: Path) -> None:
-    frame = make_frame(clean_records() + [(60, "an unseen text", "positive", "tset"), (61, "another one", "negative", "")])
+    frame = make_frame(clean_records() + [(60, "an unseen text", "positive", "tset"),
+                                          (61, "another one", "negative", "")])
     result = rule(validate_dataset(frame, CONFIG, tmp_path), "schema")
     assert (result.passed, result.severity) == (False, "error")
     assert set(result.example_rows) == {60, 61}

@@ -24,7 +24,8 @@ DATA = tune.TuneData("fake", Path("."), (["good", "bad"] * 4, [1, 0] * 4), (["go
 
 def config(n_trials: int) -> tune.TuneConfig:
     return tune.TuneConfig(n_trials=n_trials, timeout_minutes=None, train_rows=None, heartbeat_seconds=1,
-                           grace_seconds=60, enqueue_defaults=False, space={"learning_rate": {"low": 1e-4, "high": 1e-2}})
+                           grace_seconds=60, enqueue_defaults=False,
+                           space={"learning_rate": {"low": 1e-4, "high": 1e-2}})
 
 
 def sleeping_finetune(seconds: float):
