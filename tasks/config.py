@@ -360,17 +360,34 @@ class FinetuneConfig:
                    math.ceil(self.min_examples_per_class * classes / max(1, rows)))
 
 
+# --- the perturbations evaluate can score robustness on (tasks/perturbations.py)
+PERTURBATIONS = ("lowercase", "uppercase", "strip_punctuation", "add_punctuation", "typos", "whitespace",
+                 "contract", "expand")
+
+
 # --- evaluate (tasks/evaluate.py)
 @dataclass(frozen=True)
 class EvaluateConfig:
     batch_size: int = 64
     slice_columns: tuple[str, ...] | None = None  # None: every extra column of the data is a slice
     min_slice_rows: int = 1  # slices smaller than this are left out of the report
+    # Robustness: every candidate also scores perturbed copies of up to this many test rows
+    # (evenly spaced); each perturbation adds at most this many texts per model. 0: off.
+    robustness_rows: int = 500
+    perturbations: tuple[str, ...] = PERTURBATIONS  # which ones (tasks/perturbations.py)
+    typo_rate: float = 0.05  # the share of a text's letters the `typos` perturbation mistypes
     __pydantic_config__ = {"extra": "forbid"}
 
     def __post_init__(self) -> None:
         check_range("evaluate", self, "batch_size", 1)
         check_range("evaluate", self, "min_slice_rows", 0)
+        check_range("evaluate", self, "robustness_rows", 0)
+        check_finite("evaluate", self)
+        check_range("evaluate", self, "typo_rate", 0, 1, low_open=True)
+        unknown = [name for name in self.perturbations if name not in PERTURBATIONS]
+        if unknown or len(set(self.perturbations)) != len(self.perturbations):
+            raise ValueError(f"evaluate.perturbations must be distinct names among {list(PERTURBATIONS)}, "
+                             f"got {list(self.perturbations)}")
 
 
 # --- gate (tasks/gate.py)
@@ -391,6 +408,10 @@ class GateConfig:
     slice_metric: str = "accuracy"  # ... on this metric, stable on small slices of many classes ...
     min_slice_rows: int = 30  # ... among slices this big, significant after Holm's correction
     max_latency_ms: float = 50.0  # per example, batch scoring on the evaluation machine
+    # The challenger's share of answers unchanged under perturbation (evaluate.perturbations) may
+    # fall at most this far below the champion's (the probe's when there is none) before its
+    # paired interval, lying wholly below minus this, fails it.
+    max_robustness_drop: float = 0.02
     seed: int = 0
     __pydantic_config__ = {"extra": "forbid"}
 
@@ -404,6 +425,7 @@ class GateConfig:
         check_range("gate", self, "confidence", 0, 1, low_open=True, high_open=True)
         for name in ("max_slice_regression", "min_slice_rows"):
             check_range("gate", self, name, 0)
+        check_range("gate", self, "max_robustness_drop", 0, 1)
         check_range("gate", self, "max_latency_ms", 0, low_open=True)
         check_seed("gate", self.seed)
 

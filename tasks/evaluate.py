@@ -27,10 +27,12 @@ from tuneloop.tasks.calibration import (
 from tuneloop.tasks.config import EvaluateConfig
 from tuneloop.tasks.labels import label_index, label_indices
 from tuneloop.tasks.metrics import accuracy, classification_summary, macro_f1, reliability
+from tuneloop.tasks.perturbations import Perturbation, perturbations
 
 Scorer = Callable[[Sequence[str]], np.ndarray]
 CORE_COLUMNS = {"row", "text", "label", "split", "id", "score"}
 SLICE_PREFIX = "slice:"  # test_predictions columns holding each row's slice values
+ROBUST_PREFIX = "unchanged:"  # test_predictions columns: per row, how many perturbations left the answer alone
 
 
 @dataclass
@@ -91,6 +93,58 @@ def slice_columns_of(frame: pd.DataFrame, config: EvaluateConfig) -> list[str]:
     return [c for c in frame.columns if c not in CORE_COLUMNS]
 
 
+def candidate_probs(candidate: Candidate, texts: Sequence[str], labels: Sequence[str]) -> np.ndarray:
+    """(rows, len(labels)) probabilities of one model, in the evaluation's label order."""
+    probs = candidate.scorer(texts)
+    if candidate.labels is not None and list(candidate.labels) != list(labels):
+        probs = aligned(probs, candidate.labels, labels)
+    return probs
+
+
+def robustness_sample(rows: int, cap: int) -> np.ndarray:
+    """Indices of at most `cap` of `rows` test rows, evenly spaced (all when they fit; none when cap is 0)."""
+    if cap >= rows:
+        return np.arange(rows)
+    return np.unique(np.linspace(0, rows - 1, cap).round().astype(int)) if cap else np.arange(0)
+
+
+def perturbed_texts(texts: Sequence[str], functions: dict[str, Perturbation]) -> dict[str, list[str]]:
+    """Every text under each perturbation: {name: texts in order}."""
+    return {name: [perturb(text) for text in texts] for name, perturb in functions.items()}
+
+
+def score_robustness(candidate: Candidate, texts: Sequence[str], perturbed: dict[str, list[str]],
+                     clean: np.ndarray, y_true: np.ndarray, labels: Sequence[str]) -> tuple[dict, np.ndarray]:
+    """One model's answers on perturbed copies of the rows, against its answers on the clean ones.
+
+    Only texts a perturbation changed are scored (in one call, so one progress bar);
+    an unchanged text keeps its clean answer.
+
+    Args:
+        clean: the model's answers on `texts`; y_true: their labels.
+    Returns:
+        {rows, unchanged (pooled share), clean_macro_f1, perturbations: {name: {changed_texts,
+        unchanged, macro_f1, macro_f1_drop}}} and, per row, how many perturbations left its answer alone.
+    """
+    altered = {name: np.flatnonzero([a != b for a, b in zip(texts, out)]) for name, out in perturbed.items()}
+    batch = [perturbed[name][i] for name, rows in altered.items() for i in rows]
+    answers = (decided_labels(candidate_probs(candidate, batch, labels), candidate.abstention, labels)
+               if batch else np.zeros(0, dtype=int))
+    n_classes, clean_f1 = len(labels), macro_f1(y_true, clean, len(labels))
+    unchanged, per, start = np.zeros(len(texts), dtype=int), {}, 0
+    for name, rows in altered.items():
+        answer = clean.copy()
+        answer[rows] = answers[start:start + len(rows)]
+        start += len(rows)
+        same = answer == clean
+        unchanged += same
+        f1 = macro_f1(y_true, answer, n_classes)
+        per[name] = {"changed_texts": int(len(rows)), "unchanged": float(same.mean()) if len(same) else 1.0,
+                     "macro_f1": f1, "macro_f1_drop": clean_f1 - f1}
+    pooled = float(unchanged.mean() / len(perturbed)) if len(texts) and perturbed else 1.0
+    return {"rows": len(texts), "unchanged": pooled, "clean_macro_f1": clean_f1, "perturbations": per}, unchanged
+
+
 def score_candidate(candidate: Candidate, test: pd.DataFrame, y_true: np.ndarray, labels: Sequence[str],
                     slices: Sequence[str], config: EvaluateConfig) -> tuple[dict, np.ndarray]:
     """Scores one model on the test rows; returns its metrics and probabilities.
@@ -102,9 +156,7 @@ def score_candidate(candidate: Candidate, test: pd.DataFrame, y_true: np.ndarray
     probabilities and for the raw ones (`ece_uncalibrated`).
     """
     started = time.perf_counter()
-    probs = candidate.scorer(test["text"].tolist())
-    if candidate.labels is not None and list(candidate.labels) != list(labels):
-        probs = aligned(probs, candidate.labels, labels)
+    probs = candidate_probs(candidate, test["text"].tolist(), labels)
     latency_ms = (time.perf_counter() - started) * 1000 / max(1, len(test))
     answers = decided_labels(probs, candidate.abstention, labels)
     summary = classification_summary(probs, y_true, labels, answers)
@@ -129,8 +181,9 @@ def evaluate_models(candidates: Sequence[Candidate], test: pd.DataFrame, labels:
 
     Returns:
         The evaluation dict (per model: accuracy, macro-F1, per-class scores,
-        confusion matrix, ECE and reliability bins, slices, latency, size, gap)
-        and a per-row frame of true and predicted label indices for the gate.
+        confusion matrix, ECE and reliability bins, slices, latency, size, gap,
+        robustness under `config.perturbations`) and a per-row frame of true and
+        predicted label indices (and perturbations survived) for the gate.
     """
     y_true = label_indices(test["label"], labels)
     slices = slice_columns_of(test, config)
@@ -145,6 +198,19 @@ def evaluate_models(candidates: Sequence[Candidate], test: pd.DataFrame, labels:
         predictions[f"{candidate.key}_confidence"] = probs.max(1)
         oos = labels.index(candidate.abstention.out_of_scope) if candidate.abstention.out_of_scope in labels else None
         predictions[f"{candidate.key}_abstained"] = abstains(probs, candidate.abstention.threshold, oos)
+    sample = robustness_sample(len(test), config.robustness_rows if config.perturbations else 0)
+    if len(sample):
+        texts = test["text"].iloc[sample].tolist()
+        perturbed = perturbed_texts(texts, perturbations(config.perturbations, config.typo_rate))
+        evaluation["robustness"] = {"rows": int(len(sample)), "perturbations": list(config.perturbations),
+                                    "typo_rate": config.typo_rate}
+        for candidate in candidates:
+            clean = predictions[candidate.key].to_numpy()[sample]
+            summary, unchanged = score_robustness(candidate, texts, perturbed, clean, y_true[sample], labels)
+            evaluation["models"][candidate.key]["robustness"] = summary
+            column = np.full(len(test), np.nan)
+            column[sample] = unchanged
+            predictions[f"{ROBUST_PREFIX}{candidate.key}"] = column  # NaN: a row left out of the sample
     return evaluation, predictions
 
 

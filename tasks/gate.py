@@ -6,7 +6,8 @@ probe (the frozen base model with its fitted head, a complete model too).
 - The challenger wins when it beats the probe with confidence (the paired
   bootstrap interval of the gain above zero, and the gain at least
   `min_gain_over_base`), beats the champion the same way when there is one, no
-  slice regresses significantly, and it is fast enough.
+  slice regresses significantly, it is not clearly less robust to perturbed
+  text than the champion (the probe when there is none), and it is fast enough.
 - Otherwise, with `probe_can_win`, the probe wins: on a first run outright (so
   a first run on valid data always ends with a servable champion), later only
   if it beats the champion by the same rules.
@@ -17,11 +18,13 @@ a "yes" says what it was based on; `Decision.choice` names the winner.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from tuneloop.tasks.config import GateConfig
 from tuneloop.tasks.decision import Check, Decision, clears
-from tuneloop.tasks.evaluate import SLICE_PREFIX
+from tuneloop.tasks.evaluate import ROBUST_PREFIX, SLICE_PREFIX
 from tuneloop.tasks.metrics import interval_position, metric_function, paired_bootstrap
 
 CHALLENGER, PROBE, CHAMPION = "challenger", "base_probe", "champion"
@@ -119,6 +122,41 @@ def check_slices(evaluation: dict, model: str, reference: str, config: GateConfi
                  f"against {reference} ({how}){within}")
 
 
+def consistency_score(perturbations: int) -> Callable[[np.ndarray, np.ndarray], float]:
+    """The share of answers kept from per-row counts of perturbations survived (out of
+    `perturbations`), with the `.batched` form paired_bootstrap uses; the labels are unused."""
+    scorer = lambda _, kept: float(np.mean(kept)) / perturbations  # noqa: E731
+    scorer.batched = lambda _, kept: kept.mean(axis=-1) / perturbations
+    return scorer
+
+
+def check_robustness(evaluation: dict, predictions: dict[str, np.ndarray], model: str, reference: str,
+                     config: GateConfig) -> Check:
+    """`model` keeps its answers under perturbation about as often as `reference`: it fails only
+    when its share of answers kept is lower by more than `max_robustness_drop` and the paired
+    bootstrap interval of the difference lies wholly below minus that margin (clearly less robust).
+    Passes, saying so, when the evaluation has no robustness scores (evaluate.robustness_rows: 0)."""
+    ours, theirs = predictions.get(f"{ROBUST_PREFIX}{model}"), predictions.get(f"{ROBUST_PREFIX}{reference}")
+    perturbations = len(evaluation.get("robustness", {}).get("perturbations", ()))
+    if ours is None or theirs is None or not perturbations:
+        return Check("robustness", True, f"robustness not measured for {model} and {reference} "
+                     "(evaluate.robustness_rows: 0 or no perturbations)")
+    rows = ~(np.isnan(ours.astype(float)) | np.isnan(theirs.astype(float)))
+    if not rows.any():
+        return Check("robustness", True, f"robustness not measured: no row scored for both {model} and {reference}")
+    ci = paired_bootstrap(np.zeros(int(rows.sum())), ours[rows], theirs[rows], consistency_score(perturbations),
+                          config.bootstrap_samples, config.confidence, config.seed)
+    margin = -config.max_robustness_drop
+    passed = not (ci["diff"] < margin and ci["high"] < margin)
+    kept = {name: float(np.mean(values[rows])) / perturbations for name, values in ((model, ours), (reference, theirs))}
+    level = int(round(config.confidence * 100))
+    reason = (f"{model} keeps {kept[model]:.4f} of its answers under {perturbations} perturbations vs {reference} "
+              f"{kept[reference]:.4f} ({int(rows.sum())} rows): {ci['diff']:+.4f} (may drop "
+              f"{config.max_robustness_drop}), {level}% CI [{ci['low']:+.4f}, {ci['high']:+.4f}] "
+              f"{interval_position(ci['low'], ci['high'], margin)}")
+    return Check("robustness", passed, reason)
+
+
 def check_latency(evaluation: dict, model: str, config: GateConfig) -> Check:
     latency = evaluation["models"][model]["latency_ms_per_example"]
     passed = latency <= config.max_latency_ms
@@ -127,7 +165,7 @@ def check_latency(evaluation: dict, model: str, config: GateConfig) -> Check:
 
 
 def challenger_checks(evaluation: dict, predictions: dict[str, np.ndarray], config: GateConfig) -> list[Check]:
-    """The fine-tuned challenger against the probe, the champion (if any), its slices and latency."""
+    """The fine-tuned challenger against the probe, the champion (if any), its slices, robustness and latency."""
     has_champion = CHAMPION in evaluation["models"]
     checks = [compare("beats_base", CHALLENGER, PROBE, evaluation, predictions, config.min_gain_over_base, config)]
     if has_champion:
@@ -135,7 +173,9 @@ def challenger_checks(evaluation: dict, predictions: dict[str, np.ndarray], conf
                               config.min_gain_over_champion, config))
     else:
         checks.append(Check("beats_champion", True, "no champion yet: the first passing model becomes champion"))
-    checks.append(check_slices(evaluation, CHALLENGER, CHAMPION if has_champion else PROBE, config, predictions))
+    reference = CHAMPION if has_champion else PROBE
+    checks.append(check_slices(evaluation, CHALLENGER, reference, config, predictions))
+    checks.append(check_robustness(evaluation, predictions, CHALLENGER, reference, config))
     checks.append(check_latency(evaluation, CHALLENGER, config))
     return checks
 
@@ -152,6 +192,7 @@ def probe_checks(evaluation: dict, predictions: dict[str, np.ndarray], config: G
     return [named(compare("beats_champion", PROBE, CHAMPION, evaluation, predictions,
                           config.min_gain_over_champion, config)),
             named(check_slices(evaluation, PROBE, CHAMPION, config, predictions)),
+            named(check_robustness(evaluation, predictions, PROBE, CHAMPION, config)),
             named(check_latency(evaluation, PROBE, config))]
 
 

@@ -38,9 +38,14 @@ def training_rows(history: Sequence[dict]) -> list[tuple[int, int, float]]:
 
 
 def evaluation_headline(evaluation: dict) -> dict[str, dict[str, float]]:
-    """Each model's headline test numbers: `dvc metrics show` prints them as model.metric columns."""
-    return {key: {name: round(float(scores[name]), 6) for name in HEADLINE}
-            for key, scores in evaluation["models"].items()}
+    """Each model's headline test numbers: `dvc metrics show` prints them as model.metric columns,
+    with `answers_kept` (the pooled share unchanged under perturbation) when robustness was scored."""
+    out = {}
+    for key, scores in evaluation["models"].items():
+        out[key] = {name: round(float(scores[name]), 6) for name in HEADLINE}
+        if scores.get("robustness"):
+            out[key]["answers_kept"] = round(float(scores["robustness"]["unchanged"]), 6)
+    return out
 
 
 def finetune_headline(summary: dict) -> dict[str, float]:

@@ -441,6 +441,31 @@ def _slices_html(models: dict[str, dict]) -> str:
     return f'<div class="row">{"".join(figures)}</div>'
 
 
+def _robustness_html(evaluation: dict) -> str:
+    """Per perturbation, each model's share of answers kept and its macro-F1 drop, side by side."""
+    models = {k: m["robustness"] for k, m in (evaluation.get("models") or {}).items() if m.get("robustness")}
+    setup = evaluation.get("robustness") or {}
+    if not models:
+        return '<p class="note">Robustness was not measured (evaluate.robustness_rows: 0).</p>'
+    names = evaluation["models"]
+    header = "".join(f'<th colspan="2">{_esc(_display_name(k, names[k]))}</th>' for k in models)
+    sub = "<th>answers kept ↑</th><th>macro-F1 drop ↓</th>" * len(models)
+    rows = []
+    for perturbation in setup.get("perturbations") or next(iter(models.values()))["perturbations"]:
+        cells = "".join(f"<td>{_fmt(m['perturbations'].get(perturbation, {}).get('unchanged'))}</td>"
+                        f"<td>{_fmt(m['perturbations'].get(perturbation, {}).get('macro_f1_drop'), '+.3f')}</td>"
+                        for m in models.values())
+        rows.append(f'<tr><td class="label">{_esc(perturbation)}</td>{cells}</tr>')
+    pooled = "".join(f"<td><b>{_fmt(m.get('unchanged'))}</b></td><td></td>" for m in models.values())
+    rows.append(f'<tr><td class="label"><b>all (pooled)</b></td>{pooled}</tr>')
+    table = (f'<table><thead><tr><th class="label" rowspan="2">perturbation</th>{header}</tr><tr>{sub}</tr>'
+             f"</thead><tbody>{''.join(rows)}</tbody></table>")
+    note = (f'<p class="note">On {_esc(setup.get("rows"))} test rows; answers kept: the share whose answer on the '
+            "perturbed text equals the answer on the clean one; drop: clean minus perturbed macro-F1 on those "
+            "rows. The gate's robustness check compares the pooled share.</p>")
+    return table + note
+
+
 def _history_figure(trials: Sequence[dict]) -> Any:
     """Validation macro-F1 per trial (pruned trials at their last scored epoch)
     with the best so far as a step line."""
@@ -584,6 +609,7 @@ def _body_html(evaluation: dict, title: str) -> str:
         "gives the test ECE before and after.</p>",
         "<h2>None of these (abstention)</h2>", _abstention_html(models), _risk_coverage_html(models),
         "<h2>Slices</h2>", _slices_html(models),
+        "<h2>Robustness (perturbed test rows)</h2>", _robustness_html(evaluation),
         *_tuning_html(evaluation.get("tuning")),
     ])
 

@@ -390,7 +390,9 @@ def score_candidates(params: Params, ws: Workspace, run: tracking.StageRun) -> d
     pictures = write_evaluation_plots(evaluation, ws.evaluation_plots)  # PNGs for the MLflow UI
     tracking.log_stage_metrics(run, headline)
     tracking.log_stage_artifacts(run, [ws.evaluation, *pictures])
-    say("evaluate", ", ".join(f"{k} macro-F1 {m['macro_f1']:.4f}" for k, m in headline.items())
+    say("evaluate", ", ".join(f"{k} macro-F1 {m['macro_f1']:.4f}"
+                              + (f" ({m['answers_kept']:.1%} of answers kept under perturbation)"
+                                 if "answers_kept" in m else "") for k, m in headline.items())
         + f" on {evaluation['test_rows']} test rows"
         + (f" ({evaluation['new_test_rows']} new since the champion's data)" if "new_test_rows" in evaluation else "")
         + f"; details {ws.evaluation}")

@@ -9,9 +9,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tuneloop.tasks.evaluate import Candidate, EvaluateConfig, directory_size_mb, evaluate_models
+from tuneloop.tasks.evaluate import (
+    ROBUST_PREFIX,
+    Candidate,
+    EvaluateConfig,
+    directory_size_mb,
+    evaluate_models,
+    robustness_sample,
+)
 
 LABELS = ["negative", "positive"]
+CLEAN = EvaluateConfig(robustness_rows=0)  # the clean test rows only: robustness has its own tests below
 
 # Six test rows in a non-sorted source order; two slice columns.
 TEST = pd.DataFrame({
@@ -55,7 +63,7 @@ def candidates() -> tuple[list[Candidate], dict[str, FixedScorer]]:
 @pytest.fixture(scope="module")
 def evaluated() -> tuple[dict, pd.DataFrame, dict[str, FixedScorer]]:
     models, scorers = candidates()
-    evaluation, predictions = evaluate_models(models, TEST, LABELS, EvaluateConfig(), data_version="f" * 32)
+    evaluation, predictions = evaluate_models(models, TEST, LABELS, CLEAN, data_version="f" * 32)
     return evaluation, predictions, scorers
 
 
@@ -140,24 +148,24 @@ def test_latency_is_scoring_time_per_test_row() -> None:
         time.sleep(0.06)
         return CHALLENGER_PROBS
 
-    evaluation, _ = evaluate_models([Candidate("challenger", "slow", slow)], TEST, LABELS, EvaluateConfig(), "v")
+    evaluation, _ = evaluate_models([Candidate("challenger", "slow", slow)], TEST, LABELS, CLEAN, "v")
     assert evaluation["models"]["challenger"]["latency_ms_per_example"] >= 60 / 6
 
 
 def test_slice_columns_config_restricts_slices() -> None:
     models, _ = candidates()
-    config = EvaluateConfig(slice_columns=("site", "not_a_column"))
+    config = EvaluateConfig(slice_columns=("site", "not_a_column"), robustness_rows=0)
     evaluation, _ = evaluate_models(models, TEST, LABELS, config, "v")
     for m in evaluation["models"].values():
         assert list(m["slices"]) == ["site"]
-    evaluation, _ = evaluate_models(models, TEST, LABELS, EvaluateConfig(slice_columns=()), "v")
+    evaluation, _ = evaluate_models(models, TEST, LABELS, EvaluateConfig(slice_columns=(), robustness_rows=0), "v")
     assert evaluation["models"]["challenger"]["slices"] == {}
 
 
 def test_min_slice_rows_leaves_small_slice_values_out() -> None:
     frame = TEST.assign(site=["imdb", "imdb", "imdb", "imdb", "rt", "rt"])
     models, _ = candidates()
-    evaluation, _ = evaluate_models(models, frame, LABELS, EvaluateConfig(min_slice_rows=3), "v")
+    evaluation, _ = evaluate_models(models, frame, LABELS, EvaluateConfig(min_slice_rows=3, robustness_rows=0), "v")
     assert list(evaluation["models"]["challenger"]["slices"]["site"]) == ["imdb"]
 
 
@@ -175,3 +183,82 @@ def test_directory_size_mb_counts_only_weight_files(tmp_path: Path) -> None:
     assert directory_size_mb(model) == pytest.approx(1.5)
     assert directory_size_mb(model, base) == pytest.approx(1.75)
     assert directory_size_mb(tmp_path / "empty_or_missing") == 0.0
+
+
+# --- robustness: the same candidates on perturbed copies of the test rows ---------------------
+
+POSITIVE_WORDS = ("lovely", "fun", "delight")
+
+
+class KeywordScorer:
+    """Positive when a positive word occurs in the text; `fragile` matches case-sensitively,
+    so upper-casing turns every positive answer negative. Records each call's texts."""
+
+    def __init__(self, fragile: bool) -> None:
+        self.fragile = fragile
+        self.calls: list[list[str]] = []
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        self.calls.append(list(texts))
+        seen = [t if self.fragile else t.lower() for t in texts]
+        positive = np.array([any(word in t for word in POSITIVE_WORDS) for t in seen], dtype=float)
+        return np.stack([1 - positive * 0.8 - 0.1, positive * 0.8 + 0.1], axis=1)
+
+
+def robustness_run(perturbations: tuple[str, ...], rows: int = 500) -> tuple[dict, pd.DataFrame, dict]:
+    scorers = {"champion": KeywordScorer(fragile=False), "challenger": KeywordScorer(fragile=True)}
+    models = [Candidate(key, key, scorer) for key, scorer in scorers.items()]
+    config = EvaluateConfig(robustness_rows=rows, perturbations=perturbations)
+    evaluation, predictions = evaluate_models(models, TEST, LABELS, config, "v")
+    return evaluation, predictions, scorers
+
+
+def test_robustness_reports_answers_kept_and_macro_f1_drop_per_perturbation() -> None:
+    evaluation, _, _ = robustness_run(("uppercase", "whitespace"))
+    assert evaluation["robustness"] == {"rows": 6, "perturbations": ["uppercase", "whitespace"], "typo_rate": 0.05}
+    robust = evaluation["models"]["champion"]["robustness"]
+    assert robust["unchanged"] == 1.0 and robust["clean_macro_f1"] == 1.0
+    assert robust["perturbations"]["uppercase"] == {"changed_texts": 6, "unchanged": 1.0, "macro_f1": 1.0,
+                                                    "macro_f1_drop": 0.0}
+    fragile = evaluation["models"]["challenger"]["robustness"]
+    # upper case: the 3 positive rows answered negative; negative F1 2/3, positive 0
+    assert fragile["perturbations"]["uppercase"] == pytest.approx(
+        {"changed_texts": 6, "unchanged": 0.5, "macro_f1": 1 / 3, "macro_f1_drop": 2 / 3})
+    assert fragile["perturbations"]["whitespace"]["unchanged"] == 1.0
+    assert fragile["unchanged"] == pytest.approx(0.75)  # (3 + 6) of 12 answers kept
+    assert fragile["rows"] == 6
+
+
+def test_each_row_counts_the_perturbations_its_answer_survived_for_the_gate() -> None:
+    _, predictions, _ = robustness_run(("uppercase", "whitespace"))
+    assert predictions[f"{ROBUST_PREFIX}champion"].tolist() == [2] * 6
+    assert predictions[f"{ROBUST_PREFIX}challenger"].tolist() == [2, 2, 1, 1, 1, 2]
+
+
+def test_only_texts_a_perturbation_changes_are_scored_in_one_call() -> None:
+    _, _, scorers = robustness_run(("expand", "add_punctuation", "lowercase"))
+    # expand finds no contraction; lowercase changes nothing in these lower-case texts
+    assert scorers["champion"].calls == [TEST["text"].tolist(), [t + "." for t in TEST["text"]]]
+
+
+def test_robustness_rows_caps_the_rows_perturbed_and_leaves_the_rest_empty() -> None:
+    evaluation, predictions, scorers = robustness_run(("uppercase",), rows=3)
+    assert evaluation["robustness"]["rows"] == 3
+    assert scorers["challenger"].calls[1] == ["DULL", "LOVELY", "SO BORING"]  # rows 0, 2 and 5
+    column = predictions[f"{ROBUST_PREFIX}challenger"]
+    assert column.isna().tolist() == [False, True, False, True, True, False]
+    assert column.dropna().tolist() == [1, 0, 1]
+
+
+def test_no_robustness_rows_means_no_perturbed_scoring() -> None:
+    evaluation, predictions, scorers = robustness_run(("uppercase",), rows=0)
+    assert "robustness" not in evaluation and "robustness" not in evaluation["models"]["challenger"]
+    assert not any(c.startswith(ROBUST_PREFIX) for c in predictions.columns)
+    assert len(scorers["challenger"].calls) == 1
+
+
+@pytest.mark.parametrize(("rows", "cap", "expected"), [
+    (6, 10, [0, 1, 2, 3, 4, 5]), (6, 6, [0, 1, 2, 3, 4, 5]), (6, 3, [0, 2, 5]), (5, 2, [0, 4]), (6, 0, []),
+])
+def test_robustness_sample_spreads_the_cap_evenly_over_the_rows(rows: int, cap: int, expected: list[int]) -> None:
+    assert robustness_sample(rows, cap).tolist() == expected

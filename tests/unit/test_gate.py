@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from tuneloop.tasks.gate import Decision, GateConfig, decide_promotion, holm, outcome
+from tuneloop.tasks.gate import Decision, GateConfig, check_robustness, decide_promotion, holm, outcome
 from tuneloop.tasks.metrics import accuracy, macro_f1
 
 N_ROWS = 200
-CHECKS = ["beats_base", "beats_champion", "slices", "latency"]
+CHECKS = ["beats_base", "beats_champion", "slices", "robustness", "latency"]
 FIRST_PROBE = ["probe_first_champion", "probe_latency"]
-LATER_PROBE = ["probe_beats_champion", "probe_slices", "probe_latency"]
+LATER_PROBE = ["probe_beats_champion", "probe_slices", "probe_robustness", "probe_latency"]
 
 
 def predictions_with_errors(y_true: np.ndarray, wrong: np.ndarray) -> np.ndarray:
@@ -285,3 +285,93 @@ def test_holm_keeps_the_family_wise_error_and_rejects_in_step_down_order() -> No
     assert holm([0.01, 0.04, 0.03, 0.5], 0.05) == [True, False, False, False]  # 0.01 <= .05/4; 0.03 > .05/3
     assert holm([0.001, 0.012, 0.02], 0.05) == [True, True, True]  # .001<=.0167, .012<=.025, .02<=.05
     assert holm([], 0.05) == []
+
+
+# --- robustness: answers kept under perturbation, challenger against champion (or probe) ------
+
+PERTURBED = 8  # perturbations per row: each row keeps 0..8 of its answers
+
+
+def kept(lost_rows: int, lost_each: int = PERTURBED, sampled: int = N_ROWS) -> np.ndarray:
+    """Per test row, the perturbations whose answer matched the clean one: all 8, but
+    `lost_each` fewer on `lost_rows` rows spread over the sample; NaN past `sampled` rows."""
+    out = np.full(N_ROWS, float(PERTURBED))
+    out[spread(lost_rows, 0, sampled)] -= lost_each if lost_rows else 0
+    out[sampled:] = np.nan
+    return out
+
+
+def with_robustness(case: tuple[dict, dict], **columns: np.ndarray) -> tuple[dict, dict]:
+    """The gate's inputs with robustness scores: `model=kept(...)` per-row columns."""
+    evaluation, predictions = case
+    evaluation = {**evaluation, "robustness": {"rows": N_ROWS, "perturbations": [f"p{i}" for i in range(PERTURBED)]}}
+    return evaluation, {**predictions, **{f"unchanged:{key}": values for key, values in columns.items()}}
+
+
+@dataclass(frozen=True)
+class RobustCase:
+    challenger: np.ndarray | None
+    reference: np.ndarray | None
+    passed: bool
+    says: str
+    champion: bool = True
+
+
+ROBUST_CASES = {
+    "as_robust_as_the_champion_passes": RobustCase(
+        kept(10, 2), kept(10, 2), True, "keeps 0.9875 of its answers under 8 perturbations vs champion 0.9875"),
+    "a_little_less_robust_within_the_margin_passes": RobustCase(
+        kept(8, 2), kept(0), True, "-0.0100 (may drop 0.02)"),
+    "clearly_less_robust_than_the_champion_fails": RobustCase(
+        kept(100, 4), kept(0), False, "-0.2500 (may drop 0.02), 95% CI [-0.2"),
+    "a_drop_beyond_the_margin_whose_interval_includes_it_passes": RobustCase(
+        kept(6), kept(0), True, "-0.0300 (may drop 0.02), 95% CI"),
+    "no_champion_compares_with_the_base_probe": RobustCase(
+        kept(100, 4), kept(0), False, "vs base_probe 1.0000 (200 rows)", champion=False),
+    "rows_outside_the_robustness_sample_are_left_out": RobustCase(
+        kept(50, 4, sampled=100), kept(0, sampled=100), False, "(100 rows)"),
+    "no_robustness_scores_passes_saying_so": RobustCase(None, None, True, "robustness not measured"),
+}
+
+
+@pytest.mark.parametrize("case", list(ROBUST_CASES.values()), ids=list(ROBUST_CASES))
+def test_robustness_check(case: RobustCase) -> None:
+    reference = "champion" if case.champion else "base_probe"
+    inputs = build_case(spread(4), spread(50), spread(40) if case.champion else None)
+    columns = {} if case.challenger is None else {"challenger": case.challenger, reference: case.reference}
+    evaluation, predictions = with_robustness(inputs, **columns) if columns else inputs
+    check = check_robustness(evaluation, predictions, "challenger", reference, GateConfig(bootstrap_samples=400))
+    assert check.name == "robustness"
+    assert check.passed is case.passed, check.reason
+    assert case.says in check.reason, check.reason
+
+
+def test_a_drop_beyond_the_margin_with_an_interval_reaching_it_says_it_includes_the_margin() -> None:
+    evaluation, predictions = with_robustness(build_case(spread(4), spread(50), spread(40)),
+                                              challenger=kept(6), champion=kept(0))
+    check = check_robustness(evaluation, predictions, "challenger", "champion", GateConfig(bootstrap_samples=400))
+    assert check.passed and check.reason.endswith("includes -0.0200")
+    clear = check_robustness(*with_robustness(build_case(spread(4), spread(50), spread(40)),
+                                              challenger=kept(100, 4), champion=kept(0)),
+                             "challenger", "champion", GateConfig(bootstrap_samples=400))
+    assert not clear.passed and clear.reason.endswith("lies below -0.0200")
+
+
+def test_a_clearly_less_robust_challenger_is_not_promoted_and_the_probe_is_judged_the_same_way() -> None:
+    evaluation, predictions = with_robustness(build_case(spread(4), spread(4), spread(40)),
+                                              challenger=kept(100, 4), champion=kept(0), base_probe=kept(0))
+    decision = decide_promotion(evaluation, predictions, GateConfig(bootstrap_samples=400))
+    failing = {c.name for c in decision.checks if not c.passed}
+    assert "robustness" in failing and decision.choice == "base_probe"
+    assert decision.check("probe_robustness").passed
+    assert [c.name for c in decision.checks] == CHECKS + LATER_PROBE
+    assert decision.to_dict()["checks"][3] == {"name": "robustness", "passed": False,
+                                               "reason": decision.check("robustness").reason}
+
+
+def test_a_larger_allowed_drop_lets_the_less_robust_challenger_through() -> None:
+    evaluation, predictions = with_robustness(build_case(spread(4), spread(50), spread(40)),
+                                              challenger=kept(100, 4), champion=kept(0))
+    check = check_robustness(evaluation, predictions, "challenger", "champion",
+                             GateConfig(bootstrap_samples=400, max_robustness_drop=0.3))
+    assert check.passed and "lies above -0.3000" in check.reason

@@ -341,3 +341,22 @@ def test_dvc_yaml_templates_refer_to_existing_params(dvc_stages: dict, shipped_r
             assert key in value, f"${{{reference}}} is not in params.yaml"
             value = value[key]
     assert (PROJECT / shipped_raw["ingest"]["source"]).is_file()
+
+
+@pytest.mark.parametrize(("section", "key", "value", "said"), [
+    ("evaluate", "perturbations", ["lowercase", "shout"], "evaluate.perturbations must be distinct names"),
+    ("evaluate", "robustness_rows", -1, "evaluate.robustness_rows must be at least 0"),
+    ("evaluate", "typo_rate", 0.0, "evaluate.typo_rate must be above 0"),
+    ("gate", "max_robustness_drop", 1.5, "gate.max_robustness_drop must be at least 0 and at most 1"),
+])
+def test_robustness_settings_out_of_range_are_named(raw: dict, section: str, key: str, value, said: str) -> None:
+    raw[section][key] = value
+    assert said in error_of(raw)
+
+
+def test_the_shipped_robustness_settings_are_the_defaults(shipped_raw: dict) -> None:
+    params = load_params(PARAMS_YAML)
+    assert (params.evaluate.robustness_rows, params.evaluate.typo_rate, params.gate.max_robustness_drop) == (
+        500, 0.05, 0.02)
+    assert list(params.evaluate.perturbations) == shipped_raw["evaluate"]["perturbations"] == [
+        "lowercase", "uppercase", "strip_punctuation", "add_punctuation", "typos", "whitespace", "contract", "expand"]

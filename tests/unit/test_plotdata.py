@@ -38,6 +38,15 @@ def test_metrics_keep_only_the_headline_numbers_flat_per_model() -> None:
     assert finetune_headline(summary) == {"best_val_macro_f1": 0.8, "train_macro_f1": 0.9, "epochs_run": 2}
 
 
+def test_metrics_add_the_share_of_answers_kept_when_robustness_was_scored() -> None:
+    evaluation = {"models": {
+        "champion": {"accuracy": 0.9, "macro_f1": 0.8, "ece": 0.05, "robustness": {"unchanged": 0.9712345678}},
+        "challenger": {"accuracy": 0.9, "macro_f1": 0.8, "ece": 0.05}}}
+    assert evaluation_headline(evaluation) == {
+        "champion": {"accuracy": 0.9, "macro_f1": 0.8, "ece": 0.05, "answers_kept": 0.971235},
+        "challenger": {"accuracy": 0.9, "macro_f1": 0.8, "ece": 0.05}}
+
+
 def test_write_csv_writes_a_header_then_the_rows(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "plots" / "t.csv", ("actual", "predicted"), [("a", "b")])
     assert list(csv.reader(path.open())) == [["actual", "predicted"], ["a", "b"]]

@@ -172,7 +172,8 @@ def test_a_champion_without_a_new_label_scores_zero_on_its_rows_and_says_so() ->
     test = pd.DataFrame({"row": [1, 2, 3], "text": ["wake me", "play jazz", "lights off"],
                          "label": ["alarm", "music", "lights"]})
     champion = Candidate("champion", "champion", lambda texts: probs, labels=own)
-    evaluation, predictions = evaluate_models([champion], test, ["alarm", "lights", "music"], EvaluateConfig(), "v2")
+    evaluation, predictions = evaluate_models([champion], test, ["alarm", "lights", "music"],
+                                          EvaluateConfig(robustness_rows=0), "v2")
     summary = evaluation["models"]["champion"]
     assert summary["unknown_labels"] == ["lights"]
     assert summary["accuracy"] == pytest.approx(2 / 3)

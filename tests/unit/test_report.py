@@ -178,3 +178,30 @@ def test_evaluation_plots_are_one_confusion_png_per_model_and_one_calibration_pn
     expected = {f"confusion_{key}.png" for key, model in evaluation["models"].items() if model.get("confusion_matrix")}
     assert {p.name for p in paths} == expected | {"calibration.png"}
     assert all(Image.open(p).size[0] > 200 for p in paths)
+
+
+def _robustness(kept: float, typo_kept: float, typo_drop: float) -> dict:
+    return {"rows": 500, "unchanged": kept, "clean_macro_f1": 0.8, "perturbations": {
+        "lowercase": {"changed_texts": 480, "unchanged": 1.0, "macro_f1": 0.8, "macro_f1_drop": 0.0},
+        "typos": {"changed_texts": 500, "unchanged": typo_kept, "macro_f1": 0.8 - typo_drop,
+                  "macro_f1_drop": typo_drop}}}
+
+
+def test_robustness_table_puts_champion_beside_challenger_per_perturbation(evaluation, tmp_path):
+    evaluation["robustness"] = {"rows": 500, "perturbations": ["lowercase", "typos"], "typo_rate": 0.05}
+    evaluation["models"]["champion"]["robustness"] = _robustness(0.97, 0.94, 0.021)
+    evaluation["models"]["challenger"]["robustness"] = _robustness(0.91, 0.82, 0.064)
+    text = _render(evaluation, tmp_path)
+    section = text[text.index("<h2>Robustness"):]
+    header = section[:section.index("</thead>")]
+    assert header.index("champion (registry)") < header.index("challenger (LoRA, this run)")
+    assert "base &lt;frozen&gt;" not in header  # a model without robustness scores gets no columns
+    assert ('<td class="label">typos</td><td>0.940</td><td>+0.021</td><td>0.820</td><td>+0.064</td>'
+            in section)
+    assert "<td><b>0.970</b></td><td></td><td><b>0.910</b></td>" in section
+    assert "On 500 test rows" in section
+
+
+def test_report_without_robustness_says_it_was_not_measured(full_report):
+    _, _, text = full_report
+    assert "Robustness was not measured (evaluate.robustness_rows: 0)" in text
