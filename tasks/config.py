@@ -376,6 +376,10 @@ class EvaluateConfig:
     robustness_rows: int = 500
     perturbations: tuple[str, ...] = PERTURBATIONS  # which ones (tasks/perturbations.py)
     typo_rate: float = 0.05  # the share of a text's letters the `typos` perturbation mistypes
+    # Forgetting: besides the test rows the champion's data version held as test rows, every
+    # candidate scores this CSV/JSONL file (text, label, optional slice; path from the project
+    # root), so an old domain dropped from the data still guards the gate. None: no file.
+    regression_file: str | None = None
     __pydantic_config__ = {"extra": "forbid"}
 
     def __post_init__(self) -> None:
@@ -412,6 +416,10 @@ class GateConfig:
     # fall at most this far below the champion's (the probe's when there is none) before its
     # paired interval, lying wholly below minus this, fails it.
     max_robustness_drop: float = 0.02
+    # Forgetting: on the regression set (earlier test rows + evaluate.regression_file) the
+    # challenger's slice_metric may fall at most this far below the champion's before its
+    # paired interval, lying wholly below minus this, fails it.
+    max_forgetting: float = 0.02
     seed: int = 0
     __pydantic_config__ = {"extra": "forbid"}
 
@@ -426,6 +434,7 @@ class GateConfig:
         for name in ("max_slice_regression", "min_slice_rows"):
             check_range("gate", self, name, 0)
         check_range("gate", self, "max_robustness_drop", 0, 1)
+        check_range("gate", self, "max_forgetting", 0, 1)
         check_range("gate", self, "max_latency_ms", 0, low_open=True)
         check_seed("gate", self.seed)
 

@@ -25,6 +25,7 @@ from tuneloop.tasks.calibration import (
     uncalibrated,
 )
 from tuneloop.tasks.config import EvaluateConfig
+from tuneloop.tasks.errors import TuneloopError
 from tuneloop.tasks.labels import label_index, label_indices
 from tuneloop.tasks.metrics import accuracy, classification_summary, macro_f1, reliability
 from tuneloop.tasks.perturbations import Perturbation, perturbations
@@ -33,6 +34,8 @@ Scorer = Callable[[Sequence[str]], np.ndarray]
 CORE_COLUMNS = {"row", "text", "label", "split", "id", "score"}
 SLICE_PREFIX = "slice:"  # test_predictions columns holding each row's slice values
 ROBUST_PREFIX = "unchanged:"  # test_predictions columns: per row, how many perturbations left the answer alone
+REGRESSION_PREFIX = "regression:"  # the gate's keys for the regression set's columns (domain, y_true, answers)
+EARLIER_TEST_ROWS, REGRESSION_FILE = "earlier test rows", "regression file"  # the regression set's domains
 
 
 @dataclass
@@ -212,6 +215,84 @@ def evaluate_models(candidates: Sequence[Candidate], test: pd.DataFrame, labels:
             column[sample] = unchanged
             predictions[f"{ROBUST_PREFIX}{candidate.key}"] = column  # NaN: a row left out of the sample
     return evaluation, predictions
+
+
+class RegressionFileError(TuneloopError, ValueError):
+    """evaluate.regression_file cannot be read as labelled rows."""
+
+
+def read_regression_file(path: Path, labels: Sequence[str]) -> pd.DataFrame:
+    """The rows of `evaluate.regression_file`: a CSV or JSONL (JSON lines) file with `text` and
+    `label` columns and, optionally, `slice` (its domain in the report; "regression file" if absent).
+
+    Raises:
+        RegressionFileError: the file is missing or of another format, lacks a column, has an
+            empty text, or holds a label this evaluation does not know (naming up to 5).
+    """
+    path = Path(path)
+    readers = {".csv": lambda p: pd.read_csv(p, dtype=str, keep_default_na=False),
+               ".jsonl": lambda p: pd.read_json(p, lines=True, dtype=False)}
+    if path.suffix.lower() not in readers or not path.is_file():
+        raise RegressionFileError(f"evaluate.regression_file: {path} is not a .csv or .jsonl file")
+    try:
+        frame = readers[path.suffix.lower()](path)
+    except ValueError as err:
+        raise RegressionFileError(f"evaluate.regression_file: {path} cannot be read: {err}") from err
+    missing = [c for c in ("text", "label") if c not in frame.columns]
+    if missing:
+        raise RegressionFileError(f"evaluate.regression_file: {path} lacks the column(s) {missing}")
+    frame = frame.assign(text=frame["text"].astype(str), label=frame["label"].astype(str),
+                         slice=frame["slice"].astype(str) if "slice" in frame.columns else REGRESSION_FILE)
+    if (frame["text"].str.strip() == "").any():
+        raise RegressionFileError(f"evaluate.regression_file: {path} has rows with an empty text")
+    unknown = sorted(set(frame["label"]) - set(labels))
+    if unknown:
+        raise RegressionFileError(f"evaluate.regression_file: {path} holds labels the data does not: {unknown[:5]}")
+    return frame[["text", "label", "slice"]].reset_index(drop=True)
+
+
+def regression_scores(y_true: np.ndarray, answers: np.ndarray, domains: np.ndarray, n_classes: int) -> dict:
+    """{rows, accuracy, macro_f1, domains: {domain: {rows, accuracy, macro_f1}}} of one model."""
+    per = {str(domain): {"rows": int(rows.sum()), "accuracy": accuracy(y_true[rows], answers[rows]),
+                         "macro_f1": macro_f1(y_true[rows], answers[rows], n_classes)}
+           for domain in dict.fromkeys(domains) for rows in [domains == domain]}
+    return {"rows": int(len(y_true)), "accuracy": accuracy(y_true, answers) if len(y_true) else None,
+            "macro_f1": macro_f1(y_true, answers, n_classes) if len(y_true) else None, "domains": per}
+
+
+def evaluate_regression(candidates: Sequence[Candidate], test: pd.DataFrame, predictions: pd.DataFrame,
+                        earlier: np.ndarray, extra: pd.DataFrame | None,
+                        labels: Sequence[str]) -> tuple[dict, pd.DataFrame]:
+    """Every candidate on the regression set, the check that retraining did not forget:
+    the test rows that were test rows of the champion's data version too (`earlier`; their
+    answers are taken from `predictions`, nothing is scored twice) and the rows of
+    `evaluate.regression_file` (`extra`, scored here, each model in one call).
+
+    Returns:
+        {rows, domains: {domain: rows}, models: {key: regression_scores}} and, per row of the
+        set, its domain, source row (the test row's `row`, or the file's 0-based line),
+        `y_true` and each candidate's answer.
+    """
+    extra = extra if extra is not None else pd.DataFrame({"text": [], "label": [], "slice": []})
+    earlier = np.asarray(earlier, dtype=bool)
+    frame = pd.DataFrame({
+        "domain": np.concatenate([np.full(int(earlier.sum()), EARLIER_TEST_ROWS, dtype=object),
+                                  extra["slice"].to_numpy(dtype=object)]),
+        "row": np.concatenate([test["row"].to_numpy()[earlier], np.arange(len(extra))]).astype(int),
+        "y_true": np.concatenate([predictions["y_true"].to_numpy()[earlier],
+                                  label_indices(extra["label"], labels)]).astype(int),
+    })
+    texts = extra["text"].tolist()
+    summary = {"rows": int(len(frame)), "domains": {str(k): int(v) for k, v in frame["domain"].value_counts(
+        sort=False).items()}, "models": {}}
+    for candidate in candidates:
+        new = (decided_labels(candidate_probs(candidate, texts, labels), candidate.abstention, labels)
+               if texts else np.zeros(0, dtype=int))
+        frame[candidate.key] = np.concatenate([predictions[candidate.key].to_numpy()[earlier], new]).astype(int)
+        summary["models"][candidate.key] = regression_scores(frame["y_true"].to_numpy(),
+                                                             frame[candidate.key].to_numpy(),
+                                                             frame["domain"].to_numpy(), len(labels))
+    return summary, frame
 
 
 def classifier_candidate(key: str, name: str, model_dir: Path, base_model: str | None, batch_size: int,

@@ -7,7 +7,9 @@ probe (the frozen base model with its fitted head, a complete model too).
   bootstrap interval of the gain above zero, and the gain at least
   `min_gain_over_base`), beats the champion the same way when there is one, no
   slice regresses significantly, it is not clearly less robust to perturbed
-  text than the champion (the probe when there is none), and it is fast enough.
+  text than the champion (the probe when there is none), it has not clearly
+  forgotten what the champion knew (the regression set: earlier test rows and
+  `evaluate.regression_file`), and it is fast enough.
 - Otherwise, with `probe_can_win`, the probe wins: on a first run outright (so
   a first run on valid data always ends with a servable champion), later only
   if it beats the champion by the same rules.
@@ -24,7 +26,7 @@ import numpy as np
 
 from tuneloop.tasks.config import GateConfig
 from tuneloop.tasks.decision import Check, Decision, clears
-from tuneloop.tasks.evaluate import ROBUST_PREFIX, SLICE_PREFIX
+from tuneloop.tasks.evaluate import REGRESSION_PREFIX, ROBUST_PREFIX, SLICE_PREFIX
 from tuneloop.tasks.metrics import interval_position, metric_function, paired_bootstrap
 
 CHALLENGER, PROBE, CHAMPION = "challenger", "base_probe", "champion"
@@ -157,6 +159,34 @@ def check_robustness(evaluation: dict, predictions: dict[str, np.ndarray], model
     return Check("robustness", passed, reason)
 
 
+def check_forgetting(evaluation: dict, predictions: dict[str, np.ndarray], model: str, config: GateConfig) -> Check:
+    """`model` keeps what the champion knew: on the regression set (the test rows that were test
+    rows of the champion's data version, and `evaluate.regression_file`) it fails only when its
+    `slice_metric` is lower than the champion's by more than `max_forgetting` and the paired
+    bootstrap interval of the difference lies wholly below minus that margin. Passes, saying
+    why, when there is no champion or the set has no rows."""
+    if CHAMPION not in evaluation["models"]:
+        return Check("forgetting", True, "no champion yet: nothing learned before to forget")
+    scores = evaluation.get("regression", {}).get("models", {})
+    y = predictions.get(f"{REGRESSION_PREFIX}y_true")
+    if y is None or not len(y) or model not in scores or CHAMPION not in scores:
+        return Check("forgetting", True, "no earlier test rows and no evaluate.regression_file: nothing to regress on")
+    metric = config.slice_metric
+    ci = paired_bootstrap(y, predictions[f"{REGRESSION_PREFIX}{model}"], predictions[f"{REGRESSION_PREFIX}{CHAMPION}"],
+                          metric_function(metric, len(evaluation["labels"])), config.bootstrap_samples,
+                          config.confidence, config.seed)
+    margin = -config.max_forgetting
+    passed = not (ci["diff"] < margin and ci["high"] < margin)
+    ours, theirs = scores[model], scores[CHAMPION]
+    domains = "; ".join(f"{name} {stats[metric]:.4f} vs {theirs['domains'][name][metric]:.4f} ({stats['rows']} rows)"
+                        for name, stats in ours["domains"].items() if name in theirs["domains"])
+    level = int(round(config.confidence * 100))
+    reason = (f"{model} {metric} {ours[metric]:.4f} vs {CHAMPION} {theirs[metric]:.4f} on {len(y)} regression rows "
+              f"({domains}): {ci['diff']:+.4f} (may drop {config.max_forgetting}), {level}% CI "
+              f"[{ci['low']:+.4f}, {ci['high']:+.4f}] {interval_position(ci['low'], ci['high'], margin)}")
+    return Check("forgetting", passed, reason)
+
+
 def check_latency(evaluation: dict, model: str, config: GateConfig) -> Check:
     latency = evaluation["models"][model]["latency_ms_per_example"]
     passed = latency <= config.max_latency_ms
@@ -165,7 +195,8 @@ def check_latency(evaluation: dict, model: str, config: GateConfig) -> Check:
 
 
 def challenger_checks(evaluation: dict, predictions: dict[str, np.ndarray], config: GateConfig) -> list[Check]:
-    """The fine-tuned challenger against the probe, the champion (if any), its slices, robustness and latency."""
+    """The fine-tuned challenger against the probe, the champion (if any), its slices, robustness,
+    forgetting and latency."""
     has_champion = CHAMPION in evaluation["models"]
     checks = [compare("beats_base", CHALLENGER, PROBE, evaluation, predictions, config.min_gain_over_base, config)]
     if has_champion:
@@ -176,6 +207,7 @@ def challenger_checks(evaluation: dict, predictions: dict[str, np.ndarray], conf
     reference = CHAMPION if has_champion else PROBE
     checks.append(check_slices(evaluation, CHALLENGER, reference, config, predictions))
     checks.append(check_robustness(evaluation, predictions, CHALLENGER, reference, config))
+    checks.append(check_forgetting(evaluation, predictions, CHALLENGER, config))
     checks.append(check_latency(evaluation, CHALLENGER, config))
     return checks
 
@@ -193,6 +225,7 @@ def probe_checks(evaluation: dict, predictions: dict[str, np.ndarray], config: G
                           config.min_gain_over_champion, config)),
             named(check_slices(evaluation, PROBE, CHAMPION, config, predictions)),
             named(check_robustness(evaluation, predictions, PROBE, CHAMPION, config)),
+            named(check_forgetting(evaluation, predictions, PROBE, config)),
             named(check_latency(evaluation, PROBE, config))]
 
 
@@ -203,7 +236,8 @@ def decide_promotion(evaluation: dict, predictions: dict[str, np.ndarray], confi
         evaluation: the evaluate stage's output; models `base_probe`,
             `challenger` and, when there is one, `champion`.
         predictions: predicted label indices on the same test rows for each of
-            those models, plus `y_true` (and `slice:<column>` values per row).
+            those models, plus `y_true` (and `slice:<column>` values per row); the
+            regression set's `regression:y_true` and `regression:<model>` answers.
 
     Returns:
         A `promote` Decision: `choice` is `challenger` or `base_probe` when yes;

@@ -13,13 +13,22 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from tuneloop.tasks.gate import Decision, GateConfig, check_robustness, decide_promotion, holm, outcome
+from tuneloop.tasks.evaluate import regression_scores
+from tuneloop.tasks.gate import (
+    Decision,
+    GateConfig,
+    check_forgetting,
+    check_robustness,
+    decide_promotion,
+    holm,
+    outcome,
+)
 from tuneloop.tasks.metrics import accuracy, macro_f1
 
 N_ROWS = 200
-CHECKS = ["beats_base", "beats_champion", "slices", "robustness", "latency"]
+CHECKS = ["beats_base", "beats_champion", "slices", "robustness", "forgetting", "latency"]
 FIRST_PROBE = ["probe_first_champion", "probe_latency"]
-LATER_PROBE = ["probe_beats_champion", "probe_slices", "probe_robustness", "probe_latency"]
+LATER_PROBE = ["probe_beats_champion", "probe_slices", "probe_robustness", "probe_forgetting", "probe_latency"]
 
 
 def predictions_with_errors(y_true: np.ndarray, wrong: np.ndarray) -> np.ndarray:
@@ -375,3 +384,87 @@ def test_a_larger_allowed_drop_lets_the_less_robust_challenger_through() -> None
     check = check_robustness(evaluation, predictions, "challenger", "champion",
                              GateConfig(bootstrap_samples=400, max_robustness_drop=0.3))
     assert check.passed and "lies above -0.3000" in check.reason
+
+
+# --- forgetting: the regression set (earlier test rows, regression file), challenger against champion ---
+
+REGRESSION_ROWS, EARLIER_ROWS = 100, 60  # rows 0..59 were test rows before; 60..99 come from the file
+
+
+def with_regression(case: tuple[dict, dict], **wrong: np.ndarray) -> tuple[dict, dict]:
+    """The gate's inputs with a regression set on which each `model=rows` gets those rows wrong,
+    its scores computed by the evaluate stage's own `regression_scores`."""
+    evaluation, predictions = case
+    y = np.arange(REGRESSION_ROWS) % 2
+    domains = np.where(np.arange(REGRESSION_ROWS) < EARLIER_ROWS, "earlier test rows", "regression file")
+    answers = {key: predictions_with_errors(y, np.asarray(rows, dtype=int)) for key, rows in wrong.items()}
+    regression = {"rows": REGRESSION_ROWS, "models": {key: regression_scores(y, pred, domains, 2)
+                                                      for key, pred in answers.items()}}
+    return ({**evaluation, "regression": regression},
+            {**predictions, "regression:y_true": y, **{f"regression:{k}": v for k, v in answers.items()}})
+
+
+@dataclass(frozen=True)
+class ForgettingCase:
+    challenger: np.ndarray | None  # its wrong rows on the regression set; None: no regression set
+    champion: np.ndarray | None
+    passed: bool
+    says: str
+    has_champion: bool = True
+    config: dict = field(default_factory=dict)
+
+
+FORGETTING_CASES = {
+    "remembering_as_much_as_the_champion_passes": ForgettingCase(
+        spread(5, 0, REGRESSION_ROWS), spread(5, 0, REGRESSION_ROWS), True,
+        "challenger accuracy 0.9500 vs champion 0.9500 on 100 regression rows"),
+    "forgetting_the_old_rows_beyond_the_tolerance_fails_naming_each_domain": ForgettingCase(
+        spread(30, 0, EARLIER_ROWS), spread(2, 0, REGRESSION_ROWS), False,
+        "(earlier test rows 0.5000 vs 0.9833 (60 rows); regression file 1.0000 vs 0.9750 (40 rows)): -0.2800 "
+        "(may drop 0.02), 95% CI"),
+    "a_drop_within_the_tolerance_passes": ForgettingCase(
+        [3], [], True, "-0.0100 (may drop 0.02)"),
+    "a_drop_beyond_the_tolerance_within_noise_passes": ForgettingCase(
+        spread(3, 0, REGRESSION_ROWS), [], True, "-0.0300 (may drop 0.02), 95% CI [-0.0700, -0.0100] includes -0.0200"),
+    "forgetting_the_regression_files_domain_fails": ForgettingCase(
+        spread(15, EARLIER_ROWS, REGRESSION_ROWS), [], False, "regression file 0.6250 vs 1.0000 (40 rows)"),
+    "a_wider_tolerance_lets_the_same_drop_pass": ForgettingCase(
+        spread(15, EARLIER_ROWS, REGRESSION_ROWS), [], True, "-0.1500 (may drop 0.3)",
+        config={"max_forgetting": 0.3}),
+    "macro_f1_as_the_slice_metric_is_used_on_the_regression_set": ForgettingCase(
+        # wrong on 30 negative rows: accuracy 0.70, F1 40/70 and 100/130
+        np.arange(0, EARLIER_ROWS, 2), [], False, "challenger macro_f1 0.6703 vs champion 1.0000",
+        config={"slice_metric": "macro_f1"}),
+    "no_champion_has_nothing_to_forget": ForgettingCase(
+        spread(30, 0, EARLIER_ROWS), spread(30, 0, EARLIER_ROWS), True, "no champion yet", has_champion=False),
+    "no_earlier_rows_and_no_file_pass": ForgettingCase(
+        None, None, True, "no earlier test rows and no evaluate.regression_file"),
+}
+
+
+@pytest.mark.parametrize("case", list(FORGETTING_CASES.values()), ids=list(FORGETTING_CASES))
+def test_forgetting_check(case: ForgettingCase) -> None:
+    inputs = build_case(challenger_wrong=spread(4), probe_wrong=spread(50),
+                        champion_wrong=spread(40) if case.has_champion else None)
+    if case.challenger is not None:
+        models = {"challenger": case.challenger, **({"champion": case.champion} if case.has_champion else {})}
+        inputs = with_regression(inputs, **models)
+    check = check_forgetting(*inputs, "challenger", GateConfig(bootstrap_samples=400, **case.config))
+    assert check.name == "forgetting"
+    assert check.passed is case.passed, check.reason
+    assert case.says in check.reason, check.reason
+
+
+def test_a_challenger_that_forgets_is_not_promoted_though_it_beats_the_champion_on_the_test_rows() -> None:
+    case = build_case(challenger_wrong=spread(4), probe_wrong=spread(60), champion_wrong=spread(40))
+    remembered = decide_promotion(*with_regression(case, challenger=[], champion=[], base_probe=[]), GateConfig())
+    assert remembered.choice == "challenger"
+    evaluation, predictions = with_regression(case, challenger=spread(30, 0, EARLIER_ROWS), champion=[],
+                                              base_probe=[])
+    decision = decide_promotion(evaluation, predictions, GateConfig())
+    assert decision.choice is None
+    assert {c.name for c in decision.checks if not c.passed} == {"forgetting", "probe_beats_champion",
+                                                                 "probe_slices"}
+    assert [c.name for c in decision.checks] == CHECKS + LATER_PROBE
+    assert decision.to_dict()["checks"][4]["name"] == "forgetting"
+    assert decision.check("probe_forgetting").passed

@@ -360,3 +360,14 @@ def test_the_shipped_robustness_settings_are_the_defaults(shipped_raw: dict) -> 
         500, 0.05, 0.02)
     assert list(params.evaluate.perturbations) == shipped_raw["evaluate"]["perturbations"] == [
         "lowercase", "uppercase", "strip_punctuation", "add_punctuation", "typos", "whitespace", "contract", "expand"]
+
+
+def test_the_shipped_forgetting_settings_are_the_defaults(shipped_raw: dict) -> None:
+    params = load_params(PARAMS_YAML)
+    assert (params.evaluate.regression_file, params.gate.max_forgetting) == (None, 0.02)
+    assert (shipped_raw["evaluate"]["regression_file"], shipped_raw["gate"]["max_forgetting"]) == (None, 0.02)
+
+
+def test_a_forgetting_tolerance_outside_zero_to_one_is_named(raw: dict) -> None:
+    raw["gate"]["max_forgetting"] = -0.1
+    assert "gate.max_forgetting must be at least 0 and at most 1" in error_of(raw)
