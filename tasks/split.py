@@ -178,6 +178,14 @@ def run_split(config: SplitConfig, workspace: Workspace) -> dict[str, int]:
     return {**counts, "leaked_to_train": moved} if moved else counts
 
 
+def earlier_test_rows(texts: pd.Series, earlier: pd.DataFrame) -> np.ndarray:
+    """Which of `texts` (this data version's test rows) were test rows of an `earlier` split
+    frame too (its `split` column), by normalised text: with stable splits these are the old
+    test rows still held, the rows a model that forgot its old domain would now get wrong."""
+    known = set(normalise_text(earlier.loc[earlier["split"] == "test", "text"].astype(str)))
+    return normalise_text(texts.astype(str)).isin(known).to_numpy()
+
+
 def load_split(workspace: Workspace, name: str) -> pd.DataFrame:
     frame = pd.read_parquet(workspace.splits)
     return frame[frame["split"] == name].reset_index(drop=True)

@@ -111,6 +111,11 @@ class Workspace:
         return self.root / "reports" / "test_predictions.parquet"
 
     @property
+    def regression_predictions(self) -> Path:
+        """Per row of the regression set (earlier test rows, evaluate.regression_file): domain, truth, answers."""
+        return self.root / "reports" / "regression_predictions.parquet"
+
+    @property
     def confusion_plot(self) -> Path:
         """The challenger's (actual, predicted) label per test row, for `dvc plots`."""
         return self.root / "plots" / "confusion.csv"

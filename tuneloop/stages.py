@@ -16,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+import numpy as np
 import pandas as pd
 
 from tuneloop import tune_runs
@@ -25,14 +26,27 @@ from tuneloop.tasks import integrity, mlflow_model, plotdata, registry, runlog, 
 from tuneloop.tasks import tune as tuning
 from tuneloop.tasks.baseline import check_probe_pooling, probe_head, run_baseline
 from tuneloop.tasks.classifier import read_meta, resolve_model_path, resolve_pooling
-from tuneloop.tasks.evaluate import classifier_candidate, evaluate_models
+from tuneloop.tasks.evaluate import (
+    REGRESSION_PREFIX,
+    classifier_candidate,
+    evaluate_models,
+    evaluate_regression,
+    read_regression_file,
+)
 from tuneloop.tasks.finetune import FinetuneConfig, FinetuneResult, calibrate_model
 from tuneloop.tasks.finetune import finetune as finetune_model
 from tuneloop.tasks.gate import CHALLENGER, PROBE, Decision, decide_promotion, outcome
 from tuneloop.tasks.ingest import DataVersion, load_data_version, run_ingest
 from tuneloop.tasks.labels import label_indices
 from tuneloop.tasks.report import write_evaluation_plots, write_evaluation_report, write_tuning_plots
-from tuneloop.tasks.split import SplitError, check_declared_split, check_trainable, load_split, run_split
+from tuneloop.tasks.split import (
+    SplitError,
+    check_declared_split,
+    check_trainable,
+    earlier_test_rows,
+    load_split,
+    run_split,
+)
 from tuneloop.tasks.tune_space import apply_params
 from tuneloop.tasks.validate import DataValidationError, ValidationReport, check_report, validate_dataset
 from tuneloop.tasks.workspace import Workspace, read_json, write_json
@@ -324,12 +338,11 @@ def training_curves(result: FinetuneResult) -> dict[str, list[tuple[int, float]]
             "val_macro_f1": [(h["step"], h["val_macro_f1"]) for h in result.history]}
 
 
-def new_test_rows(params: Params, ws: Workspace, version: str, test: pd.DataFrame) -> int:
-    """Test rows whose text the champion's data version did not hold: with stable
-    splits every other test row was a test row for the champion too."""
+def new_test_rows(reference: pd.DataFrame, test: pd.DataFrame) -> int:
+    """Test rows whose text the champion's data version (`reference`, its splits) did not
+    hold: with stable splits every other test row was a test row for the champion too."""
     from tuneloop.tasks.validate import normalise_text
 
-    reference = pd.read_parquet(registry.download_reference(params.mlflow.model_name, version, ws.models_cache))
     known = set(normalise_text(reference["text"].astype(str)))
     return int((~normalise_text(test["text"].astype(str)).isin(known)).sum())
 
@@ -372,18 +385,26 @@ def score_candidates(params: Params, ws: Workspace, run: tracking.StageRun) -> d
     candidates.append(classifier_candidate(
         "challenger", f"challenger ({method}, this run)", ws.challenger_dir, params.model.base,
         params.evaluate.batch_size, train_val_gap=trained["train_macro_f1"] - trained["best_val_macro_f1"]))
-    evaluation, predictions = evaluate_models(candidates, test, project_labels(params, ws), params.evaluate,
-                                              load_data_version(ws).md5)
+    labels = project_labels(params, ws)
+    extra = (read_regression_file(ws.root / params.evaluate.regression_file, labels)
+             if params.evaluate.regression_file else None)  # refused before any model scores
+    evaluation, predictions = evaluate_models(candidates, test, labels, params.evaluate, load_data_version(ws).md5)
     evaluation["challenger_files"] = integrity.folder_manifest(ws.challenger_dir)  # what register may upload
     evaluation["probe_files"] = integrity.folder_manifest(ws.probe_dir)
+    earlier = np.zeros(len(test), dtype=bool)
     if champion is not None:
-        evaluation["new_test_rows"] = new_test_rows(params, ws, champion.version, test)
+        reference = pd.read_parquet(registry.download_reference(params.mlflow.model_name, champion.version,
+                                                                ws.models_cache))
+        evaluation["new_test_rows"] = new_test_rows(reference, test)
+        earlier = earlier_test_rows(test["text"], reference)
+    evaluation["regression"], regression = evaluate_regression(candidates, test, predictions, earlier, extra, labels)
     tuned = tuning_record(params, ws)
     if tuned:
         evaluation["tuning"] = tuned  # the report's Tuning section
     write_json(ws.evaluation, evaluation)
     ws.test_predictions.parent.mkdir(parents=True, exist_ok=True)
     predictions.to_parquet(ws.test_predictions, index=False)
+    regression.to_parquet(ws.regression_predictions, index=False)
     headline = plotdata.evaluation_headline(evaluation)
     write_json(ws.evaluation_metrics, headline)
     write_plot_data(ws, evaluation, predictions)
@@ -425,6 +446,9 @@ def gate(params: Params, ws: Workspace) -> Decision:
         evaluation = read_json(ws.evaluation)
         frame = pd.read_parquet(ws.test_predictions)
         predictions = {column: frame[column].to_numpy() for column in frame.columns}
+        if ws.regression_predictions.exists():  # an evaluation from before the forgetting check has none
+            regression = pd.read_parquet(ws.regression_predictions)
+            predictions.update({f"{REGRESSION_PREFIX}{c}": regression[c].to_numpy() for c in regression.columns})
         decision = decide_promotion(evaluation, predictions, params.gate)
         write_json(ws.decision, {**decision.to_dict(), "outcome": outcome(decision, evaluation, params.gate.metric)})
         write_json(ws.gate_metrics, {"promote": int(decision.yes)})

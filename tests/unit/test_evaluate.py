@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -13,10 +14,14 @@ from tuneloop.tasks.evaluate import (
     ROBUST_PREFIX,
     Candidate,
     EvaluateConfig,
+    RegressionFileError,
     directory_size_mb,
     evaluate_models,
+    evaluate_regression,
+    read_regression_file,
     robustness_sample,
 )
+from tuneloop.tasks.split import SplitConfig, earlier_test_rows, split_dataset
 
 LABELS = ["negative", "positive"]
 CLEAN = EvaluateConfig(robustness_rows=0)  # the clean test rows only: robustness has its own tests below
@@ -262,3 +267,102 @@ def test_no_robustness_rows_means_no_perturbed_scoring() -> None:
 ])
 def test_robustness_sample_spreads_the_cap_evenly_over_the_rows(rows: int, cap: int, expected: list[int]) -> None:
     assert robustness_sample(rows, cap).tolist() == expected
+
+
+# --- forgetting: the regression set is the earlier test rows plus the regression file -------------
+
+class TextScorer:
+    """Probabilities looked up per text; records each call's texts."""
+
+    def __init__(self, probs: dict[str, list[float]]) -> None:
+        self.probs, self.calls = probs, []
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        self.calls.append(list(texts))
+        return np.array([self.probs[t] for t in texts]).reshape(len(texts), 2)
+
+
+def regression_run(earlier: list[bool], extra: pd.DataFrame | None) -> tuple[dict, pd.DataFrame, dict]:
+    # champion: right everywhere; challenger: CHALLENGER_PROBS on the test rows (wrong on "so boring")
+    # and wrong on the file's "awful"
+    right = {t: [0.9, 0.1] if y == 0 else [0.1, 0.9] for t, y in zip(TEST["text"], Y_TRUE)}
+    right.update({"awful": [0.8, 0.2], "superb": [0.3, 0.7]})
+    scorers = {"champion": TextScorer(right),
+               "challenger": TextScorer({**dict(zip(TEST["text"], CHALLENGER_PROBS.tolist())),
+                                         "awful": [0.2, 0.8], "superb": [0.1, 0.9]})}
+    models = [Candidate(key, key, scorer) for key, scorer in scorers.items()]
+    evaluation, predictions = evaluate_models(models, TEST, LABELS, CLEAN, "v")
+    summary, frame = evaluate_regression(models, TEST, predictions, np.array(earlier), extra, LABELS)
+    return summary, frame, scorers
+
+
+FILE_ROWS = pd.DataFrame({"text": ["awful", "superb"], "label": ["negative", "positive"],
+                          "slice": ["reviews 2019"] * 2})
+EARLIER = [True, False, True, False, False, True]  # "dull", "lovely" and "so boring" were test rows before
+
+
+def test_the_regression_set_is_the_earlier_test_rows_then_the_files_rows_with_reused_answers() -> None:
+    summary, frame, scorers = regression_run(EARLIER, FILE_ROWS)
+    assert frame["domain"].tolist() == ["earlier test rows"] * 3 + ["reviews 2019"] * 2
+    assert frame["row"].tolist() == [14, 27, 19, 0, 1]  # the test rows' own ids, then the file's lines
+    assert frame["y_true"].tolist() == [0, 1, 0, 0, 1]
+    assert frame["champion"].tolist() == [0, 1, 0, 0, 1]
+    assert frame["challenger"].tolist() == [0, 1, 1, 1, 1]
+    # the test rows are not scored again: one more call per model, for the file's texts
+    assert scorers["challenger"].calls == [TEST["text"].tolist(), ["awful", "superb"]]
+
+
+def test_the_regression_set_is_scored_per_domain_with_exact_values() -> None:
+    summary, _, _ = regression_run(EARLIER, FILE_ROWS)
+    assert summary["rows"] == 5 and summary["domains"] == {"earlier test rows": 3, "reviews 2019": 2}
+    assert summary["models"]["champion"] == {"rows": 5, "accuracy": 1.0, "macro_f1": 1.0, "domains": {
+        "earlier test rows": {"rows": 3, "accuracy": 1.0, "macro_f1": 1.0},
+        "reviews 2019": {"rows": 2, "accuracy": 1.0, "macro_f1": 1.0}}}
+    forgot = summary["models"]["challenger"]
+    # pooled: negative F1 2/(2+2) = 0.5, positive 4/(4+2); earlier rows: 2/3 each; the file: 0 and 2/3
+    assert {k: forgot[k] for k in ("rows", "accuracy", "macro_f1")} == pytest.approx(
+        {"rows": 5, "accuracy": 0.6, "macro_f1": (0.5 + 2 / 3) / 2})
+    assert forgot["domains"]["earlier test rows"] == pytest.approx({"rows": 3, "accuracy": 2 / 3, "macro_f1": 2 / 3})
+    assert forgot["domains"]["reviews 2019"] == pytest.approx({"rows": 2, "accuracy": 0.5, "macro_f1": 1 / 3})
+
+
+def test_no_earlier_rows_and_no_file_give_an_empty_regression_set_scoring_nothing() -> None:
+    summary, frame, scorers = regression_run([False] * 6, None)
+    assert len(frame) == 0 and summary["rows"] == 0 and summary["domains"] == {}
+    assert summary["models"]["challenger"] == {"rows": 0, "accuracy": None, "macro_f1": None, "domains": {}}
+    assert len(scorers["challenger"].calls) == 1
+
+
+def test_earlier_test_rows_are_the_test_rows_of_the_older_split_still_held() -> None:
+    old = pd.DataFrame({"text": [f"old request {i}" for i in range(300)], "label": "a"})
+    grown = pd.concat([old.iloc[10:], pd.DataFrame({"text": [f"new request {i}" for i in range(300)], "label": "b"})])
+    grown.loc[grown["text"] == "old request 50", "text"] = "  OLD request 50 "  # the same text, normalised
+    before, now = split_dataset(old, SplitConfig()), split_dataset(grown, SplitConfig())
+    test = now[now["split"] == "test"].reset_index(drop=True)
+    mask = earlier_test_rows(test["text"], before)
+    held = set(before.loc[before["split"] == "test", "text"]) - {f"old request {i}" for i in range(10)}
+    assert set(test.loc[mask, "text"].str.strip().str.lower()) == held and len(held) > 10
+    assert not test.loc[~mask, "text"].str.startswith("old").any()  # every other test row is new
+
+
+def test_a_regression_file_is_read_from_csv_or_jsonl_with_its_slice_or_a_default(tmp_path: Path) -> None:
+    (tmp_path / "old.csv").write_text("text,label,slice\nawful,negative,reviews 2019\n")
+    (tmp_path / "old.jsonl").write_text('{"text": "superb", "label": "positive"}\n')
+    assert read_regression_file(tmp_path / "old.csv", LABELS).to_dict("records") == [
+        {"text": "awful", "label": "negative", "slice": "reviews 2019"}]
+    assert read_regression_file(tmp_path / "old.jsonl", LABELS).to_dict("records") == [
+        {"text": "superb", "label": "positive", "slice": "regression file"}]
+
+
+@pytest.mark.parametrize(("name", "content", "said"), [
+    ("old.csv", "text,label\nawful,neutral\n", "holds labels the data does not: ['neutral']"),
+    ("old.csv", "text\nawful\n", "lacks the column(s) ['label']"),
+    ("old.csv", "text,label\n ,negative\n", "rows with an empty text"),
+    ("old.txt", "awful", "is not a .csv or .jsonl file"),
+    ("old.jsonl", "not json", "cannot be read"),
+])
+def test_a_bad_regression_file_is_refused_naming_the_problem(tmp_path: Path, name: str, content: str,
+                                                              said: str) -> None:
+    (tmp_path / name).write_text(content)
+    with pytest.raises(RegressionFileError, match=re.escape(said)):
+        read_regression_file(tmp_path / name, LABELS)
