@@ -466,6 +466,33 @@ def _robustness_html(evaluation: dict) -> str:
     return table + note
 
 
+def _forgetting_html(evaluation: dict) -> str:
+    """Each model's accuracy and macro-F1 on the regression set, per domain (earlier test rows,
+    the regression file's slices) and pooled: what retraining may have forgotten."""
+    regression = evaluation.get("regression") or {}
+    models = {k: m for k, m in (regression.get("models") or {}).items() if k in (evaluation.get("models") or {})}
+    if not regression.get("rows") or not models:
+        return ('<p class="note">No regression set: no champion whose test rows this data still holds, '
+                "and no evaluate.regression_file.</p>")
+    names = evaluation["models"]
+    header = "".join(f'<th colspan="2">{_esc(_display_name(k, names[k]))}</th>' for k in models)
+    sub = "<th>accuracy ↑</th><th>macro-F1 ↑</th>" * len(models)
+    rows = []
+    for domain, count in (regression.get("domains") or {}).items():
+        cells = "".join(f"<td>{_fmt(m['domains'].get(domain, {}).get('accuracy'))}</td>"
+                        f"<td>{_fmt(m['domains'].get(domain, {}).get('macro_f1'))}</td>" for m in models.values())
+        rows.append(f'<tr><td class="label">{_esc(domain)}</td><td>{_esc(count)}</td>{cells}</tr>')
+    pooled = "".join(f"<td><b>{_fmt(m.get('accuracy'))}</b></td><td><b>{_fmt(m.get('macro_f1'))}</b></td>"
+                     for m in models.values())
+    rows.append(f'<tr><td class="label"><b>all (pooled)</b></td><td>{_esc(regression["rows"])}</td>{pooled}</tr>')
+    table = (f'<table><thead><tr><th class="label" rowspan="2">domain</th><th rowspan="2">rows</th>{header}</tr>'
+             f"<tr>{sub}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+    note = ('<p class="note">Earlier test rows: this run\'s test rows that were test rows of the champion\'s data '
+            "version too; the other domains come from evaluate.regression_file. The gate's forgetting check "
+            "compares the challenger's pooled gate.slice_metric with the champion's.</p>")
+    return table + note
+
+
 def _history_figure(trials: Sequence[dict]) -> Any:
     """Validation macro-F1 per trial (pruned trials at their last scored epoch)
     with the best so far as a step line."""
@@ -610,6 +637,7 @@ def _body_html(evaluation: dict, title: str) -> str:
         "<h2>None of these (abstention)</h2>", _abstention_html(models), _risk_coverage_html(models),
         "<h2>Slices</h2>", _slices_html(models),
         "<h2>Robustness (perturbed test rows)</h2>", _robustness_html(evaluation),
+        "<h2>Forgetting (regression set)</h2>", _forgetting_html(evaluation),
         *_tuning_html(evaluation.get("tuning")),
     ])
 

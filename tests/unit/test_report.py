@@ -205,3 +205,29 @@ def test_robustness_table_puts_champion_beside_challenger_per_perturbation(evalu
 def test_report_without_robustness_says_it_was_not_measured(full_report):
     _, _, text = full_report
     assert "Robustness was not measured (evaluate.robustness_rows: 0)" in text
+
+
+def _regression_scores(earlier: float, old_domain: float) -> dict:
+    return {"rows": 150, "accuracy": (100 * earlier + 50 * old_domain) / 150, "macro_f1": 0.5, "domains": {
+        "earlier test rows": {"rows": 100, "accuracy": earlier, "macro_f1": earlier - 0.01},
+        "reviews 2019": {"rows": 50, "accuracy": old_domain, "macro_f1": old_domain - 0.01}}}
+
+
+def test_forgetting_table_shows_each_domain_of_the_regression_set_per_model(evaluation, tmp_path):
+    evaluation["regression"] = {"rows": 150, "domains": {"earlier test rows": 100, "reviews 2019": 50},
+                                "models": {"champion": _regression_scores(0.9, 0.8),
+                                           "challenger": _regression_scores(0.9, 0.5)}}
+    text = _render(evaluation, tmp_path)
+    section = text[text.index("<h2>Forgetting"):]
+    header = section[:section.index("</thead>")]
+    assert header.index("champion (registry)") < header.index("challenger (LoRA, this run)")
+    assert "base &lt;frozen&gt;" not in header
+    assert ('<td class="label">reviews 2019</td><td>50</td><td>0.800</td><td>0.790</td><td>0.500</td>'
+            '<td>0.490</td>' in section)
+    assert '<td class="label">earlier test rows</td><td>100</td><td>0.900</td>' in section
+    assert '<td class="label"><b>all (pooled)</b></td><td>150</td><td><b>0.867</b></td>' in section
+
+
+def test_report_without_a_regression_set_says_so(full_report):
+    _, _, text = full_report
+    assert "No regression set: no champion whose test rows this data still holds" in text
