@@ -253,9 +253,11 @@ def read_regression_file(path: Path, labels: Sequence[str]) -> pd.DataFrame:
 
 def regression_scores(y_true: np.ndarray, answers: np.ndarray, domains: np.ndarray, n_classes: int) -> dict:
     """{rows, accuracy, macro_f1, domains: {domain: {rows, accuracy, macro_f1}}} of one model."""
-    per = {str(domain): {"rows": int(rows.sum()), "accuracy": accuracy(y_true[rows], answers[rows]),
-                         "macro_f1": macro_f1(y_true[rows], answers[rows], n_classes)}
-           for domain in dict.fromkeys(domains) for rows in [domains == domain]}
+    per = {}
+    for domain in dict.fromkeys(domains):  # in order of first appearance: earlier test rows first
+        rows = domains == domain
+        per[str(domain)] = {"rows": int(rows.sum()), "accuracy": accuracy(y_true[rows], answers[rows]),
+                            "macro_f1": macro_f1(y_true[rows], answers[rows], n_classes)}
     return {"rows": int(len(y_true)), "accuracy": accuracy(y_true, answers) if len(y_true) else None,
             "macro_f1": macro_f1(y_true, answers, n_classes) if len(y_true) else None, "domains": per}
 

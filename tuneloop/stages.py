@@ -347,6 +347,17 @@ def new_test_rows(reference: pd.DataFrame, test: pd.DataFrame) -> int:
     return int((~normalise_text(test["text"].astype(str)).isin(known)).sum())
 
 
+def champion_test_rows(params: Params, ws: Workspace, champion, test: pd.DataFrame, evaluation: dict) -> np.ndarray:
+    """Which test rows were test rows of the champion's data version too (none without a
+    champion): the earlier rows of the regression set. Records `new_test_rows` in `evaluation`."""
+    if champion is None:
+        return np.zeros(len(test), dtype=bool)
+    reference = pd.read_parquet(registry.download_reference(params.mlflow.model_name, champion.version,
+                                                            ws.models_cache))
+    evaluation["new_test_rows"] = new_test_rows(reference, test)
+    return earlier_test_rows(test["text"], reference)
+
+
 def champion_candidate(params: Params, ws: Workspace):
     """The registry's current champion as an evaluation candidate, or None.
 
@@ -391,12 +402,7 @@ def score_candidates(params: Params, ws: Workspace, run: tracking.StageRun) -> d
     evaluation, predictions = evaluate_models(candidates, test, labels, params.evaluate, load_data_version(ws).md5)
     evaluation["challenger_files"] = integrity.folder_manifest(ws.challenger_dir)  # what register may upload
     evaluation["probe_files"] = integrity.folder_manifest(ws.probe_dir)
-    earlier = np.zeros(len(test), dtype=bool)
-    if champion is not None:
-        reference = pd.read_parquet(registry.download_reference(params.mlflow.model_name, champion.version,
-                                                                ws.models_cache))
-        evaluation["new_test_rows"] = new_test_rows(reference, test)
-        earlier = earlier_test_rows(test["text"], reference)
+    earlier = champion_test_rows(params, ws, champion, test, evaluation)
     evaluation["regression"], regression = evaluate_regression(candidates, test, predictions, earlier, extra, labels)
     tuned = tuning_record(params, ws)
     if tuned:

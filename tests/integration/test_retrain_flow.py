@@ -125,6 +125,9 @@ def test_evaluation_scores_base_and_challenger_on_the_same_test_rows(project, fi
     assert len(predictions) == evaluation["test_rows"]
     for model in evaluation["models"].values():
         assert sum(map(sum, model["confusion_matrix"])) == evaluation["test_rows"]
+    decision = json.loads((project / "reports" / "gate.json").read_text())
+    forgetting = next(c for c in decision["checks"] if c["name"] == "forgetting")
+    assert forgetting["passed"] and "no champion yet" in forgetting["reason"]
 
 
 def test_rerun_on_unchanged_data_promotes_nothing_and_says_why(project, second_run):
@@ -140,7 +143,17 @@ def test_rerun_on_unchanged_data_promotes_nothing_and_says_why(project, second_r
     assert status(project)["champion"]["version"] == "1"
     # the same data version: identical test rows, so the comparison is paired
     assert versions[0]["tags"]["data.md5"] == versions[1]["tags"]["data.md5"]
-    assert json.loads((project / "reports" / "evaluation.json").read_text())["new_test_rows"] == 0
+    evaluation = json.loads((project / "reports" / "evaluation.json").read_text())
+    assert evaluation["new_test_rows"] == 0
+    # every test row was a test row of the champion's data: the whole split is the regression set,
+    # its answers the test rows' own
+    assert evaluation["regression"]["domains"] == {"earlier test rows": evaluation["test_rows"]}
+    regression = pd.read_parquet(project / "reports" / "regression_predictions.parquet")
+    predictions = pd.read_parquet(project / "reports" / "test_predictions.parquet")
+    assert regression["row"].tolist() == predictions["row"].tolist()
+    assert regression["challenger"].tolist() == predictions["challenger"].tolist()
+    forgetting = next(c for c in decision["checks"] if c["name"] == "forgetting")
+    assert f"on {evaluation['test_rows']} regression rows (earlier test rows" in forgetting["reason"]
 
 
 def test_bad_data_stops_at_validation_and_leaves_the_registry_as_it_was(project, second_run):
@@ -191,6 +204,8 @@ def test_changed_data_retrains_and_restore_brings_back_version_1_exact_bytes(pro
     # stable splits: only the added rows can be new test rows (about 10 of the 100)
     evaluation = json.loads((project / "reports" / "evaluation.json").read_text())
     assert 0 < evaluation["new_test_rows"] <= 30 and "new since the champion's data" in result.stdout
+    # the other test rows were the champion's test rows: the regression set the gate checks forgetting on
+    assert evaluation["regression"]["rows"] == evaluation["test_rows"] - evaluation["new_test_rows"]
     shutil.rmtree(project / ".dvc" / "cache")  # the bytes must come from the DVC remote
     restored = tuneloop(project, "restore-data", "1", "--out", str(tmp_path / "v1"))
     assert restored.returncode == 0, restored.stderr[-3000:]
