@@ -12,6 +12,11 @@ head, calibrated on validation like every model. It is saved as a classifier
 folder (method "probe": no weights of its own beside the head) that
 `classifier.load_classifier` scores, evaluate compares and the gate may
 register as champion when fine-tuning does not beat it.
+
+With `baseline.candidates` listed, every candidate base model is probed on the
+same train and validation rows and timed on the same validation sample;
+`choose_base` keeps the best validation macro-F1 within the latency budget,
+and the probe saved (and the base finetune starts from) is that model's.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -36,7 +41,9 @@ from tuneloop.tasks.classifier import (
 )
 from tuneloop.tasks.classifier import load_encoder as load_base_encoder
 from tuneloop.tasks.config import BaselineConfig, ModelConfig
+from tuneloop.tasks.decision import TOLERANCE
 from tuneloop.tasks.errors import TuneloopError
+from tuneloop.tasks.evaluate import timed_scoring
 from tuneloop.tasks.labels import label_indices, resolve_class_weight
 
 PROBE_WEIGHTS = "probe.safetensors"
@@ -261,39 +268,127 @@ def embed(encoder, tokenizer, texts: Sequence[str], config: BaselineConfig, pool
     return pooled_embeddings(encoder, tokenizer, list(texts), config.max_length, config.batch_size, progress, pooling)
 
 
-def run_baseline(config: BaselineConfig, model: ModelConfig, base_path: Path, labels: Sequence[str],
-                 workspace) -> dict:
-    """Fits the probe on train (its C and class weighting chosen on validation),
-    calibrates it on validation, scores probe and zero-shot on test.
+@dataclass(frozen=True)
+class BaseScore:
+    """One candidate base model as the choice reads it."""
 
-    Writes the probe, a complete classifier, to `models/probe/` and the
-    metrics to `metrics/baseline.json`.
+    name: str  # as baseline.candidates lists it
+    macro_f1: float  # its chosen probe's validation macro-F1
+    latency_ms: float  # ms per example, batch scoring of the latency sample (`evaluate.timed_scoring`)
+
+
+def choose_base(scores: Sequence[BaseScore], budget_ms: float | None) -> tuple[str, list[str]]:
+    """The candidate with the best validation macro-F1 among those within the latency
+    budget (on a tie: the first listed), and one reason per candidate, the choice's first.
+
+    Args:
+        scores: every candidate, in the order listed.
+        budget_ms: ms per example (`gate.max_latency_ms`); None: no budget.
+
+    Raises:
+        TuneloopError: no candidate is within the budget (naming each one's latency).
+    """
+    within = [s for s in scores if budget_ms is None or s.latency_ms <= budget_ms]
+    if not within:
+        raise TuneloopError(f"no base model in baseline.candidates scores within gate.max_latency_ms ({budget_ms:g} ms "
+                            "per example): " + ", ".join(f"{s.name} {s.latency_ms:.1f} ms" for s in scores))
+    best = within[0]
+    for score in within[1:]:
+        if score.macro_f1 > best.macro_f1 + TOLERANCE:
+            best = score
+    limit = "no latency budget" if budget_ms is None else f"budget {budget_ms:g} ms"
+    reasons = [f"chose {best.name}: the best validation macro-F1 within the latency budget" if len(scores) > 1
+               else f"chose {best.name}: the only candidate"]
+    for score in scores:
+        fits = budget_ms is None or score.latency_ms <= budget_ms
+        reasons.append(f"{score.name}: validation macro-F1 {score.macro_f1:.4f}, {score.latency_ms:.2f} ms per "
+                       f"example ({'within' if fits else 'over'} {limit})")
+    return best.name, reasons
+
+
+@dataclass
+class ProbedBase:
+    """One candidate base model's probe, fitted on train, scored and timed on validation."""
+
+    name: str
+    path: Path
+    pooling: str  # resolved
+    tokenizer: object
+    probe: Probe
+    settings: dict[str, float]  # every probe setting's score (`select_probe`)
+    validation: np.ndarray  # (rows, hidden) embeddings, for calibration
+    score: BaseScore
+
+
+def probe_base(name: str, path: Path, texts: Mapping[str, Sequence[str]], y: Mapping[str, np.ndarray],
+               labels: Sequence[str], config: BaselineConfig, model: ModelConfig) -> ProbedBase:
+    """Embeds train and validation with the base model at `path`, selects its probe, and
+    times the frozen encoder plus probe on the first `config.latency_rows` validation rows
+    (after the embedding passes: the model is warm)."""
+    from tuneloop.tasks.metrics import macro_f1
+
+    pooling = resolve_pooling(model.pooling, path)
+    encoder, tokenizer = load_encoder(path, config.device)
+    x = {split: embed(encoder, tokenizer, texts[split], config, pooling) for split in ("train", "validation")}
+    probe, settings = select_probe((x["train"], y["train"]), (x["validation"], y["validation"]), labels, config)
+    sample = list(texts["validation"][:config.latency_rows])
+    _, latency = timed_scoring(
+        lambda rows: probe.predict_proba(embed(encoder, tokenizer, rows, config, pooling, progress=False)), sample)
+    f1 = macro_f1(y["validation"], probe.logits(x["validation"]).argmax(1), len(labels))
+    return ProbedBase(name, path, pooling, tokenizer, probe, settings, x["validation"], BaseScore(name, f1, latency))
+
+
+def run_baseline(config: BaselineConfig, model: ModelConfig, bases: Mapping[str, Path], labels: Sequence[str],
+                 workspace, max_latency_ms: float | None = None) -> dict:
+    """Fits a probe per base model on train (its C and class weighting chosen on
+    validation), chooses the base (`choose_base`), calibrates its probe on validation,
+    scores probe and zero-shot on test.
+
+    Writes the probe, a complete classifier, to `models/probe/`, the test metrics to
+    `metrics/baseline.json` and the choice of base to `reports/baseline.json`.
+
+    Args:
+        bases: {name as params list it: local folder}, in the order listed; one
+            entry when `baseline.candidates` is empty (model.base).
+        max_latency_ms: the latency budget the chosen base must meet; None: none.
 
     Returns:
-        {"probe": {...}, "zero_shot": {...}} with accuracy and macro-F1 each;
-        the probe's also its setting, temperature, abstention and every setting's validation macro-F1.
+        {"probe": {...}, "zero_shot": {...}, "base": {...}} with accuracy and macro-F1 each;
+        the probe's also its setting, temperature, abstention and every setting's validation
+        macro-F1; "base" the chosen name, the reasons and every candidate's score and latency.
+
+    Raises:
+        TuneloopError: no candidate is within `max_latency_ms`.
     """
     from tuneloop.tasks.metrics import accuracy, macro_f1
     from tuneloop.tasks.split import load_split
     from tuneloop.tasks.workspace import write_json
 
-    pooling = resolve_pooling(model.pooling, base_path)
     frames = {name: load_split(workspace, name) for name in ("train", "validation", "test")}
-    encoder, tokenizer = load_encoder(base_path, config.device)
-    x = {name: embed(encoder, tokenizer, frame["text"], config, pooling) for name, frame in frames.items()}
+    texts = {name: frame["text"].tolist() for name, frame in frames.items()}
     y = {name: label_indices(frame["label"], labels) for name, frame in frames.items()}
-    probe, scores = select_probe((x["train"], y["train"]), (x["validation"], y["validation"]), labels, config)
-    temperature, abstention = calibrate(probe.logits(x["validation"]), y["validation"], labels, model)
-    save_probe_model(probe, workspace.probe_dir, tokenizer, model.base, pooling, config.max_length, temperature,
-                     abstention)
+    probed = [probe_base(name, path, texts, y, labels, config, model) for name, path in bases.items()]
+    choice, reasons = choose_base([p.score for p in probed], max_latency_ms)
+    chosen = next(p for p in probed if p.name == choice)
+    probe = chosen.probe
+    temperature, abstention = calibrate(probe.logits(chosen.validation), y["validation"], labels, model)
+    save_probe_model(probe, workspace.probe_dir, chosen.tokenizer, chosen.name, chosen.pooling, config.max_length,
+                     temperature, abstention)
+    encoder = load_base_encoder(chosen.path, config.device)  # loaded again: one candidate in memory at a time
+    x_test = embed(encoder, chosen.tokenizer, texts["test"], config, chosen.pooling)
     result = {}
-    for name, probs in (("probe", probe.predict_proba(x["test"])),
-                        ("zero_shot", zero_shot_proba(encoder, tokenizer, x["test"], labels, config, pooling))):
+    for name, probs in (("probe", probe.predict_proba(x_test)),
+                        ("zero_shot", zero_shot_proba(encoder, chosen.tokenizer, x_test, labels, config,
+                                                      chosen.pooling))):
         predicted = probs.argmax(1)
         result[name] = {"accuracy": accuracy(y["test"], predicted),
                         "macro_f1": macro_f1(y["test"], predicted, len(labels))}
     write_json(workspace.baseline_metrics, result)  # the test scores only: `dvc metrics show` columns
+    result["base"] = {"chosen": choice, "max_latency_ms": max_latency_ms, "reasons": reasons,
+                      "candidates": [{"name": p.score.name, "validation_macro_f1": p.score.macro_f1,
+                                      "latency_ms_per_example": p.score.latency_ms} for p in probed]}
+    write_json(workspace.base_choice, result["base"])
     result["probe"].update(setting=probe.setting, c=probe.c, class_weight=probe.class_weight, offsets=probe.offsets,
                            temperature=temperature, abstention=abstention.rule,
-                           validation_macro_f1_by_setting=scores)
+                           validation_macro_f1_by_setting=chosen.settings)
     return result

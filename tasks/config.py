@@ -265,6 +265,11 @@ class BaselineConfig:
     zero_shot_template: str = "This text is {label}."
     zero_shot_temperature: float = 0.05  # cosine similarities are close together; sharpen them
     device: str = "auto"
+    # base models to choose from (names or local folders): each is probed on the same rows and the
+    # best validation macro-F1 within gate.max_latency_ms becomes the base finetune starts from;
+    # empty: model.base alone, unchecked for latency
+    candidates: tuple[str, ...] = ()
+    latency_rows: int = 256  # validation rows (the first ones) each candidate's latency is timed on
     __pydantic_config__ = {"extra": "forbid"}
 
     def __post_init__(self) -> None:
@@ -275,8 +280,12 @@ class BaselineConfig:
             raise ValueError("baseline.probe_class_weights must list auto, none and/or balanced")
         if self.probe_thresholds not in ("auto", "none", "balanced"):
             raise ValueError(f"baseline.probe_thresholds must be auto, none or balanced, got {self.probe_thresholds!r}")
-        for name in ("batch_size", "max_length", "probe_max_iter"):
+        for name in ("batch_size", "max_length", "probe_max_iter", "latency_rows"):
             check_range("baseline", self, name, 1)
+        for candidate in self.candidates:
+            check_named("baseline", "candidates", candidate)
+        if len(set(self.candidates)) < len(self.candidates):
+            raise ValueError("baseline.candidates must not list a base model twice")
         check_range("baseline", self, "zero_shot_temperature", 0, low_open=True)
         if "{label}" not in self.zero_shot_template:
             raise ValueError("baseline.zero_shot_template must contain {label}, or every label reads the same")

@@ -148,19 +148,26 @@ def score_robustness(candidate: Candidate, texts: Sequence[str], perturbed: dict
     return {"rows": len(texts), "unchanged": pooled, "clean_macro_f1": clean_f1, "perturbations": per}, unchanged
 
 
+def timed_scoring(scorer: Scorer, texts: Sequence[str]) -> tuple[np.ndarray, float]:
+    """`scorer(texts)` and its batch latency: the wall time of the whole call (tokenising
+    included) divided by its rows, in ms per example. The gate's `max_latency_ms` and the
+    baseline's choice of base model both read latencies measured this way."""
+    started = time.perf_counter()
+    probs = scorer(texts)
+    return probs, (time.perf_counter() - started) * 1000 / max(1, len(texts))
+
+
 def score_candidate(candidate: Candidate, test: pd.DataFrame, y_true: np.ndarray, labels: Sequence[str],
                     slices: Sequence[str], config: EvaluateConfig) -> tuple[dict, np.ndarray]:
     """Scores one model on the test rows; returns its metrics and probabilities.
 
-    Latency is the wall time of scoring the whole test split (tokenising
-    included) divided by its rows: batch latency per example. The metrics are
+    Latency is the wall time of scoring the whole test split divided by its
+    rows (`timed_scoring`): batch latency per example. The metrics are
     on the model's answers: its top label, or, where it abstains and the data
     has an out-of-scope label, that label. ECE is given for the calibrated
     probabilities and for the raw ones (`ece_uncalibrated`).
     """
-    started = time.perf_counter()
-    probs = candidate_probs(candidate, test["text"].tolist(), labels)
-    latency_ms = (time.perf_counter() - started) * 1000 / max(1, len(test))
+    probs, latency_ms = timed_scoring(lambda texts: candidate_probs(candidate, texts, labels), test["text"].tolist())
     answers = decided_labels(probs, candidate.abstention, labels)
     summary = classification_summary(probs, y_true, labels, answers)
     summary.update(

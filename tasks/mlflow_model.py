@@ -36,7 +36,7 @@ import sys
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import mlflow.pyfunc
 import pandas as pd
@@ -105,6 +105,18 @@ class CardFacts:
     git_commit: str
     test_metrics: Mapping[str, float]
     calibration: tuple[str, ...] = ()  # lines on its temperature, ECE and abstention
+    base_choice: str = ""  # how the base model was chosen among baseline.candidates ("": not chosen)
+
+
+def base_choice_notes(candidates: Sequence[Mapping], chosen: str) -> str:
+    """The card's words on the choice of base: each candidate's validation macro-F1 and
+    latency (the `base_model.candidates` tag's rows), local folders by their names only."""
+    if not candidates:
+        return ""
+    rows = "; ".join(f"{Path(c['name']).name}{' (chosen)' if c['name'] == chosen else ''} macro-F1 "
+                     f"{c['macro_f1']:.4f}, {c['latency_ms']:.2f} ms per example" for c in candidates)
+    return (f"- chosen among {len(candidates)} base models by validation macro-F1 within the latency budget "
+            f"(linear probes on the same rows): {rows}\n")
 
 
 def calibration_notes(scored: Mapping) -> tuple[str, ...]:
@@ -161,7 +173,7 @@ model.predict(pd.DataFrame({{"text": ["..."]}}))  # label, confidence, probabili
 - snapshot: `{facts.data_path}` in the project's DVC remote
 - code: git commit `{facts.git_commit}`
 - base model: `{facts.base_model}` (weights sha256 `{facts.base_sha256[:16]}...`)
-
+{facts.base_choice}
 ## Test metrics (held-out test split of that data version)
 
 | metric | value |

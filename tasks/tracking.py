@@ -493,6 +493,14 @@ def log_stage_metrics(run: StageRun, metrics: Any, step: int = 0) -> None:
             mlflow.MlflowClient().log_batch(run_id, metrics=metric_list)
 
 
+def set_stage_tags(run: StageRun, tags: Mapping[str, str]) -> None:
+    """Tags on the stage's run (values cut to MLflow's limit): what names mean (`baseline.candidate.0`)."""
+    import mlflow
+    from mlflow.entities import RunTag
+
+    mlflow.MlflowClient().log_batch(run.run_id, tags=[RunTag(k, str(v)[:MAX_PARAM_VALUE]) for k, v in tags.items()])
+
+
 def log_points(run: StageRun, step: int, values: Mapping[str, float]) -> None:
     """Logs {name: value} at `step` as `stage.name` on the stage's and the
     pipeline's runs: one point of a live curve (loss while training)."""

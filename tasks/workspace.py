@@ -64,6 +64,11 @@ class Workspace:
     def baseline_metrics(self) -> Path:
         return self.root / "metrics" / "baseline.json"
 
+    @property
+    def base_choice(self) -> Path:
+        """The base model the baseline chose, and every candidate's validation macro-F1 and latency."""
+        return self.root / "reports" / "baseline.json"
+
     # finetune
     @property
     def challenger_dir(self) -> Path:

