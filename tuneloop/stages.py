@@ -541,6 +541,29 @@ def candidate_dir(ws: Workspace, candidate: str) -> Path:
     return ws.probe_dir if candidate == PROBE else ws.challenger_dir
 
 
+# sections a version's `params` tag leaves out first when the whole does not fit one tag: they
+# say how the model is served and watched, not how it was made (the pipeline run keeps every setting)
+PARAMS_TAG_OMITTABLE = ("monitor", "serve", "triggers", "tune")
+
+
+def params_tags(values: dict) -> dict[str, str]:
+    """The settings as the version's `params` tag: compact JSON that always parses,
+    within the registry's tag limit; sections of PARAMS_TAG_OMITTABLE are left out
+    (named in `params.omitted`) only when the whole does not fit."""
+    kept, omitted = dict(values), []
+    text = json.dumps(kept, sort_keys=True, separators=(",", ":"))
+    for section in PARAMS_TAG_OMITTABLE:
+        if len(text) <= registry.MAX_TAG:
+            break
+        if kept.pop(section, None) is not None:
+            omitted.append(section)
+            text = json.dumps(kept, sort_keys=True, separators=(",", ":"))
+    if len(text) > registry.MAX_TAG:
+        raise TuneloopError(f"the settings take {len(text)} characters as JSON, more than a registry tag holds "
+                            f"({registry.MAX_TAG}) even without {', '.join(PARAMS_TAG_OMITTABLE)}")
+    return {"params": text, **({"params.omitted": ",".join(omitted)} if omitted else {})}
+
+
 def version_tags(params: Params, ws: Workspace, candidate: str = CHALLENGER) -> dict[str, str]:
     """What made this model: data, code, base model, settings, which candidate it is and its test metrics."""
     data = load_data_version(ws)
@@ -551,7 +574,7 @@ def version_tags(params: Params, ws: Workspace, candidate: str = CHALLENGER) -> 
         "data.md5": data.md5, "data.size": str(data.size), "data.path": data.path, "data.source": data.source,
         "git.commit": git_commit(ws), "base_model.name": base,
         "base_model.sha256": integrity.base_weights_sha256(base_path),  # no path: it names this machine
-        "params": json.dumps(params.model_dump(mode="json", by_alias=True), sort_keys=True),
+        **params_tags(params.model_dump(mode="json", by_alias=True)),
         "candidate": candidate, "method": read_meta(candidate_dir(ws, candidate))["method"],
     }
     tags.update({f"test.{k}": f"{scored[k]:.6f}" for k in ("accuracy", "macro_f1", "ece", "latency_ms_per_example")})

@@ -177,3 +177,24 @@ def test_a_registration_cut_off_after_its_version_was_created_is_finished_by_the
     assert done.tags[registry.REGISTRATION_TAG] == "complete" and done.tags["decision"] == "promoted"
     assert registry.download_reference(name, "1", tmp_path / "cache").exists()  # monitoring's reference data
     assert registry.client().get_run(done.run_id).info.status == "FINISHED"
+
+
+def test_the_versions_params_tag_is_whole_json_within_the_tag_limit_for_the_shipped_settings() -> None:
+    """The shipped params.yaml outgrew the tag (4,929 characters as spaced JSON against 4,900):
+    the tag was cut mid-JSON and no longer parsed."""
+    from tuneloop.params import load_params
+    from tuneloop.stages import params_tags
+
+    values = load_params(Path(__file__).resolve().parents[2] / "params.yaml").model_dump(mode="json", by_alias=True)
+    tags = params_tags(values)
+    assert len(tags["params"]) <= registry.MAX_TAG and json.loads(tags["params"]) == values
+    assert "params.omitted" not in tags
+
+
+def test_settings_too_long_for_one_tag_leave_out_the_serving_sections_first_and_say_so() -> None:
+    from tuneloop.stages import params_tags
+
+    values = {"finetune": {"epochs": 2}, "monitor": {"note": "m" * 3000}, "serve": {"note": "s" * 3000}}
+    tags = params_tags(values)
+    assert json.loads(tags["params"]) == {"finetune": {"epochs": 2}, "serve": {"note": "s" * 3000}}
+    assert tags["params.omitted"] == "monitor"
