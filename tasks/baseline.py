@@ -164,7 +164,7 @@ def decision_offsets(logits: np.ndarray, y: np.ndarray, classes: int, passes: in
 
 def out_of_fold_offsets(train: tuple[np.ndarray, np.ndarray], probe: Probe, max_iter: int,
                         folds: int = 5) -> tuple[np.ndarray, float]:
-    """`labels.decision_offsets` for `probe`'s setting, chosen on out-of-fold logits of the
+    """`decision_offsets` for `probe`'s setting, chosen on out-of-fold logits of the
     train rows (k-fold, stratified), and the out-of-fold macro-F1 with them; zero offsets
     (and validation cannot be replaced: score -1) when the smallest class has under 2 rows."""
     from sklearn.model_selection import StratifiedKFold
