@@ -510,6 +510,14 @@ class QuietExpectedFailures:
                     and any(name in message for name in expected_error_names()))
 
 
+@app.command()
+def layout() -> None:
+    """The code's floors, top down, with their modules: imports run only downward."""
+    from tuneloop.layout import floor_table
+
+    typer.echo(floor_table())
+
+
 def expected_error_names() -> set[str]:
     from tuneloop.tasks.errors import TuneloopError
 

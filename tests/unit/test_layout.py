@@ -15,50 +15,7 @@ from pathlib import Path
 import pytest
 
 PROJECT = Path(__file__).resolve().parents[2]
-PACKAGES = {"tuneloop": PROJECT / "tuneloop", "tuneloop.flows": PROJECT / "flows", "tuneloop.tasks": PROJECT / "tasks"}
-
-# Floors, top down: a module may import its own floor or any floor below it.
-BASE = {"config", "errors", "decision", "labels", "workspace"}  # plain values: settings, errors, decisions, paths
-CORE = {"classifier", "fastpath", "metrics", "calibration"}  # the model: torch, transformers, peft, numpy, SciPy
-ENTRY = {"cli", "demo", "init", "__main__", "distributed_finetune", "tune_worker"}  # commands and process entries
-STAGE_IO = {"params", "stages", "monitoring", "launch", "tune_runs"}
-FLOORS = ("base", "core", "tasks", "stage I/O", "flows", "entry")
-
-
-def floor_of(module: str) -> str:
-    if module in {"tuneloop", "tuneloop.tasks"}:  # package files: a version string, a docstring
-        return "base"
-    package, _, name = module.rpartition(".")
-    if package == "tuneloop.tasks":
-        return "base" if name in BASE else "core" if name in CORE else "tasks"
-    if module == "tuneloop.flows" or package == "tuneloop.flows":
-        return "flows"
-    if name in ENTRY:
-        return "entry"
-    assert name in STAGE_IO, f"{module} is on no floor: add it to one in this test"
-    return "stage I/O"
-
-
-def modules() -> dict[str, Path]:
-    found = {}
-    for package, folder in PACKAGES.items():
-        for path in sorted(folder.glob("*.py")):
-            found[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
-    return found
-
-
-def imports(module: str, path: Path, known: set[str]) -> set[str]:
-    """The project modules `module` imports anywhere in its file."""
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-        else:
-            continue
-        out.update(name for name in names if name in known and name != module)
-    return out
+from tuneloop.layout import FLOORS, floor_of, floor_table, floors, imports, modules  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +59,26 @@ def circles(graph: dict[str, set[str]]) -> list[list[str]]:
         if node not in index:
             visit(node)
     return found
+
+
+def test_every_module_is_on_a_floor_and_the_printed_map_names_each_once() -> None:
+    table = floor_table()
+    assert sorted(name for names in floors().values() for name in names) == sorted(modules())
+    for module in modules():
+        assert table.count(f"  {module}\n") + table.endswith(f"  {module}") == 1, module
+    assert [line.split(" - ")[0] for line in table.splitlines() if " - " in line] == list(reversed(FLOORS))
+
+
+def test_a_module_on_no_floor_is_named() -> None:
+    with pytest.raises(LookupError, match="tuneloop.newthing is on no floor"):
+        floor_of("tuneloop.newthing")
+
+
+def test_the_layout_command_prints_the_floors_from_the_code() -> None:
+    shown = subprocess.run([sys.executable, "-m", "tuneloop.cli", "layout"], capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert shown.stdout.strip() == floor_table()
+    assert "\ncore - " in shown.stdout and "  tuneloop.tasks.classifier" in shown.stdout
 
 
 def test_no_module_imports_itself_through_others(graph) -> None:
