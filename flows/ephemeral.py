@@ -3,51 +3,57 @@
 Without $PREFECT_API_URL, Prefect starts a temporary API server in a child
 process and stops it at exit. A SIGKILLed command runs no exit handler, so
 that server would live on, orphaned. Started here instead (from the main
-thread, before any flow), the child asks the kernel for SIGTERM when its
-parent dies (Linux `PR_SET_PDEATHSIG`); Prefect then reuses this server.
+thread, before any flow, with Prefect's own `SubprocessASGIServer`, which its
+client then reuses), and watched by a small process that holds the read end
+of a pipe only this command writes to: when the command ends in any way, even
+SIGKILL, the kernel closes the pipe and the watcher stops the server. No
+Prefect internals are patched, and it works wherever pipes do (not only Linux).
 """
 
 from __future__ import annotations
 
-import ctypes
-import os
-import signal
 import subprocess
 import sys
-from functools import partial
-from unittest import mock
 
-PR_SET_PDEATHSIG = 1
+# Waits for the pipe from the command to close (the command is gone), then stops the server.
+WATCHER = """
+import os, signal, sys
+sys.stdin.buffer.read()
+try:
+    os.kill(int(sys.argv[1]), signal.SIGTERM)
+except (ProcessLookupError, PermissionError):
+    pass
+"""
+
+WATCHERS: list[subprocess.Popen] = []  # held for the command's life: their pipes close only when it ends
 
 
-def die_with_parent(parent: int) -> None:
-    """Runs in the child between fork and exec: SIGTERM when `parent` dies."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before the request: go now
-        os._exit(1)
+def stop_with_this_process(pid: int) -> subprocess.Popen:
+    """A watcher that sends SIGTERM to `pid` once this process has ended, however it ended.
+
+    Its own session, so a Ctrl-C to the command's process group does not stop it first;
+    no stdout or stderr of ours, so a pipe reading the command's output ends with the command."""
+    watcher = subprocess.Popen([sys.executable, "-c", WATCHER, str(pid)], stdin=subprocess.PIPE,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    WATCHERS.append(watcher)
+    return watcher
 
 
 def start_ephemeral_server() -> int | None:
     """Starts Prefect's ephemeral server tied to this process's life.
 
     Returns:
-        The server's pid, or None when a Prefect API URL is configured (or not on Linux).
+        The server's pid, or None when a Prefect API URL is configured.
     """
     from prefect.settings import get_current_settings
 
-    if get_current_settings().api.url or not sys.platform.startswith("linux"):
+    if get_current_settings().api.url:
         return None
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()  # Prefect's client asks for this same instance later
     if not server.running:
-        launch = server._run_uvicorn_command
-
-        def launch_tied_to_us() -> subprocess.Popen:
-            tied = partial(subprocess.Popen, preexec_fn=partial(die_with_parent, os.getpid()))
-            with mock.patch.object(subprocess, "Popen", tied):
-                return launch()
-
-        server._run_uvicorn_command = launch_tied_to_us
         server.start()
+        if server.server_process is not None:
+            stop_with_this_process(server.server_process.pid)
     return server.server_process.pid if server.server_process else None

@@ -176,3 +176,15 @@ def test_the_links_that_editors_follow_point_at_the_installed_folders() -> None:
     for name in ("tasks", "flows"):
         link = PROJECT / "tuneloop" / name
         assert link.is_symlink() and link.resolve() == (PROJECT / name).resolve()
+
+
+def test_no_production_module_imports_test_tooling() -> None:
+    """unittest.mock or pytest in shipped code swaps behaviour process-wide (the ephemeral server
+    once patched subprocess.Popen through mock.patch.object)."""
+    tooling = {"unittest", "pytest", "_pytest"}
+    found = {module: sorted(names & tooling) for module, path in modules().items()
+             if (names := {alias.name.split(".")[0] for node in ast.walk(ast.parse(path.read_text()))
+                           if isinstance(node, ast.Import) for alias in node.names}
+                 | {node.module.split(".")[0] for node in ast.walk(ast.parse(path.read_text()))
+                    if isinstance(node, ast.ImportFrom) and node.module}) & tooling}
+    assert found == {}

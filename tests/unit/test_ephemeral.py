@@ -1,0 +1,57 @@
+"""The ephemeral Prefect server's watcher: whatever ends the command, the server goes too."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tuneloop.flows.ephemeral import WATCHER
+
+# A stand-in "command": starts a watcher for the pid it is given, says so, then waits to be killed.
+COMMAND = """
+import sys
+from tuneloop.flows.ephemeral import stop_with_this_process
+stop_with_this_process(int(sys.argv[1]))
+print("watching", flush=True)
+import time
+time.sleep(600)
+"""
+
+
+def gone(process: subprocess.Popen, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=["SIGKILL", "SIGTERM", "SIGINT"])
+def test_a_watched_process_is_stopped_once_the_command_ends_however_it_ends(how) -> None:
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    command = subprocess.Popen([sys.executable, "-c", COMMAND, str(server.pid)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert command.stdout.readline().strip() == "watching"
+        assert not gone(server, 0.5)  # watched, not stopped, while the command lives
+        os.kill(command.pid, how)
+        command.wait(timeout=30)
+        assert gone(server, 30)
+        assert server.returncode == -signal.SIGTERM  # stopped by the watcher's SIGTERM
+    finally:
+        for process in (command, server):
+            if process.poll() is None:
+                process.kill()
+
+
+def test_the_watcher_ignores_a_process_that_is_already_gone() -> None:
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    watcher = subprocess.run([sys.executable, "-c", WATCHER, str(done.pid)], input=b"", capture_output=True,
+                             timeout=30)
+    assert (watcher.returncode, watcher.stderr) == (0, b"")
