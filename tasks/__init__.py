@@ -7,6 +7,8 @@ returns values; a few also read and write their own files in the workspace
 (`run_ingest`, `run_split`, `run_baseline`). What every stage reads from the
 workspace and writes back, and what it logs, is `tuneloop/stages.py`: the layer
 `dvc.yaml` and the Prefect flows call. Below the stages sit the model core
-(`classifier`, `fastpath`, `metrics`: torch and numpy only) and plain values
-(`config`, `decision`, `errors`, `workspace`).
+(`classifier`, `fastpath`, `metrics`, `calibration`: torch, transformers, peft,
+numpy, scikit-learn and SciPy; no orchestration) and plain values (`config`,
+`decision`, `errors`, `labels`, `workspace`). `tuneloop layout` prints every
+floor with its modules.
 """
