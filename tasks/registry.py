@@ -2,8 +2,9 @@
 
 Every challenger becomes a version, tagged with what made it (data hash, git
 commit, base model and its hash, params, metrics). Aliases carry the state:
-`champion` is what serves, `previous` is where a rollback goes. Each alias move
-is recorded in an audit trail on the registered model.
+`champion` is what serves, `previous` is where a rollback goes, `shadow` is a
+challenger the service scores beside the champion until monitoring promotes or
+discards it. Each alias move is recorded in an audit trail on the registered model.
 
 A registration takes several calls to the MLflow server, and the server can be
 lost between any two. A version is therefore created marked `incomplete` (tag
@@ -30,6 +31,7 @@ from tuneloop.tasks.tracking import SOURCE_TAGS
 
 CHAMPION = "champion"
 PREVIOUS = "previous"
+SHADOW = "shadow"  # a challenger scored beside the champion on live traffic (tasks/shadow.py)
 REFERENCE_DIR = "reference"  # run artefact folder holding the version's splits.parquet
 MAX_TAG = 4900  # MLflow rejects longer tag values on some backends
 REGISTRATION_TAG = "tuneloop.registration"  # INCOMPLETE from the version's creation until every part is written
@@ -548,6 +550,72 @@ def rollback(name: str, to_version: str | None = None, why: str = "manual rollba
             raise RollbackError(f"version {to_version} of {name} cannot serve, version {champion.version} stays "
                                 f"champion: {error}") from None
     return move_champion(name, to_version, "rollback", why)
+
+
+class ShadowError(TuneloopError, ValueError):
+    """A version that cannot become the shadow; the registry is unchanged."""
+
+
+def set_shadow(name: str, version: str, why: str) -> dict | None:
+    """Points `shadow` at `version` (a version that was shadow before it stops being one).
+
+    Returns:
+        The audit entry written (action `shadow`); None when `version` already is the shadow.
+
+    Raises:
+        ShadowError: an unknown version, the champion, or an unfinished registration.
+    """
+    from mlflow.exceptions import MlflowException
+
+    version = str(version)
+    try:
+        target = get_version(name, version)
+    except MlflowException as error:
+        if unreachable(error):
+            raise
+        raise ShadowError(f"{name} has no version {version}") from None
+    champion, shadow = alias_version(name, CHAMPION), alias_version(name, SHADOW)
+    if champion is not None and champion.version == version:
+        raise ShadowError(f"version {version} of {name} already is the champion")
+    if not is_complete(target.tags):
+        raise ShadowError(f"version {version} of {name} is an unfinished registration")
+    if shadow is not None and shadow.version == version:
+        return None
+    client().set_registered_model_alias(name, SHADOW, version)
+    return record_audit(name, "shadow", shadow.version if shadow else None, version, why)
+
+
+def shadow_started(name: str, version: str) -> float | None:
+    """When `version` last became the shadow (seconds since the epoch), from the audit trail."""
+    moves = [entry["at"] for entry in audit_trail(name) if entry["action"] == "shadow" and entry["to"] == str(version)]
+    if not moves:
+        return None
+    from datetime import datetime, timezone
+
+    at = moves[-1].rstrip("Z")
+    whole, _, fraction = at.partition(".")
+    moment = datetime.strptime(whole, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc)
+    return moment.timestamp() + float(f"0.{fraction or 0}")
+
+
+def promote_shadow(name: str, version: str, why: str) -> dict:
+    """The shadow becomes champion (the champion it replaces becomes `previous`), audited
+    as `shadow-promote`; the `shadow` alias is removed and the version tagged."""
+    entry = move_champion(name, version, "shadow-promote", why)
+    c = client()
+    c.delete_registered_model_alias(name, SHADOW)
+    c.set_model_version_tag(name, version, "shadow.outcome", "promoted")
+    return entry
+
+
+def discard_shadow(name: str, version: str, reasons: list[str]) -> dict:
+    """Removes the `shadow` alias, tags the version with why (`shadow.outcome`,
+    `shadow.reasons`) and audits it as `shadow-discard`; the champion is untouched."""
+    c = client()
+    c.delete_registered_model_alias(name, SHADOW)
+    c.set_model_version_tag(name, version, "shadow.reasons", "\n".join(reasons)[:MAX_TAG])
+    c.set_model_version_tag(name, version, "shadow.outcome", "discarded")
+    return record_audit(name, "shadow-discard", str(version), str(version), "; ".join(reasons))
 
 
 def reject_version(name: str, version: str, reasons: list[str]) -> None:
