@@ -152,3 +152,56 @@ def test_a_store_made_before_shadows_gets_the_shadow_table_and_keeps_its_rows(tm
     assert store.shadow_pairs("2", "1")[["champion_label", "shadow_label"]].values.tolist() == [
         ["positive", "negative"]]
     assert store.request("old")["text"].tolist() == ["kept"]
+
+
+# --- the follower ------------------------------------------------------------------------------------
+
+
+def test_the_follower_loads_the_shadow_beside_the_champion_and_a_broken_one_never_touches_the_champion() -> None:
+    from tuneloop.tasks.serve import ChampionFollower
+
+    alias = {"champion": "1", "shadow": None}
+    loads: list[str] = []
+
+    def load(version: str):
+        loads.append(version)
+        if version == "3":
+            raise ValueError("corrupt weights")
+        return f"model {version}"
+
+    follower = ChampionFollower("m", "base", lambda: alias["champion"], load, 60.0, lambda: alias["shadow"])
+    follower.check()
+    assert (follower.served.version, follower.shadow) == ("1", None)
+    alias["shadow"] = "2"
+    assert follower.check() is False  # the champion did not change
+    assert (follower.served.version, follower.shadow.version, follower.shadow.classifier) == ("1", "2", "model 2")
+    alias["shadow"] = "3"
+    follower.check()
+    follower.check()
+    assert (follower.served.version, follower.shadow, follower.failed_shadow) == ("1", None, "3")
+    assert loads.count("3") == 1 and "shadow version 3 was not loaded" in follower.last_error
+    alias["shadow"] = None
+    follower.check()
+    assert follower.shadow is None and follower.failed_shadow is None and follower.status()["shadow"] is None
+
+
+def test_a_shadow_alias_that_cannot_be_read_keeps_the_champion_serving() -> None:
+    from tuneloop.tasks.serve import ChampionFollower
+
+    def down() -> str:
+        raise ConnectionError("registry unreachable")
+
+    follower = ChampionFollower("m", "base", lambda: "1", lambda version: f"model {version}", 60.0, down)
+    assert follower.check() is True
+    assert follower.served.version == "1" and "reading the `shadow` alias failed" in follower.last_error
+
+
+def test_the_monitor_says_one_line_per_shadow_outcome() -> None:
+    from tuneloop.flows.monitor import shadow_line
+
+    assert shadow_line({"shadow": None, "verdict": None, "reasons": []}) == "no shadow version"
+    assert shadow_line({"shadow": "2", "verdict": "wait", "reasons": ["WAIT 3 rows", "WAIT 1 h"]}) == \
+        "shadow v2 waiting: WAIT 3 rows; WAIT 1 h"
+    assert shadow_line({"shadow": "2", "verdict": "promote", "reasons": ["PASS a"]}) == \
+        "shadow v2 PROMOTED to champion: PASS a"
+    assert shadow_line({"shadow": "2", "verdict": "discard", "reasons": ["FAIL b"]}) == "shadow v2 DISCARDED: FAIL b"
