@@ -5,12 +5,15 @@ background thread polls the alias; when it moves (a promotion, a rollback) the
 new version is downloaded, loaded and asked one smoke prediction before it
 replaces the old one, so a version that cannot answer never serves. Every
 prediction is logged to the prediction store, and `POST /feedback` attaches the
-true labels the monitoring flow scores against.
+true labels the monitoring flow scores against. When the `shadow` alias is set,
+its version is followed the same way and scores every request after the
+champion has answered, off the request path, its answers logged under the same
+request id (`ShadowScorer`); nothing it does reaches the champion's answers.
 
     POST /predict   {"text": "..."} or {"texts": ["...", ...]}
     POST /feedback  {"request_id": "...", "label": "..."} or {"request_id": "...", "labels": [...]}
                     (+ "correction": true to replace labels already given; every change is kept)
-    GET  /health    200 {"status": "ok", ...} with a model loaded, else 503 {"status": "no champion", ...}
+    GET  /health    200 {"status": "ok", "shadow": ...} with a model loaded, else 503 {"status": "no champion"}
     GET  /version   the model name, version, load time and base model
 """
 
