@@ -641,9 +641,10 @@ def last_run(experiment: str) -> dict | None:
 
 
 def model_status(name: str, experiment: str) -> dict:
-    """What `tuneloop status` prints: the model, its champion and the last run."""
+    """What `tuneloop status` prints: the model, its champion, previous and shadow versions and the last run."""
     champion = alias_version(name, CHAMPION)
     previous = alias_version(name, PREVIOUS)
+    shadow = alias_version(name, SHADOW)
     described = None
     if champion is not None:
         described = {
@@ -653,6 +654,7 @@ def model_status(name: str, experiment: str) -> dict:
         }
     versions = list_versions(name)
     return {"model": name, "champion": described, "previous": previous.version if previous else None,
+            "shadow": shadow.version if shadow else None,
             "versions": len(versions), "incomplete": [v.version for v in versions if not is_complete(v.tags)],
             "last_run": last_run(experiment)}
 

@@ -308,6 +308,7 @@ def status_table(info: dict) -> str:
         ]
     rows += [
         ("previous", f"version {info['previous']}" if info.get("previous") else "-"),
+        *([("shadow", f"version {info['shadow']} (`tuneloop monitor` decides)")] if info.get("shadow") else []),
         ("last run", f"{last['outcome']} ({last['status']})" + (f", version {last['version']}" if last.get("version")
                                                                  else "") if last else "none"),
     ]

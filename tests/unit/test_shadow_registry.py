@@ -75,6 +75,9 @@ def test_shadow_command_sets_the_alias_with_an_audit_entry(versions, mlflow_sand
     assert aliases(versions) == {CHAMPION: "1", PREVIOUS: None, SHADOW: "2"}
     entry = audit_trail(versions)[-1]
     assert (entry["action"], entry["from"], entry["to"], entry["why"]) == ("shadow", None, "2", "try the new data")
+    status = CliRunner().invoke(app, ["status", "--root", str(root)])
+    assert any(line.startswith("shadow ") and line.endswith(" version 2 (`tuneloop monitor` decides)")
+               for line in status.output.splitlines()), status.output
     result = CliRunner().invoke(app, ["shadow", "3", "--root", str(root)])
     assert result.exit_code == 0 and "(was version 2)" in result.output
     assert aliases(versions)[SHADOW] == "3" and audit_trail(versions)[-1]["from"] == "2"
