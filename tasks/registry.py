@@ -479,6 +479,7 @@ def log_audit_table(name: str, run_id: str) -> dict[str, list]:
 
 def move_champion(name: str, to_version: str, action: str, why: str) -> dict:
     """Points `champion` at `to_version`; the version it leaves becomes `previous`.
+    A `shadow` alias on `to_version` is removed: a champion is nobody's shadow.
 
     Returns:
         The audit entry written.
@@ -494,6 +495,9 @@ def move_champion(name: str, to_version: str, action: str, why: str) -> dict:
     if old is not None:  # `previous` first: cut off here, champion has not moved and a rollback refuses
         c.set_registered_model_alias(name, PREVIOUS, old.version)
     c.set_registered_model_alias(name, CHAMPION, str(to_version))
+    shadow = alias_version(name, SHADOW)
+    if shadow is not None and shadow.version == str(to_version):
+        c.delete_registered_model_alias(name, SHADOW)
     return record_audit(name, action, old.version if old else None, str(to_version), why)
 
 
@@ -600,11 +604,9 @@ def shadow_started(name: str, version: str) -> float | None:
 
 def promote_shadow(name: str, version: str, why: str) -> dict:
     """The shadow becomes champion (the champion it replaces becomes `previous`), audited
-    as `shadow-promote`; the `shadow` alias is removed and the version tagged."""
+    as `shadow-promote`; `move_champion` removes the `shadow` alias; the version is tagged."""
     entry = move_champion(name, version, "shadow-promote", why)
-    c = client()
-    c.delete_registered_model_alias(name, SHADOW)
-    c.set_model_version_tag(name, version, "shadow.outcome", "promoted")
+    client().set_model_version_tag(name, version, "shadow.outcome", "promoted")
     return entry
 
 

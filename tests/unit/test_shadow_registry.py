@@ -184,6 +184,12 @@ def test_monitor_waits_for_the_baking_window_and_changes_nothing(versions, mlflo
     assert monitoring.check_shadow(params, workspace, "1")["verdict"] == "wait"
 
 
+def test_a_shadow_made_champion_another_way_stops_being_the_shadow(versions) -> None:
+    registry.set_shadow(versions, "2", "try it")
+    registry.rollback(versions, to_version="2", why="operator's choice")
+    assert aliases(versions) == {CHAMPION: "2", PREVIOUS: "1", SHADOW: None}
+
+
 def test_without_a_shadow_the_monitor_says_so(versions, mlflow_sandbox, tmp_path) -> None:
     params, workspace = params_for(tmp_path / "p", mlflow_sandbox, versions)
     assert monitoring.check_shadow(params, workspace, "1") == {"shadow": None, "verdict": None,
