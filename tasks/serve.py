@@ -306,6 +306,8 @@ class Health(BaseModel):
     model: str
     version: str | None
     shadow: str | None  # the version scoring beside the champion, off the request path
+    shadow_failed: int  # requests the shadow raised on since the service started (logged, never answered)
+    shadow_skipped: int  # requests not shadowed: serve.max_queued_texts texts were waiting for it
     loaded_at: str | None
     champion: str | None
     last_check_at: str | None
@@ -617,7 +619,7 @@ def create_app(follower: ChampionFollower, store: PredictionStore, config: Serve
 
     @app.get("/health", response_model=Health, responses={503: {"model": Health}})
     def health() -> JSONResponse:
-        status = follower.status()
+        status = {**follower.status(), "shadow_failed": shadow_scorer.failed, "shadow_skipped": shadow_scorer.skipped}
         ok = status["version"] is not None
         return JSONResponse({"status": "ok" if ok else "no champion", **status}, status_code=200 if ok else 503)
 

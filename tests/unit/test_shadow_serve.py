@@ -133,6 +133,7 @@ def test_a_shadow_that_raises_on_every_call_leaves_the_champions_answers_and_row
     assert feedback[0] == 200 and feedback[1]["updated"] == 3  # feedback works as without a shadow
     health = call(service["port"], "GET", "/health")
     assert health[0] == 200 and health[1]["version"] == "1" and health[1]["shadow"] == "3"
+    assert (health[1]["shadow_failed"], health[1]["shadow_skipped"]) == (3, 0)
 
 
 def test_the_answer_never_waits_for_a_slow_shadow(service) -> None:
