@@ -404,7 +404,7 @@ def demo(root: Path = RootOption,
          later_tweets: int = typer.Option(160, help="tweets sent to the forced bad version"),
          workspace: Path = typer.Option(Path("/tmp/tuneloop-demo"), help="the demo's own project folder "
                                         "(new, empty, or one the demo made; outside this repo)")) -> None:
-    """Play the production story on the shipped data: train, serve, drift, retrain, bad version, rollback."""
+    """Play the production story on the shipped data: train, serve, drift, retrain, bad version, rollback, shadow."""
     from tuneloop.demo import DemoError, fresh_workspace, run_demo
     from tuneloop.flows.ephemeral import start_ephemeral_server
 
