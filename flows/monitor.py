@@ -5,8 +5,9 @@ training split (HTML under `reports/monitor/`) → live accuracy/macro-F1 from
 feedback, and estimated from the calibrated probabilities without labels →
 drift and estimated-drop decisions → automatic rollback when the previous
 champion is better on the same labelled rows → the shadow version, if any,
-promoted or discarded on the live requests it scored beside the champion → one MLflow run with every
-number, and the numbers on the model version as tags → a retraining request on
+promoted or discarded on the live requests it scored beside the champion
+(`tasks/shadow.py`) → one MLflow run with every number, and the numbers on the
+model version as tags → a retraining request on
 significant drift or an estimated accuracy drop, with enough new labelled rows. Decisions are pure functions in
 `tasks/` (drift, rollback, triggers); reads and writes are `tuneloop.monitoring`;
 this file only composes.

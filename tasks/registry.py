@@ -459,7 +459,8 @@ AUDIT_COLUMNS = ("time", "action", "version", "from", "to", "reason")
 
 def audit_table(entries: Sequence[dict]) -> dict[str, list]:
     """Audit entries ({at, action, from, to, why}) as table columns, one row per
-    event; `version` is the version the event made champion."""
+    event; `version` is the version the event moved an alias to (champion; for
+    `shadow` the new shadow, for `shadow-discard` the discarded one)."""
     rows = [(e["at"], e["action"], e["to"], e["from"], e["to"], e["why"]) for e in entries]
     return {column: [row[i] for row in rows] for i, column in enumerate(AUDIT_COLUMNS)}
 
