@@ -9,7 +9,7 @@ promoted or discarded on the live requests it scored beside the champion
 (`tasks/shadow.py`) → one MLflow run with every number, and the numbers on the
 model version as tags → a retraining request on
 significant drift or an estimated accuracy drop, with enough new labelled rows. Decisions are pure functions in
-`tasks/` (drift, rollback, triggers); reads and writes are `tuneloop.monitoring`;
+`tasks/` (drift, rollback, shadow, triggers); reads and writes are `tuneloop.monitoring`;
 this file only composes.
 """
 
