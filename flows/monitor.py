@@ -4,10 +4,12 @@ Window of the champion's logged predictions → Evidently drift against its
 training split (HTML under `reports/monitor/`) → live accuracy/macro-F1 from
 feedback, and estimated from the calibrated probabilities without labels →
 drift and estimated-drop decisions → automatic rollback when the previous
-champion is better on the same labelled rows → one MLflow run with every
-number, and the numbers on the model version as tags → a retraining request on
+champion is better on the same labelled rows → the shadow version, if any,
+promoted or discarded on the live requests it scored beside the champion
+(`tasks/shadow.py`) → one MLflow run with every number, and the numbers on the
+model version as tags → a retraining request on
 significant drift or an estimated accuracy drop, with enough new labelled rows. Decisions are pure functions in
-`tasks/` (drift, rollback, triggers); reads and writes are `tuneloop.monitoring`;
+`tasks/` (drift, rollback, shadow, triggers); reads and writes are `tuneloop.monitoring`;
 this file only composes.
 """
 
@@ -44,6 +46,7 @@ read_window = io_task(monitoring.read_window)
 measure_drift = io_task(monitoring.measure_drift)
 estimate_window = io_task(monitoring.estimate_window)
 check_rollback = io_task(monitoring.check_rollback)
+check_shadow = io_task(monitoring.check_shadow)
 log_monitoring = io_task(monitoring.log_monitoring)
 
 
@@ -71,6 +74,14 @@ def trigger_retraining(params: Params, workspace: Workspace, params_path: str, d
         reason = f"{why}; {len(new)} new labelled rows exported to {path.name}"
         result["request"] = request_retraining(workspace, params_path, params.mlflow.model_name, reason)
     return result
+
+
+def shadow_line(shadow: dict) -> str:
+    """One line per outcome: promoted, discarded, waiting (with what is missing), or no shadow."""
+    if shadow["shadow"] is None:
+        return "no shadow version"
+    said = {"promote": "PROMOTED to champion", "discard": "DISCARDED", "wait": "waiting"}[shadow["verdict"]]
+    return f"shadow v{shadow['shadow']} {said}: " + "; ".join(shadow["reasons"])
 
 
 def live_summary(live: LiveMetrics) -> dict:
@@ -122,6 +133,9 @@ def monitor_flow(params_path: str = "params.yaml", root: str = ".", overrides: l
                "drift": {"status": drift_status(drift), "significant": drift.yes, "reasons": drift.reasons,
                          "metrics": metrics.to_dict() if metrics else None},
                "rollback": rollback}
+    if not rollback["rolled_back"]:  # after a rollback the shadow's pairs are against another champion
+        summary["shadow"] = check_shadow(params, workspace, champion.version)
+        say(shadow_line(summary["shadow"]))
     summary["run_id"] = log_monitoring(params, workspace, champion.version, summary)
     summary["retraining"] = trigger_retraining(params, workspace, params_path, drift, labels, estimated)
     say(("retraining requested" if summary["retraining"]["requested"] else "no retraining") + ": "

@@ -430,6 +430,10 @@ class GateConfig:
     # paired interval, lying wholly below minus this, fails it.
     max_forgetting: float = 0.02
     seed: int = 0
+    # true: a passing challenger gets alias `shadow` (scored beside the champion on live traffic,
+    # `tuneloop monitor` promotes or discards it: the `shadow` section) instead of `champion`;
+    # the first champion, with none to shadow, is promoted directly
+    promote_via_shadow: bool = False
     __pydantic_config__ = {"extra": "forbid"}
 
     def __post_init__(self) -> None:
@@ -446,6 +450,38 @@ class GateConfig:
         check_range("gate", self, "max_forgetting", 0, 1)
         check_range("gate", self, "max_latency_ms", 0, low_open=True)
         check_seed("gate", self.seed)
+
+
+# --- shadow (tasks/shadow.py)
+@dataclass(frozen=True)
+class ShadowConfig:
+    # The baking window: no verdict before the shadow has scored this many of the champion's
+    # predictions and held the alias this long (a day sees a day's mix of traffic).
+    min_rows: int = 200
+    min_hours: float = 24.0
+    # Without labels: the shadow must give the champion's answer this often, with this mean confidence.
+    min_agreement: float = 0.9
+    min_mean_confidence: float = 0.6
+    # With at least min_labelled_rows feedback labels on the paired rows, the shadow fails when its
+    # macro-F1 lies more than max_f1_drop below the champion's, its paired interval wholly below minus that.
+    min_labelled_rows: int = 100
+    max_f1_drop: float = 0.02
+    bootstrap_samples: int = 1000
+    confidence: float = 0.95
+    seed: int = 0
+    __pydantic_config__ = {"extra": "forbid"}
+
+    def __post_init__(self) -> None:
+        check_finite("shadow", self)
+        check_range("shadow", self, "min_rows", 1)
+        check_range("shadow", self, "min_hours", 0)
+        check_range("shadow", self, "min_agreement", 0, 1)
+        check_range("shadow", self, "min_mean_confidence", 0, 1)
+        check_range("shadow", self, "min_labelled_rows", 2)
+        check_range("shadow", self, "max_f1_drop", 0, 1)
+        check_range("shadow", self, "bootstrap_samples", 100)
+        check_range("shadow", self, "confidence", 0, 1, low_open=True, high_open=True)
+        check_seed("shadow", self.seed)
 
 
 # --- triggers (tasks/triggers.py)

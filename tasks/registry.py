@@ -2,8 +2,9 @@
 
 Every challenger becomes a version, tagged with what made it (data hash, git
 commit, base model and its hash, params, metrics). Aliases carry the state:
-`champion` is what serves, `previous` is where a rollback goes. Each alias move
-is recorded in an audit trail on the registered model.
+`champion` is what serves, `previous` is where a rollback goes, `shadow` is a
+challenger the service scores beside the champion until monitoring promotes or
+discards it. Each alias move is recorded in an audit trail on the registered model.
 
 A registration takes several calls to the MLflow server, and the server can be
 lost between any two. A version is therefore created marked `incomplete` (tag
@@ -30,6 +31,7 @@ from tuneloop.tasks.tracking import SOURCE_TAGS
 
 CHAMPION = "champion"
 PREVIOUS = "previous"
+SHADOW = "shadow"  # a challenger scored beside the champion on live traffic (tasks/shadow.py)
 REFERENCE_DIR = "reference"  # run artefact folder holding the version's splits.parquet
 MAX_TAG = 4900  # MLflow rejects longer tag values on some backends
 REGISTRATION_TAG = "tuneloop.registration"  # INCOMPLETE from the version's creation until every part is written
@@ -457,7 +459,8 @@ AUDIT_COLUMNS = ("time", "action", "version", "from", "to", "reason")
 
 def audit_table(entries: Sequence[dict]) -> dict[str, list]:
     """Audit entries ({at, action, from, to, why}) as table columns, one row per
-    event; `version` is the version the event made champion."""
+    event; `version` is the version the event moved an alias to (champion; for
+    `shadow` the new shadow, for `shadow-discard` the discarded one)."""
     rows = [(e["at"], e["action"], e["to"], e["from"], e["to"], e["why"]) for e in entries]
     return {column: [row[i] for row in rows] for i, column in enumerate(AUDIT_COLUMNS)}
 
@@ -477,6 +480,7 @@ def log_audit_table(name: str, run_id: str) -> dict[str, list]:
 
 def move_champion(name: str, to_version: str, action: str, why: str) -> dict:
     """Points `champion` at `to_version`; the version it leaves becomes `previous`.
+    A `shadow` alias on `to_version` is removed: a champion is nobody's shadow.
 
     Returns:
         The audit entry written.
@@ -492,6 +496,9 @@ def move_champion(name: str, to_version: str, action: str, why: str) -> dict:
     if old is not None:  # `previous` first: cut off here, champion has not moved and a rollback refuses
         c.set_registered_model_alias(name, PREVIOUS, old.version)
     c.set_registered_model_alias(name, CHAMPION, str(to_version))
+    shadow = alias_version(name, SHADOW)
+    if shadow is not None and shadow.version == str(to_version):
+        c.delete_registered_model_alias(name, SHADOW)
     return record_audit(name, action, old.version if old else None, str(to_version), why)
 
 
@@ -550,6 +557,70 @@ def rollback(name: str, to_version: str | None = None, why: str = "manual rollba
     return move_champion(name, to_version, "rollback", why)
 
 
+class ShadowError(TuneloopError, ValueError):
+    """A version that cannot become the shadow; the registry is unchanged."""
+
+
+def set_shadow(name: str, version: str, why: str) -> dict | None:
+    """Points `shadow` at `version` (a version that was shadow before it stops being one).
+
+    Returns:
+        The audit entry written (action `shadow`); None when `version` already is the shadow.
+
+    Raises:
+        ShadowError: an unknown version, the champion, or an unfinished registration.
+    """
+    from mlflow.exceptions import MlflowException
+
+    version = str(version)
+    try:
+        target = get_version(name, version)
+    except MlflowException as error:
+        if unreachable(error):
+            raise
+        raise ShadowError(f"{name} has no version {version}") from None
+    champion, shadow = alias_version(name, CHAMPION), alias_version(name, SHADOW)
+    if champion is not None and champion.version == version:
+        raise ShadowError(f"version {version} of {name} already is the champion")
+    if not is_complete(target.tags):
+        raise ShadowError(f"version {version} of {name} is an unfinished registration")
+    if shadow is not None and shadow.version == version:
+        return None
+    client().set_registered_model_alias(name, SHADOW, version)
+    return record_audit(name, "shadow", shadow.version if shadow else None, version, why)
+
+
+def shadow_started(name: str, version: str) -> float | None:
+    """When `version` last became the shadow (seconds since the epoch), from the audit trail."""
+    moves = [entry["at"] for entry in audit_trail(name) if entry["action"] == "shadow" and entry["to"] == str(version)]
+    if not moves:
+        return None
+    from datetime import datetime, timezone
+
+    at = moves[-1].rstrip("Z")
+    whole, _, fraction = at.partition(".")
+    moment = datetime.strptime(whole, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc)
+    return moment.timestamp() + float(f"0.{fraction or 0}")
+
+
+def promote_shadow(name: str, version: str, why: str) -> dict:
+    """The shadow becomes champion (the champion it replaces becomes `previous`), audited
+    as `shadow-promote`; `move_champion` removes the `shadow` alias; the version is tagged."""
+    entry = move_champion(name, version, "shadow-promote", why)
+    client().set_model_version_tag(name, version, "shadow.outcome", "promoted")
+    return entry
+
+
+def discard_shadow(name: str, version: str, reasons: list[str]) -> dict:
+    """Removes the `shadow` alias, tags the version with why (`shadow.outcome`,
+    `shadow.reasons`) and audits it as `shadow-discard`; the champion is untouched."""
+    c = client()
+    c.delete_registered_model_alias(name, SHADOW)
+    c.set_model_version_tag(name, version, "shadow.reasons", "\n".join(reasons)[:MAX_TAG])
+    c.set_model_version_tag(name, version, "shadow.outcome", "discarded")
+    return record_audit(name, "shadow-discard", str(version), str(version), "; ".join(reasons))
+
+
 def reject_version(name: str, version: str, reasons: list[str]) -> None:
     c = client()
     c.set_model_version_tag(name, version, "reasons", "\n".join(reasons)[:MAX_TAG])
@@ -573,9 +644,10 @@ def last_run(experiment: str) -> dict | None:
 
 
 def model_status(name: str, experiment: str) -> dict:
-    """What `tuneloop status` prints: the model, its champion and the last run."""
+    """What `tuneloop status` prints: the model, its champion, previous and shadow versions and the last run."""
     champion = alias_version(name, CHAMPION)
     previous = alias_version(name, PREVIOUS)
+    shadow = alias_version(name, SHADOW)
     described = None
     if champion is not None:
         described = {
@@ -585,6 +657,7 @@ def model_status(name: str, experiment: str) -> dict:
         }
     versions = list_versions(name)
     return {"model": name, "champion": described, "previous": previous.version if previous else None,
+            "shadow": shadow.version if shadow else None,
             "versions": len(versions), "incomplete": [v.version for v in versions if not is_complete(v.tags)],
             "last_run": last_run(experiment)}
 

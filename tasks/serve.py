@@ -5,12 +5,15 @@ background thread polls the alias; when it moves (a promotion, a rollback) the
 new version is downloaded, loaded and asked one smoke prediction before it
 replaces the old one, so a version that cannot answer never serves. Every
 prediction is logged to the prediction store, and `POST /feedback` attaches the
-true labels the monitoring flow scores against.
+true labels the monitoring flow scores against. When the `shadow` alias is set,
+its version is followed the same way and scores every request after the
+champion has answered, off the request path, its answers logged under the same
+request id (`ShadowScorer`); nothing it does reaches the champion's answers.
 
     POST /predict   {"text": "..."} or {"texts": ["...", ...]}
     POST /feedback  {"request_id": "...", "label": "..."} or {"request_id": "...", "labels": [...]}
                     (+ "correction": true to replace labels already given; every change is kept)
-    GET  /health    200 {"status": "ok", ...} with a model loaded, else 503 {"status": "no champion", ...}
+    GET  /health    200 {"status": "ok", "shadow": ...} with a model loaded, else 503 {"status": "no champion"}
     GET  /version   the model name, version, load time and base model
 """
 
@@ -85,12 +88,12 @@ def registry_loader(model_name: str, cache_dir: Path, base_model: str, device: s
     return load
 
 
-def registry_lookup(model_name: str) -> Callable[[], str | None]:
-    """The version behind `champion` now, or None."""
+def registry_lookup(model_name: str, alias: str = "champion") -> Callable[[], str | None]:
+    """The version behind `alias` (`champion`, or `shadow`) now, or None."""
     from tuneloop.tasks import registry
 
     def lookup() -> str | None:
-        info = registry.alias_version(model_name, registry.CHAMPION)
+        info = registry.alias_version(model_name, alias)
         return info.version if info else None
 
     return lookup
@@ -114,14 +117,19 @@ class ChampionFollower:
 
     A version that fails to load or to answer the smoke prediction is never
     switched to; it is remembered and not tried again until the alias moves
-    elsewhere and comes back.
+    elsewhere and comes back. With `shadow_lookup`, the version behind `shadow`
+    is followed the same way on the same checks, into `shadow`; nothing about
+    it (a lookup or load that fails) touches the champion.
     """
 
     def __init__(self, model_name: str, base_model: str, lookup: Callable[[], str | None],
-                 load: Callable[[str], Classifier], poll_seconds: float = 2.0):
+                 load: Callable[[str], Classifier], poll_seconds: float = 2.0,
+                 shadow_lookup: Callable[[], str | None] | None = None):
         self.model_name, self.base_model = model_name, base_model
         self.poll_seconds = poll_seconds
-        self._lookup, self._load = lookup, load
+        self._lookup, self._load, self._shadow_lookup = lookup, load, shadow_lookup
+        self.shadow: Served | None = None  # scored beside the champion, off the request path
+        self.failed_shadow: str | None = None
         self.served: Served | None = None  # read once per request: one reference, so swaps are atomic
         self._standby: Served | None = None  # the version served before this one, kept for instant rollback
         self.champion: str | None = None  # what the alias said at the last check
@@ -140,19 +148,51 @@ class ChampionFollower:
             True when the served version changed.
         """
         with self._checking:
-            self.last_check_at = utcnow()
-            try:
-                version = self._lookup()
-            except Exception as error:  # the registry is down: keep serving what we have
-                self._record_error(f"reading the `champion` alias failed: {error}")
-                return False
-            self.champion = version
-            if version != self.failed_version:
-                self.failed_version = None  # the alias moved on: that version may be tried again later
-            current = self.served.version if self.served else None
-            if version is None or version in (current, self.failed_version):
-                return False
-            return self._switch(version, current)
+            changed = self._check_champion()
+            self._check_shadow()
+            return changed
+
+    def _check_champion(self) -> bool:
+        self.last_check_at = utcnow()
+        try:
+            version = self._lookup()
+        except Exception as error:  # the registry is down: keep serving what we have
+            self._record_error(f"reading the `champion` alias failed: {error}")
+            return False
+        self.champion = version
+        if version != self.failed_version:
+            self.failed_version = None  # the alias moved on: that version may be tried again later
+        current = self.served.version if self.served else None
+        if version is None or version in (current, self.failed_version):
+            return False
+        return self._switch(version, current)
+
+    def _check_shadow(self) -> None:
+        """Follows the `shadow` alias: loaded when it appears or moves, dropped when it goes."""
+        if self._shadow_lookup is None:
+            return
+        try:
+            version = self._shadow_lookup()
+        except Exception as error:  # keep scoring with what we have
+            self._record_error(f"reading the `shadow` alias failed: {error}")
+            return
+        current = self.shadow.version if self.shadow else None
+        if version is None or version != self.failed_shadow:
+            self.failed_shadow = None
+        if version is None:
+            if current is not None:
+                log.info("%s: shadow version %s dropped (the alias is gone)", self.model_name, current)
+            self.shadow = None
+            return
+        if version in (current, self.failed_shadow):
+            return
+        try:
+            self.shadow = Served(version, self._load(version), utcnow())
+        except Exception as error:
+            self.shadow, self.failed_shadow = None, version
+            self._record_error(f"shadow version {version} was not loaded: {type(error).__name__}: {error}")
+            return
+        log.info("%s: shadow version %s scores beside the champion", self.model_name, version)
 
     def _switch(self, version: str, current: str | None) -> bool:
         standby = self._standby
@@ -189,7 +229,9 @@ class ChampionFollower:
 
     def status(self) -> dict:
         served = self.served
+        shadow = self.shadow
         return {"model": self.model_name, "version": served.version if served else None,
+                "shadow": shadow.version if shadow else None,
                 "loaded_at": iso(served.loaded_at if served else None), "champion": self.champion,
                 "last_check_at": iso(self.last_check_at), "failed_version": self.failed_version,
                 "last_error": self.last_error, "last_error_at": iso(self.last_error_at),
@@ -263,6 +305,9 @@ class Health(BaseModel):
     status: str  # "ok" | "no champion"
     model: str
     version: str | None
+    shadow: str | None  # the version scoring beside the champion, off the request path
+    shadow_failed: int  # requests the shadow raised on since the service started (logged, never answered)
+    shadow_skipped: int  # requests not shadowed: serve.max_queued_texts texts were waiting for it
     loaded_at: str | None
     champion: str | None
     last_check_at: str | None
@@ -366,6 +411,50 @@ def as_logged(response: PredictResponse, texts: list[str]) -> list[Prediction]:
             for p, text in zip(response.predictions, texts)]
 
 
+class ShadowScorer:
+    """Scores a request's texts with the shadow version on a thread of its own, after the
+    champion has answered, and logs its answers under the request's id. The request never
+    waits for it: a failure is logged and forgotten, and beyond `max_queued_texts` waiting
+    texts a request is not shadowed at all (the champion's traffic is never slowed to catch up)."""
+
+    def __init__(self, store: PredictionStore, batch_size: int, max_queued_texts: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.store, self.batch_size, self.max_queued_texts = store, batch_size, max_queued_texts
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shadow")
+        self._lock = threading.Lock()
+        self.queued = 0  # texts submitted and not yet done
+        self.skipped = 0  # requests not shadowed: the queue was full
+        self.failed = 0  # requests whose shadow scoring or logging raised
+
+    def submit(self, shadow: Served, request_id: str, texts: list[str]) -> bool:
+        """Queues the request for the shadow; False when the queue is full (nothing queued)."""
+        with self._lock:
+            if self.queued + len(texts) > self.max_queued_texts:
+                self.skipped += 1
+                return False
+            self.queued += len(texts)
+        self._pool.submit(self._score, shadow, request_id, texts)
+        return True
+
+    def _score(self, shadow: Served, request_id: str, texts: list[str]) -> None:
+        try:
+            scored = score_texts(shadow.classifier, texts, self.batch_size)
+            self.store.log_shadow(Prediction(request_id, index, "", s.label, s.confidence, s.probabilities,
+                                             shadow.version, abstained=s.abstained)
+                                  for index, s in enumerate(scored))
+        except Exception:
+            self.failed += 1
+            log.exception("shadow version %s failed on request %s (the champion's answer stands)",
+                          shadow.version, request_id)
+        finally:
+            with self._lock:
+                self.queued -= len(texts)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def describe_invalid(error: RequestValidationError) -> str:
     """Pydantic's errors as one sentence of locations and messages; the input is never included."""
     parts = []
@@ -460,6 +549,7 @@ def create_app(follower: ChampionFollower, store: PredictionStore, config: Serve
                           max_queued=config.max_queued_texts)
     writer = MicroBatcher(written_together(store, config.mask_pii, purge), "prediction store", max_items=4096,
                           window_s=0.0, max_queued=max(4096, 2 * config.max_queued_texts))
+    shadow_scorer = ShadowScorer(store, config.batch_size, config.max_queued_texts)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -472,6 +562,7 @@ def create_app(follower: ChampionFollower, store: PredictionStore, config: Serve
         follower.stop()
         scorer.close()
         writer.close()
+        shadow_scorer.close()
 
     app = FastAPI(title="tuneloop", summary="The champion text classifier.", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, limits=limits)
@@ -512,6 +603,9 @@ def create_app(follower: ChampionFollower, store: PredictionStore, config: Serve
             retry = {"Retry-After": str(error.retry_after_s)} if isinstance(error, QueueFull) else None
             raise HTTPException(503, f"the prediction store is unavailable: {type(error).__name__}",
                                 headers=retry) from None
+        shadow = follower.shadow
+        if shadow is not None and shadow.version != served.version:  # after the answer is ready; never awaited
+            shadow_scorer.submit(shadow, response.request_id, texts)
         return response
 
     @app.post("/feedback", response_model=FeedbackResponse, responses=errors(400, *auth, 404, 409, 413, 422))
@@ -525,7 +619,7 @@ def create_app(follower: ChampionFollower, store: PredictionStore, config: Serve
 
     @app.get("/health", response_model=Health, responses={503: {"model": Health}})
     def health() -> JSONResponse:
-        status = follower.status()
+        status = {**follower.status(), "shadow_failed": shadow_scorer.failed, "shadow_skipped": shadow_scorer.skipped}
         ok = status["version"] is not None
         return JSONResponse({"status": "ok" if ok else "no champion", **status}, status_code=200 if ok else 503)
 
@@ -552,7 +646,8 @@ def build_app(config: ServeConfig, model_name: str, base_model: str, root: Path,
 
     cache = Workspace(Path(root)).models_cache
     follower = ChampionFollower(model_name, base_model, registry_lookup(model_name),
-                                registry_loader(model_name, cache, base_model, config.device), config.poll_seconds)
+                                registry_loader(model_name, cache, base_model, config.device), config.poll_seconds,
+                                shadow_lookup=registry_lookup(model_name, "shadow"))
     return create_app(follower, PredictionStore(store_url(config, root)), config, tokens)
 
 

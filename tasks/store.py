@@ -68,6 +68,26 @@ FEEDBACK_HISTORY = sa.Table(
     sa.Column("action", sa.String(16), nullable=False),  # "label" | "correction"
 )
 HISTORY_COLUMNS = [c.name for c in FEEDBACK_HISTORY.columns]
+# The shadow version's answers to the requests the champion answered (tasks/shadow.py): a table of
+# their own, so the champion's rows, which monitoring and feedback read, stay exactly as they were.
+# No text: the champion's row of the same (request_id, item) holds it.
+SHADOW_PREDICTIONS = sa.Table(
+    "shadow_predictions", METADATA,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("request_id", sa.String(64), nullable=False, index=True),
+    sa.Column("item", sa.Integer, nullable=False),
+    sa.Column("ts", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("label", sa.String(128), nullable=False),
+    sa.Column("confidence", sa.Float, nullable=False),
+    sa.Column("probabilities", sa.Text, nullable=False),  # JSON {label: p}
+    sa.Column("model_version", sa.String(32), nullable=False),
+    sa.Column("abstained", sa.Boolean, nullable=False),
+    sa.UniqueConstraint("request_id", "item", "model_version", name="uq_shadow_request_item_version"),
+    sa.Index("ix_shadow_version_ts", "model_version", "ts"),
+)
+SHADOW_COLUMNS = [c.name for c in SHADOW_PREDICTIONS.columns]
+PAIR_COLUMNS = ["request_id", "item", "ts", "champion_label", "champion_confidence", "true_label", "shadow_label",
+                "shadow_confidence"]
 # columns newer than the first stores: added in place
 ADDED_COLUMNS = {"feedback_by": "VARCHAR(64)", "abstained": "BOOLEAN"}
 
@@ -148,6 +168,41 @@ class PredictionStore:
                 conn.execute(PREDICTIONS.insert(), rows)
         return len(rows)
 
+    def log_shadow(self, predictions: Iterable[Prediction]) -> int:
+        """Appends a shadow version's answers (their text is not kept); returns how many were written."""
+        rows = [{
+            "request_id": p.request_id, "item": p.item, "ts": p.ts or utcnow(), "label": p.label,
+            "confidence": float(p.confidence), "probabilities": json.dumps(p.probabilities),
+            "model_version": str(p.model_version), "abstained": bool(p.abstained),
+        } for p in predictions]
+        if rows:
+            with self.engine.begin() as conn:
+                conn.execute(SHADOW_PREDICTIONS.insert(), rows)
+        return len(rows)
+
+    def shadow(self, request_id: str) -> pd.DataFrame:
+        """One request's shadow answers, in item order (empty when there are none)."""
+        query = (sa.select(SHADOW_PREDICTIONS).where(SHADOW_PREDICTIONS.c.request_id == request_id)
+                 .order_by(SHADOW_PREDICTIONS.c.item))
+        with self.engine.connect() as conn:
+            return pd.DataFrame(conn.execute(query).mappings().all(), columns=SHADOW_COLUMNS)
+
+    def shadow_pairs(self, shadow_version: str, champion_version: str, start: datetime | None = None) -> pd.DataFrame:
+        """The champion's predictions since `start` that `shadow_version` also scored, one row
+        each: both labels and confidences and the feedback label (None: none yet), oldest first."""
+        p, s = PREDICTIONS.c, SHADOW_PREDICTIONS.c
+        query = (sa.select(p.request_id, p.item, p.ts, p.label, p.confidence, p.true_label, s.label, s.confidence)
+                 .join(SHADOW_PREDICTIONS, sa.and_(s.request_id == p.request_id, s.item == p.item))
+                 .where(p.model_version == str(champion_version), s.model_version == str(shadow_version))
+                 .order_by(p.ts, p.id))
+        if start is not None:
+            query = query.where(p.ts >= start)
+        with self.engine.connect() as conn:
+            frame = pd.DataFrame(conn.execute(query).all(), columns=PAIR_COLUMNS)
+        if not frame.empty:
+            frame["ts"] = frame["ts"].map(as_utc)
+        return frame
+
     def attach_feedback(self, request_id: str, true_labels: Sequence[str], by: str = "anonymous",
                         correction: bool = False) -> int:
         """Sets true labels on a request's predictions, in item order, and keeps
@@ -207,6 +262,7 @@ class PredictionStore:
         with self.engine.begin() as conn:
             old = sa.select(PREDICTIONS.c.request_id).where(PREDICTIONS.c.ts < before)
             conn.execute(FEEDBACK_HISTORY.delete().where(FEEDBACK_HISTORY.c.request_id.in_(old)))
+            conn.execute(SHADOW_PREDICTIONS.delete().where(SHADOW_PREDICTIONS.c.ts < before))
             return conn.execute(PREDICTIONS.delete().where(PREDICTIONS.c.ts < before)).rowcount
 
     def request(self, request_id: str) -> pd.DataFrame:

@@ -10,6 +10,7 @@
     tuneloop restore-data VERSION the exact data a registered version was trained on
     tuneloop serve                the champion behind an HTTP API, following the alias
     tuneloop rollback [--to V]    move `champion` back to `previous` (or to V)
+    tuneloop shadow VERSION       score VERSION beside the champion until `monitor` promotes or discards it
     tuneloop monitor              drift, live metrics and automatic rollback of the champion
 
 An expected failure (bad data, bad params, a missing file, no champion, an
@@ -267,7 +268,8 @@ def run(params: Path = ParamsOption, root: Path = RootOption,
                 raise
             unchanged = "" if isinstance(error, RegistryUnavailable) else ", the registry is unchanged"
             fail(f"retraining stopped{unchanged}:\n{error}")
-    verdict = "promoted to champion" if result["promoted"] else "not promoted"
+    verdict = "made the shadow (tuneloop monitor decides)" if result.get("shadow") else \
+        "promoted to champion" if result["promoted"] else "not promoted"
     typer.echo(f"\n{result['model']} version {result['version']} {verdict}; "
                f"champion: version {result['champion']}")
     typer.echo(f"report: {workspace.evaluation_report}")
@@ -306,6 +308,7 @@ def status_table(info: dict) -> str:
         ]
     rows += [
         ("previous", f"version {info['previous']}" if info.get("previous") else "-"),
+        *([("shadow", f"version {info['shadow']} (`tuneloop monitor` decides)")] if info.get("shadow") else []),
         ("last run", f"{last['outcome']} ({last['status']})" + (f", version {last['version']}" if last.get("version")
                                                                  else "") if last else "none"),
     ]
@@ -350,6 +353,10 @@ def monitor(params: Path = ParamsOption, root: Path = RootOption,
     typer.echo(f"\n{result['model']} v{result['champion']}: drift {result['drift']['status']}, "
                f"{'rolled back to v' + str(rollback['to']) if rollback['rolled_back'] else 'no rollback'}, "
                f"{'retraining requested' if result['retraining']['requested'] else 'no retraining'}")
+    if "shadow" in result:
+        from tuneloop.flows.monitor import shadow_line
+
+        typer.echo(shadow_line(result["shadow"]))
     typer.echo(f"report: {result['report'] or '(none: too few predictions)'}; MLflow run {result['run_id']}")
 
 
@@ -397,7 +404,7 @@ def demo(root: Path = RootOption,
          later_tweets: int = typer.Option(160, help="tweets sent to the forced bad version"),
          workspace: Path = typer.Option(Path("/tmp/tuneloop-demo"), help="the demo's own project folder "
                                         "(new, empty, or one the demo made; outside this repo)")) -> None:
-    """Play the production story on the shipped data: train, serve, drift, retrain, bad version, rollback."""
+    """Play the production story on the shipped data: train, serve, drift, retrain, bad version, rollback, shadow."""
     from tuneloop.demo import DemoError, fresh_workspace, run_demo
     from tuneloop.flows.ephemeral import start_ephemeral_server
 
@@ -493,6 +500,32 @@ def rollback(to: Optional[str] = typer.Option(None, "--to", help="version to ser
             fail(f"rollback refused, the registry is unchanged: {error}")
     typer.echo(f"{loaded.mlflow.model_name}: champion rolled back from version {entry['from']} "
                f"to version {entry['to']} ({entry['why']}); version {entry['from']} is now `previous`")
+
+
+@app.command()
+def shadow(version: str = typer.Argument(..., help="the registered version to score beside the champion"),
+           why: str = typer.Option("manual shadow", "--why", help="reason kept in the audit trail"),
+           params: Path = ParamsOption, root: Path = RootOption, sets: Optional[list[str]] = SetOption) -> None:
+    """Give VERSION the `shadow` alias: the service scores live traffic with it beside the champion,
+    and `tuneloop monitor` promotes or discards it (params `shadow`)."""
+    from tuneloop.tasks import registry
+    from tuneloop.tasks.tracking import configure_tracking
+
+    try:
+        version = registry.checked_version(version)
+    except registry.TagError as error:
+        fail(f"shadow refused, the registry is unchanged: {error}")
+    loaded, workspace = load(params, root, sets)
+    configure_tracking(loaded.mlflow, workspace.root)
+    with writing(loaded, workspace, "shadow"):
+        try:
+            entry = registry.set_shadow(loaded.mlflow.model_name, version, why)
+        except registry.ShadowError as error:
+            fail(f"shadow refused, the registry is unchanged: {error}")
+    name = loaded.mlflow.model_name
+    was = f" (was version {entry['from']})" if entry and entry["from"] else ""
+    typer.echo(f"{name}: version {version} is the shadow{was}; `tuneloop serve` scores it beside the champion "
+               "and `tuneloop monitor` decides")
 
 
 class QuietExpectedFailures:

@@ -4,8 +4,10 @@ train on movie reviews → serve → send tweets (with their true labels as
 feedback) → the monitor sees drift → retraining on the labelled tweets → gate →
 promotion, followed by the service → a deliberately bad version forced to
 champion → the monitor sees its live macro-F1 drop and rolls back, followed by
-the service. Everything runs locally: Prefect ephemeral, MLflow on SQLite, the
-service on 127.0.0.1, in a workspace folder of its own.
+the service → the bad version tried again as a shadow: it scores live traffic
+beside the champion without answering anyone, and the monitor discards it.
+Everything runs locally: Prefect ephemeral, MLflow on SQLite, the service on
+127.0.0.1, in a workspace folder of its own.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import yaml
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "vader_sentiment"
 MARKER = ".tuneloop-demo"  # written into every workspace the demo creates: only those are ever deleted
+SHADOW_ROWS = 100  # movie reviews the shadow step sends: its baking window
 
 
 @dataclass
@@ -43,6 +46,7 @@ def demo_params(project_params: Path, workspace: Path, movies: Path, port: int) 
     params["ingest"]["source"] = str(movies)
     params["serve"].update(port=port, poll_seconds=1.0)
     params["triggers"]["min_new_labelled_rows"] = 200
+    params.setdefault("shadow", {}).update(min_rows=SHADOW_ROWS, min_hours=0.0)  # a baking window the demo fills
     path = workspace / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
@@ -127,6 +131,37 @@ def force_bad_version(model_name: str, workspace: Path, experiment: str) -> str:
     return info.version
 
 
+def wait_for_shadow(url: str, version: str, timeout: float = 120.0) -> None:
+    """Returns once the service scores `version` beside the champion (raises on timeout)."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).json().get("shadow") == version:
+                return
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"the service did not load shadow version {version} within {timeout:.0f}s")
+
+
+def shadowed_traffic(url: str, store, texts: list[str], champion: str, shadow: str, timeout: float = 120.0) -> int:
+    """Sends `texts` (no feedback) and waits until the shadow has logged its answer to each.
+
+    Returns:
+        How many of the champion's answers the shadow gave the same label.
+    """
+    answers = {}
+    for start in range(0, len(texts), 32):
+        body = httpx.post(f"{url}/predict", json={"texts": texts[start : start + 32]}, timeout=60).json()
+        answers[body["request_id"]] = [p["label"] for p in body["predictions"]]
+    started = time.perf_counter()
+    while len(pairs := store.shadow_pairs(shadow, champion)) < len(texts):
+        if time.perf_counter() - started > timeout:
+            raise DemoError(f"the shadow logged {len(pairs)} of {len(texts)} answers within {timeout:.0f}s")
+        time.sleep(0.2)
+    return int((pairs["shadow_label"] == pairs["champion_label"]).sum())
+
+
 def summary_table(model_name: str) -> str:
     """Versions, their decisions, test and live metrics, and the aliases."""
     from tuneloop.tasks import registry
@@ -196,11 +231,13 @@ def follow_seconds(url: str, model_name: str, version: str) -> float:
 
 def run_demo(project: Path, workspace: Path, movies: int, tweets: int, later_tweets: int) -> str:
     """Plays the story; returns the closing summary table."""
-    from tuneloop.flows.monitor import monitor_flow
+    from tuneloop.flows.monitor import monitor_flow, shadow_line
     from tuneloop.flows.retrain import retrain_flow
+    from tuneloop.monitoring import prediction_store
     from tuneloop.params import load_params
     from tuneloop.tasks import registry
     from tuneloop.tasks.tracking import configure_tracking
+    from tuneloop.tasks.workspace import Workspace
 
     story = Story()
     workspace.mkdir(parents=True, exist_ok=True)
@@ -255,6 +292,16 @@ def run_demo(project: Path, workspace: Path, movies: int, tweets: int, later_twe
         story.step("9 automatic rollback", f"v{bad} -> v{rollback['to']}: " + "; ".join(rollback["reasons"])
                    + f"; served {seconds:.1f}s after the alias moved")
         assert good == rollback["to"], (good, rollback["to"])
+        registry.set_shadow(name, bad, "demo: the bad version tried again, as a shadow")
+        wait_for_shadow(url, bad)
+        texts = all_movies.sample(SHADOW_ROWS, random_state=2)["text"].tolist()
+        agreed = shadowed_traffic(url, prediction_store(params, Workspace(workspace)), texts, good, bad)
+        monitored = monitor_flow(params_path="params.yaml", root=str(workspace))
+        shadow = monitored.get("shadow") or {}
+        if shadow.get("verdict") != "discard":
+            raise DemoError("the bad shadow was not discarded: " + "; ".join(shadow.get("reasons", ["no verdict"])))
+        story.step("10 shadow", f"v{bad} as the shadow of v{good}: {SHADOW_ROWS} movie reviews answered by "
+                                f"v{good} alone, v{bad} agreed on {agreed}; " + shadow_line(shadow))
     finally:
         service.terminate()
         service.wait(timeout=30)

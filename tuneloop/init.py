@@ -63,6 +63,7 @@ SECTION_NOTES = {
     "finetune": "LoRA from the probe's head; more epochs for small or many-class data",
     "evaluate": "base probe, champion and challenger on the same test rows",
     "gate": "promote only with a gain whose bootstrap interval is above zero",
+    "shadow": "a shadow version scores live traffic beside the champion; `tuneloop monitor` promotes or discards it",
 }
 
 

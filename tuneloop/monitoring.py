@@ -32,6 +32,7 @@ from tuneloop.tasks.drift import (
 from tuneloop.tasks.feedback import export_feedback, labelled_rows, last_feedback_export
 from tuneloop.tasks.metrics import EstimatedPerformance, estimate_performance
 from tuneloop.tasks.rollback import arrival_action, compare_live, decide_rollback, rollback_blocker
+from tuneloop.tasks.shadow import DISCARD, PROMOTE, shadow_decision, shadow_stats
 from tuneloop.tasks.store import PredictionStore, store_url, utcnow
 from tuneloop.tasks.tracking import configure_tracking, flatten
 from tuneloop.tasks.workspace import Workspace
@@ -161,6 +162,38 @@ def check_rollback(params: Params, workspace: Workspace, version: str, window: p
     if decision.yes and current is not None and current.version == version:  # nobody moved it meanwhile
         result["audit"] = registry.move_champion(name, previous_version, "auto-rollback", "; ".join(decision.reasons))
         result["rolled_back"] = True
+    return result
+
+
+def check_shadow(params: Params, workspace: Workspace, champion: str) -> dict:
+    """The shadow version judged on the champion's predictions it also scored since it
+    became the shadow; promoted (audited `shadow-promote`) or discarded (audited
+    `shadow-discard`, tagged with the reasons) once the baking window is full.
+
+    Returns:
+        {"shadow", "verdict" (promote | discard | wait | None: no shadow), "reasons", "stats"}.
+    """
+    from datetime import datetime, timezone
+
+    name = params.mlflow.model_name
+    shadow = registry.alias_version(name, registry.SHADOW)
+    if shadow is None:
+        return {"shadow": None, "verdict": None, "reasons": ["no shadow version"], "stats": None}
+    started = registry.shadow_started(name, shadow.version)
+    start = datetime.fromtimestamp(started, timezone.utc) if started is not None else utcnow()
+    pairs = prediction_store(params, workspace).shadow_pairs(shadow.version, champion, start)
+    labels = champion_labels(params, workspace, champion)
+    stats = shadow_stats(pairs, labels, start, utcnow(), params.shadow)
+    verdict, reasons = shadow_decision(stats, params.shadow)
+    result = {"shadow": shadow.version, "champion": champion, "verdict": verdict, "reasons": reasons,
+              "stats": asdict(stats)}
+    current = registry.alias_version(name, registry.SHADOW)
+    if current is None or current.version != shadow.version:  # someone moved it meanwhile: judge it next time
+        return {**result, "verdict": "wait", "reasons": ["the shadow alias moved during the check"]}
+    if verdict == PROMOTE:
+        result["audit"] = registry.promote_shadow(name, shadow.version, "shadow passed: " + "; ".join(reasons))
+    elif verdict == DISCARD:
+        result["audit"] = registry.discard_shadow(name, shadow.version, reasons)
     return result
 
 

@@ -25,6 +25,7 @@ from tuneloop.tasks.config import (
     ModelConfig,
     MonitorConfig,
     ServeConfig,
+    ShadowConfig,
     SplitConfig,
     TriggerConfig,
     ValidateConfig,
@@ -52,6 +53,7 @@ class Params(BaseModel):
     triggers: TriggerConfig = TriggerConfig()
     serve: ServeConfig = ServeConfig()
     monitor: MonitorConfig = MonitorConfig()
+    shadow: ShadowConfig = ShadowConfig()
 
     @property
     def declared_labels(self) -> tuple[str, ...] | None:

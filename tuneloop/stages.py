@@ -623,16 +623,18 @@ def register(params: Params, ws: Workspace) -> dict:
                 say("register", plan.reason)
                 info = registry.finish_version(name, plan.version, ws.splits) if plan.action == "resume" \
                     else registry.get_version(name, plan.version)
-            apply_decision(name, info, decision)
+            shadowed = apply_decision(name, info, decision, params.gate.promote_via_shadow)
             champion = registry.alias_version(name, registry.CHAMPION)
-            result = {"model": name, "version": info.version, "promoted": decision["promote"],
+            result = {"model": name, "version": info.version, "promoted": decision["promote"], "shadow": shadowed,
                       "candidate": candidate, "champion": champion.version if champion else None,
                       "reasons": decision["reasons"], "outcome": decision.get("outcome")}
             write_json(ws.registration, {"version": int(info.version), "champion": int(result["champion"] or 0)})
             registry.log_audit_table(name, run.run_id)  # the registry's audit trail, readable in the run's UI
         finish_run(ws, "FINISHED", "promoted" if decision["promote"] else "rejected", version=info.version)
     what = "the base probe" if candidate == PROBE else "the fine-tuned challenger"
-    say("register", f"{name} version {info.version} {'promoted to champion' if decision['promote'] else 'rejected'}; "
+    verdict = "made the shadow (`tuneloop monitor` decides on live traffic)" if shadowed else \
+        "promoted to champion" if decision["promote"] else "rejected"
+    say("register", f"{name} version {info.version} {verdict}; "
                     f"champion is version {result['champion']} (version {info.version} holds {what})")
     return result
 
@@ -668,10 +670,21 @@ def create_version(params: Params, ws: Workspace, run_id: str, key: str,
                                        trained_by)
 
 
-def apply_decision(name: str, info: registry.VersionInfo, decision: dict) -> None:
+def apply_decision(name: str, info: registry.VersionInfo, decision: dict, via_shadow: bool = False) -> bool:
     """The gate's decision on a complete version, whatever part of it an
-    interrupted registration already applied (see `registry.promotion_steps`)."""
+    interrupted registration already applied (see `registry.promotion_steps`).
+    With `via_shadow` (gate.promote_via_shadow) a passing version gets `shadow`,
+    not `champion`, while there is a champion to shadow.
+
+    Returns:
+        True when the version became the shadow.
+    """
     champion = registry.alias_version(name, registry.CHAMPION)
+    if via_shadow and decision["promote"] and not info.tags.get("decision") and champion is not None \
+            and champion.version != info.version:
+        registry.set_shadow(name, info.version, "gate passed: " + "; ".join(decision["reasons"]))
+        registry.client().set_model_version_tag(name, info.version, "decision", "shadow")  # last: applied
+        return True
     audited = any(e["action"] == "promote" and e["to"] == info.version for e in registry.audit_trail(name))
     why = "gate passed: " + "; ".join(decision["reasons"])
     for step in registry.promotion_steps(decision["promote"], info.tags.get("decision"),
@@ -685,6 +698,7 @@ def apply_decision(name: str, info: registry.VersionInfo, decision: dict) -> Non
             registry.client().set_model_version_tag(name, info.version, "decision", "promoted")
         else:
             registry.reject_version(name, info.version, decision["reasons"])
+    return info.tags.get("decision") == "shadow"  # a re-run after the shadow was set
 
 
 def check_candidate_unchanged(ws: Workspace, candidate: str = CHALLENGER) -> None:

@@ -45,7 +45,7 @@ def step(output: str, name: str) -> str:
 def test_demo_plays_every_step_and_exits_zero(demo) -> None:
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
     for name in ("1 train", "2 serve", "3 traffic", "4 monitor", "5 retrain + gate", "6 promotion served",
-                 "7 bad version forced", "8 traffic", "9 automatic rollback", "done"):
+                 "7 bad version forced", "8 traffic", "9 automatic rollback", "10 shadow", "done"):
         step(demo.stdout, name)
 
 
@@ -60,7 +60,14 @@ def test_the_forced_bad_version_is_rolled_back_to_the_good_one_automatically(dem
     assert step(demo.stdout, "7 bad version forced").startswith("v3 (classifier head negated) forced to champion")
     rollback = step(demo.stdout, "9 automatic rollback")
     assert rollback.startswith("v3 -> v2: live macro_f1 on 160 labelled rows")
-    assert "alias moves: promote None->1; promote 1->2; forced 2->3; auto-rollback 3->2" in demo.stdout
+    assert "alias moves: promote None->1; promote 1->2; forced 2->3; auto-rollback 3->2; shadow None->3; " \
+           "shadow-discard 3->3" in demo.stdout
+
+
+def test_the_bad_version_as_a_shadow_answers_nobody_and_is_discarded(demo) -> None:
+    shadow = step(demo.stdout, "10 shadow")
+    assert re.match(r"v3 as the shadow of v2: 100 movie reviews answered by v2 alone, v3 agreed on \d+; "
+                    r"shadow v3 DISCARDED: FAIL agrees with the champion on 0\.\d+ of 100 rows", shadow), shadow
 
 
 def test_the_summary_table_lists_each_version_with_its_decision_and_aliases(demo) -> None:

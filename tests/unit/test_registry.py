@@ -200,7 +200,7 @@ def test_model_status_without_champion_or_runs(mlflow_sandbox, mlflow_model_name
 
     configure_tracking(mlflow_sandbox.config(experiment="empty-test"), mlflow_sandbox.root)
     status = model_status(mlflow_model_name, "empty-test")
-    assert status == {"model": mlflow_model_name, "champion": None, "previous": None, "versions": 0,
+    assert status == {"model": mlflow_model_name, "champion": None, "previous": None, "shadow": None, "versions": 0,
                       "incomplete": [], "last_run": None}
 
 
