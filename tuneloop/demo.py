@@ -178,6 +178,19 @@ def summary_table(model_name: str) -> str:
     return "\n".join(lines)
 
 
+def estimate_line(monitored: dict) -> str:
+    """The window's live accuracy (from feedback labels) beside the one estimated from the
+    calibrated confidences alone, as the monitor measured them."""
+    live, estimated = monitored.get("live") or {}, (monitored.get("estimated") or {}).get("metrics") or {}
+    said = []
+    if live.get("accuracy") is not None:
+        said.append(f"live accuracy {live['accuracy']:.3f} on {live['labelled_rows']} labelled rows")
+    if estimated.get("accuracy") is not None:
+        said.append(f"estimated without labels {estimated['accuracy']:.3f} "
+                    f"[{estimated['accuracy_low']:.3f}, {estimated['accuracy_high']:.3f}]")
+    return "; ".join(said) or "no live or estimated accuracy in this window"
+
+
 class DemoError(RuntimeError):
     """A step of the story did not happen as it should."""
 
@@ -265,7 +278,7 @@ def run_demo(project: Path, workspace: Path, movies: int, tweets: int, later_twe
                                 "their true labels sent to /feedback")
         monitored = monitor_flow(params_path="params.yaml", root=str(workspace))
         story.step("4 monitor", f"drift status {monitored['drift']['status']}: "
-                                + "; ".join(monitored["drift"]["reasons"]))
+                                + "; ".join(monitored["drift"]["reasons"]) + f" | {estimate_line(monitored)}")
         retraining = monitored["retraining"]
         result = (retraining.get("request") or {}).get("result")
         if not retraining["requested"] or result is None:

@@ -51,6 +51,9 @@ def test_demo_plays_every_step_and_exits_zero(demo) -> None:
 
 def test_tweets_are_drift_and_drift_starts_a_retraining_that_is_promoted_and_served(demo) -> None:
     assert step(demo.stdout, "4 monitor").startswith("drift status drift: DRIFT embeddings")
+    # the tweets' live accuracy (their labels were fed back) beside the one estimated without labels
+    assert re.search(r" \| live accuracy 0\.\d{3} on \d+ labelled rows; estimated without labels "
+                     r"0\.\d{3} \[0\.\d{3}, 0\.\d{3}\]$", step(demo.stdout, "4 monitor"))
     assert step(demo.stdout, "5 retrain + gate").startswith("version 2 promoted")
     served = step(demo.stdout, "6 promotion served")
     assert re.fullmatch(r"the service served v2 [\d.]+s after the alias moved", served)
