@@ -9,7 +9,6 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -145,37 +144,6 @@ def test_a_users_own_tasks_and_flows_modules_do_not_shadow_tuneloop(tmp_path: Pa
     shown = subprocess.run([sys.executable, "-m", "tuneloop.cli", "--help"], cwd=tmp_path, capture_output=True,
                            text=True)
     assert shown.returncode == 0 and "the user" not in shown.stdout + shown.stderr
-
-
-def test_an_editor_goes_to_the_definition_of_every_kind_of_tuneloop_import() -> None:
-    """jedi (the engine under most editors' go-to-definition) resolves imports into
-    tuneloop.tasks, tuneloop.flows and tuneloop itself to the checkout's files, from inside
-    the project and from an unrelated folder using this environment. (The installed names
-    map tasks/ and flows/ through setuptools' editable finder, which tools cannot follow;
-    tuneloop/tasks and tuneloop/flows are links to them that tools can.)"""
-    import jedi
-
-    source = ("from tuneloop.tasks.registry import checked_version\n"
-              "from tuneloop.flows.retrain import retrain_flow\n"
-              "from tuneloop.cli import main\n")
-    expected = {1: ("tasks/registry.py", "def checked_version("), 2: ("flows/retrain.py", "def retrain_flow("),
-                3: ("tuneloop/cli.py", "def main(")}
-    environment = jedi.create_environment(sys.prefix, safe=False)
-    for folder in (PROJECT, Path(tempfile.gettempdir())):
-        script = jedi.Script(source, path=folder / "editing.py",
-                             project=jedi.Project(folder), environment=environment)
-        for line, (file, definition) in expected.items():
-            found = script.goto(line, len(source.splitlines()[line - 1]) - 2, follow_imports=True)
-            assert len(found) == 1, (folder, line, found)
-            path = Path(found[0].module_path).resolve()
-            assert path == (PROJECT / file).resolve() or path == (PROJECT / "tuneloop" / file).resolve()
-            assert path.read_text().splitlines()[found[0].line - 1].startswith(definition)
-
-
-def test_the_links_that_editors_follow_point_at_the_installed_folders() -> None:
-    for name in ("tasks", "flows"):
-        link = PROJECT / "tuneloop" / name
-        assert link.is_symlink() and link.resolve() == (PROJECT / name).resolve()
 
 
 def test_no_production_module_imports_test_tooling() -> None:
