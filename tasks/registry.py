@@ -183,6 +183,19 @@ def get_version(name: str, version: str) -> VersionInfo:
     return as_info(client().get_model_version(name, str(version)))
 
 
+def existing_version(name: str, version: str, refusal: type[Exception]) -> VersionInfo:
+    """`get_version`, with an unknown version raised as `refusal` ("NAME has no version V");
+    a registry that does not answer is raised as it is, never read as "no such version"."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return get_version(name, version)
+    except MlflowException as error:
+        if unreachable(error):
+            raise
+        raise refusal(f"{name} has no version {version}") from None
+
+
 def list_versions(name: str) -> list[VersionInfo]:
     """Every version, oldest first, with its aliases (a version search does not return them)."""
     found = client().search_model_versions(f"name = '{name}'")
@@ -526,8 +539,6 @@ def rollback(name: str, to_version: str | None = None, why: str = "manual rollba
             an unknown version, the target already is the champion, its
             registration did not finish, or it fails `check`.
     """
-    from mlflow.exceptions import MlflowException
-
     champion = alias_version(name, CHAMPION)
     if champion is None:
         raise RollbackError(f"{name} has no champion to roll back from")
@@ -539,12 +550,7 @@ def rollback(name: str, to_version: str | None = None, why: str = "manual rollba
     to_version = str(to_version)
     if to_version == champion.version:
         raise RollbackError(f"version {to_version} of {name} already is the champion")
-    try:
-        target = get_version(name, to_version)
-    except MlflowException as error:
-        if unreachable(error):
-            raise
-        raise RollbackError(f"{name} has no version {to_version}") from None
+    target = existing_version(name, to_version, RollbackError)
     if not is_complete(target.tags):
         raise RollbackError(f"version {to_version} of {name} is an unfinished registration, version "
                             f"{champion.version} stays champion")
@@ -570,15 +576,8 @@ def set_shadow(name: str, version: str, why: str) -> dict | None:
     Raises:
         ShadowError: an unknown version, the champion, or an unfinished registration.
     """
-    from mlflow.exceptions import MlflowException
-
     version = str(version)
-    try:
-        target = get_version(name, version)
-    except MlflowException as error:
-        if unreachable(error):
-            raise
-        raise ShadowError(f"{name} has no version {version}") from None
+    target = existing_version(name, version, ShadowError)
     champion, shadow = alias_version(name, CHAMPION), alias_version(name, SHADOW)
     if champion is not None and champion.version == version:
         raise ShadowError(f"version {version} of {name} already is the champion")

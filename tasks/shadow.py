@@ -11,7 +11,7 @@ decision is a pure function returning its reasons, tested as a table.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 import pandas as pd
@@ -19,7 +19,7 @@ import pandas as pd
 from tuneloop.tasks.config import ShadowConfig
 from tuneloop.tasks.decision import TOLERANCE, Check
 from tuneloop.tasks.feedback import encode
-from tuneloop.tasks.metrics import interval_position
+from tuneloop.tasks.metrics import interval_position, macro_f1, paired_bootstrap
 
 PROMOTE, DISCARD, WAIT = "promote", "discard", "wait"
 
@@ -46,8 +46,6 @@ def shadow_stats(pairs: pd.DataFrame, labels: tuple[str, ...], started_at: datet
 
     Macro-F1 and its interval are computed only with at least `min_labelled_rows`
     rows labelled with one of `labels`."""
-    from tuneloop.tasks.metrics import macro_f1, paired_bootstrap
-
     hours = max(0.0, (now - started_at).total_seconds() / 3600)
     if pairs.empty:
         return ShadowStats(0, hours, None, None)
@@ -55,7 +53,7 @@ def shadow_stats(pairs: pd.DataFrame, labels: tuple[str, ...], started_at: datet
     stats = ShadowStats(len(pairs), hours, agreement, float(pairs["shadow_confidence"].mean()))
     labelled = pairs[pairs["true_label"].isin(list(labels))]
     if len(labelled) < config.min_labelled_rows:
-        return ShadowStats(**{**stats.__dict__, "labelled": len(labelled)})
+        return replace(stats, labelled=len(labelled))
     y, ours, theirs = (encode(labelled[c].tolist(), labels) for c in ("true_label", "shadow_label", "champion_label"))
     classes = len(labels) + 1
 
@@ -63,8 +61,8 @@ def shadow_stats(pairs: pd.DataFrame, labels: tuple[str, ...], started_at: datet
         return macro_f1(t, p, classes)
 
     ci = paired_bootstrap(y, ours, theirs, score, config.bootstrap_samples, config.confidence, config.seed)
-    return ShadowStats(len(pairs), hours, agreement, stats.mean_confidence, len(labelled), score(y, theirs),
-                       score(y, ours), ci["low"], ci["high"])
+    return replace(stats, labelled=len(labelled), champion_f1=score(y, theirs), shadow_f1=score(y, ours),
+                   low=ci["low"], high=ci["high"])
 
 
 def window_missing(stats: ShadowStats, config: ShadowConfig) -> list[str]:
