@@ -8,7 +8,8 @@ champion is better on the same labelled rows → the shadow version, if any,
 promoted or discarded on the live requests it scored beside the champion
 (`tasks/shadow.py`) → one MLflow run with every number, and the numbers on the
 model version as tags → a retraining request on
-significant drift or an estimated accuracy drop, with enough new labelled rows. Decisions are pure functions in
+significant drift or an estimated accuracy drop, with enough new labelled rows,
+unless the shadow replaced the champion in this run. Decisions are pure functions in
 `tasks/` (drift, rollback, shadow, triggers); reads and writes are `tuneloop.monitoring`;
 this file only composes.
 """
@@ -52,7 +53,8 @@ log_monitoring = io_task(monitoring.log_monitoring)
 
 @task(cache_policy=NO_CACHE)
 def trigger_retraining(params: Params, workspace: Workspace, params_path: str, drift: Decision,
-                       labels: tuple[str, ...], estimated: Decision | None = None) -> dict:
+                       labels: tuple[str, ...], estimated: Decision | None = None,
+                       replaced: str | None = None) -> dict:
     """On significant drift or an estimated accuracy drop, with enough feedback
     labelled since the last export, exports those rows to the incoming folder
     (the next data version includes them) and asks for retraining
@@ -65,7 +67,7 @@ def trigger_retraining(params: Params, workspace: Workspace, params_path: str, d
         return {"requested": False, "reasons": ["ingest.incoming_dir is not set: feedback cannot reach training"]}
     new = monitoring.new_feedback(params, workspace, labels)
     decision = decide_retraining(len(new), drift_significant=drift.yes, config=params.triggers,
-                                 estimated_drop=dropped)
+                                 estimated_drop=dropped, replaced=replaced)
     result = {"requested": decision.yes, "new_labelled_rows": len(new), "reasons": list(decision.reasons)}
     if decision.yes:
         path = monitoring.export_new_feedback(params, workspace, new)
@@ -82,6 +84,18 @@ def shadow_line(shadow: dict) -> str:
         return "no shadow version"
     said = {"promote": "PROMOTED to champion", "discard": "DISCARDED", "wait": "waiting"}[shadow["verdict"]]
     return f"shadow v{shadow['shadow']} {said}: " + "; ".join(shadow["reasons"])
+
+
+def replaced_champion(champion: str, summary: dict) -> str | None:
+    """"v1 -> v2, shadow promoted" when this run promoted the shadow, else None.
+
+    The promoted shadow learned from other data than the champion whose window
+    drifted, so its own window decides on retraining. After a rollback the restored
+    champion faces the same traffic: drift still asks (None)."""
+    shadow = summary.get("shadow") or {}
+    if shadow.get("verdict") == "promote":
+        return f"v{champion} -> v{shadow['shadow']}, shadow promoted"
+    return None
 
 
 def live_summary(live: LiveMetrics) -> dict:
@@ -137,7 +151,8 @@ def monitor_flow(params_path: str = "params.yaml", root: str = ".", overrides: l
         summary["shadow"] = check_shadow(params, workspace, champion.version)
         say(shadow_line(summary["shadow"]))
     summary["run_id"] = log_monitoring(params, workspace, champion.version, summary)
-    summary["retraining"] = trigger_retraining(params, workspace, params_path, drift, labels, estimated)
+    summary["retraining"] = trigger_retraining(params, workspace, params_path, drift, labels, estimated,
+                                               replaced_champion(champion.version, summary))
     say(("retraining requested" if summary["retraining"]["requested"] else "no retraining") + ": "
         + "; ".join(summary["retraining"]["reasons"]))
     return summary

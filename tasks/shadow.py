@@ -3,9 +3,10 @@
 The service scores every request the champion answers with the shadow version
 too, off the request path, and logs both answers under one request id. Once the
 baking window is full (`shadow.min_rows` paired answers over `shadow.min_hours`),
-the shadow is judged on those same rows: how often it agrees with the champion,
-how sure it is, and, where feedback labels exist, both models' macro-F1 on the
-same labelled rows with a paired bootstrap interval of the difference. The
+the shadow is judged on those same rows: without enough feedback labels, by how
+often it agrees with the champion and how sure it is; with them, by both models'
+macro-F1 on the same labelled rows with a paired bootstrap interval of the
+difference (agreement and confidence are then reported, not binding). The
 decision is a pure function returning its reasons, tested as a table.
 """
 
@@ -76,14 +77,19 @@ def window_missing(stats: ShadowStats, config: ShadowConfig) -> list[str]:
 
 
 def shadow_checks(stats: ShadowStats, config: ShadowConfig) -> list[Check]:
-    """Agreement, confidence and, with enough labels, macro-F1 against the champion."""
+    """Agreement and confidence judge a shadow without labels; with enough labels,
+    macro-F1 against the champion on the same rows judges it, and agreement and
+    confidence are reported but do not bind (a better model disagrees with a
+    worse champion exactly where the champion is wrong)."""
     agreement, confidence = stats.agreement or 0.0, stats.mean_confidence or 0.0
-    checks = [Check("agreement", agreement >= config.min_agreement,
+    judged = None not in (stats.shadow_f1, stats.champion_f1, stats.low, stats.high)
+    said = f" (not binding: {stats.labelled} labelled rows judge macro-F1)" if judged else ""
+    checks = [Check("agreement", judged or agreement >= config.min_agreement,
                     f"agrees with the champion on {agreement:.4f} of {stats.rows} rows "
-                    f"(needs >= {config.min_agreement})"),
-              Check("confidence", confidence >= config.min_mean_confidence,
-                    f"mean confidence {confidence:.4f} (needs >= {config.min_mean_confidence})")]
-    if stats.shadow_f1 is None or stats.champion_f1 is None or stats.low is None:
+                    f"(needs >= {config.min_agreement}){said}"),
+              Check("confidence", judged or confidence >= config.min_mean_confidence,
+                    f"mean confidence {confidence:.4f} (needs >= {config.min_mean_confidence}){said}")]
+    if stats.shadow_f1 is None or stats.champion_f1 is None or stats.low is None or stats.high is None:
         checks.append(Check("macro_f1", True, f"{stats.labelled} labelled rows, fewer than "
                             f"{config.min_labelled_rows} (shadow.min_labelled_rows): macro-F1 not judged"))
         return checks

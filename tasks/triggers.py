@@ -18,9 +18,13 @@ from tuneloop.tasks.workspace import Workspace
 
 
 def decide_retraining(new_rows: int, drift_significant: bool, config: TriggerConfig,
-                      estimated_drop: bool = False) -> Decision:
+                      estimated_drop: bool = False, replaced: str | None = None) -> Decision:
     """Retrain when enough new labelled rows exist and new data, drift or an
-    estimated accuracy drop (monitor.max_estimated_accuracy_drop) asks for it."""
+    estimated accuracy drop (monitor.max_estimated_accuracy_drop) asks for it,
+    unless the champion whose window asked was `replaced` in the same monitor
+    run by a version trained on other data (a promoted shadow, e.g. "v1 -> v2,
+    shadow promoted"): the new champion's own window decides, and the labelled
+    rows wait for that run."""
     enough = new_rows >= config.min_new_labelled_rows
     wanted = ((config.retrain_on_new_data and new_rows > 0) or (config.retrain_on_drift and drift_significant)
               or estimated_drop)
@@ -33,7 +37,10 @@ def decide_retraining(new_rows: int, drift_significant: bool, config: TriggerCon
         checks.append(Check("estimated_drop", True, "estimated accuracy dropped below the champion's"))
     if not wanted:
         checks.append(Check("asked", False, "nothing asks for retraining"))
-    return Decision("retrain", enough and wanted, tuple(checks), marks=("", ""))
+    if replaced:
+        checks.append(Check("champion", False, f"the champion was replaced in this run ({replaced}): "
+                                               "the new champion's own window decides"))
+    return Decision("retrain", enough and wanted and not replaced, tuple(checks), marks=("", ""))
 
 
 def pending_incoming(config: IngestConfig, workspace: Workspace, merged: list[str]) -> tuple[list[Path], int]:

@@ -2,12 +2,13 @@
 
 train on movie reviews → serve → send tweets (with their true labels as
 feedback) → the monitor sees drift → retraining on the labelled tweets → gate →
-promotion, followed by the service → a deliberately bad version forced to
+the new version becomes the shadow: it scores live tweets beside the champion
+without answering anyone → the monitor judges it on those same labelled rows and
+promotes it, followed by the service → a deliberately bad version forced to
 champion → the monitor sees its live macro-F1 drop and rolls back, followed by
-the service → the bad version tried again as a shadow: it scores live traffic
-beside the champion without answering anyone, and the monitor discards it.
-Everything runs locally: Prefect ephemeral, MLflow on SQLite, the service on
-127.0.0.1, in a workspace folder of its own.
+the service → the bad version tried again as a shadow, on traffic without
+labels: the monitor discards it. Everything runs locally: Prefect ephemeral,
+MLflow on SQLite, the service on 127.0.0.1, in a workspace folder of its own.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import yaml
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "vader_sentiment"
 MARKER = ".tuneloop-demo"  # written into every workspace the demo creates: only those are ever deleted
-SHADOW_ROWS = 100  # movie reviews the shadow step sends: its baking window
+SHADOW_ROWS = 100  # texts each shadow step sends (tweets, then movie reviews): its baking window
 
 
 @dataclass
@@ -46,7 +47,9 @@ def demo_params(project_params: Path, workspace: Path, movies: Path, port: int) 
     params["ingest"]["source"] = str(movies)
     params["serve"].update(port=port, poll_seconds=1.0)
     params["triggers"]["min_new_labelled_rows"] = 200
-    params.setdefault("shadow", {}).update(min_rows=SHADOW_ROWS, min_hours=0.0)  # a baking window the demo fills
+    params.setdefault("shadow", {}).update(min_rows=SHADOW_ROWS, min_hours=0.0,  # a baking window the demo fills
+                                           min_labelled_rows=SHADOW_ROWS)
+    params["gate"]["promote_via_shadow"] = True  # a retrained version first proves itself on live tweets
     path = workspace / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
@@ -83,15 +86,17 @@ def wait_for_version(url: str, version: str, timeout: float = 120.0) -> float:
     raise TimeoutError(f"the service did not serve version {version} within {timeout:.0f}s")
 
 
-def send_with_feedback(url: str, frame: pd.DataFrame, batch: int = 32) -> float:
-    """Predicts every text, then feeds back its true label; returns live accuracy."""
+def send(url: str, frame: pd.DataFrame, feedback: bool = True, batch: int = 32) -> float:
+    """Predicts every text and, with `feedback`, feeds back its true label; returns
+    the champion's live accuracy."""
     correct = 0
     for start in range(0, len(frame), batch):
         chunk = frame.iloc[start : start + batch]
         answer = httpx.post(f"{url}/predict", json={"texts": chunk["text"].tolist()}, timeout=60).json()
         labels = chunk["label"].tolist()
         correct += sum(p["label"] == y for p, y in zip(answer["predictions"], labels))
-        httpx.post(f"{url}/feedback", json={"request_id": answer["request_id"], "labels": labels}, timeout=30)
+        if feedback:
+            httpx.post(f"{url}/feedback", json={"request_id": answer["request_id"], "labels": labels}, timeout=30)
     return correct / max(1, len(frame))
 
 
@@ -144,33 +149,28 @@ def wait_for_shadow(url: str, version: str, timeout: float = 120.0) -> None:
     raise TimeoutError(f"the service did not load shadow version {version} within {timeout:.0f}s")
 
 
-def shadowed_traffic(url: str, store, texts: list[str], champion: str, shadow: str, timeout: float = 120.0) -> int:
-    """Sends `texts` (no feedback) and waits until the shadow has logged its answer to each.
-
-    Returns:
-        How many of the champion's answers the shadow gave the same label.
-    """
-    answers = {}
-    for start in range(0, len(texts), 32):
-        body = httpx.post(f"{url}/predict", json={"texts": texts[start : start + 32]}, timeout=60).json()
-        answers[body["request_id"]] = [p["label"] for p in body["predictions"]]
+def shadow_agreement(store, shadow: str, champion: str, rows: int, timeout: float = 120.0) -> int:
+    """Waits until the shadow has logged its answer to `rows` of the champion's; returns
+    how many of them it gave the champion's label."""
     started = time.perf_counter()
-    while len(pairs := store.shadow_pairs(shadow, champion)) < len(texts):
+    while len(pairs := store.shadow_pairs(shadow, champion)) < rows:
         if time.perf_counter() - started > timeout:
-            raise DemoError(f"the shadow logged {len(pairs)} of {len(texts)} answers within {timeout:.0f}s")
+            raise DemoError(f"the shadow logged {len(pairs)} of {rows} answers within {timeout:.0f}s")
         time.sleep(0.2)
     return int((pairs["shadow_label"] == pairs["champion_label"]).sum())
 
 
 def summary_table(model_name: str) -> str:
-    """Versions, their decisions, test and live metrics, and the aliases."""
+    """Versions, their gate decisions and shadow outcomes, test and live metrics, and the aliases."""
     from tuneloop.tasks import registry
 
-    lines = [f"{'version':>7}  {'decision':<10} {'data':<8} {'test macro-F1':>13} {'live macro-F1':>13}  aliases"]
+    lines = [f"{'version':>7}  {'decision':<10} {'shadow':<10} {'data':<8} {'test macro-F1':>13} "
+             f"{'live macro-F1':>13}  aliases"]
     for v in registry.list_versions(model_name):
         test = v.tags.get("test.macro_f1")
         live = v.tags.get("live.macro_f1")
-        lines.append(f"{v.version:>7}  {v.tags.get('decision', '-'):<10} {v.tags.get('data.md5', '')[:8]:<8} "
+        lines.append(f"{v.version:>7}  {v.tags.get('decision', '-'):<10} {v.tags.get('shadow.outcome', '-'):<10} "
+                     f"{v.tags.get('data.md5', '')[:8]:<8} "
                      f"{float(test) if test else float('nan'):>13.4f} {float(live) if live else float('nan'):>13.4f}"
                      f"  {','.join(v.aliases)}")
     moves = (f"{e['action']} {e['from']}->{e['to']}" for e in registry.audit_trail(model_name))
@@ -271,9 +271,12 @@ def run_demo(project: Path, workspace: Path, movies: int, tweets: int, later_twe
     service = start_service(workspace, port)
     try:
         wait_for_version(url, first["version"], timeout=300)
+        store = prediction_store(params, Workspace(workspace))  # the service made it
         story.step("2 serve", f"{url} serves version {first['version']}")
-        shifted = sample("tweets", tweets + later_tweets, seed=1)
-        accuracy = send_with_feedback(url, shifted.iloc[:tweets])
+        shifted = sample("tweets", tweets + SHADOW_ROWS + later_tweets, seed=1)
+        live, baking, later = (shifted.iloc[:tweets], shifted.iloc[tweets : tweets + SHADOW_ROWS],
+                               shifted.iloc[tweets + SHADOW_ROWS :])
+        accuracy = send(url, live)
         story.step("3 traffic", f"{tweets} tweets served by v{first['version']} (live accuracy {accuracy:.3f}); "
                                 "their true labels sent to /feedback")
         monitored = monitor_flow(params_path="params.yaml", root=str(workspace))
@@ -283,38 +286,52 @@ def run_demo(project: Path, workspace: Path, movies: int, tweets: int, later_twe
         result = (retraining.get("request") or {}).get("result")
         if not retraining["requested"] or result is None:
             raise DemoError("drift did not start retraining: " + "; ".join(retraining["reasons"]))
-        story.step("5 retrain + gate", f"version {result['version']} "
-                   + ("promoted" if result["promoted"] else "rejected") + ": " + "; ".join(result["reasons"]))
-        if result["promoted"]:
-            seconds = follow_seconds(url, name, result["version"])
-            story.step("6 promotion served",
-                       f"the service served v{result['version']} {seconds:.1f}s after the alias moved")
-        good = registry.alias_version(name, registry.CHAMPION).version
+        if not result.get("shadow"):
+            raise DemoError(f"version {result['version']} did not become the shadow: " + "; ".join(result["reasons"]))
+        champion, challenger = first["version"], result["version"]
+        story.step("5 retrain + gate", f"version {challenger} passed the gate and became the shadow of "
+                                       f"v{champion}: " + "; ".join(result["reasons"]))
+        wait_for_shadow(url, challenger)
+        accuracy = send(url, baking)
+        agreed = shadow_agreement(store, challenger, champion, len(baking))
+        story.step("6 shadow on live tweets", f"{len(baking)} more tweets answered by v{champion} alone (live "
+                                              f"accuracy {accuracy:.3f}), labels fed back; v{challenger} scored "
+                                              f"each beside it and agreed on {agreed}")
+        monitored = monitor_flow(params_path="params.yaml", root=str(workspace))
+        shadow = monitored.get("shadow") or {}
+        if shadow.get("verdict") != "promote":
+            raise DemoError(f"shadow v{challenger} was not promoted: "
+                            + "; ".join(shadow.get("reasons", ["no verdict"])))
+        seconds = follow_seconds(url, name, challenger)
+        story.step("7 shadow promoted", shadow_line(shadow) + f"; served {seconds:.1f}s after the alias moved")
+        good = challenger
         bad = force_bad_version(name, workspace, params.mlflow.experiment)
         seconds = follow_seconds(url, name, bad)
-        story.step("7 bad version forced", f"v{bad} (classifier head negated) forced to champion, gate bypassed; "
+        story.step("8 bad version forced", f"v{bad} (classifier head negated) forced to champion, gate bypassed; "
                                            f"served {seconds:.1f}s later")
-        accuracy = send_with_feedback(url, shifted.iloc[tweets:])
-        story.step("8 traffic",
+        accuracy = send(url, later)
+        story.step("9 traffic",
                    f"{later_tweets} more tweets served by v{bad} (live accuracy {accuracy:.3f}), labels fed back")
         monitored = monitor_flow(params_path="params.yaml", root=str(workspace))
         rollback = monitored["rollback"]
         if not rollback["rolled_back"]:
             raise DemoError("the bad version was not rolled back: " + "; ".join(rollback["reasons"]))
+        if rollback["to"] != good:
+            raise DemoError(f"the bad version was rolled back to v{rollback['to']}, not to v{good}")
         seconds = follow_seconds(url, name, rollback["to"])
-        story.step("9 automatic rollback", f"v{bad} -> v{rollback['to']}: " + "; ".join(rollback["reasons"])
+        story.step("10 automatic rollback", f"v{bad} -> v{rollback['to']}: " + "; ".join(rollback["reasons"])
                    + f"; served {seconds:.1f}s after the alias moved")
-        assert good == rollback["to"], (good, rollback["to"])
         registry.set_shadow(name, bad, "demo: the bad version tried again, as a shadow")
         wait_for_shadow(url, bad)
-        texts = all_movies.sample(SHADOW_ROWS, random_state=2)["text"].tolist()
-        agreed = shadowed_traffic(url, prediction_store(params, Workspace(workspace)), texts, good, bad)
+        send(url, all_movies.sample(SHADOW_ROWS, random_state=2), feedback=False)
+        agreed = shadow_agreement(store, bad, good, SHADOW_ROWS)
         monitored = monitor_flow(params_path="params.yaml", root=str(workspace))
         shadow = monitored.get("shadow") or {}
         if shadow.get("verdict") != "discard":
             raise DemoError("the bad shadow was not discarded: " + "; ".join(shadow.get("reasons", ["no verdict"])))
-        story.step("10 shadow", f"v{bad} as the shadow of v{good}: {SHADOW_ROWS} movie reviews answered by "
-                                f"v{good} alone, v{bad} agreed on {agreed}; " + shadow_line(shadow))
+        story.step("11 shadow without labels", f"v{bad} as the shadow of v{good}: {SHADOW_ROWS} movie reviews "
+                                               f"answered by v{good} alone, no labels; v{bad} agreed on {agreed}; "
+                                               + shadow_line(shadow))
     finally:
         service.terminate()
         service.wait(timeout=30)

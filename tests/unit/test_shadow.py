@@ -44,6 +44,14 @@ LABELLED = ShadowStats(rows=500, hours=30.0, agreement=0.95, mean_confidence=0.8
       "95% CI [-0.1100, -0.0300] lies below -0.0200"]),
     # worse beyond the drop on its point, but the interval reaches above minus it: not sure enough
     (ShadowStats(500, 30.0, 0.95, 0.8, 150, 0.85, 0.80, -0.09, 0.01), PROMOTE, None),
+    # labels judge: a shadow better than a weak champion disagrees with it where it is wrong, and
+    # low agreement or confidence no longer discards it ...
+    (ShadowStats(500, 30.0, 0.74, 0.55, 150, 0.62, 0.86, 0.15, 0.33), PROMOTE,
+     ["PASS agrees with the champion on 0.7400 of 500 rows (needs >= 0.9) (not binding: 150 labelled rows "
+      "judge macro-F1)", "PASS mean confidence 0.5500 (needs >= 0.6) (not binding: 150 labelled rows judge "
+      "macro-F1)"]),
+    # ... while a clearly worse one is discarded whatever it agrees on
+    (ShadowStats(500, 30.0, 0.74, 0.8, 150, 0.86, 0.62, -0.33, -0.15), DISCARD, None),
 ])
 def test_shadow_decision_waits_for_its_window_then_promotes_or_discards_with_every_reason(
         stats: ShadowStats, verdict: str, said: list[str] | None) -> None:
@@ -205,3 +213,20 @@ def test_the_monitor_says_one_line_per_shadow_outcome() -> None:
     assert shadow_line({"shadow": "2", "verdict": "promote", "reasons": ["PASS a"]}) == \
         "shadow v2 PROMOTED to champion: PASS a"
     assert shadow_line({"shadow": "2", "verdict": "discard", "reasons": ["FAIL b"]}) == "shadow v2 DISCARDED: FAIL b"
+
+
+def test_a_shadow_promoted_in_this_run_leaves_retraining_to_its_own_window_but_a_rollback_does_not() -> None:
+    from tuneloop.flows.monitor import replaced_champion
+    from tuneloop.tasks.triggers import decide_retraining
+
+    triggers = parse_params({}).triggers
+    promoted = {"rollback": {"rolled_back": False}, "shadow": {"shadow": "2", "verdict": "promote"}}
+    rolled_back = {"rollback": {"rolled_back": True, "to": "1"}, "shadow": None}
+    waiting = {"rollback": {"rolled_back": False}, "shadow": {"shadow": "2", "verdict": "wait"}}
+    assert replaced_champion("1", promoted) == "v1 -> v2, shadow promoted"
+    assert replaced_champion("2", rolled_back) is None and replaced_champion("1", waiting) is None
+    assert decide_retraining(500, drift_significant=True, config=triggers).yes
+    decision = decide_retraining(500, drift_significant=True, config=triggers, replaced="v1 -> v2, shadow promoted")
+    assert not decision.yes
+    assert "the champion was replaced in this run (v1 -> v2, shadow promoted): the new champion's own window " \
+           "decides" in decision.reasons[-1]
