@@ -397,14 +397,15 @@ def deploy(root: Path = RootOption) -> None:
 
 @app.command()
 def demo(root: Path = RootOption,
-         movies: int = typer.Option(0, help="movie reviews the first model trains on (0: all 10,605; "
+         movies: int = typer.Option(0, min=0, help="movie reviews the first model trains on (0: all 10,605; "
                                     "a few thousand rows do not beat the base probe with confidence)"),
-         tweets: int = typer.Option(3500, help="tweets sent (and labelled) before the first monitoring run; "
-                                     "fewer dilute their gain in a test split of mostly movie reviews"),
-         later_tweets: int = typer.Option(160, help="tweets sent to the forced bad version"),
+         tweets: int = typer.Option(3500, min=1, help="tweets sent (and labelled) before the first monitoring "
+                                    "run; fewer dilute their gain in a test split of mostly movie reviews"),
+         later_tweets: int = typer.Option(160, min=1, help="tweets sent to the forced bad version"),
          workspace: Path = typer.Option(Path("/tmp/tuneloop-demo"), help="the demo's own project folder "
                                         "(new, empty, or one the demo made; outside this repo)")) -> None:
-    """Play the production story on the shipped data: train, serve, drift, retrain, bad version, rollback, shadow."""
+    """Play the production story on the shipped data: train, serve, drift, retrain, shadow on live traffic,
+    promotion, bad version, rollback, shadow discarded."""
     from tuneloop.demo import DemoError, fresh_workspace, run_demo
     from tuneloop.flows.ephemeral import start_ephemeral_server
 

@@ -62,8 +62,16 @@ def free_port() -> int:
 
 
 def sample(domain: str, rows: int, seed: int) -> pd.DataFrame:
+    """`rows` labelled (not neutral) texts of a shipped domain.
+
+    Raises:
+        DemoError: the domain has fewer.
+    """
     frame = pd.read_csv(DATA / f"{domain}.csv")
     frame = frame[frame["label"] != "neutral"]
+    if rows > len(frame):
+        raise DemoError(f"the demo sends {rows} {domain} (--tweets + {SHADOW_ROWS} for the shadow + "
+                        f"--later-tweets) but {len(frame)} are shipped: ask for fewer")
     return frame.sample(rows, random_state=seed)
 
 
@@ -252,6 +260,7 @@ def run_demo(project: Path, workspace: Path, movies: int, tweets: int, later_twe
     from tuneloop.tasks.tracking import configure_tracking
     from tuneloop.tasks.workspace import Workspace
 
+    shifted = sample("tweets", tweets + SHADOW_ROWS + later_tweets, seed=1)  # refused before any work
     story = Story()
     workspace.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -273,7 +282,6 @@ def run_demo(project: Path, workspace: Path, movies: int, tweets: int, later_twe
         wait_for_version(url, first["version"], timeout=300)
         store = prediction_store(params, Workspace(workspace))  # the service made it
         story.step("2 serve", f"{url} serves version {first['version']}")
-        shifted = sample("tweets", tweets + SHADOW_ROWS + later_tweets, seed=1)
         live, baking, later = (shifted.iloc[:tweets], shifted.iloc[tweets : tweets + SHADOW_ROWS],
                                shifted.iloc[tweets + SHADOW_ROWS :])
         accuracy = send(url, live)
