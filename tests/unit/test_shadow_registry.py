@@ -138,12 +138,17 @@ def params_for(root: Path, sandbox, name: str, **shadow):
     return parse_params(raw), Workspace(root)
 
 
+def judged(name: str, sandbox, root: Path, rows: int, agree: bool, labelled: int = 0, **shadow) -> dict:
+    """v2 made the shadow of v1, `rows` paired answers logged, then the monitor's shadow step."""
+    registry.set_shadow(name, "2", "try it")
+    params, workspace = params_for(root, sandbox, name, **shadow)
+    traffic(monitoring.prediction_store(params, workspace), rows, agree=agree, confidence=0.9, labelled=labelled)
+    return monitoring.check_shadow(params, workspace, "1")
+
+
 def test_monitor_promotes_a_shadow_that_agrees_and_is_sure_the_old_champion_becoming_previous(
         versions, mlflow_sandbox, tmp_path) -> None:
-    registry.set_shadow(versions, "2", "try it")
-    params, workspace = params_for(tmp_path / "p", mlflow_sandbox, versions)
-    traffic(monitoring.prediction_store(params, workspace), 60, agree=True, confidence=0.9, labelled=30)
-    result = monitoring.check_shadow(params, workspace, "1")
+    result = judged(versions, mlflow_sandbox, tmp_path / "p", 60, agree=True, labelled=30)
     assert result["verdict"] == "promote", result["reasons"]
     assert result["stats"]["rows"] == 60 and result["stats"]["agreement"] == 1.0
     assert result["stats"]["labelled"] == 30 and result["stats"]["shadow_f1"] == result["stats"]["champion_f1"] == 1.0
@@ -156,10 +161,7 @@ def test_monitor_promotes_a_shadow_that_agrees_and_is_sure_the_old_champion_beco
 
 def test_monitor_discards_a_shadow_that_disagrees_tagging_it_with_the_reasons(
         versions, mlflow_sandbox, tmp_path) -> None:
-    registry.set_shadow(versions, "2", "try it")
-    params, workspace = params_for(tmp_path / "p", mlflow_sandbox, versions)
-    traffic(monitoring.prediction_store(params, workspace), 60, agree=False, confidence=0.9)  # no labels
-    result = monitoring.check_shadow(params, workspace, "1")
+    result = judged(versions, mlflow_sandbox, tmp_path / "p", 60, agree=False)  # no labels
     assert result["verdict"] == "discard"
     assert "FAIL agrees with the champion on 0.0000 of 60 rows (needs >= 0.9)" in result["reasons"]
     assert aliases(versions) == {CHAMPION: "1", PREVIOUS: None, SHADOW: None}
@@ -171,10 +173,7 @@ def test_monitor_discards_a_shadow_that_disagrees_tagging_it_with_the_reasons(
 
 def test_with_labels_the_monitor_discards_a_shadow_that_is_clearly_worse_on_them(
         versions, mlflow_sandbox, tmp_path) -> None:
-    registry.set_shadow(versions, "2", "try it")
-    params, workspace = params_for(tmp_path / "p", mlflow_sandbox, versions)
-    traffic(monitoring.prediction_store(params, workspace), 60, agree=False, confidence=0.9, labelled=30)
-    result = monitoring.check_shadow(params, workspace, "1")
+    result = judged(versions, mlflow_sandbox, tmp_path / "p", 60, agree=False, labelled=30)
     assert result["verdict"] == "discard"
     assert "PASS agrees with the champion on 0.0000 of 60 rows (needs >= 0.9) (not binding: 30 labelled rows " \
            "judge macro-F1)" in result["reasons"]
