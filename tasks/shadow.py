@@ -83,7 +83,7 @@ def shadow_checks(stats: ShadowStats, config: ShadowConfig) -> list[Check]:
                     f"(needs >= {config.min_agreement})"),
               Check("confidence", confidence >= config.min_mean_confidence,
                     f"mean confidence {confidence:.4f} (needs >= {config.min_mean_confidence})")]
-    if stats.shadow_f1 is None or stats.champion_f1 is None or stats.low is None:
+    if stats.shadow_f1 is None or stats.champion_f1 is None or stats.low is None or stats.high is None:
         checks.append(Check("macro_f1", True, f"{stats.labelled} labelled rows, fewer than "
                             f"{config.min_labelled_rows} (shadow.min_labelled_rows): macro-F1 not judged"))
         return checks

@@ -111,6 +111,8 @@ def force_bad_version(model_name: str, workspace: Path, experiment: str) -> str:
     from tuneloop.tasks.workspace import Workspace
 
     champion = registry.alias_version(model_name, registry.CHAMPION)
+    if champion is None:
+        raise DemoError(f"{model_name} has no champion to copy")
     source = registry.download_version(model_name, champion.version, Workspace(workspace).models_cache)
     root = source.parent.parent if source.parent.name == "artifacts" else source  # the whole MLflow model
     bad = Workspace(workspace).demo_bad_model
@@ -120,7 +122,10 @@ def force_bad_version(model_name: str, workspace: Path, experiment: str) -> str:
     tensors = {k: -v for k, v in load_file(str(weights)).items()}
     save_file(tensors, str(weights))
     client = mlflow.MlflowClient()
-    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise DemoError(f"no MLflow experiment {experiment!r}")
+    experiment_id = found.experiment_id
     run = client.create_run(experiment_id, tags={"tuneloop.outcome": "forced (demo)"})
     lineage = {k: v for k, v in champion.tags.items()  # its lineage; it was never evaluated
                if not k.startswith(("test.", "live.")) and k != "reasons"}
@@ -289,7 +294,10 @@ def run_demo(project: Path, workspace: Path, movies: int, tweets: int, later_twe
             seconds = follow_seconds(url, name, result["version"])
             story.step("6 promotion served",
                        f"the service served v{result['version']} {seconds:.1f}s after the alias moved")
-        good = registry.alias_version(name, registry.CHAMPION).version
+        champion = registry.alias_version(name, registry.CHAMPION)
+        if champion is None:
+            raise DemoError(f"{name} has no champion after the retraining")
+        good = champion.version
         bad = force_bad_version(name, workspace, params.mlflow.experiment)
         seconds = follow_seconds(url, name, bad)
         story.step("7 bad version forced", f"v{bad} (classifier head negated) forced to champion, gate bypassed; "

@@ -10,7 +10,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from tuneloop import flows, tasks
+import tuneloop.flows as flows
+import tuneloop.tasks as tasks
 
 PACKAGES = {"tuneloop": Path(__file__).parent, "tuneloop.flows": Path(flows.__file__).parent,
             "tuneloop.tasks": Path(tasks.__file__).parent}
