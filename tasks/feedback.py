@@ -33,8 +33,7 @@ def labelled_rows(window: pd.DataFrame, labels: Sequence[str]) -> pd.DataFrame:
     return window[window["true_label"].isin(list(labels))].reset_index(drop=True)
 
 
-def encode(values: Iterable[str], labels
-: Sequence[str]) -> np.ndarray:
+def encode(values: Iterable[str], labels: Sequence[str]) -> np.ndarray:
     """Label names as class indices; a name outside `labels` (another model's
     label set) becomes class len(labels), a class of its own: always wrong."""
     return label_indices(values, labels, unknown=len(labels))
