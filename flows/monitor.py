@@ -17,8 +17,9 @@ this file only composes.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable, ParamSpec, TypeVar
 
-from prefect import flow, task
+from prefect import Task, flow, task
 from prefect.cache_policies import NO_CACHE
 
 from tuneloop import monitoring
@@ -38,9 +39,13 @@ def say(message: str) -> None:
     print(f"[monitor] {message}", flush=True)
 
 
-def io_task(fn):
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def io_task(fn: Callable[P, R]) -> Task[P, R]:
     # They read the store and the registry: caching on inputs would skip real work.
-    return task(fn, name=fn.__name__, cache_policy=NO_CACHE)
+    return task(name=fn.__name__, cache_policy=NO_CACHE)(fn)
 
 
 read_window = io_task(monitoring.read_window)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -71,8 +72,9 @@ def retrain_flow(params_path: str = "params.yaml", root: str = ".", tune_setting
             verdict = "promoted" if result["promoted"] else "rejected"
             print(commit_iteration(workspace.root, f"tuneloop run: {result['model']} v{result['version']} {verdict}, "
                                                    f"data {read_json(workspace.data_version)['md5'][:8]}"), flush=True)
-    # the flow run's final state says what happened; a caller still gets the dict
-    return Completed(message=runlog.outcome_message(result), data=result)
+    # the flow run's final state says what happened; a caller still gets the dict (Prefect unwraps
+    # a returned State into its data, which its annotations cannot say)
+    return cast(dict, Completed(message=runlog.outcome_message(result), data=result))
 
 
 def run_step(stage_task, params: Params, workspace: Workspace, record: bool):

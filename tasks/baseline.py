@@ -123,6 +123,8 @@ def select_probe(train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndar
                 scores[probe.setting] = score
             if best is None or score > best[1]:
                 best = (probe, score)
+    if best is None:
+        raise ValueError("baseline.probe_c lists no C value: no probe was fitted")
     return best[0], scores
 
 

@@ -119,7 +119,7 @@ def choose_abstention(probs: np.ndarray, y: np.ndarray, labels: Sequence[str], o
         out_of_scope: the label meaning "none of these", or None.
     """
     y = np.asarray(y, dtype=np.int64)
-    oos = list(labels).index(out_of_scope) if out_of_scope in labels else None
+    oos = list(labels).index(out_of_scope) if out_of_scope is not None and out_of_scope in labels else None
     base = in_scope_accuracy(probs, y, 0.0, oos)
     best = 0.0
     if max_accuracy_drop > 0 and len(y):
@@ -145,7 +145,8 @@ def selective_summary(probs: np.ndarray, y: np.ndarray, abstention: Abstention, 
     """What abstaining does on labelled rows: coverage, selective accuracy, and with an
     out-of-scope label its recall and precision and the in-scope accuracy."""
     y = np.asarray(y, dtype=np.int64)
-    oos = list(labels).index(abstention.out_of_scope) if abstention.out_of_scope in labels else None
+    out_of_scope = abstention.out_of_scope
+    oos = list(labels).index(out_of_scope) if out_of_scope is not None and out_of_scope in labels else None
     held = abstains(probs, abstention.threshold, oos)
     answered = ~held
     right = probs.argmax(1) == y
@@ -167,9 +168,10 @@ def decided_labels(probs: np.ndarray, abstention: Abstention, labels: Sequence[s
     """Each row's answer as a class index: the top label, or the out-of-scope label where the
     model abstains and the data has one (what a user acting on `abstained` does)."""
     predicted = probs.argmax(1)
-    if abstention.out_of_scope not in labels:
+    out_of_scope = abstention.out_of_scope
+    if out_of_scope is None or out_of_scope not in labels:
         return predicted
-    oos = list(labels).index(abstention.out_of_scope)
+    oos = list(labels).index(out_of_scope)
     return np.where(abstains(probs, abstention.threshold, oos), oos, predicted)
 
 

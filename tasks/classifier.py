@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence, cast
 
 import numpy as np
 import torch
@@ -33,6 +33,11 @@ HEAD_FILE = "head.safetensors"
 # How a model folder holds its encoder: "lora" an adapter over the base model, "full" every
 # weight, "probe" none (the frozen base model itself with the baseline's fitted head).
 ON_BASE = ("lora", "probe")  # methods whose folder needs the base model beside it
+
+
+def hidden_size(encoder: nn.Module) -> int:
+    """The width of a transformers encoder's hidden states (nn.Module types `config` as Tensor | Module)."""
+    return cast(Any, encoder).config.hidden_size
 
 
 def read_meta(model_dir: Path) -> dict:
@@ -211,7 +216,7 @@ class TextClassifier(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.pooling = pooling
-        self.head = nn.Linear(encoder.config.hidden_size, num_labels)
+        self.head = nn.Linear(hidden_size(encoder), num_labels)
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = hidden_states_function(self.encoder)(input_ids, attention_mask)  # (batch, seq, hidden)
@@ -228,7 +233,7 @@ class Classifier:
     validation after training; 1.0 and never for a model saved without them)."""
 
     model: torch.nn.Module
-    tokenizer: object
+    tokenizer: Any  # a transformers tokenizer
     labels: list[str]
     max_length: int
     device: torch.device
@@ -368,7 +373,7 @@ def pooled_embeddings(
 
     ids = tokenize(tokenizer, texts, max_length)
     device = next(encoder.parameters()).device
-    out = np.zeros((len(texts), encoder.config.hidden_size), dtype=np.float32)
+    out = np.zeros((len(texts), hidden_size(encoder)), dtype=np.float32)
     pad_id = tokenizer.pad_token_id or 0
     encode = hidden_states_function(encoder)
     for index in tqdm(list(length_sorted_batches([len(s) for s in ids], batch_size)), desc="embedding",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 import regex
 
@@ -26,7 +27,7 @@ DEVICES = "auto, cpu, cuda, cuda:N or mps"
 MAX_SEED = 2**32 - 1  # numpy's generators refuse larger seeds and negative ones
 
 
-def check_finite(section: str, config: object) -> None:
+def check_finite(section: str, config: Any) -> None:
     """Every float setting (or float in a tuple setting) is a finite number: YAML's .nan and
     .inf would pass every `<` and `>` check below and fail deep inside a stage.
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -41,10 +42,10 @@ class Ranks:
         return self.rank == 0
 
 
-def ranks_from_env(env: dict[str, str] | None = None) -> Ranks:
+def ranks_from_env(env: Mapping[str, str] | None = None) -> Ranks:
     """The launcher's WORLD_SIZE / RANK / LOCAL_RANK (rank 0 of 1 without them)."""
-    env = os.environ if env is None else env
-    return Ranks(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+    values = os.environ if env is None else env
+    return Ranks(int(values.get("RANK", 0)), int(values.get("WORLD_SIZE", 1)), int(values.get("LOCAL_RANK", 0)))
 
 
 def backend_for(device: torch.device) -> str:

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence, cast
 
 import numpy as np
 import pandas as pd
+from numpy.typing import ArrayLike
 
 from tuneloop.tasks.config import MonitorConfig
 from tuneloop.tasks.decision import TOLERANCE, Check, Decision
@@ -65,7 +66,7 @@ def sample(frame: pd.DataFrame, rows: int, seed: int) -> pd.DataFrame:
     return frame.sample(rows, random_state=seed).sort_index().reset_index(drop=True)
 
 
-def drift_frame(texts: Sequence[str], predicted: Sequence[str], confidence: Sequence[float],
+def drift_frame(texts: Iterable[str], predicted: Iterable[str], confidence: ArrayLike,
                 embeddings: np.ndarray) -> pd.DataFrame:
     """One row per text: text, prediction, confidence, emb_0 ... emb_<hidden-1>."""
     frame = pd.DataFrame({TEXT: list(texts), PREDICTION: list(predicted),
@@ -140,7 +141,8 @@ def embedding_method(config: MonitorConfig):
     trained to tell current from reference embeddings on half the rows."""
     from evidently.metrics.embeddings import ModelDriftMethod
 
-    return ModelDriftMethod(threshold=config.embedding_auc)
+    # evidently's @autoregister decorator hides the class's own signature (and __call__) from type checkers
+    return cast(Any, ModelDriftMethod)(threshold=config.embedding_auc)
 
 
 def drift_report_metrics(config: MonitorConfig, with_embeddings: bool) -> dict:
@@ -175,14 +177,17 @@ def compute_drift(reference: pd.DataFrame, current: pd.DataFrame, config: Monito
     vectors = embedding_columns(reference)
     definition = DataDefinition(text_columns=[TEXT], categorical_columns=[PREDICTION],
                                 numerical_columns=[CONFIDENCE], embeddings={EMBEDDING: vectors})
-    datasets = [Dataset.from_pandas(frame, data_definition=definition, descriptors=text_descriptors())
-                for frame in (current, reference)]
+    current_data, reference_data = (Dataset.from_pandas(frame, data_definition=definition,
+                                                        descriptors=text_descriptors())
+                                     for frame in (current, reference))
     metrics = drift_report_metrics(config, with_embeddings=report_path is not None)
     # EmbeddingsDrift's t-SNE is OpenMP code: on a busy 2-core machine (serving beside it) two
     # spinning threads took 37 s for 300 rows, one thread 2.5 s.
     with threadpool_limits(1, user_api="openmp"):
-        snapshot = Report(list(metrics.values())).run(*datasets)
-    result = {key: snapshot.metric_results[metric.metric_id] for key, metric in metrics.items()}
+        snapshot = Report(list(metrics.values())).run(current_data, reference_data)
+    # typed as the base MetricResult: these metrics give a SingleValue (.value) or, for
+    # DriftedColumnsCount, a CountValue (.share)
+    result: dict[str, Any] = {key: snapshot.metric_results[metric.metric_id] for key, metric in metrics.items()}
     if report_path is not None:
         Path(report_path).parent.mkdir(parents=True, exist_ok=True)
         snapshot.save_html(str(report_path))

@@ -23,12 +23,17 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 _QKV_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+# A transformers or PEFT module read by attribute name (`layer.attention.self`, `module.lora_A[name]`):
+# nn.Module types such attributes as Tensor | Module, so the layouts this file relies on are Any.
+HFModule = Any
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,7 @@ class Adapter:
     p: float
 
 
-def unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: HFModule) -> HFModule:
     """The transformers model inside a PEFT wrapper (the model itself otherwise)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
@@ -54,7 +59,7 @@ def lora_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
 
 
-def plain_lora(layer: nn.Module) -> bool:
+def plain_lora(layer: HFModule) -> bool:
     """One active, unmerged, vanilla adapter on a Linear: what `split_linear` computes."""
     names = list(layer.active_adapters)
     return (len(names) == 1 and not layer.merged and not layer.disable_adapters
@@ -63,7 +68,7 @@ def plain_lora(layer: nn.Module) -> bool:
             and not getattr(layer, "lora_bias", {}).get(names[0], False))
 
 
-def supports_encoder(encoder: nn.Module) -> bool:
+def supports_encoder(encoder: HFModule) -> bool:
     """True when `encode` computes exactly what this BertModel computes.
 
     CPU only: that is where it is measured and tested; on a GPU the model's
@@ -88,7 +93,7 @@ def supports(model: nn.Module) -> bool:
         plain_lora(m) for m in lora_layers(seq))
 
 
-def split_linear(module: nn.Module) -> tuple[nn.Linear, Adapter | None]:
+def split_linear(module: HFModule) -> tuple[nn.Linear, Adapter | None]:
     """The frozen Linear of a layer and its adapter (None for a plain Linear)."""
     if isinstance(module, nn.Linear):
         return module, None
@@ -185,7 +190,7 @@ def dropout_add(x: torch.Tensor, residual: torch.Tensor, p: float, training: boo
     return _DropoutAdd.apply(x, residual, p)
 
 
-def linear(x: torch.Tensor, module: nn.Module, training: bool) -> torch.Tensor:
+def linear(x: torch.Tensor, module: HFModule, training: bool) -> torch.Tensor:
     """A Linear, or a LoRA-adapted Linear, of x (tokens, in) -> (tokens, out)."""
     base, adapter = split_linear(module)
     y = F.linear(x, base.weight, base.bias)
@@ -216,12 +221,12 @@ def concatenated(bases: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor]:
     return cached[1], cached[2]
 
 
-def project_qkv(h: torch.Tensor, attention: nn.Module, training: bool) -> torch.Tensor:
+def project_qkv(h: torch.Tensor, attention: HFModule, training: bool) -> torch.Tensor:
     """Query, key and value of h (tokens, hidden), stacked: (3, tokens, hidden)."""
     modules = (attention.query, attention.key, attention.value)
     parts = [split_linear(m) for m in modules]
-    adapters = [a for _, a in parts]
-    same = all(a is not None for a in adapters) and len({(a.A.shape, a.scale, a.p) for a in adapters}) == 1
+    adapters = [a for _, a in parts if a is not None]
+    same = len(adapters) == len(parts) and len({(a.A.shape, a.scale, a.p) for a in adapters}) == 1
     if not same or any(b.bias is None for b, _ in parts):
         return torch.stack([linear(h, m, training) for m in modules])
     weight, bias = concatenated([b for b, _ in parts])
@@ -264,7 +269,7 @@ def layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
     return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
-def encoder_layer(h: torch.Tensor, layer: nn.Module, mask: torch.Tensor, training: bool) -> torch.Tensor:
+def encoder_layer(h: torch.Tensor, layer: HFModule, mask: torch.Tensor, training: bool) -> torch.Tensor:
     """One BERT layer (post-LayerNorm) on h (batch*seq, hidden); mask (batch, seq) marks real tokens."""
     attention, heads = layer.attention, layer.attention.self.num_attention_heads
     qkv = project_qkv(h, attention.self, training)
@@ -276,7 +281,7 @@ def encoder_layer(h: torch.Tensor, layer: nn.Module, mask: torch.Tensor, trainin
     return layer_norm(dropout_add(linear(inner, out.dense, training), h, out.dropout.p, training), out.LayerNorm)
 
 
-def encode(bert: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def encode(bert: HFModule, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Last hidden states (batch, seq, hidden) of a BertModel `supports_encoder` accepts,
     in train or eval mode as the model is set."""
     training = bert.training

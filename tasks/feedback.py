@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -33,7 +33,7 @@ def labelled_rows(window: pd.DataFrame, labels: Sequence[str]) -> pd.DataFrame:
     return window[window["true_label"].isin(list(labels))].reset_index(drop=True)
 
 
-def encode(values: Sequence[str], labels: Sequence[str]) -> np.ndarray:
+def encode(values: Iterable[str], labels: Sequence[str]) -> np.ndarray:
     """Label names as class indices; a name outside `labels` (another model's
     label set) becomes class len(labels), a class of its own: always wrong."""
     return label_indices(values, labels, unknown=len(labels))

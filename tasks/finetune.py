@@ -134,12 +134,12 @@ def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int) -> 
     """
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(lengths))
-    lengths = np.asarray(lengths)
+    by_index = np.asarray(lengths)
     window = batch_size * 50
     batches: list[np.ndarray] = []
     for start in range(0, len(order), window):
         chunk = order[start : start + window]
-        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        chunk = chunk[np.argsort(-by_index[chunk], kind="stable")]
         batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
     return [batches[i] for i in rng.permutation(len(batches))]
 

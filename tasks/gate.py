@@ -101,7 +101,7 @@ def check_slices(evaluation: dict, model: str, reference: str, config: GateConfi
                 continue
             said = f"{column}={value} {stats[metric]:.4f} vs {ref[metric]:.4f} ({stats['rows']} rows"
             p = None
-            if members is not None:
+            if predictions is not None and members is not None:
                 rows = members == value
                 p = slice_p_value(predictions["y_true"][rows], predictions[model][rows], predictions[reference][rows],
                                   config, n_classes)

@@ -21,6 +21,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -279,7 +280,7 @@ def label_texts(values: pd.Series, column: str) -> pd.Series:
     clashes = spellings[spellings["text"].duplicated(keep=False)]
     if len(clashes):
         label = clashes["text"].iloc[0]
-        both = sorted(clashes.loc[clashes["text"] == label, "kind"])
+        both = sorted(clashes["kind"][clashes["text"] == label])
         raise IngestError(f"column {column!r} spells the label {label!r} as a {' and as a '.join(both)}: write every "
                           "label the same way (all strings, or all numbers and true/false)")
     return texts
@@ -299,7 +300,8 @@ def open_dvc_repo(root: Path, remote: str | None):
         # DVC rewrites a RelPath relative to the config file's folder (.dvc/) on save; a plain
         # relative string would be read relative to the process's cwd, not the project root.
         url = remote if "://" in remote or os.path.isabs(remote) else RelPath(os.path.abspath(root / remote))
-        with repo.config.edit() as conf:
+        with repo.config.edit() as edited:
+            conf = cast(dict, edited)  # the config's sections as nested dicts (DVC's edit() is unannotated)
             conf["core"]["analytics"] = False
             # keep the remote's other options (endpointurl, region, ...) set with `dvc remote modify`
             conf["remote"][REMOTE_NAME] = {**conf["remote"].get(REMOTE_NAME, {}), "url": url}
@@ -313,7 +315,8 @@ def track_with_dvc(snapshot: Path, root: Path, remote: str | None) -> tuple[str,
     """`dvc add` + `dvc push` of one file; returns its DVC (md5, size)."""
     repo = open_dvc_repo(root, remote)
     try:
-        repo.add(str(snapshot))
+        # DVC binds add by importing it into Repo's class body: a checker sees an unbound function
+        repo.add(str(snapshot))  # pyright: ignore[reportArgumentType]
         repo.push(targets=[str(snapshot)])
     finally:
         repo.close()

@@ -62,7 +62,7 @@ class SlowClientLimits:
     max_pending_bodies: int = 32  # bodies read at once: at most 32 x serve.max_body_bytes held
 
 
-def libc_trim() -> Callable[[], Any] | None:
+def libc_trim() -> Callable[[int], Any] | None:
     """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim

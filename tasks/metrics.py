@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
+from typing import Callable, Sequence, cast
 
 import numpy as np
 from sklearn import metrics as sk
@@ -26,8 +26,10 @@ def per_class_scores(y_true: np.ndarray, y_pred: np.ndarray,
     if len(y_true) == 0:
         return np.zeros(n_classes), np.zeros(n_classes), np.zeros(n_classes)
     precision, recall, f1, _ = sk.precision_recall_fscore_support(
-        y_true, y_pred, labels=np.arange(n_classes), zero_division=0)
-    return precision, recall, f1
+        y_true, y_pred, labels=np.arange(n_classes), zero_division=0)  # pyright: ignore[reportArgumentType]
+    # sklearn's annotations (read from its defaults) type zero_division as str and the result as floats;
+    # with labels given it returns one array per class
+    return cast(np.ndarray, precision), cast(np.ndarray, recall), cast(np.ndarray, f1)
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
@@ -35,7 +37,7 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
     if len(y_true) == 0:
         return 0.0
     # labels=None: sklearn averages over the classes present in y_true or y_pred, as intended
-    return float(sk.f1_score(y_true, y_pred, average="macro", zero_division=0))
+    return float(sk.f1_score(y_true, y_pred, average="macro", zero_division=0))  # pyright: ignore[reportArgumentType]
 
 
 def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:

@@ -40,6 +40,7 @@ from typing import Mapping, Sequence
 
 import mlflow.pyfunc
 import pandas as pd
+from mlflow.pyfunc.model import PythonModel
 
 from tuneloop.tasks.classifier import BUNDLED_MODEL, LABELS_FILE, META_FILE, load_classifier, score_texts
 
@@ -52,7 +53,7 @@ EXAMPLE_TEXTS = ["The service asks every new version this one question before it
                  "Nothing about this was worth the time."]
 
 
-class ClassifierModel(mlflow.pyfunc.PythonModel):
+class ClassifierModel(PythonModel):
     """`predict` takes a DataFrame with a `text` column and returns one row per
     text: `label`, `confidence` (its calibrated probability), `probabilities`
     (every label's) and `abstained` (true: "none of these", the model is too
@@ -224,7 +225,7 @@ def imported_names(source: str, package: str = "") -> set[str]:
     `from a import b` gives both `a` and `a.b` (b may be a module).
     Imports under `if TYPE_CHECKING:` never run and are left out."""
     names: set[str] = set()
-    todo = [ast.parse(source)]
+    todo: list[ast.AST] = [ast.parse(source)]
     while todo:
         node = todo.pop()
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):

@@ -21,7 +21,7 @@ def write_csv(path: Path, columns: Sequence[str], rows: Iterable[Sequence]) -> P
     return path
 
 
-def confusion_rows(y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence[str]) -> list[tuple[str, str]]:
+def confusion_rows(y_true: Iterable[int], y_pred: Iterable[int], labels: Sequence[str]) -> list[tuple[str, str]]:
     """One (actual, predicted) label pair per test row: DVC's confusion template counts them."""
     return [(labels[int(t)], labels[int(p)]) for t, p in zip(y_true, y_pred)]
 

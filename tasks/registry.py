@@ -82,6 +82,13 @@ class VersionInfo:
     aliases: tuple[str, ...]
 
 
+def version_run_id(name: str, info: VersionInfo) -> str:
+    """The MLflow run a version was logged from (every version tuneloop registers has one)."""
+    if info.run_id is None:
+        raise ValueError(f"version {info.version} of {name} has no MLflow run")
+    return info.run_id
+
+
 def client():
     import mlflow
 
@@ -115,7 +122,7 @@ class RegistryUnavailable(TuneloopError, ConnectionError):
     """The MLflow server did not answer; the message says what to do next."""
 
 
-def unreachable(error: BaseException) -> bool:
+def unreachable(error: BaseException | None) -> bool:
     """Whether `error` (or one it was raised from or during) means the MLflow
     server did not answer: connection refused or lost, or a timeout. MLflow
     wraps these in an MlflowException after its own retries."""
@@ -221,7 +228,7 @@ def download_version(name: str, version: str, cache_dir: Path) -> Path:
             (a changed cache or registry artefact); nothing is loaded.
         IncompleteVersion: the version's registration did not finish.
     """
-    import mlflow
+    import mlflow.artifacts
 
     from tuneloop.tasks.mlflow_model import classifier_folder
 
@@ -361,7 +368,7 @@ def finish_version(name: str, version: str, reference: Path | None = None) -> Ve
     info = get_version(name, version)
     if reference is not None:
         c.log_artifact(info.run_id, str(reference), artifact_path=REFERENCE_DIR)
-    c.set_terminated(info.run_id)
+    c.set_terminated(version_run_id(name, info))
     c.set_model_version_tag(name, version, REGISTRATION_TAG, COMPLETE)
     return get_version(name, version)
 
@@ -664,12 +671,12 @@ def model_status(name: str, experiment: str) -> dict:
 def download_reference(name: str, version: str, cache_dir: Path) -> Path:
     """The train/validation/test splits a version was trained and tested on
     (splits.parquet, with a `split` column), downloaded once."""
-    import mlflow
+    import mlflow.artifacts
 
     target = Path(cache_dir) / str(version) / REFERENCE_DIR
     if (target / "splits.parquet").exists():
         return target / "splits.parquet"
-    run_id = get_version(name, version).run_id
+    run_id = version_run_id(name, get_version(name, version))
     if not any(f.path == REFERENCE_DIR for f in client().list_artifacts(run_id)):
         run_id = client().get_run(run_id).data.tags.get("mlflow.parentRunId", run_id)  # logged on the pipeline's run
     path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=REFERENCE_DIR,

@@ -15,7 +15,7 @@ import io
 import math
 import textwrap
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 MISSING = "—"
 
@@ -203,7 +203,7 @@ _ABSTENTION_ROWS = [
 
 def _abstention_html(models: dict[str, dict]) -> str:
     """What each model's "none of these" does on the test rows, and how its threshold was chosen."""
-    entries = {k: m.get("abstention") for k, m in models.items() if m.get("abstention")}
+    entries: dict[str, dict] = {k: m["abstention"] for k, m in models.items() if m.get("abstention")}
     if not entries:
         return '<p class="note">No model here abstains (registered before abstention).</p>'
     header = "".join(f"<th>{_esc(_display_name(k, models[k]))}</th>" for k in entries)
@@ -410,7 +410,7 @@ def _slice_figure(models: dict[str, dict], column: str) -> Any:
         stats = ((model.get("slices") or {}).get(column)) or {}
         heights = [(stats.get(v) or {}).get("macro_f1") for v in values]
         xs = [x - group / 2 + width * (index + 0.5) for x in range(len(values))]
-        heights = [float("nan") if _is_missing(h) else h for h in heights]
+        heights = cast(list[float], [float("nan") if _is_missing(h) else h for h in heights])  # no None left
         bars = ax.bar(xs, heights, width=width * 0.95, color=_PALETTE[index % len(_PALETTE)],
                       label=_display_name(key, model))
         ax.bar_label(bars, labels=[_fmt(h, ".2f") if not _is_missing(h) else "" for h in heights],
@@ -497,6 +497,7 @@ def _history_figure(trials: Sequence[dict]) -> Any:
     """Validation macro-F1 per trial (pruned trials at their last scored epoch)
     with the best so far as a step line."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     done = sorted((t["number"], t["value"]) for t in trials
                   if t.get("state") == "COMPLETE" and not _is_missing(t.get("value")))
@@ -513,7 +514,8 @@ def _history_figure(trials: Sequence[dict]) -> Any:
     if pruned:
         ax.scatter(*zip(*pruned), marker="x", color=_PALETTE[3], zorder=3, label="pruned (last scored epoch)")
     ax.set_xlabel("trial")
-    ax.xaxis.get_major_locator().set_params(integer=True)  # trials are whole numbers
+    # trials are whole numbers; a linear axis's default locator is a MaxNLocator (AutoLocator)
+    cast(MaxNLocator, ax.xaxis.get_major_locator()).set_params(integer=True)
     ax.set_ylabel("validation macro-F1")
     ax.set_title("Optimisation history", fontsize=11)
     ax.grid(alpha=0.3)

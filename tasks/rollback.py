@@ -9,7 +9,7 @@ is never rolled back automatically, so two versions never flap.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from tuneloop.tasks.config import MonitorConfig
 from tuneloop.tasks.decision import Check, Decision, clears
@@ -32,7 +32,7 @@ class LiveComparison:
     previous_version: str
 
 
-def compare_live(true: Sequence[str], champion: Sequence[str], previous: Sequence[str], labels: Sequence[str],
+def compare_live(true: Iterable[str], champion: Iterable[str], previous: Iterable[str], labels: Sequence[str],
                  previous_version: str, config: MonitorConfig) -> LiveComparison:
     """Both models' metric on the same labelled rows, with a paired bootstrap
     interval of previous - champion."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from uuid import UUID
 
 STAGE_LOGGER = "tuneloop.stages"  # API-only: propagates nowhere, so the console never shows it twice
 
@@ -127,7 +128,10 @@ def publish_mlflow_run(run_id: str, experiment_id: str, tracking_uri: str) -> No
     from prefect.client.orchestration import get_client
     from prefect.runtime import flow_run
 
-    flow_run_id = flow_run.get_id()
+    run_id_text = flow_run.get_id()
+    if run_id_text is None:  # a task run outside any flow run: nothing to tag
+        return
+    flow_run_id = UUID(run_id_text)
     where = without_password(tracking_uri)
     with get_client(sync_client=True) as client:
         tags = client.read_flow_run(flow_run_id).tags

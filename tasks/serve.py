@@ -29,7 +29,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Callable
+from typing import Annotated, Callable, cast
 
 import numpy as np
 import pandas as pd
@@ -356,7 +356,7 @@ def feedback_labels(body: FeedbackRequest, logged: pd.DataFrame) -> list[str]:
     """
     if (body.label is None) == (body.labels is None):
         raise HTTPException(422, 'send exactly one of "label" (a string) or "labels" (one per text)')
-    labels = [body.label] if body.label is not None else body.labels
+    labels: list[str] = [body.label] if body.label is not None else cast(list[str], body.labels)  # one is set
     if logged.empty:
         raise HTTPException(404, f"no predictions with request_id {body.request_id!r}")
     if len(labels) != len(logged):
@@ -379,7 +379,7 @@ def scored_together(batch: list[tuple[Served, str]], batch_size: int) -> list[Sc
         served = batch[indices[0]][0]
         for index, scored in zip(indices, score_texts(served.classifier, [batch[i][1] for i in indices], batch_size)):
             results[index] = scored
-    return results
+    return cast(list[Scored], results)  # every index is in one version's group: none is left None
 
 
 def response_of(served: Served, scored: list[Scored]) -> PredictResponse:
@@ -503,7 +503,7 @@ def scope_guard(tokens: tuple[Token, ...], scope: str):
         if not access.allowed:
             headers = {"WWW-Authenticate": "Bearer"} if access.status == 401 else None
             raise HTTPException(access.status, access.reason, headers=headers)
-        return access.name
+        return cast(str, access.name)  # an allowed access names its token
 
     if not tokens:
         return caller  # nothing to send: the spec asks for no credentials
@@ -544,9 +544,9 @@ def create_app(follower: ChampionFollower, store: PredictionStore, config: Serve
     purge = retention_purger(store, config)
     # Concurrent requests are scored together by one worker (they would only split the
     # same cores, or GPU, between them) and their predictions written in one transaction.
-    scorer = MicroBatcher(lambda batch: scored_together(batch, config.batch_size), "scoring",
-                          max_items=config.batch_size, window_s=config.batch_window_ms / 1000,
-                          max_queued=config.max_queued_texts)
+    scorer: MicroBatcher[tuple[Served, str], Scored] = MicroBatcher(
+        lambda batch: scored_together(batch, config.batch_size), "scoring",
+        max_items=config.batch_size, window_s=config.batch_window_ms / 1000, max_queued=config.max_queued_texts)
     writer = MicroBatcher(written_together(store, config.mask_pii, purge), "prediction store", max_items=4096,
                           window_s=0.0, max_queued=max(4096, 2 * config.max_queued_texts))
     shadow_scorer = ShadowScorer(store, config.batch_size, config.max_queued_texts)

@@ -220,7 +220,8 @@ class PredictionStore:
         now, changes = utcnow(), []
         with self.engine.begin() as conn:
             where = PREDICTIONS.c.request_id == request_id
-            current = dict(conn.execute(sa.select(PREDICTIONS.c.item, PREDICTIONS.c.true_label).where(where)).all())
+            current = dict(conn.execute(sa.select(PREDICTIONS.c.item, PREDICTIONS.c.true_label).where(where))
+                           .tuples().all())
             wanted = {item: label for item, label in enumerate(true_labels) if item in current}
             clashes = [item for item, label in wanted.items() if current[item] not in (None, label)]
             if clashes and not correction:
@@ -305,7 +306,7 @@ class PredictionStore:
             for start in range(0, len(ids), TEXT_CHUNK):
                 chunk = ids[start : start + TEXT_CHUNK]
                 out.update(conn.execute(sa.select(PREDICTIONS.c.id, PREDICTIONS.c.text)
-                                        .where(PREDICTIONS.c.id.in_(chunk))).all())
+                                        .where(PREDICTIONS.c.id.in_(chunk))).tuples().all())
         return out
 
     def probabilities(self, ids: Sequence[int]) -> dict[int, dict[str, float]]:

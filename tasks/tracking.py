@@ -555,13 +555,14 @@ def log_dataset(run_ids: Sequence[str], frame, data_md5: str, path: str, name: s
     import warnings
 
     import mlflow
+    from mlflow.data.pandas_dataset import from_pandas  # what mlflow.data.from_pandas is, bound at run time
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     with warnings.catch_warnings():  # MLflow warns that several source kinds could read a plain path
         warnings.simplefilter("ignore", UserWarning)
-        dataset = mlflow.data.from_pandas(frame, source=path, name=name, digest=data_md5,
-                                          targets="label" if "label" in frame.columns else None)
+        dataset = from_pandas(frame, source=path, name=name, digest=data_md5,
+                              targets="label" if "label" in frame.columns else None)
         entity = dataset._to_mlflow_entity()  # infers the schema: warns about integer columns
     entry = DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
     for run_id in run_ids:

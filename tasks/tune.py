@@ -204,7 +204,7 @@ def epoch_reporter(trial, epochs: int, runs: Runs | None, run_id: str | None,
 
     def on_epoch_end(epoch: int, value: float) -> None:
         trial.report(value, epoch)
-        if runs is not None:
+        if runs is not None and run_id is not None:
             runs.log_epoch(run_id, epoch, value)
         if epoch < epochs and deadline is not None and time.monotonic() > deadline and completed_trials(trial.study):
             trial.set_user_attr("stopped", "time budget spent")
@@ -242,17 +242,17 @@ def objective(trial, config: TuneConfig, base: FinetuneConfig, data: TuneData, w
                           on_epoch_end=epoch_reporter(trial, settings.epochs, runs, run_id, deadline))
     except KeyboardInterrupt:  # a stopped search: the next run retries this trial from its checkpoint
         trial.set_user_attr("interrupted", True)
-        if runs is not None:
+        if runs is not None and run_id is not None:
             runs.finish(run_id, "FAIL")
         raise
     except Exception as error:
         shutil.rmtree(checkpoints, ignore_errors=True)  # a pruned or failed run is never resumed
-        if runs is not None:
+        if runs is not None and run_id is not None:
             runs.finish(run_id, "PRUNED" if isinstance(error, optuna.TrialPruned) else "FAIL")
         raise
     finally:
         shutil.rmtree(folder / "model", ignore_errors=True)
-    if runs is not None:
+    if runs is not None and run_id is not None:
         runs.finish(run_id, "COMPLETE", {"best_val_macro_f1": result.best_val_macro_f1,
                                          "seconds": result.seconds, "steps": result.steps})
     return result.best_val_macro_f1

@@ -45,6 +45,12 @@ class ParamSpec:
         elif self.log and (self.low <= 0 or self.step is not None):
             raise ValueError("a log range needs low > 0 and no step")
 
+    def bounds(self) -> tuple[int | float, int | float]:
+        """(low, high) of a range (__post_init__ refuses a spec with neither choices nor both)."""
+        if self.low is None or self.high is None:
+            raise ValueError("a range needs both low and high (or give choices)")
+        return self.low, self.high
+
 
 def default_space() -> dict[str, ParamSpec]:
     """The search space shipped in params.yaml."""
@@ -86,7 +92,7 @@ def is_int_setting(name: str) -> bool:
 def check_values(name: str, spec: ParamSpec) -> None:
     """Every value the spec can give must make a valid FinetuneConfig (a typo in
     `method: {choices: [lora, fulll]}` fails here, not twenty minutes in)."""
-    values = spec.choices if spec.choices is not None else (spec.low, spec.high)
+    values = spec.choices if spec.choices is not None else spec.bounds()
     if spec.choices is None and is_int_setting(name) and not all(float(v).is_integer() for v in values):
         raise ValueError(f"tune.space.{name}: an integer setting needs integer low and high")
     for value in values:
@@ -110,9 +116,10 @@ def suggest_value(trial, name: str, spec: ParamSpec) -> Any:
     if spec.choices is not None:
         labels = {choice_label(c): c for c in spec.choices}
         return labels[trial.suggest_categorical(name, list(labels))]
+    low, high = spec.bounds()
     if is_int_setting(name):
-        return trial.suggest_int(name, int(spec.low), int(spec.high), step=int(spec.step or 1), log=spec.log)
-    return trial.suggest_float(name, float(spec.low), float(spec.high), step=spec.step, log=spec.log)
+        return trial.suggest_int(name, int(low), int(high), step=int(spec.step or 1), log=spec.log)
+    return trial.suggest_float(name, float(low), float(high), step=spec.step, log=spec.log)
 
 
 def suggest(trial, space: dict[str, ParamSpec], base: FinetuneConfig) -> FinetuneConfig:

@@ -24,7 +24,7 @@ import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import pandas as pd
 import regex
@@ -144,7 +144,7 @@ def validate_dataset(frame: pd.DataFrame, config: ValidateConfig, report_dir: Pa
         labels = sorted(frame["label"].dropna().unique().tolist()) if "label" in frame.columns else []
         config = replace(config, labels=tuple(labels))
     rows = _rows_frame(frame, config.pii_patterns)
-    classes = _class_frame(frame, config.labels)
+    classes = _class_frame(frame, cast(tuple[str, ...], config.labels))  # "auto" is replaced just above
     report_dir = Path(report_dir).resolve()
     report_dir.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(report_dir / "gx", ignore_errors=True)  # Data Docs an older tuneloop built: blank offline
@@ -159,8 +159,9 @@ def validate_dataset(frame: pd.DataFrame, config: ValidateConfig, report_dir: Pa
         _rule_result(rule, config, [r for r in gx_results if _rule_of(r) == rule], texts, set(frame.columns))
         for rule in RULES
     )
-    report = ValidationReport(results=results, page=report_dir / "index.html")
-    write_validation_page(report.page, report.to_dict()["rules"], len(frame))
+    page = report_dir / "index.html"
+    report = ValidationReport(results=results, page=page)
+    write_validation_page(page, report.to_dict()["rules"], len(frame))
     return report
 
 
@@ -347,10 +348,11 @@ def _row_expectations(config: ValidateConfig, columns: set[str]) -> list[Any]:
         checks.append(_expect("ExpectColumnValuesToBeInSet", "schema", c,
                               f"declare a split outside {list(SPLITS)}", column="split", value_set=list(SPLITS)))
     if "label" in columns:
+        labels = cast(tuple[str, ...], c.labels)  # validate_dataset replaced "auto" by the data's labels
         checks += [
             _expect("ExpectColumnValuesToNotBeNull", "schema", c, "have no label (null)", column="label"),
             _expect("ExpectColumnValuesToBeInSet", "label_set", c,
-                    f"have a label outside {list(c.labels)}", column="label", value_set=list(c.labels)),
+                    f"have a label outside {list(labels)}", column="label", value_set=list(labels)),
         ]
     return checks
 

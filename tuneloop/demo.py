@@ -124,6 +124,8 @@ def force_bad_version(model_name: str, workspace: Path, experiment: str) -> str:
     from tuneloop.tasks.workspace import Workspace
 
     champion = registry.alias_version(model_name, registry.CHAMPION)
+    if champion is None:
+        raise DemoError(f"{model_name} has no champion to copy")
     source = registry.download_version(model_name, champion.version, Workspace(workspace).models_cache)
     root = source.parent.parent if source.parent.name == "artifacts" else source  # the whole MLflow model
     bad = Workspace(workspace).demo_bad_model
@@ -133,7 +135,10 @@ def force_bad_version(model_name: str, workspace: Path, experiment: str) -> str:
     tensors = {k: -v for k, v in load_file(str(weights)).items()}
     save_file(tensors, str(weights))
     client = mlflow.MlflowClient()
-    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise DemoError(f"no MLflow experiment {experiment!r}")
+    experiment_id = found.experiment_id
     run = client.create_run(experiment_id, tags={"tuneloop.outcome": "forced (demo)"})
     lineage = {k: v for k, v in champion.tags.items()  # its lineage; it was never evaluated
                if not k.startswith(("test.", "live.")) and k != "reasons"}

@@ -44,7 +44,7 @@ def run_rank(params_path: Path, root: Path, result_path: Path | None) -> Finetun
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=str(__doc__).splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params.yaml, relative to --root")
     parser.add_argument("--root", type=Path, default=Path("."), help="the project folder (workspace root)")
     parser.add_argument("--result", type=Path, default=None, help="where rank 0 writes the result as JSON")

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -148,7 +149,7 @@ def out_of_scope_label(labels: pd.Series) -> str | None:
 
 def is_split(values: pd.Series) -> bool:
     normalised = values.dropna().astype(str).str.strip().str.lower().replace(SPLIT_ALIASES)
-    return len(normalised) > 0 and normalised.isin(SPLITS).all() and (normalised == "train").any()
+    return bool(len(normalised) > 0 and normalised.isin(SPLITS).all() and (normalised == "train").any())
 
 
 def fitted_bounds(texts: pd.Series, labels: pd.Series) -> tuple[dict, list[str]]:
@@ -302,7 +303,8 @@ def init_project(data: Path, folder: Path, text: str | None = None, label: str |
         (folder / "dvc.yaml").write_text(dvc_yaml)
     if not (folder / ".gitignore").exists():
         (folder / ".gitignore").write_text(GITIGNORE)
-    incoming = folder / IngestConfig().incoming_dir  # a dependency of dvc.yaml's ingest: it must exist
+    # a dependency of dvc.yaml's ingest: it must exist (the default is a folder, never None)
+    incoming = folder / cast(str, IngestConfig().incoming_dir)
     incoming.mkdir(parents=True, exist_ok=True)
     (incoming / ".gitkeep").touch()
     if not (folder / ".git").exists():

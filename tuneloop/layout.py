@@ -10,12 +10,11 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import tuneloop
-import tuneloop.flows
-import tuneloop.tasks
+import tuneloop.flows as flows
+import tuneloop.tasks as tasks
 
-PACKAGES = {"tuneloop": Path(tuneloop.__file__).parent, "tuneloop.flows": Path(tuneloop.flows.__file__).parent,
-            "tuneloop.tasks": Path(tuneloop.tasks.__file__).parent}
+PACKAGES = {"tuneloop": Path(__file__).parent, "tuneloop.flows": Path(flows.__file__).parent,
+            "tuneloop.tasks": Path(tasks.__file__).parent}
 
 # Floors, bottom up. tasks/ holds the stages and their helpers; the few modules below them are named.
 BASE = {"config", "errors", "decision", "labels", "workspace"}  # plain values: settings, errors, decisions, paths

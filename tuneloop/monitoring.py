@@ -152,14 +152,16 @@ def check_rollback(params: Params, workspace: Workspace, version: str, window: p
     arrival = arrival_action(registry.audit_trail(name), version)
     rows = labelled_rows(window, labels)
     comparison = None
-    if rollback_blocker(config, len(rows), previous_version, arrival) is None:
+    # rollback_blocker refuses without a previous champion: previous_version is set below it
+    if rollback_blocker(config, len(rows), previous_version, arrival) is None and previous_version is not None:
         predicted, _ = version_predictor(params, workspace, previous_version)(rows["text"].tolist())
         comparison = compare_live(rows["true_label"], rows["label"], predicted, labels, previous_version, config)
     decision = decide_rollback(config, len(rows), previous_version, arrival, comparison)
     result = {"rolled_back": False, "reasons": decision.reasons, "from": version, "to": previous_version,
               "comparison": asdict(comparison) if comparison else None}
     current = registry.alias_version(name, registry.CHAMPION)
-    if decision.yes and current is not None and current.version == version:  # nobody moved it meanwhile
+    if (decision.yes and previous_version is not None and current is not None
+            and current.version == version):  # nobody moved it meanwhile
         result["audit"] = registry.move_champion(name, previous_version, "auto-rollback", "; ".join(decision.reasons))
         result["rolled_back"] = True
     return result
@@ -232,11 +234,20 @@ def log_monitoring(params: Params, workspace: Workspace, version: str, summary: 
 
 def new_feedback(params: Params, workspace: Workspace, labels: tuple[str, ...]) -> pd.DataFrame:
     """Feedback-labelled rows since the last export to the incoming folder."""
-    incoming = workspace.root / params.ingest.incoming_dir
+    incoming = incoming_folder(params, workspace)
     return labelled_rows(prediction_store(params, workspace).labelled(last_feedback_export(incoming)), labels)
 
 
 def export_new_feedback(params: Params, workspace: Workspace, rows: pd.DataFrame) -> Path:
     """Writes those rows to the incoming folder: the next data version includes them."""
-    path, _ = export_feedback(rows, workspace.root / params.ingest.incoming_dir, utcnow(), mask=params.serve.mask_pii)
+    path, _ = export_feedback(rows, incoming_folder(params, workspace), utcnow(), mask=params.serve.mask_pii)
+    if path is None:
+        raise ValueError("no labelled row to export: retraining asks for new labelled rows")
     return path
+
+
+def incoming_folder(params: Params, workspace: Workspace) -> Path:
+    """The folder labelled feedback goes to (flows/monitor.py checks that it is set first)."""
+    if params.ingest.incoming_dir is None:
+        raise ValueError("ingest.incoming_dir is not set: feedback cannot reach training")
+    return workspace.root / params.ingest.incoming_dir

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, cast
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -58,7 +58,8 @@ class Params(BaseModel):
     @property
     def declared_labels(self) -> tuple[str, ...] | None:
         """The label set listed in the validate section; None for `labels: auto`."""
-        return None if self.validate_.labels == "auto" else tuple(self.validate_.labels)
+        labels = self.validate_.labels  # "auto" or a tuple: ValidateConfig makes a YAML null "auto"
+        return None if labels == "auto" else tuple(cast(tuple[str, ...], labels))
 
 
 class ParamsError(TuneloopError, ValueError):

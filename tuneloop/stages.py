@@ -621,6 +621,8 @@ def register(params: Params, ws: Workspace) -> dict:
                 info = create_version(params, ws, run.pipeline_id, key, candidate)
             else:
                 say("register", plan.reason)
+                if plan.version is None:
+                    raise TuneloopError(f"registering {name}: the plan to {plan.action} names no version")
                 info = registry.finish_version(name, plan.version, ws.splits) if plan.action == "resume" \
                     else registry.get_version(name, plan.version)
             shadowed = apply_decision(name, info, decision, params.gate.promote_via_shadow)

@@ -32,6 +32,8 @@ def run_worker(params_path: Path, root: Path, parent_run_id: str | None, experim
     params, ws = load_params(params_path), Workspace(root.resolve())
     runs = None
     if parent_run_id:
+        if experiment_id is None:
+            raise ValueError("a parent run needs its experiment id (--experiment-id)")
         tracking.configure_tracking(params.mlflow, ws.root)
         runs = TrialRuns(parent_run_id, experiment_id)
     return tuning.run_study(params.tune, params.finetune, stages.tune_data(params, ws), stages.tune_storage(params, ws),
@@ -40,7 +42,7 @@ def run_worker(params_path: Path, root: Path, parent_run_id: str | None, experim
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=str(__doc__).splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params.yaml, relative to --root")
     parser.add_argument("--root", type=Path, default=Path("."), help="the project folder (workspace root)")
     parser.add_argument("--parent-run", default=None, help="MLflow run id the trials' runs are children of")
