@@ -26,6 +26,10 @@ from tuneloop.tasks.perturbations import add_punctuation, strip_punctuation, typ
 from tuneloop.tasks.split import split_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
+# One regularisation, not the stage's search: on these rows C=0.1, 1 and 10 score within 2e-5 of each
+# other on validation (0.7767), so which one wins flips with library versions (measured 2026-12-06:
+# C=0.1 by 2e-5), and C=0.1's flat probabilities leave 1 of 200 answers above 0.8.
+CHOSEN_C = 10.0
 pytestmark = pytest.mark.slow
 
 
@@ -46,7 +50,7 @@ def model():
     y = {k: v["label"].map(labels.index).to_numpy() for k, v in parts.items()}
     probe, _ = select_probe((embed(parts["train"]["text"].tolist()), y["train"]),
                             (embed(parts["validation"]["text"].tolist()), y["validation"]), labels,
-                            BaselineConfig())
+                            BaselineConfig(probe_c=(CHOSEN_C,)))
 
     def predict(texts: list[str]) -> np.ndarray:  # (texts, labels) probabilities
         return probe.predict_proba(embed(texts))
