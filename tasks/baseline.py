@@ -21,10 +21,13 @@ and the probe saved (and the base finetune starts from) is that model's.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+import os
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -44,6 +47,7 @@ from tuneloop.tasks.config import BaselineConfig, ModelConfig
 from tuneloop.tasks.decision import TOLERANCE
 from tuneloop.tasks.errors import TuneloopError
 from tuneloop.tasks.evaluate import timed_scoring
+from tuneloop.tasks.integrity import base_weights_sha256
 from tuneloop.tasks.labels import label_indices, resolve_class_weight
 
 PROBE_WEIGHTS = "probe.safetensors"
@@ -270,6 +274,79 @@ def embed(encoder, tokenizer, texts: Sequence[str], config: BaselineConfig, pool
     return pooled_embeddings(encoder, tokenizer, list(texts), config.max_length, config.batch_size, progress, pooling)
 
 
+def encoder_key(path: Path, pooling: str, max_length: int) -> str:
+    """What a pooled embedding depends on: the base's weights, its config and tokenizer
+    files, the pooling and the truncation length (16 hex digits)."""
+    digest = hashlib.sha256(f"{pooling}/{max_length}/{base_weights_sha256(path)}".encode())
+    for file in sorted(p for p in Path(path).iterdir() if p.is_file() and p.suffix in {".json", ".txt", ".model"}):
+        digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def text_digests(texts: Sequence[str]) -> list[bytes]:
+    return [hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest() for text in texts]
+
+
+@dataclass
+class EmbeddingCache:
+    """One base model's pooled embeddings of the texts the last baseline run embedded,
+    keyed by a digest of the text: a retrain on grown data embeds only the new texts.
+
+    `save` keeps only this run's texts, so the file never outgrows one dataset
+    (about 1.5 KB a text for a 384-wide encoder). An unreadable file is ignored.
+    """
+
+    file: Path | None  # None: nothing read or written
+    stored: dict[bytes, np.ndarray] = field(default_factory=dict)
+    used: dict[bytes, np.ndarray] = field(default_factory=dict)
+    computed: int = 0  # distinct texts this run embedded
+    reused: int = 0  # rows this run took from the file (or an earlier call)
+
+    @classmethod
+    def open(cls, folder: Path | None, key: str) -> "EmbeddingCache":
+        if folder is None:
+            return cls(None)
+        file = Path(folder) / f"{key}.npz"
+        try:
+            with np.load(file) as stored:
+                digests, vectors = stored["digests"], stored["embeddings"]
+            return cls(file, dict(zip((bytes(row) for row in digests), vectors)))
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            return cls(file)
+
+    def embed(self, texts: Sequence[str], compute: Callable[[list[str]], np.ndarray]) -> np.ndarray:
+        """(len(texts), hidden) embeddings: stored ones where the text was embedded
+        before, `compute` (called once, on each new distinct text in order) for the rest."""
+        digests = text_digests(texts)
+        known = {**self.stored, **self.used}
+        new: dict[bytes, int] = {}  # digest: its first row
+        for i, digest in enumerate(digests):
+            if digest not in known and digest not in new:
+                new[digest] = i
+        if new or not known:
+            fresh = compute([texts[i] for i in new.values()])
+            known.update(zip(new, fresh))
+            hidden = fresh.shape[1]
+        else:
+            hidden = next(iter(known.values())).shape[0]
+        out = np.empty((len(texts), hidden), dtype=np.float32)
+        for i, digest in enumerate(digests):
+            out[i] = self.used[digest] = known[digest]
+        self.computed += len(new)
+        self.reused += sum(digest not in new for digest in digests)
+        return out
+
+    def save(self) -> None:
+        """Writes this run's texts' embeddings (atomically: a reader sees the old file or the new)."""
+        if self.file is None or not self.used:
+            return
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.file.with_name(f"{self.file.stem}.{os.getpid()}.partial.npz")
+        np.savez(partial, digests=np.frombuffer(b"".join(self.used), dtype=np.uint8).reshape(-1, 16),
+                 embeddings=np.stack(list(self.used.values())))
+        os.replace(partial, self.file)
+
+
 @dataclass(frozen=True)
 class BaseScore:
     """One candidate base model as the choice reads it."""
@@ -320,24 +397,31 @@ class ProbedBase:
     settings: dict[str, float]  # every probe setting's score (`select_probe`)
     validation: np.ndarray  # (rows, hidden) embeddings, for calibration
     score: BaseScore
+    cache: EmbeddingCache
 
 
 def probe_base(name: str, path: Path, texts: Mapping[str, Sequence[str]], y: Mapping[str, np.ndarray],
-               labels: Sequence[str], config: BaselineConfig, model: ModelConfig) -> ProbedBase:
-    """Embeds train and validation with the base model at `path`, selects its probe, and
+               labels: Sequence[str], config: BaselineConfig, model: ModelConfig,
+               cache_folder: Path | None = None) -> ProbedBase:
+    """Embeds train and validation with the base model at `path` (texts embedded by the
+    last run come from its `EmbeddingCache` in `cache_folder`), selects its probe, and
     times the frozen encoder plus probe on the first `config.latency_rows` validation rows
-    (after the embedding passes: the model is warm)."""
+    (embedded afresh, after a warm-up batch)."""
     from tuneloop.tasks.metrics import macro_f1
 
     pooling = resolve_pooling(model.pooling, path)
     encoder, tokenizer = load_encoder(path, config.device)
-    x = {split: embed(encoder, tokenizer, texts[split], config, pooling) for split in ("train", "validation")}
+    cache = EmbeddingCache.open(cache_folder, encoder_key(path, pooling, config.max_length))
+    x = {split: cache.embed(texts[split], lambda rows: embed(encoder, tokenizer, rows, config, pooling))
+         for split in ("train", "validation")}
     probe, settings = select_probe((x["train"], y["train"]), (x["validation"], y["validation"]), labels, config)
     sample = list(texts["validation"][:config.latency_rows])
+    embed(encoder, tokenizer, sample[:config.batch_size], config, pooling, progress=False)  # warm, cache or not
     _, latency = timed_scoring(
         lambda rows: probe.predict_proba(embed(encoder, tokenizer, rows, config, pooling, progress=False)), sample)
     f1 = macro_f1(y["validation"], probe.logits(x["validation"]).argmax(1), len(labels))
-    return ProbedBase(name, path, pooling, tokenizer, probe, settings, x["validation"], BaseScore(name, f1, latency))
+    return ProbedBase(name, path, pooling, tokenizer, probe, settings, x["validation"], BaseScore(name, f1, latency),
+                      cache)
 
 
 def run_baseline(config: BaselineConfig, model: ModelConfig, bases: Mapping[str, Path], labels: Sequence[str],
@@ -347,7 +431,9 @@ def run_baseline(config: BaselineConfig, model: ModelConfig, bases: Mapping[str,
     scores probe and zero-shot on test.
 
     Writes the probe, a complete classifier, to `models/probe/`, the test metrics to
-    `metrics/baseline.json` and the choice of base to `reports/baseline.json`.
+    `metrics/baseline.json` and the choice of base to `reports/baseline.json`; each
+    candidate's embeddings of this run's texts to `state/embeddings/` (the next run
+    embeds only texts not among them).
 
     Args:
         bases: {name as params list it: local folder}, in the order listed; one
@@ -357,7 +443,9 @@ def run_baseline(config: BaselineConfig, model: ModelConfig, bases: Mapping[str,
     Returns:
         {"probe": {...}, "zero_shot": {...}, "base": {...}} with accuracy and macro-F1 each;
         the probe's also its setting, temperature, abstention and every setting's validation
-        macro-F1; "base" the chosen name, the reasons and every candidate's score and latency.
+        macro-F1; "base" the chosen name, the reasons and every candidate's score and latency;
+        "embeddings" how many texts the chosen base embedded ("computed") and took from the
+        last run's ("reused").
 
     Raises:
         TuneloopError: no candidate is within `max_latency_ms`.
@@ -369,7 +457,8 @@ def run_baseline(config: BaselineConfig, model: ModelConfig, bases: Mapping[str,
     frames = {name: load_split(workspace, name) for name in ("train", "validation", "test")}
     texts = {name: frame["text"].tolist() for name, frame in frames.items()}
     y = {name: label_indices(frame["label"], labels) for name, frame in frames.items()}
-    probed = [probe_base(name, path, texts, y, labels, config, model) for name, path in bases.items()]
+    probed = [probe_base(name, path, texts, y, labels, config, model, workspace.embedding_cache)
+              for name, path in bases.items()]
     choice, reasons = choose_base([p.score for p in probed], max_latency_ms)
     chosen = next(p for p in probed if p.name == choice)
     probe = chosen.probe
@@ -377,7 +466,10 @@ def run_baseline(config: BaselineConfig, model: ModelConfig, bases: Mapping[str,
     save_probe_model(probe, workspace.probe_dir, chosen.tokenizer, chosen.name, chosen.pooling, config.max_length,
                      temperature, abstention)
     encoder = load_base_encoder(chosen.path, config.device)  # loaded again: one candidate in memory at a time
-    x_test = embed(encoder, chosen.tokenizer, texts["test"], config, chosen.pooling)
+    x_test = chosen.cache.embed(texts["test"], lambda rows: embed(encoder, chosen.tokenizer, rows, config,
+                                                                  chosen.pooling))
+    for candidate in probed:
+        candidate.cache.save()
     result = {}
     for name, probs in (("probe", probe.predict_proba(x_test)),
                         ("zero_shot", zero_shot_proba(encoder, chosen.tokenizer, x_test, labels, config,
@@ -393,4 +485,5 @@ def run_baseline(config: BaselineConfig, model: ModelConfig, bases: Mapping[str,
     result["probe"].update(setting=probe.setting, c=probe.c, class_weight=probe.class_weight, offsets=probe.offsets,
                            temperature=temperature, abstention=abstention.rule,
                            validation_macro_f1_by_setting=chosen.settings)
+    result["embeddings"] = {"computed": chosen.cache.computed, "reused": chosen.cache.reused}
     return result

@@ -76,31 +76,35 @@ def window_missing(stats: ShadowStats, config: ShadowConfig) -> list[str]:
     return missing
 
 
+def macro_f1_check(stats: ShadowStats, config: ShadowConfig) -> tuple[Check, bool]:
+    """The labelled rows' check, and whether it judges: with fewer than
+    `min_labelled_rows` labels (no macro-F1 in `stats`) it passes without judging."""
+    if stats.shadow_f1 is None or stats.champion_f1 is None or stats.low is None or stats.high is None:
+        return Check("macro_f1", True, f"{stats.labelled} labelled rows, fewer than {config.min_labelled_rows} "
+                                       "(shadow.min_labelled_rows): macro-F1 not judged"), False
+    gain, margin = stats.shadow_f1 - stats.champion_f1, -config.max_f1_drop
+    level = int(round(config.confidence * 100))
+    clearly_worse = gain < margin - TOLERANCE and stats.high < margin  # as the gate's forgetting check
+    return Check("macro_f1", not clearly_worse,
+                 f"macro-F1 on {stats.labelled} labelled rows: shadow {stats.shadow_f1:.4f} vs champion "
+                 f"{stats.champion_f1:.4f}: {gain:+.4f} (may drop {config.max_f1_drop}), {level}% CI "
+                 f"[{stats.low:+.4f}, {stats.high:+.4f}] {interval_position(stats.low, stats.high, margin)}"), True
+
+
 def shadow_checks(stats: ShadowStats, config: ShadowConfig) -> list[Check]:
     """Agreement and confidence judge a shadow without labels; with enough labels,
     macro-F1 against the champion on the same rows judges it, and agreement and
     confidence are reported but do not bind (a better model disagrees with a
     worse champion exactly where the champion is wrong)."""
+    f1_check, judged = macro_f1_check(stats, config)
     agreement, confidence = stats.agreement or 0.0, stats.mean_confidence or 0.0
-    judged = None not in (stats.shadow_f1, stats.champion_f1, stats.low, stats.high)
     said = f" (not binding: {stats.labelled} labelled rows judge macro-F1)" if judged else ""
-    checks = [Check("agreement", judged or agreement >= config.min_agreement,
-                    f"agrees with the champion on {agreement:.4f} of {stats.rows} rows "
-                    f"(needs >= {config.min_agreement}){said}"),
-              Check("confidence", judged or confidence >= config.min_mean_confidence,
-                    f"mean confidence {confidence:.4f} (needs >= {config.min_mean_confidence}){said}")]
-    if stats.shadow_f1 is None or stats.champion_f1 is None or stats.low is None or stats.high is None:
-        checks.append(Check("macro_f1", True, f"{stats.labelled} labelled rows, fewer than "
-                            f"{config.min_labelled_rows} (shadow.min_labelled_rows): macro-F1 not judged"))
-        return checks
-    gain, margin = stats.shadow_f1 - stats.champion_f1, -config.max_f1_drop
-    level = int(round(config.confidence * 100))
-    clearly_worse = gain < margin - TOLERANCE and stats.high < margin  # as the gate's forgetting check
-    checks.append(Check("macro_f1", not clearly_worse,
-                        f"macro-F1 on {stats.labelled} labelled rows: shadow {stats.shadow_f1:.4f} vs champion "
-                        f"{stats.champion_f1:.4f}: {gain:+.4f} (may drop {config.max_f1_drop}), {level}% CI "
-                        f"[{stats.low:+.4f}, {stats.high:+.4f}] {interval_position(stats.low, stats.high, margin)}"))
-    return checks
+    return [Check("agreement", judged or agreement >= config.min_agreement,
+                  f"agrees with the champion on {agreement:.4f} of {stats.rows} rows "
+                  f"(needs >= {config.min_agreement}){said}"),
+            Check("confidence", judged or confidence >= config.min_mean_confidence,
+                  f"mean confidence {confidence:.4f} (needs >= {config.min_mean_confidence}){said}"),
+            f1_check]
 
 
 def shadow_decision(stats: ShadowStats, config: ShadowConfig) -> tuple[str, list[str]]:

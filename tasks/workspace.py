@@ -164,6 +164,12 @@ class Workspace:
         return self.root / "state" / "registry_cache"
 
     @property
+    def embedding_cache(self) -> Path:
+        """The base models' pooled embeddings of the last baseline run's texts
+        (tasks/baseline.py `EmbeddingCache`): a retrain embeds only new texts."""
+        return self.root / "state" / "embeddings"
+
+    @property
     def project_lock(self) -> Path:
         """The one-writer lock (tasks/lock.py)."""
         return self.root / "state" / "project.lock"

@@ -152,7 +152,8 @@ def baseline(params: Params, ws: Workspace) -> dict:
         result = run_baseline(params.baseline, params.model, bases, project_labels(params, ws), ws, budget)
         probe, base = result["probe"], result["base"]
         tracking.log_stage_metrics(run, {"probe": {k: probe[k] for k in ("accuracy", "macro_f1", "c", "temperature")},
-                                         "zero_shot": result["zero_shot"], "candidate": {
+                                         "zero_shot": result["zero_shot"], "embeddings": result["embeddings"],
+                                         "candidate": {
                                              str(i): {"macro_f1": c["validation_macro_f1"],
                                                       "latency_ms_per_example": c["latency_ms_per_example"]}
                                              for i, c in enumerate(base["candidates"])}})
@@ -163,8 +164,15 @@ def baseline(params: Params, ws: Workspace) -> dict:
              f"{budget:g} ms per example); " if params.baseline.candidates else "")
     say("baseline", f"{chose}probe macro-F1 {probe['macro_f1']:.4f} ({probe['setting']}, chosen on validation; "
                     f"temperature {probe['temperature']:.2f}), "
-                    f"zero-shot macro-F1 {result['zero_shot']['macro_f1']:.4f}")
+                    f"zero-shot macro-F1 {result['zero_shot']['macro_f1']:.4f}; {embedded_line(result['embeddings'])}")
     return result
+
+
+def embedded_line(counts: dict[str, int]) -> str:
+    """How many texts the base embedded and how many rows came from the last run's embeddings."""
+    if not counts["reused"]:
+        return f"{counts['computed']} texts embedded"
+    return f"{counts['computed']} new texts embedded, {counts['reused']} rows from the last run's embeddings"
 
 
 def candidate_bases(params: Params) -> dict[str, Path]:
