@@ -296,16 +296,14 @@ class EmbeddingCache:
     (about 1.5 KB a text for a 384-wide encoder). An unreadable file is ignored.
     """
 
-    file: Path | None  # None: nothing read or written
-    stored: dict[bytes, np.ndarray] = field(default_factory=dict)
-    used: dict[bytes, np.ndarray] = field(default_factory=dict)
+    file: Path
+    known: dict[bytes, np.ndarray] = field(default_factory=dict)  # the file's, then this run's new ones
+    used: dict[bytes, None] = field(default_factory=dict)  # this run's texts, in order: what `save` keeps
     computed: int = 0  # distinct texts this run embedded
     reused: int = 0  # rows this run took from the file (or an earlier call)
 
     @classmethod
-    def open(cls, folder: Path | None, key: str) -> "EmbeddingCache":
-        if folder is None:
-            return cls(None)
+    def open(cls, folder: Path, key: str) -> "EmbeddingCache":
         file = Path(folder) / f"{key}.npz"
         try:
             with np.load(file) as stored:
@@ -318,32 +316,32 @@ class EmbeddingCache:
         """(len(texts), hidden) embeddings: stored ones where the text was embedded
         before, `compute` (called once, on each new distinct text in order) for the rest."""
         digests = text_digests(texts)
-        known = {**self.stored, **self.used}
         new: dict[bytes, int] = {}  # digest: its first row
         for i, digest in enumerate(digests):
-            if digest not in known and digest not in new:
+            if digest not in self.known and digest not in new:
                 new[digest] = i
-        if new or not known:
+        if new or not self.known:
             fresh = compute([texts[i] for i in new.values()])
-            known.update(zip(new, fresh))
+            self.known.update(zip(new, fresh))
             hidden = fresh.shape[1]
         else:
-            hidden = next(iter(known.values())).shape[0]
+            hidden = next(iter(self.known.values())).shape[0]
         out = np.empty((len(texts), hidden), dtype=np.float32)
         for i, digest in enumerate(digests):
-            out[i] = self.used[digest] = known[digest]
+            out[i] = self.known[digest]
+        self.used.update(dict.fromkeys(digests))
         self.computed += len(new)
         self.reused += sum(digest not in new for digest in digests)
         return out
 
     def save(self) -> None:
         """Writes this run's texts' embeddings (atomically: a reader sees the old file or the new)."""
-        if self.file is None or not self.used:
+        if not self.used:
             return
         self.file.parent.mkdir(parents=True, exist_ok=True)
         partial = self.file.with_name(f"{self.file.stem}.{os.getpid()}.partial.npz")
         np.savez(partial, digests=np.frombuffer(b"".join(self.used), dtype=np.uint8).reshape(-1, 16),
-                 embeddings=np.stack(list(self.used.values())))
+                 embeddings=np.stack([self.known[digest] for digest in self.used]))
         os.replace(partial, self.file)
 
 
@@ -402,7 +400,7 @@ class ProbedBase:
 
 def probe_base(name: str, path: Path, texts: Mapping[str, Sequence[str]], y: Mapping[str, np.ndarray],
                labels: Sequence[str], config: BaselineConfig, model: ModelConfig,
-               cache_folder: Path | None = None) -> ProbedBase:
+               cache_folder: Path) -> ProbedBase:
     """Embeds train and validation with the base model at `path` (texts embedded by the
     last run come from its `EmbeddingCache` in `cache_folder`), selects its probe, and
     times the frozen encoder plus probe on the first `config.latency_rows` validation rows

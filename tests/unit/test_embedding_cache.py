@@ -60,7 +60,7 @@ def test_the_file_keeps_only_the_last_runs_texts(tmp_path) -> None:
     new = EmbeddingCache.open(tmp_path, "k")
     new.embed(["kept"], compute)
     new.save()
-    assert len(EmbeddingCache.open(tmp_path, "k").stored) == 1
+    assert len(EmbeddingCache.open(tmp_path, "k").known) == 1
     assert compute.calls == [["gone", "kept"]]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k.npz"]  # no partial file left
 
@@ -71,7 +71,7 @@ def test_an_unreadable_cache_file_is_ignored_and_replaced(tmp_path) -> None:
     cache = EmbeddingCache.open(tmp_path, "k")
     assert cache.embed(["ab"], compute).tolist() == [[2, 97]] and cache.computed == 1
     cache.save()
-    assert list(EmbeddingCache.open(tmp_path, "k").stored.values())[0].tolist() == [2, 97]
+    assert list(EmbeddingCache.open(tmp_path, "k").known.values())[0].tolist() == [2, 97]
 
 
 def test_digests_that_end_in_a_zero_byte_survive_the_round_trip(tmp_path) -> None:
