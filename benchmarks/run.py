@@ -201,8 +201,10 @@ def run_benchmark(train_rows: int, seed: int) -> dict:
     """Every measurement, in one process."""
     params = load_params(ROOT / "params.yaml")
     # one epoch on both sides: no step floor (min_steps, min_examples_per_class), a random head (no probe)
+    # the learning rate the finetune stage picks for a random head, written out: the Trainer needs a number
     config = replace(params.finetune, epochs=1, max_steps=None, min_steps=0, min_examples_per_class=0,
-                     head_init="random", device="cpu", precision="fp32")
+                     head_init="random", device="cpu", precision="fp32",
+                     learning_rate=params.finetune.rate(probe_started=False))
     base_path = resolve_model_path(params.model.base)
     rows, labels = load_rows(train_rows, seed)
     from transformers import AutoTokenizer
@@ -227,9 +229,9 @@ def run_benchmark(train_rows: int, seed: int) -> dict:
         print("fine-tuning: Hugging Face Trainer ...", flush=True)
         theirs = finetune_trainer(base_path, rows, labels, config, work / "hf")
         gc.collect()
-        rows, tokens = len(train_lengths), sum(train_lengths)
-        report["finetune"] = [finetune_row("tuneloop finetune", ours, rows, tokens, flops, peak),
-                              finetune_row("HF Trainer + PEFT", theirs, rows, tokens, flops, peak)]
+        examples, tokens = len(train_lengths), sum(train_lengths)
+        report["finetune"] = [finetune_row("tuneloop finetune", ours, examples, tokens, flops, peak),
+                              finetune_row("HF Trainer + PEFT", theirs, examples, tokens, flops, peak)]
         report["score"] = score_both(Path(ours["model_dir"]), rows["test"][0], params.evaluate.batch_size,
                                      inference_flops(shape["token_parameters_merged"], shape["layers"],
                                                      shape["hidden"], test_lengths), peak)

@@ -254,16 +254,18 @@ class TrainState:
 def make_optimizer(model: torch.nn.Module, config: FinetuneConfig, device: torch.device, total_steps: int,
                    probe_started: bool = False):
     """AdamW over the trainable parameters only, with a linear warm-up/decay
-    schedule. A head started from the probe trains at `head_learning_rate`; a
-    random head has everything to learn and trains at `learning_rate`. The fused
-    kernel updates every tensor in one operation (CPU and CUDA), instead of a
-    dozen operations per tensor."""
+    schedule. The body trains at `config.rate` (its measured default depends on the
+    method and on whether the head starts from the probe). A head started from the
+    probe trains at `head_learning_rate`; a random head has everything to learn and
+    trains at the body's rate. The fused kernel updates every tensor in one
+    operation (CPU and CUDA), instead of a dozen operations per tensor."""
     head = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("head.")]
     body = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
+    rate = config.rate(probe_started)
     head_lr = config.head_learning_rate if probe_started and config.head_learning_rate is not None \
-        else config.learning_rate  # 0.0 is a rate (a frozen head), not "unset"
-    groups = [{"params": body, "lr": config.learning_rate}, {"params": head, "lr": head_lr}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate,
+        else rate  # 0.0 is a rate (a frozen head), not "unset"
+    groups = [{"params": body, "lr": rate}, {"params": head, "lr": head_lr}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=rate,
                                   weight_decay=config.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total_steps, config.warmup_ratio))
     return optimizer, scheduler

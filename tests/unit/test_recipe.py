@@ -247,6 +247,23 @@ def test_only_a_probe_started_head_trains_at_the_head_learning_rate() -> None:
     assert [g["initial_lr"] for g in fresh.param_groups] == [2e-3, 2e-3]
 
 
+def test_an_unset_learning_rate_is_the_measured_one_for_the_method_and_the_heads_start() -> None:
+    """LoRA beside a random head trains at 1e-3 (2e-3 collapses some seeds to one class: issue 23),
+    beside the probe's head at 2e-3; full fine-tuning at 1e-4; a rate the user writes is kept."""
+    from tuneloop.tasks.finetune import make_optimizer
+
+    model = torch.nn.Module()
+    model.body, model.head = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    rates = lambda config, started: [g["initial_lr"] for g in make_optimizer(  # noqa: E731
+        model, config, torch.device("cpu"), 10, probe_started=started)[0].param_groups]
+    assert FinetuneConfig().learning_rate is None
+    assert rates(FinetuneConfig(), False) == [1e-3, 1e-3]
+    assert rates(FinetuneConfig(), True) == [2e-3, 1e-4]
+    assert rates(FinetuneConfig(method="full"), True) == [1e-4, 1e-4]
+    assert rates(FinetuneConfig(method="full"), False) == [1e-4, 1e-4]
+    assert rates(FinetuneConfig(learning_rate=2e-3), False) == [2e-3, 2e-3]
+
+
 def test_a_probe_fitted_with_another_pooling_is_refused_as_a_head_and_for_evaluation(tmp_path: Path,
                                                                                      tiny_bert: Path) -> None:
     from tuneloop import stages
