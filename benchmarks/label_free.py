@@ -44,11 +44,11 @@ SHIFTED = {"tweets": "tweets.csv", "amazon product reviews": "amazon_reviews.csv
 
 def champion(project: Path):
     """The champion's classifier, its version and its registered test accuracy."""
-    from tuneloop.params import load_params
+    from tuneloop.pipeline.params import load_params
     from tuneloop.tasks import registry
-    from tuneloop.tasks.classifier import load_classifier
-    from tuneloop.tasks.tracking import configure_tracking
-    from tuneloop.tasks.workspace import Workspace
+    from tuneloop.model.classifier import load_classifier
+    from tuneloop.plumbing.tracking import configure_tracking
+    from tuneloop.values.workspace import Workspace
 
     params = load_params(project / "params.yaml")
     configure_tracking(params.mlflow, project)  # a copied project's mlflow.db is pointed at its folder first
@@ -75,8 +75,8 @@ def domains(project: Path, labels: list[str]) -> dict[str, tuple[pd.DataFrame, i
 def measure(classifier, rows: pd.DataFrame, samples: int) -> tuple[dict, np.ndarray]:
     """True scores from the labels beside the estimate from the probabilities alone,
     and the (rows, labels) probabilities."""
-    from tuneloop.tasks.classifier import predict_proba
-    from tuneloop.tasks.metrics import accuracy, estimate_performance, macro_f1, reliability
+    from tuneloop.model.classifier import predict_proba
+    from tuneloop.model.metrics import accuracy, estimate_performance, macro_f1, reliability
 
     probs = predict_proba(classifier, rows["text"].tolist(), batch_size=64, progress=True)  # (rows, labels)
     y = np.array([classifier.labels.index(label) for label in rows["label"]])
@@ -102,7 +102,7 @@ def in_domain_drops(probs: np.ndarray, reference: float, rows: int, draws: int =
 def verdicts(result: dict, reference: float, config) -> dict:
     """What the monitor would decide from the estimate, and what the labels say it should."""
     from tuneloop.tasks.drift import decide_estimated_drop
-    from tuneloop.tasks.metrics import EstimatedPerformance
+    from tuneloop.model.metrics import EstimatedPerformance
 
     estimate = EstimatedPerformance(**result["estimated"])
     decision = decide_estimated_drop(estimate, reference, result["rows"], config)

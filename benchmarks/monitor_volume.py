@@ -56,7 +56,7 @@ def fill_store(url: str, rows: int, version: str, texts, labels, confidences) ->
     """`rows` predictions over the last 23 hours, every 100th with a feedback label (its own answer)."""
     import sqlalchemy as sa
 
-    from tuneloop.tasks.store import PREDICTIONS, PredictionStore
+    from tuneloop.service.store import PREDICTIONS, PredictionStore
 
     store = PredictionStore(url)
     now = datetime.now(timezone.utc)

@@ -28,11 +28,11 @@ import torch
 
 from benchmarks.flops import inference_flops, token_parameters, training_flops
 from benchmarks.measure import PeakMemory, machine, matmul_peak
-from tuneloop.params import load_params
-from tuneloop.tasks.classifier import load_classifier, predict_proba, resolve_model_path, tokenize
+from tuneloop.pipeline.params import load_params
+from tuneloop.model.classifier import load_classifier, predict_proba, resolve_model_path, tokenize
 from tuneloop.tasks.finetune import FinetuneConfig, build_model, finetune
 from tuneloop.tasks.ingest import canonicalize, read_table
-from tuneloop.tasks.metrics import macro_f1
+from tuneloop.model.metrics import macro_f1
 from tuneloop.tasks.split import split_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +86,7 @@ def trainer_arguments(config: FinetuneConfig, out: Path):
 def own_forward(model: torch.nn.Module):
     """A TextClassifier's logits through its encoder's own transformers/PEFT forward
     (no tuneloop fast path): what the peers run."""
-    from tuneloop.tasks.classifier import pool
+    from tuneloop.model.classifier import pool
 
     def logits(input_ids, attention_mask):
         hidden = model.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

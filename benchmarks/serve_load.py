@@ -64,14 +64,14 @@ def project_facts(project: Path) -> dict:
 
 
 def store_rows(url: str) -> int:
-    from tuneloop.tasks.store import PredictionStore
+    from tuneloop.service.store import PredictionStore
 
     return PredictionStore(url).count()
 
 
 def servers(project: Path, facts: dict) -> dict[str, dict]:
     """How to start each server and speak to it."""
-    from tuneloop.tasks.classifier import resolve_model_path
+    from tuneloop.model.classifier import resolve_model_path
 
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # mlflow starts `uvicorn` by name

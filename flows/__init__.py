@@ -1,1 +1,1 @@
-"""Prefect flows: composition only; the work lives in `tasks/`."""
+"""Prefect flows that only compose stages; the work lives in `tasks/`."""

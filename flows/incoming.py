@@ -10,9 +10,9 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from tuneloop.flows.request import request_retraining
-from tuneloop.params import load_params
+from tuneloop.pipeline.params import load_params
 from tuneloop.tasks.triggers import decide_retraining, pending_incoming
-from tuneloop.tasks.workspace import Workspace
+from tuneloop.values.workspace import Workspace
 
 
 @task(cache_policy=NO_CACHE)

@@ -10,7 +10,7 @@ promoted or discarded on the live requests it scored beside the champion
 model version as tags → a retraining request on
 significant drift or an estimated accuracy drop, with enough new labelled rows,
 unless the shadow replaced the champion in this run. Decisions are pure functions in
-`tasks/` (drift, rollback, shadow, triggers); reads and writes are `tuneloop.monitoring`;
+`tasks/` (drift, rollback, shadow, triggers); reads and writes are `tuneloop.pipeline.monitoring`;
 this file only composes.
 """
 
@@ -22,17 +22,17 @@ from typing import Callable, ParamSpec, TypeVar
 from prefect import Task, flow, task
 from prefect.cache_policies import NO_CACHE
 
-from tuneloop import monitoring
+from tuneloop.pipeline import monitoring
 from tuneloop.flows.request import request_retraining
-from tuneloop.params import Params, load_params
+from tuneloop.pipeline.params import Params, load_params
 from tuneloop.tasks import registry
-from tuneloop.tasks.decision import Decision
+from tuneloop.values.decision import Decision
 from tuneloop.tasks.drift import decide_drift, decide_estimated_drop, drift_status
 from tuneloop.tasks.feedback import LiveMetrics, live_metrics
-from tuneloop.tasks.store import utcnow
-from tuneloop.tasks.tracking import configure_tracking
+from tuneloop.service.store import utcnow
+from tuneloop.plumbing.tracking import configure_tracking
 from tuneloop.tasks.triggers import decide_retraining
-from tuneloop.tasks.workspace import Workspace
+from tuneloop.values.workspace import Workspace
 
 
 def say(message: str) -> None:

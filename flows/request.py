@@ -13,15 +13,15 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from tuneloop.flows.retrain import retrain_flow
-from tuneloop.tasks.lock import ProjectBusy, project_lock
-from tuneloop.tasks.workspace import Workspace
+from tuneloop.plumbing.lock import ProjectBusy, project_lock
+from tuneloop.values.workspace import Workspace
 
 RETRAIN_EVENT = "tuneloop.retrain.requested"
 
 
 @contextmanager
 def retrain_lock(workspace: Workspace) -> Iterator[bool]:
-    """Yields True when this process holds the project's writer lock (tasks/lock.py),
+    """Yields True when this process holds the project's writer lock (tuneloop/plumbing/lock.py),
     False when another process is writing (a retraining run, a stage): the request is then dropped."""
     lock = project_lock(workspace.root, "retrain (requested)", wait=0)
     try:

@@ -1,6 +1,6 @@
 """The retraining flow: versioned data to a registered, gated model.
 
-It only composes: every step is a stage function from `tuneloop.stages`,
+It only composes: every step is a stage function from `tuneloop.pipeline.stages`,
 wrapped as a Prefect task. Data and models pass between tasks on disk (the
 workspace), never as task results, so each task can run alone via the CLI or
 `dvc repro` and give the same outputs.
@@ -16,12 +16,13 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
-from tuneloop import stages
-from tuneloop.params import Params, load_params
-from tuneloop.tasks import registry, runlog
-from tuneloop.tasks.dvclock import commit_iteration, commits_iteration, record_stage
-from tuneloop.tasks.lock import project_lock
-from tuneloop.tasks.workspace import Workspace, read_json
+from tuneloop.pipeline import stages
+from tuneloop.pipeline.params import Params, load_params
+from tuneloop.tasks import registry
+from tuneloop.plumbing import runlog
+from tuneloop.plumbing.dvclock import commit_iteration, commits_iteration, record_stage
+from tuneloop.plumbing.lock import project_lock
+from tuneloop.values.workspace import Workspace, read_json
 
 
 def stage_task(fn, **options):

@@ -32,8 +32,8 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from tuneloop.tasks.calibration import Abstention, calibrate, softmax
-from tuneloop.tasks.classifier import (
+from tuneloop.model.calibration import Abstention, calibrate, softmax
+from tuneloop.model.classifier import (
     HEAD_FILE,
     LABELS_FILE,
     META_FILE,
@@ -42,13 +42,13 @@ from tuneloop.tasks.classifier import (
     read_meta,
     resolve_pooling,
 )
-from tuneloop.tasks.classifier import load_encoder as load_base_encoder
-from tuneloop.tasks.config import BaselineConfig, ModelConfig
-from tuneloop.tasks.decision import TOLERANCE
-from tuneloop.tasks.errors import TuneloopError
+from tuneloop.model.classifier import load_encoder as load_base_encoder
+from tuneloop.values.config import BaselineConfig, ModelConfig
+from tuneloop.values.decision import TOLERANCE
+from tuneloop.values.errors import TuneloopError
 from tuneloop.tasks.evaluate import timed_scoring
-from tuneloop.tasks.integrity import base_weights_sha256
-from tuneloop.tasks.labels import label_indices, resolve_class_weight
+from tuneloop.plumbing.integrity import base_weights_sha256
+from tuneloop.values.labels import label_indices, resolve_class_weight
 
 PROBE_WEIGHTS = "probe.safetensors"
 
@@ -109,7 +109,7 @@ def select_probe(train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndar
     scored by its out-of-fold train macro-F1 after its offsets (keyed `C=10 balanced
     offsets`): a 97:3 file's validation holds ~8 rows of the small class, train ~80, and
     the chosen probe carries its offsets in its bias."""
-    from tuneloop.tasks.metrics import macro_f1
+    from tuneloop.model.metrics import macro_f1
 
     scores: dict[str, float] = {}
     best: tuple[Probe, float] | None = None
@@ -145,7 +145,7 @@ def decision_offsets(logits: np.ndarray, y: np.ndarray, classes: int, passes: in
     Returns:
         (classes,) float32 offsets.
     """
-    from tuneloop.tasks.metrics import macro_f1
+    from tuneloop.model.metrics import macro_f1
 
     logits, y = np.asarray(logits, dtype=np.float64), np.asarray(y, dtype=np.int64)
     offsets = np.zeros(classes)
@@ -175,7 +175,7 @@ def out_of_fold_offsets(train: tuple[np.ndarray, np.ndarray], probe: Probe, max_
     (and validation cannot be replaced: score -1) when the smallest class has under 2 rows."""
     from sklearn.model_selection import StratifiedKFold
 
-    from tuneloop.tasks.metrics import macro_f1
+    from tuneloop.model.metrics import macro_f1
 
     x, y = train
     classes = len(probe.labels)
@@ -405,7 +405,7 @@ def probe_base(name: str, path: Path, texts: Mapping[str, Sequence[str]], y: Map
     last run come from its `EmbeddingCache` in `cache_folder`), selects its probe, and
     times the frozen encoder plus probe on the first `config.latency_rows` validation rows
     (embedded afresh, after a warm-up batch)."""
-    from tuneloop.tasks.metrics import macro_f1
+    from tuneloop.model.metrics import macro_f1
 
     pooling = resolve_pooling(model.pooling, path)
     encoder, tokenizer = load_encoder(path, config.device)
@@ -448,9 +448,9 @@ def run_baseline(config: BaselineConfig, model: ModelConfig, bases: Mapping[str,
     Raises:
         TuneloopError: no candidate is within `max_latency_ms`.
     """
-    from tuneloop.tasks.metrics import accuracy, macro_f1
+    from tuneloop.model.metrics import accuracy, macro_f1
     from tuneloop.tasks.split import load_split
-    from tuneloop.tasks.workspace import write_json
+    from tuneloop.values.workspace import write_json
 
     frames = {name: load_split(workspace, name) for name in ("train", "validation", "test")}
     texts = {name: frame["text"].tolist() for name, frame in frames.items()}

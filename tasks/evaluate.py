@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from tuneloop.tasks.calibration import (
+from tuneloop.model.calibration import (
     Abstention,
     abstains,
     decided_labels,
@@ -24,10 +24,10 @@ from tuneloop.tasks.calibration import (
     selective_summary,
     uncalibrated,
 )
-from tuneloop.tasks.config import EvaluateConfig
-from tuneloop.tasks.errors import TuneloopError
-from tuneloop.tasks.labels import label_index, label_indices
-from tuneloop.tasks.metrics import accuracy, classification_summary, macro_f1, reliability
+from tuneloop.values.config import EvaluateConfig
+from tuneloop.values.errors import TuneloopError
+from tuneloop.values.labels import label_index, label_indices
+from tuneloop.model.metrics import accuracy, classification_summary, macro_f1, reliability
 from tuneloop.tasks.perturbations import Perturbation, perturbations
 
 Scorer = Callable[[Sequence[str]], np.ndarray]
@@ -312,7 +312,7 @@ def classifier_candidate(key: str, name: str, model_dir: Path, base_model: str |
         base_model: overrides the base model the folder records (None: use the
             recorded one, which is right for a champion trained on another base).
     """
-    from tuneloop.tasks.classifier import load_classifier, needs_base, predict_proba, read_meta, resolve_model_path
+    from tuneloop.model.classifier import load_classifier, needs_base, predict_proba, read_meta, resolve_model_path
 
     classifier = load_classifier(model_dir, base_model)
     meta = read_meta(model_dir)

@@ -1,6 +1,6 @@
 """feedback: production rows labelled by people, as live metrics and as new training data.
 
-The service stores feedback labels beside its predictions (`tasks/store.py`).
+The service stores feedback labels beside its predictions (`tuneloop/service/store.py`).
 Here they become live accuracy and macro-F1 of the champion, and, exported to
 the incoming folder, rows of the next data version.
 """
@@ -15,8 +15,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from tuneloop.tasks.labels import label_indices
-from tuneloop.tasks.privacy import mask_pii
+from tuneloop.values.labels import label_indices
+from tuneloop.values.privacy import mask_pii
 
 FEEDBACK_FILE = "feedback-%Y%m%dT%H%M%S.csv"  # an export's name: when it was written
 
@@ -41,7 +41,7 @@ def encode(values: Iterable[str], labels: Sequence[str]) -> np.ndarray:
 
 def live_metrics(window: pd.DataFrame, labels: Sequence[str]) -> LiveMetrics:
     """Accuracy and macro-F1 of the logged predictions against their feedback labels."""
-    from tuneloop.tasks.metrics import accuracy, macro_f1
+    from tuneloop.model.metrics import accuracy, macro_f1
 
     rows = labelled_rows(window, labels)
     if rows.empty:

@@ -27,9 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tuneloop.tasks import distributed, integrity
-from tuneloop.tasks.calibration import Abstention, calibrate
-from tuneloop.tasks.classifier import (
+from tuneloop.model import distributed
+from tuneloop.plumbing import integrity
+from tuneloop.model.calibration import Abstention, calibrate
+from tuneloop.model.classifier import (
     HEAD_FILE,
     LABELS_FILE,
     META_FILE,
@@ -46,10 +47,10 @@ from tuneloop.tasks.classifier import (
     resolve_pooling,
     tokenize,
 )
-from tuneloop.tasks.config import FinetuneConfig
-from tuneloop.tasks.distributed import Ranks
-from tuneloop.tasks.labels import resolve_class_weight
-from tuneloop.tasks.metrics import macro_f1
+from tuneloop.values.config import FinetuneConfig
+from tuneloop.model.distributed import Ranks
+from tuneloop.values.labels import resolve_class_weight
+from tuneloop.model.metrics import macro_f1
 
 CHECKPOINT_FILE = "last.pt"
 LOSS_EVERY = 20  # steps between loss readbacks (a host sync): the progress bar's and the loss curve's

@@ -27,10 +27,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from tuneloop.tasks.config import IngestConfig
-from tuneloop.tasks.errors import TuneloopError
+from tuneloop.values.config import IngestConfig
+from tuneloop.values.errors import TuneloopError
 from tuneloop.tasks.split import SPLIT_ALIASES
-from tuneloop.tasks.workspace import Workspace, read_json, write_json
+from tuneloop.values.workspace import Workspace, read_json, write_json
 
 REMOTE_NAME = "tuneloop"
 

@@ -14,7 +14,7 @@ import re
 from functools import partial
 from typing import Callable, Sequence
 
-from tuneloop.tasks.config import PERTURBATIONS as NAMES
+from tuneloop.values.config import PERTURBATIONS as NAMES
 
 Perturbation = Callable[[str], str]
 

@@ -25,9 +25,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from tuneloop.tasks import integrity
-from tuneloop.tasks.errors import TuneloopError
-from tuneloop.tasks.tracking import SOURCE_TAGS
+from tuneloop.plumbing import integrity
+from tuneloop.values.errors import TuneloopError
+from tuneloop.plumbing.tracking import SOURCE_TAGS
 
 CHAMPION = "champion"
 PREVIOUS = "previous"
@@ -230,7 +230,7 @@ def download_version(name: str, version: str, cache_dir: Path) -> Path:
     """
     import mlflow.artifacts
 
-    from tuneloop.tasks.mlflow_model import classifier_folder
+    from tuneloop.plumbing.mlflow_model import classifier_folder
 
     info = get_version(name, version)
     check_complete(name, info)  # before any download: an unfinished version may lack files
@@ -447,8 +447,8 @@ def verified_version(name: str, version: str, cache_dir: Path, fallback_base: st
         IntegrityError: a file differs from its recorded hash.
         FileNotFoundError: the version's base model is not on this machine.
     """
-    from tuneloop.tasks.classifier import needs_base
-    from tuneloop.tasks.mlflow_model import carried_base
+    from tuneloop.model.classifier import needs_base
+    from tuneloop.plumbing.mlflow_model import carried_base
 
     model_dir = download_version(name, version, cache_dir)
     if not needs_base(model_dir):

@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from tuneloop.tasks.config import MonitorConfig
-from tuneloop.tasks.decision import Check, Decision, clears
+from tuneloop.values.config import MonitorConfig
+from tuneloop.values.decision import Check, Decision, clears
 from tuneloop.tasks.feedback import encode
-from tuneloop.tasks.metrics import interval_position
+from tuneloop.model.metrics import interval_position
 
 ROLLBACK_ACTIONS = ("rollback", "auto-rollback")  # how a champion arrives when it was restored
 
@@ -36,7 +36,7 @@ def compare_live(true: Iterable[str], champion: Iterable[str], previous: Iterabl
                  previous_version: str, config: MonitorConfig) -> LiveComparison:
     """Both models' metric on the same labelled rows, with a paired bootstrap
     interval of previous - champion."""
-    from tuneloop.tasks.metrics import metric_function, paired_bootstrap
+    from tuneloop.model.metrics import metric_function, paired_bootstrap
 
     y_true, y_champion, y_previous = (encode(column, labels) for column in (true, champion, previous))
     score = metric_function(config.rollback_metric, len(labels) + 1)

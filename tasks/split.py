@@ -23,10 +23,10 @@ import hashlib
 import numpy as np
 import pandas as pd
 
-from tuneloop.tasks.config import SplitConfig
-from tuneloop.tasks.errors import TuneloopError
+from tuneloop.values.config import SplitConfig
+from tuneloop.values.errors import TuneloopError
 from tuneloop.tasks.validate import SPLITS, leaked_from, normalise_text
-from tuneloop.tasks.workspace import Workspace
+from tuneloop.values.workspace import Workspace
 
 SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation", "eval": "validation"}
 

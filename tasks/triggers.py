@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tuneloop.tasks.config import IngestConfig, TriggerConfig
-from tuneloop.tasks.decision import Check, Decision
+from tuneloop.values.config import IngestConfig, TriggerConfig
+from tuneloop.values.decision import Check, Decision
 from tuneloop.tasks.ingest import incoming_files, read_table
-from tuneloop.tasks.workspace import Workspace
+from tuneloop.values.workspace import Workspace
 
 
 def decide_retraining(new_rows: int, drift_significant: bool, config: TriggerConfig,

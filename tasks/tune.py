@@ -18,7 +18,7 @@ stage's alone. To fit a CPU budget a trial may train on a seeded subsample of
 the train rows (`train_rows`); every trial uses the same subsample, so trials
 compare settings on equal data, and the winner is then trained on all rows.
 Tracking is the caller's: trials report through the `runs` object handed in
-(`tuneloop.tune_runs.TrialRuns` logs them to MLflow).
+(`tuneloop.pipeline.tune_runs.TrialRuns` logs them to MLflow).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from tuneloop.tasks.config import FinetuneConfig
+from tuneloop.values.config import FinetuneConfig
 from tuneloop.tasks.finetune import finetune
 from tuneloop.tasks.tune_space import ParamSpec, TuneConfig, decode, encode, suggest
 
@@ -106,7 +106,7 @@ def redact(url: str) -> str:
 
 
 class Runs(Protocol):
-    """Where trials are reported (MLflow child runs in `tuneloop.tune_runs`)."""
+    """Where trials are reported (MLflow child runs in `tuneloop.pipeline.tune_runs`)."""
 
     def start(self, trial, settings: dict[str, Any]) -> str: ...
 

@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from tuneloop.tasks.config import FinetuneConfig
+from tuneloop.values.config import FinetuneConfig
 
 SCALAR_TYPES = (type(None), bool, int, float, str)  # what Optuna stores as a categorical choice
 

@@ -47,7 +47,7 @@ class MlflowSandbox:
 
     def config(self, experiment: str | None = None, model_name: str = "tuneloop-test"):
         """The `mlflow` params section pointing at this sandbox."""
-        from tuneloop.tasks.tracking import MlflowConfig
+        from tuneloop.plumbing.tracking import MlflowConfig
 
         return MlflowConfig(tracking_uri=self.tracking_uri, experiment=experiment or self.experiment,
                             model_name=model_name)
@@ -65,7 +65,7 @@ def mlflow_sandbox(tmp_path_factory: pytest.TempPathFactory):
     """
     import mlflow
 
-    from tuneloop.tasks.tracking import MlflowConfig, configure_tracking
+    from tuneloop.plumbing.tracking import MlflowConfig, configure_tracking
 
     root = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{root}/mlflow.db"

@@ -96,8 +96,8 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
 def load(params: Path, root: Path, sets: Optional[list[str]] = None):
     """Validates params (with the `--set` overrides) once, at the edge; returns (params, workspace)."""
-    from tuneloop.params import ParamsError, load_params
-    from tuneloop.tasks.workspace import Workspace
+    from tuneloop.pipeline.params import ParamsError, load_params
+    from tuneloop.values.workspace import Workspace
 
     root = root.resolve()
     try:
@@ -111,8 +111,8 @@ def writing(loaded, workspace, command: str, continues_run: bool = False):
     """Holds the project's writer lock (refusing clearly when another command
     has it), marks runs whose process died KILLED, and closes this process's
     own runs FAILED or KILLED when the command dies of an error or a signal."""
-    from tuneloop.tasks import tracking
-    from tuneloop.tasks.lock import ProjectBusy, project_lock
+    from tuneloop.plumbing import tracking
+    from tuneloop.plumbing.lock import ProjectBusy, project_lock
 
     try:
         lock = project_lock(workspace.root, command)
@@ -141,7 +141,8 @@ def close_own_runs(loaded, status: str, outcome: str) -> None:
     """Closes this process's runs, unless the MLflow server is what failed: the
     error that stopped the command is then the one to tell, and the next
     command's reaper marks the runs KILLED."""
-    from tuneloop.tasks import registry, tracking
+    from tuneloop.tasks import registry
+    from tuneloop.plumbing import tracking
 
     try:
         tracking.close_own_runs(loaded.mlflow.experiment, status, outcome)
@@ -164,7 +165,7 @@ def terminate_on_sigterm() -> None:
 
 
 def run_stage(name: str, params: Path, root: Path, sets: Optional[list[str]] = None, **options) -> None:
-    from tuneloop import stages
+    from tuneloop.pipeline import stages
 
     loaded, workspace = load(params, root, sets)
     with writing(loaded, workspace, name, continues_run=name != "ingest"):
@@ -250,7 +251,7 @@ def run(params: Path = ParamsOption, root: Path = RootOption,
                                               "[default: ingest.commit_iterations, true as shipped]"),
         sets: Optional[list[str]] = SetOption) -> None:
     """Run the whole retraining flow and print the decision."""
-    from tuneloop.tasks.errors import TuneloopError
+    from tuneloop.values.errors import TuneloopError
 
     loaded, workspace = load(params, root, sets)
     from tuneloop.flows.ephemeral import start_ephemeral_server
@@ -281,7 +282,7 @@ def status(params: Path = ParamsOption, root: Path = RootOption,
            sets: Optional[list[str]] = SetOption) -> None:
     """The registered model, its champion (data version, test metrics) and the last run's decision."""
     from tuneloop.tasks.registry import model_status
-    from tuneloop.tasks.tracking import configure_tracking, reap_dead_runs
+    from tuneloop.plumbing.tracking import configure_tracking, reap_dead_runs
 
     loaded, workspace = load(params, root, sets)
     configure_tracking(loaded.mlflow, workspace.root)
@@ -426,8 +427,8 @@ def restore_data_command(version: str, out: Optional[Path] = typer.Option(None, 
     """Restore, through DVC, the exact data a registered model version was trained on."""
     from tuneloop.tasks import registry
     from tuneloop.tasks.ingest import restore_data
-    from tuneloop.tasks.tracking import configure_tracking
-    from tuneloop.tasks.workspace import folder_problem
+    from tuneloop.plumbing.tracking import configure_tracking
+    from tuneloop.values.workspace import folder_problem
 
     try:
         version = registry.checked_version(version)
@@ -463,8 +464,8 @@ def serve(host: Optional[str] = typer.Option(None, help="interface to bind (defa
     import logging
     from dataclasses import replace
 
-    from tuneloop.tasks.serve import ServeRefused, run_service
-    from tuneloop.tasks.tracking import configure_tracking
+    from tuneloop.service.serve import ServeRefused, run_service
+    from tuneloop.plumbing.tracking import configure_tracking
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     loaded, workspace = load(params, root, sets)
@@ -486,7 +487,7 @@ def rollback(to: Optional[str] = typer.Option(None, "--to", help="version to ser
              params: Path = ParamsOption, root: Path = RootOption, sets: Optional[list[str]] = SetOption) -> None:
     """Move `champion` back to `previous` (or --to VERSION) in one step, with an audit entry."""
     from tuneloop.tasks import registry
-    from tuneloop.tasks.tracking import configure_tracking
+    from tuneloop.plumbing.tracking import configure_tracking
 
     loaded, workspace = load(params, root, sets)
     configure_tracking(loaded.mlflow, workspace.root)
@@ -510,7 +511,7 @@ def shadow(version: str = typer.Argument(..., help="the registered version to sc
     """Give VERSION the `shadow` alias: the service scores live traffic with it beside the champion,
     and `tuneloop monitor` promotes or discards it (params `shadow`)."""
     from tuneloop.tasks import registry
-    from tuneloop.tasks.tracking import configure_tracking
+    from tuneloop.plumbing.tracking import configure_tracking
 
     try:
         version = registry.checked_version(version)
@@ -534,7 +535,7 @@ class QuietExpectedFailures:
     an expected error is told once, by the CLI, not also as Prefect tracebacks."""
 
     def filter(self, record) -> bool:
-        from tuneloop.tasks.errors import TuneloopError
+        from tuneloop.values.errors import TuneloopError
 
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, TuneloopError):
@@ -553,7 +554,7 @@ def layout() -> None:
 
 
 def expected_error_names() -> set[str]:
-    from tuneloop.tasks.errors import TuneloopError
+    from tuneloop.values.errors import TuneloopError
 
     found, todo = set(), [TuneloopError]
     while todo:
@@ -574,7 +575,7 @@ def main() -> None:
     """The `tuneloop` command: expected failures end in one message and exit 2."""
     import logging
 
-    from tuneloop.tasks.errors import TuneloopError
+    from tuneloop.values.errors import TuneloopError
 
     offline_environment()
     terminate_on_sigterm()

@@ -121,8 +121,8 @@ def force_bad_version(model_name: str, workspace: Path, experiment: str) -> str:
     from safetensors.torch import load_file, save_file
 
     from tuneloop.tasks import registry
-    from tuneloop.tasks.classifier import HEAD_FILE
-    from tuneloop.tasks.workspace import Workspace
+    from tuneloop.model.classifier import HEAD_FILE
+    from tuneloop.values.workspace import Workspace
 
     champion = registry.alias_version(model_name, registry.CHAMPION)
     if champion is None:
@@ -260,11 +260,11 @@ def run_demo(project: Path, workspace: Path, movies: int, tweets: int, later_twe
     """Plays the story; returns the closing summary table."""
     from tuneloop.flows.monitor import monitor_flow, shadow_line
     from tuneloop.flows.retrain import retrain_flow
-    from tuneloop.monitoring import prediction_store
-    from tuneloop.params import load_params
+    from tuneloop.pipeline.monitoring import prediction_store
+    from tuneloop.pipeline.params import load_params
     from tuneloop.tasks import registry
-    from tuneloop.tasks.tracking import configure_tracking
-    from tuneloop.tasks.workspace import Workspace
+    from tuneloop.plumbing.tracking import configure_tracking
+    from tuneloop.values.workspace import Workspace
 
     shifted = sample("tweets", tweets + SHADOW_ROWS + later_tweets, seed=1)  # refused before any work
     story = Story()

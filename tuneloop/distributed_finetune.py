@@ -16,14 +16,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tuneloop import stages
+from tuneloop.pipeline import stages
 from tuneloop.cli import offline_environment
-from tuneloop.launch import write_result
-from tuneloop.params import load_params
-from tuneloop.tasks import distributed
-from tuneloop.tasks.classifier import pick_device
+from tuneloop.pipeline.launch import write_result
+from tuneloop.pipeline.params import load_params
+from tuneloop.model import distributed
+from tuneloop.model.classifier import pick_device
 from tuneloop.tasks.finetune import FinetuneResult
-from tuneloop.tasks.workspace import Workspace
+from tuneloop.values.workspace import Workspace
 
 
 def run_rank(params_path: Path, root: Path, result_path: Path | None) -> FinetuneResult:

@@ -20,11 +20,11 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from tuneloop.tasks.errors import TuneloopError
+from tuneloop.values.errors import TuneloopError
 from tuneloop.tasks.ingest import IngestConfig, label_texts, read_table
 from tuneloop.tasks.split import SPLIT_ALIASES, SPLITS, leaked_rows
 from tuneloop.tasks.validate import ValidateConfig
-from tuneloop.tasks.workspace import folder_problem
+from tuneloop.values.workspace import folder_problem
 
 LABEL_NAMES = ("label", "labels", "intent", "category", "class", "target", "y", "sentiment", "topic", "tag")
 TEXT_NAMES = ("text", "sentence", "utterance", "query", "question", "review", "content", "body", "message")
@@ -231,7 +231,7 @@ def propose(frame: pd.DataFrame, columns: Columns) -> Proposal:
 
 def params_text(proposal: Proposal, source: str, name: str, base_model: str) -> str:
     """A commented params.yaml: every section at its defaults but for the data's own."""
-    from tuneloop.params import Params
+    from tuneloop.pipeline.params import Params
 
     columns = proposal.columns
     ingest = IngestConfig(source=source, text_column=columns.text, label_column=columns.label,

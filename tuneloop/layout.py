@@ -1,57 +1,68 @@
-"""layout: the house's floors, read from the code itself (`tuneloop layout` prints them).
+"""layout: the house's floors, read from its folders (`tuneloop layout` prints them).
 
-A module may import its own floor or any floor below it; `tests/unit/test_layout.py`
-walks every import (at the top of a module or inside a function) against this map, so
-the map printed here is the one the tests enforce and cannot drift from the tree.
+Each floor is one folder (one package); a module's floor is the folder it sits in,
+and what a floor holds is the first line of its `__init__.py`. A module may import
+its own floor or any floor below it: `tests/unit/test_layout.py` walks every import
+(at the top of a module or inside a function) against this order, so the map printed
+here is the one the tests enforce and cannot drift from the tree.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
 
-import tuneloop.flows as flows
-import tuneloop.tasks as tasks
+# The floors, bottom up, by package. tasks/ and flows/ are installed as tuneloop.tasks and
+# tuneloop.flows (pyproject.toml); every other floor is a folder of tuneloop/, and the modules
+# directly in tuneloop/ are the entry points.
+FLOORS = ("tuneloop.values", "tuneloop.model", "tuneloop.plumbing", "tuneloop.tasks", "tuneloop.service",
+          "tuneloop.pipeline", "tuneloop.flows", "tuneloop")
+ENTRY = "tuneloop"
+# Old names kept for MLflow versions registered before 2026-12-05: their code/ carries only
+# classifier, fastpath and mlflow_model and imports these from the installed tuneloop.tasks.
+LEGACY = {"tuneloop.tasks.config": "tuneloop.values.config", "tuneloop.tasks.labels": "tuneloop.values.labels",
+          "tuneloop.tasks.calibration": "tuneloop.model.calibration"}
 
-PACKAGES = {"tuneloop": Path(__file__).parent, "tuneloop.flows": Path(flows.__file__).parent,
-            "tuneloop.tasks": Path(tasks.__file__).parent}
 
-# Floors, bottom up. tasks/ holds the stages and their helpers; the few modules below them are named.
-BASE = {"config", "errors", "decision", "labels", "workspace"}  # plain values: settings, errors, decisions, paths
-CORE = {"classifier", "fastpath", "metrics", "calibration"}  # the model: torch, transformers, peft, numpy, SciPy
-ENTRY = {"cli", "demo", "init", "__main__", "distributed_finetune", "tune_worker",
-         "layout"}  # commands and process entries
-STAGE_IO = {"params", "stages", "monitoring", "launch", "tune_runs"}
-FLOORS = ("base", "core", "tasks", "stage I/O", "flows", "entry")
-MEANING = {"base": "plain values: settings, errors, decisions, paths",
-           "core": "the model: torch, transformers, peft, numpy, SciPy; no orchestration",
-           "tasks": "one module per stage and the stages' own helpers (tuneloop.tasks)",
-           "stage I/O": "reads params, runs a stage, writes its outputs",
-           "flows": "Prefect flows that only compose stages (tuneloop.flows)",
-           "entry": "the CLI and process entry points"}
+def name(floor: str) -> str:
+    """A floor's short name: its folder's name; the entry points' floor is `entry`."""
+    return "entry" if floor == ENTRY else floor.rpartition(".")[2]
+
+
+def folder(package: str) -> Path:
+    return Path(importlib.import_module(package).__file__ or "").parent
+
+
+def packages() -> dict[str, Path]:
+    """Every package of the installed name, found in the tree: tuneloop/ and each folder
+    below it with an `__init__.py`, and the two installed from the top level."""
+    root = folder(ENTRY)
+    found = {ENTRY: root, "tuneloop.tasks": folder("tuneloop.tasks"), "tuneloop.flows": folder("tuneloop.flows")}
+    found.update({f"{ENTRY}.{init.parent.name}": init.parent for init in sorted(root.glob("*/__init__.py"))})
+    return found
 
 
 def floor_of(module: str) -> str:
-    if module in {"tuneloop", "tuneloop.tasks"}:  # package files: a version string, a docstring
-        return "base"
-    package, _, name = module.rpartition(".")
-    if package == "tuneloop.tasks":
-        return "base" if name in BASE else "core" if name in CORE else "tasks"
-    if module == "tuneloop.flows" or package == "tuneloop.flows":
-        return "flows"
-    if name in ENTRY:
-        return "entry"
-    if name not in STAGE_IO:
-        raise LookupError(f"{module} is on no floor: add it to one in tuneloop/layout.py")
-    return "stage I/O"
+    """The floor (package) a module sits in; a package's own `__init__` sits on its floor."""
+    package = module if module in packages() else module.rpartition(".")[0]
+    if package not in FLOORS:
+        raise LookupError(f"{module} is on no floor: its folder {package} is not in FLOORS (tuneloop/layout.py)")
+    return package
+
+
+def meaning(floor: str) -> str:
+    """What a floor holds: the first line of its package docstring."""
+    doc = ast.get_docstring(ast.parse((packages()[floor] / "__init__.py").read_text())) or ""
+    return doc.splitlines()[0] if doc else ""
 
 
 def modules() -> dict[str, Path]:
     """Every module of the installed name, by dotted name."""
     found = {}
-    for package, folder in PACKAGES.items():
-        for path in sorted(folder.glob("*.py")):
-            found[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+    for package, path in packages().items():
+        for source in sorted(path.glob("*.py")):
+            found[package if source.stem == "__init__" else f"{package}.{source.stem}"] = source
     return found
 
 
@@ -78,9 +89,11 @@ def floors() -> dict[str, list[str]]:
 
 
 def floor_table() -> str:
-    """The floors as `tuneloop layout` prints them: top down, each with what it holds."""
+    """The floors as `tuneloop layout` prints them: top down, each with its folder and what it holds."""
     lines = ["imports run only downward: a module may import its own floor or any floor below it"]
     for floor, names in floors().items():
-        lines.append(f"\n{floor} - {MEANING[floor]}")
-        lines.extend(f"  {name}" for name in names)
+        where = packages()[floor].relative_to(packages()[ENTRY].parent)
+        lines.append(f"\n{name(floor)} - {where}/: {meaning(floor)}")
+        lines.extend(f"  {module}" + ("  (old name of " + LEGACY[module] + ")" if module in LEGACY else "")
+                     for module in names)
     return "\n".join(lines)

@@ -19,9 +19,9 @@ import pandas as pd
 import pytest
 
 from tuneloop.tasks.baseline import fit_probe
-from tuneloop.tasks.classifier import resolve_model_path
+from tuneloop.model.classifier import resolve_model_path
 from tuneloop.tasks.drift import compute_drift, current_frame, decide_drift, drift_status, encoder_embedder, reference_frame
-from tuneloop.params import load_params
+from tuneloop.pipeline.params import load_params
 
 pytestmark = pytest.mark.slow
 

@@ -12,8 +12,8 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from tuneloop.tasks.baseline import BaselineConfig, select_probe
-from tuneloop.tasks.classifier import load_encoder, load_tokenizer, pooled_embeddings, resolve_model_path
-from tuneloop.tasks.metrics import macro_f1
+from tuneloop.model.classifier import load_encoder, load_tokenizer, pooled_embeddings, resolve_model_path
+from tuneloop.model.metrics import macro_f1
 
 HWU64 = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "hwu64" / "hwu64.csv"
 

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tuneloop.tasks import fastpath
-from tuneloop.tasks.classifier import resolve_model_path
+from tuneloop.model import fastpath
+from tuneloop.model.classifier import resolve_model_path
 from tuneloop.tasks.finetune import FinetuneConfig, finetune
 
 MOVIES = Path(__file__).resolve().parents[2] / "data" / "vader_sentiment" / "movie_reviews.csv"

@@ -21,10 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ helpers (
 from isolated_python import isolated_environment, isolated_python, tuneloop_importable  # noqa: E402
 from tiny_model import build_tiny_bert, sentiment_rows  # noqa: E402
 
-from tuneloop.tasks import mlflow_model, registry  # noqa: E402
+from tuneloop.plumbing import mlflow_model
+from tuneloop.tasks import registry  # noqa: E402
 from tuneloop.tasks.finetune import FinetuneConfig, finetune  # noqa: E402
-from tuneloop.tasks.tracking import start_pipeline_run  # noqa: E402
-from tuneloop.tasks.workspace import Workspace  # noqa: E402
+from tuneloop.plumbing.tracking import start_pipeline_run  # noqa: E402
+from tuneloop.values.workspace import Workspace  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

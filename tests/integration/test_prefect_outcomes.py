@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tuneloop.tasks import runlog
+from tuneloop.plumbing import runlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_prefect_ui import read_back  # noqa: E402  the Prefect API read-back of the UI test

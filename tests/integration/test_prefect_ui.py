@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tuneloop.params import parse_params
-from tuneloop.tasks import tracking
-from tuneloop.tasks.workspace import Workspace, write_json
+from tuneloop.pipeline.params import parse_params
+from tuneloop.plumbing import tracking
+from tuneloop.values.workspace import Workspace, write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from test_gate import build_case, spread  # noqa: E402  the gate's own scenario builder
@@ -30,7 +30,7 @@ def flow_run(tmp_path_factory, mlflow_sandbox) -> dict:
     from prefect import flow
     from prefect.testing.utilities import prefect_test_harness
 
-    from tuneloop import stages
+    from tuneloop.pipeline import stages
     from tuneloop.flows.retrain import stage_task
 
     root = tmp_path_factory.mktemp("project")
@@ -75,7 +75,7 @@ def test_the_flow_runs_logs_hold_each_stage_line_which_the_console_does_not_repe
 
     from prefect.logging.handlers import APILogHandler, PrefectConsoleHandler
 
-    from tuneloop.tasks.runlog import STAGE_LOGGER
+    from tuneloop.plumbing.runlog import STAGE_LOGGER
 
     lines = [m for m in flow_run["logs"] if m.startswith("[")]
     assert [line.split(":")[0] for line in lines] == ["[1/9] ingest", "[8/9] gate"]

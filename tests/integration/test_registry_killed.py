@@ -35,14 +35,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ helpers (
 
 from tiny_model import build_tiny_bert, sentiment_rows  # noqa: E402
 
-from tuneloop.params import parse_params  # noqa: E402
+from tuneloop.pipeline.params import parse_params  # noqa: E402
 from tuneloop.tasks import registry  # noqa: E402
 from tuneloop.tasks.finetune import FinetuneConfig, finetune  # noqa: E402
 from tuneloop.tasks.ingest import DataVersion  # noqa: E402
-from tuneloop.tasks.integrity import folder_manifest  # noqa: E402
-from tuneloop.tasks.mlflow_model import REWRITTEN  # noqa: E402
-from tuneloop.tasks.tracking import start_pipeline_run  # noqa: E402
-from tuneloop.tasks.workspace import Workspace, write_json  # noqa: E402
+from tuneloop.plumbing.integrity import folder_manifest  # noqa: E402
+from tuneloop.plumbing.mlflow_model import REWRITTEN  # noqa: E402
+from tuneloop.plumbing.tracking import start_pipeline_run  # noqa: E402
+from tuneloop.values.workspace import Workspace, write_json  # noqa: E402
 
 LABELS = ["negative", "positive"]
 FAST = FinetuneConfig(epochs=1, max_steps=4, learning_rate=1e-2, batch_size=16, lora_r=8, max_length=32)
@@ -239,7 +239,7 @@ def assert_nothing_half_registered_serves(name: str, cache: Path) -> None:
 @pytest.mark.parametrize("point, promote", CASES)
 def test_server_killed_mid_registration_serves_nothing_half_registered_and_a_rerun_finishes_it(
         running, tiny, tmp_path, monkeypatch, point, promote) -> None:
-    from tuneloop import stages
+    from tuneloop.pipeline import stages
 
     name = f"killed-{list(KILL_POINTS).index(point)}-{promote}"
     params, ws = project(tmp_path / "project", running, tiny, name)
@@ -291,9 +291,9 @@ def tuneloop(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_tuneloop_register_says_the_server_is_down_in_one_line_then_finishes_the_version_and_it_serves(
         running, tiny, tmp_path, monkeypatch) -> None:
-    from tuneloop import stages
-    from tuneloop.tasks.classifier import load_classifier, predict_proba
-    from tuneloop.tasks.serve import registry_loader
+    from tuneloop.pipeline import stages
+    from tuneloop.model.classifier import load_classifier, predict_proba
+    from tuneloop.service.serve import registry_loader
 
     name = "killed-cli"
     params, ws = project(tmp_path / "project", running, tiny, name)

@@ -95,7 +95,7 @@ def registry_versions(project: Path) -> list[dict]:
 
 def test_first_run_prints_a_line_per_stage_and_registers_a_champion(project, first_run):
     assert first_run.returncode == 0, first_run.stderr[-3000:]
-    from tuneloop.stages import STAGES
+    from tuneloop.pipeline.stages import STAGES
 
     for number, stage in enumerate(STAGES, start=1):
         assert f"[{number}/{len(STAGES)}] {stage}:" in first_run.stdout

@@ -15,10 +15,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from tuneloop.tasks.classifier import Classifier, load_classifier
-from tuneloop.tasks.config import ServeConfig
-from tuneloop.tasks.serve import ChampionFollower, create_app, serve_app
-from tuneloop.tasks.store import PredictionStore
+from tuneloop.model.classifier import Classifier, load_classifier
+from tuneloop.values.config import ServeConfig
+from tuneloop.service.serve import ChampionFollower, create_app, serve_app
+from tuneloop.service.store import PredictionStore
 
 
 class Tokenizer:

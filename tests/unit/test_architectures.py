@@ -12,7 +12,7 @@ import torch
 from tiny_model import build_tiny_model, sentiment_rows
 
 from tuneloop.tasks import finetune as finetune_module
-from tuneloop.tasks.classifier import (
+from tuneloop.model.classifier import (
     Classifier,
     TextClassifier,
     default_pooling,
@@ -73,7 +73,7 @@ def keep_the_saved_model(monkeypatch: pytest.MonkeyPatch) -> list[TextClassifier
 
 
 def test_a_decoder_without_a_pad_token_gets_one_and_scores_its_last_real_token(tmp_path: Path) -> None:
-    from tuneloop.tasks.classifier import load_tokenizer
+    from tuneloop.model.classifier import load_tokenizer
 
     base = build_tiny_model(tmp_path / "llama", "llama", pad_token=False)
     tokenizer = load_tokenizer(base)

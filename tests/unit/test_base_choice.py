@@ -12,13 +12,13 @@ import pandas as pd
 import pytest
 from tiny_model import build_tiny_bert, sentiment_rows
 
-from tuneloop.params import ParamsError, parse_params
+from tuneloop.pipeline.params import ParamsError, parse_params
 from tuneloop.tasks.baseline import BaseScore, choose_base, run_baseline
-from tuneloop.tasks.config import BaselineConfig, ModelConfig
-from tuneloop.tasks.errors import TuneloopError
+from tuneloop.values.config import BaselineConfig, ModelConfig
+from tuneloop.values.errors import TuneloopError
 from tuneloop.tasks.ingest import DataVersion
-from tuneloop.tasks.mlflow_model import CardFacts, base_choice_notes, model_card
-from tuneloop.tasks.workspace import Workspace, read_json, write_json
+from tuneloop.plumbing.mlflow_model import CardFacts, base_choice_notes, model_card
+from tuneloop.values.workspace import Workspace, read_json, write_json
 
 LABELS = ["negative", "positive"]
 FAST = BaselineConfig(batch_size=32, max_length=32, probe_c=(1.0,), latency_rows=16, device="cpu")
@@ -64,7 +64,7 @@ def test_baseline_candidates_default_to_none_and_refuse_repeats_and_blanks() -> 
 
 
 def test_a_candidate_that_is_not_a_model_folder_is_refused_in_one_line_before_any_model_loads(tmp_path) -> None:
-    from tuneloop.stages import candidate_bases
+    from tuneloop.pipeline.stages import candidate_bases
 
     params = parse_params({"baseline": {"candidates": ["all-MiniLM-L6-v2", str(tmp_path / "nowhere")]}})
     with pytest.raises(TuneloopError, match=r"^baseline.candidates\[1\]: base model '.*nowhere' is neither") as error:
@@ -96,7 +96,7 @@ def split_workspace(root: Path) -> Workspace:
 def test_the_baseline_probes_every_candidate_on_the_same_rows_and_saves_the_chosen_ones_probe(
         two_bases, tmp_path) -> None:
     from tuneloop.tasks.baseline import load_probe
-    from tuneloop.tasks.classifier import read_meta
+    from tuneloop.model.classifier import read_meta
 
     ws = split_workspace(tmp_path)
     result = run_baseline(FAST, ModelConfig(), two_bases, LABELS, ws, max_latency_ms=10_000.0)
@@ -129,9 +129,9 @@ def test_the_baseline_stage_logs_every_candidate_and_the_later_stages_use_its_ch
         two_bases, tmp_path, mlflow_sandbox, mlflow_model_name) -> None:
     import mlflow
 
-    from tuneloop import stages
+    from tuneloop.pipeline import stages
     from tuneloop.tasks.gate import PROBE
-    from tuneloop.tasks.tracking import start_pipeline_run
+    from tuneloop.plumbing.tracking import start_pipeline_run
 
     params = stage_params(two_bases, mlflow_sandbox, mlflow_model_name)
     ws = split_workspace(tmp_path)
@@ -159,14 +159,14 @@ def test_the_baseline_stage_logs_every_candidate_and_the_later_stages_use_its_ch
 
 
 def test_without_candidates_the_base_is_model_base_and_no_choice_is_read(tmp_path) -> None:
-    from tuneloop import stages
+    from tuneloop.pipeline import stages
 
     params = parse_params({"model": {"base": "/somewhere/model"}})
     assert stages.base_model(params, Workspace(tmp_path)) == "/somewhere/model"
 
 
 def test_candidates_listed_but_never_probed_ask_for_the_baseline(tmp_path) -> None:
-    from tuneloop import stages
+    from tuneloop.pipeline import stages
 
     params = parse_params({"baseline": {"candidates": ["all-MiniLM-L6-v2"]}})
     with pytest.raises(TuneloopError, match=r"reports/baseline.json is missing: run `tuneloop baseline` first"):

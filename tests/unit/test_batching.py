@@ -1,4 +1,4 @@
-"""Micro-batching (tasks/batching.py): concurrent callers' items worked together, small
+"""Micro-batching (tuneloop/service/batching.py): concurrent callers' items worked together, small
 requests first, each caller answered with its own results in order, a failure kept
 to its batch, and a full queue refused at once with a retry time."""
 
@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tuneloop.tasks.batching import Job, MicroBatcher, QueueFull, plan_batch
+from tuneloop.service.batching import Job, MicroBatcher, QueueFull, plan_batch
 
 
 def job(size: int, done: int = 0) -> Job:

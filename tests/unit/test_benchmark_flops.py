@@ -32,7 +32,7 @@ def test_token_parameters_count_encoder_layers_and_adapters_but_not_embeddings_o
 
 @pytest.mark.slow
 def test_minilm_has_about_ten_million_token_parameters():
-    from tuneloop.tasks.classifier import resolve_model_path
+    from tuneloop.model.classifier import resolve_model_path
     from tuneloop.tasks.finetune import FinetuneConfig, build_model
 
     model = build_model(resolve_model_path("all-MiniLM-L6-v2"), ["negative", "positive"], FinetuneConfig())

@@ -1,4 +1,4 @@
-"""Calibrated confidences and "none of these" (tasks/calibration.py), on rows whose truth is known.
+"""Calibrated confidences and "none of these" (tuneloop/model/calibration.py), on rows whose truth is known.
 
 The rows are drawn from a known model: each row's true class has logit `margin`,
 the others 0, plus Gaussian noise, so the calibrated probability is computable
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tuneloop.tasks.calibration import (
+from tuneloop.model.calibration import (
     Abstention,
     abstains,
     choose_abstention,
@@ -22,7 +22,7 @@ from tuneloop.tasks.calibration import (
     softmax,
     uncalibrated,
 )
-from tuneloop.tasks.metrics import reliability
+from tuneloop.model.metrics import reliability
 
 LABELS = ["a", "b", "c", "d", "oos"]
 

@@ -15,13 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tuneloop import stages
-from tuneloop.launch import torchrun_command
-from tuneloop.params import parse_params
-from tuneloop.tasks.distributed import Ranks, ranks_from_env, shard
+from tuneloop.pipeline import stages
+from tuneloop.pipeline.launch import torchrun_command
+from tuneloop.pipeline.params import parse_params
+from tuneloop.model.distributed import Ranks, ranks_from_env, shard
 from tuneloop.tasks.finetune import CHECKPOINT_FILE, FinetuneConfig, length_grouped_order
 from tuneloop.tasks.ingest import DataVersion
-from tuneloop.tasks.workspace import Workspace, write_json
+from tuneloop.values.workspace import Workspace, write_json
 
 # no dropout anywhere: 1 and 2 processes then differ only by float summation order
 SETTINGS = FinetuneConfig(epochs=2, learning_rate=1e-2, batch_size=16, lora_r=4, lora_dropout=0.0, max_length=32,
@@ -87,7 +87,7 @@ def project(root: Path, base: Path, toy_task: dict, sandbox=None):
 def one_and_two(no_dropout_bert, toy_task, tmp_path_factory, mlflow_sandbox):
     """The same run in this process (the core alone) and as the stage with 2 torchrun ranks
     (`tuneloop finetune --nproc 2`: launched, then logged to the pipeline's MLflow run)."""
-    from tuneloop.tasks import tracking
+    from tuneloop.plumbing import tracking
 
     params, one_ws = project(tmp_path_factory.mktemp("one"), no_dropout_bert, toy_task)
     one = stages.train_model(stages.finetune_inputs(params, one_ws), progress=False)
@@ -128,7 +128,7 @@ def test_two_processes_save_one_set_of_weights_equal_to_one_process(one_and_two)
 def test_the_stage_logs_rank_zeros_result_once_to_the_pipelines_run(one_and_two) -> None:
     from mlflow import MlflowClient
 
-    from tuneloop.tasks import tracking
+    from tuneloop.plumbing import tracking
 
     _, two, ws = one_and_two
     metrics = json.loads(ws.finetune_metrics.read_text())

@@ -267,7 +267,7 @@ def test_unknown_rollback_metric_is_refused() -> None:
 
 
 def test_store_hands_back_rows_labelled_after_a_moment(tmp_path) -> None:
-    from tuneloop.tasks.store import Prediction, PredictionStore, utcnow
+    from tuneloop.service.store import Prediction, PredictionStore, utcnow
 
     store = PredictionStore(f"sqlite:///{tmp_path / 'predictions.db'}")
     store.log(Prediction(f"r{i}", 0, f"text {i}", "positive", 0.9, {"positive": 0.9}, "1") for i in range(3))

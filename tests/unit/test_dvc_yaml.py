@@ -3,9 +3,9 @@
 changed), and every file a stage writes is declared by that stage alone.
 
 The modules a stage runs are found statically: the stage's function in
-tuneloop/stages.py, the stages.py helpers it calls, the project modules those
+tuneloop/pipeline/stages.py, the stages.py helpers it calls, the project modules those
 name, and every project module those import (anywhere in the file, lazily
-too). tuneloop/cli.py and tuneloop/params.py are left out: they parse the
+too). tuneloop/cli.py and tuneloop/pipeline/params.py are left out: they parse the
 command line and validate params.yaml for every stage alike, and params
 changes are DVC `params:` dependencies already.
 """
@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tuneloop.stages import STAGES
+from tuneloop.pipeline.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = {"tuneloop.tasks": "tasks", "tuneloop.flows": "flows", "tuneloop": "tuneloop"}
-NOT_STAGE_CODE = {"tuneloop/cli.py", "tuneloop/params.py"}
+NOT_STAGE_CODE = {"tuneloop/cli.py", "tuneloop/pipeline/params.py"}
 
 
 def module_file(name: str) -> str | None:
@@ -65,7 +65,7 @@ def module_closure(files: set[str]) -> set[str]:
 
 
 def stage_files(stage: str) -> set[str]:
-    """The project files `tuneloop <stage>` runs, from its function in tuneloop/stages.py."""
+    """The project files `tuneloop <stage>` runs, from its function in tuneloop/pipeline/stages.py."""
     tree = ast.parse((REPO / "tuneloop" / "stages.py").read_text())
     functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
     top_imports = imported_files(ast.Module(body=[n for n in tree.body if not isinstance(n, ast.FunctionDef)],
@@ -81,7 +81,7 @@ def stage_files(stage: str) -> set[str]:
         todo += [n for n in names if n in functions]
         local = imported_files(body)
         reached |= {path for n, path in {**top_imports, **local}.items() if n in names or n in local}
-    return module_closure(reached) | {"tuneloop/stages.py"}
+    return module_closure(reached) | {"tuneloop/pipeline/stages.py"}
 
 
 def declared(stage: dict, kind: str) -> list[str]:
@@ -100,7 +100,7 @@ def test_each_stage_depends_on_exactly_the_project_modules_its_command_runs(stag
 
 def test_the_stage_walk_follows_helpers_and_lazy_imports() -> None:
     # finetune -> start_head (a stages.py helper) -> baseline.probe_head; classifier imports fastpath lazily
-    assert {"tasks/baseline.py", "tasks/classifier.py", "tasks/fastpath.py", "tasks/metrics.py"} <= stage_files(
+    assert {"tasks/baseline.py", "tuneloop/model/classifier.py", "tuneloop/model/fastpath.py", "tuneloop/model/metrics.py"} <= stage_files(
         "finetune")
     assert "tasks/tune.py" not in stage_files("ingest")
 

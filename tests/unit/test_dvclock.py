@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tuneloop.tasks.dvclock import record_stage
+from tuneloop.plumbing.dvclock import record_stage
 
 
 def dvc_project(root: Path, dep: str) -> Path:
@@ -68,7 +68,7 @@ def test_a_missing_dependency_is_said_not_raised(tmp_path: Path, capsys) -> None
 def test_a_run_commits_the_files_it_owns_and_nothing_else_the_user_staged(tmp_path) -> None:
     import subprocess
 
-    from tuneloop.tasks.dvclock import commit_iteration
+    from tuneloop.plumbing.dvclock import commit_iteration
 
     def git(*args):
         return subprocess.run(["git", *args], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
@@ -98,7 +98,7 @@ def test_a_run_commits_the_files_it_owns_and_nothing_else_the_user_staged(tmp_pa
 
 
 def test_outside_a_git_repository_of_its_own_a_run_says_the_command_that_would_keep_it(tmp_path) -> None:
-    from tuneloop.tasks.dvclock import commit_iteration
+    from tuneloop.plumbing.dvclock import commit_iteration
 
     (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")
     said = commit_iteration(tmp_path, "m")
@@ -115,6 +115,6 @@ def test_outside_a_git_repository_of_its_own_a_run_says_the_command_that_would_k
 ])
 def test_the_run_flag_beats_ingest_commit_iterations_and_only_params_yaml_runs_commit(
         setting: bool, flag: bool | None, as_params_yaml: bool, commits: bool) -> None:
-    from tuneloop.tasks.dvclock import commits_iteration
+    from tuneloop.plumbing.dvclock import commits_iteration
 
     assert commits_iteration(setting, flag, as_params_yaml) is commits

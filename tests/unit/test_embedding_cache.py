@@ -13,8 +13,8 @@ from test_base_choice import FAST, LABELS, split_workspace
 from tiny_model import build_tiny_bert
 
 from tuneloop.tasks.baseline import EmbeddingCache, encoder_key, load_probe, run_baseline
-from tuneloop.tasks.config import ModelConfig
-from tuneloop.tasks.workspace import Workspace
+from tuneloop.values.config import ModelConfig
+from tuneloop.values.workspace import Workspace
 
 
 class Counting:

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import yaml
 
-from tuneloop import monitoring
+from tuneloop.pipeline import monitoring
 from tuneloop.flows import monitor as monitor_flow_module
-from tuneloop.params import parse_params
-from tuneloop.tasks.calibration import softmax
-from tuneloop.tasks.config import MonitorConfig
+from tuneloop.pipeline.params import parse_params
+from tuneloop.model.calibration import softmax
+from tuneloop.values.config import MonitorConfig
 from tuneloop.tasks.drift import decide_drift, decide_estimated_drop, probability_matrix
-from tuneloop.tasks.metrics import (
+from tuneloop.model.metrics import (
     EstimatedPerformance,
     accuracy,
     estimate_performance,
@@ -27,9 +27,9 @@ from tuneloop.tasks.metrics import (
     macro_f1,
 )
 from tuneloop.tasks.registry import VersionInfo
-from tuneloop.tasks.store import Prediction, PredictionStore, utcnow
+from tuneloop.service.store import Prediction, PredictionStore, utcnow
 from tuneloop.tasks.triggers import decide_retraining
-from tuneloop.tasks.workspace import Workspace
+from tuneloop.values.workspace import Workspace
 
 
 def calibrated_rows(rows: int, classes: int, seed: int, scale: float = 2.0, bias: float = 0.0):

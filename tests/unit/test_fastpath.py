@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tuneloop.tasks import fastpath
-from tuneloop.tasks.classifier import pad_batch, pool
+from tuneloop.model import fastpath
+from tuneloop.model.classifier import pad_batch, pool
 from tuneloop.tasks.finetune import FinetuneConfig, build_model
 
 LABELS = ["negative", "positive"]

@@ -23,7 +23,7 @@ from tuneloop.tasks.gate import (
     holm,
     outcome,
 )
-from tuneloop.tasks.metrics import accuracy, macro_f1
+from tuneloop.model.metrics import accuracy, macro_f1
 
 N_ROWS = 200
 CHECKS = ["beats_base", "beats_champion", "slices", "robustness", "forgetting", "latency"]

@@ -18,14 +18,14 @@ import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 
-from tuneloop.tasks.auth import Token, TokenError, bind_refusal, load_tokens, parse_tokens
-from tuneloop.tasks.classifier import load_classifier
+from tuneloop.service.auth import Token, TokenError, bind_refusal, load_tokens, parse_tokens
+from tuneloop.model.classifier import load_classifier
 from tuneloop.tasks.feedback import export_feedback
 from tuneloop.tasks.finetune import FinetuneConfig, finetune
-from tuneloop.tasks.limits import BodyLimit
-from tuneloop.tasks.privacy import mask_pii
-from tuneloop.tasks.serve import ChampionFollower, ServeConfig, create_app
-from tuneloop.tasks.store import Prediction, PredictionStore, utcnow
+from tuneloop.service.limits import BodyLimit
+from tuneloop.values.privacy import mask_pii
+from tuneloop.service.serve import ChampionFollower, ServeConfig, create_app
+from tuneloop.service.store import Prediction, PredictionStore, utcnow
 
 FAST = FinetuneConfig(epochs=1, max_steps=4, learning_rate=1e-2, batch_size=16, lora_r=8, max_length=32)
 LIMITS = ServeConfig(max_text_chars=50, max_batch=4, poll_seconds=60.0, max_body_bytes=1_100_000)
@@ -829,8 +829,8 @@ def test_restoring_a_well_formed_but_unknown_data_version_ends_in_one_line_and_l
 
     from tuneloop.tasks import registry
     from tuneloop.tasks.ingest import open_dvc_repo
-    from tuneloop.tasks.tracking import start_pipeline_run
-    from tuneloop.tasks.workspace import Workspace
+    from tuneloop.plumbing.tracking import start_pipeline_run
+    from tuneloop.values.workspace import Workspace
 
     model = tmp_path / "model"
     model.mkdir()
@@ -865,12 +865,12 @@ def register_versions(root: Path, trained: Path, base: Path, mlflow_section: dic
 
     import yaml
 
-    from tuneloop import stages
-    from tuneloop.params import parse_params
+    from tuneloop.pipeline import stages
+    from tuneloop.pipeline.params import parse_params
     from tuneloop.tasks.ingest import DataVersion
-    from tuneloop.tasks.integrity import folder_manifest
-    from tuneloop.tasks.tracking import start_pipeline_run
-    from tuneloop.tasks.workspace import Workspace, write_json
+    from tuneloop.plumbing.integrity import folder_manifest
+    from tuneloop.plumbing.tracking import start_pipeline_run
+    from tuneloop.values.workspace import Workspace, write_json
 
     ws = Workspace(root)
     ws.splits.parent.mkdir(parents=True, exist_ok=True)
@@ -905,11 +905,11 @@ def test_loading_the_champion_as_the_readme_shows_never_takes_it_out_of_service(
         trained, tiny_bert, mlflow_sandbox, tmp_path, capsys, caplog):
     import mlflow
 
-    from tuneloop import stages
+    from tuneloop.pipeline import stages
     from tuneloop.tasks import registry
-    from tuneloop.tasks.integrity import MANIFEST_TAG, folder_manifest
-    from tuneloop.tasks.serve import registry_loader, registry_lookup
-    from tuneloop.tasks.workspace import Workspace
+    from tuneloop.plumbing.integrity import MANIFEST_TAG, folder_manifest
+    from tuneloop.service.serve import registry_loader, registry_lookup
+    from tuneloop.values.workspace import Workspace
 
     name, root = "tl-hostile-readme-user", tmp_path / "project"
     params = register_versions(root, trained, tiny_bert, {"tracking_uri": mlflow_sandbox.tracking_uri,
@@ -951,7 +951,7 @@ def test_loading_the_champion_as_the_readme_shows_never_takes_it_out_of_service(
     ("add", "model.safetensors: not recorded for this version"),
 ])
 def test_beside_mlflows_own_file_a_changed_missing_or_added_file_is_still_refused(tmp_path, change, problem):
-    from tuneloop.tasks.integrity import IntegrityError, check_folder, folder_manifest
+    from tuneloop.plumbing.integrity import IntegrityError, check_folder, folder_manifest
 
     (tmp_path / "artifacts" / "classifier").mkdir(parents=True)
     (tmp_path / "MLmodel").write_text("flavors: {}\n")
@@ -984,7 +984,7 @@ def test_a_project_copied_with_cp_a_reads_and_writes_only_its_own_artefacts(
     import mlflow
 
     from tuneloop.tasks import registry
-    from tuneloop.tasks.integrity import folder_manifest
+    from tuneloop.plumbing.integrity import folder_manifest
 
     previous_uri = mlflow.get_tracking_uri()
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -1022,7 +1022,7 @@ def test_a_project_copied_with_cp_a_reads_and_writes_only_its_own_artefacts(
 
 
 def test_a_nested_quantifier_pii_pattern_is_matched_in_bounded_time_by_the_guarded_engine(tmp_path):
-    from tuneloop.tasks.config import ValidateConfig
+    from tuneloop.values.config import ValidateConfig
     from tuneloop.tasks.validate import validate_dataset
 
     texts = ["a" * 1999 + "!", "aaaa", "a fine film", "a" * 30 + "b"] * 5
@@ -1065,12 +1065,12 @@ def test_data_that_cannot_train_is_refused_by_validate_before_any_model_loads(
         mlflow_sandbox, tmp_path, capsys, frame, message):
     from dataclasses import asdict
 
-    from tuneloop import stages
-    from tuneloop.params import parse_params
+    from tuneloop.pipeline import stages
+    from tuneloop.pipeline.params import parse_params
     from tuneloop.tasks.ingest import DataVersion
     from tuneloop.tasks.split import UntrainableData
-    from tuneloop.tasks.tracking import start_pipeline_run
-    from tuneloop.tasks.workspace import Workspace, write_json
+    from tuneloop.plumbing.tracking import start_pipeline_run
+    from tuneloop.values.workspace import Workspace, write_json
 
     ws = Workspace(tmp_path)
     ws.dataset.parent.mkdir(parents=True)
@@ -1092,7 +1092,7 @@ def test_the_service_can_hand_freed_body_memory_back_on_glibc():
     test above needs it under load: without it the heap stayed 22.8 MiB up in CI)."""
     import platform
 
-    from tuneloop.tasks import limits
+    from tuneloop.service import limits
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("malloc_trim is glibc's")

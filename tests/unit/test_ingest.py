@@ -29,7 +29,7 @@ from tuneloop.tasks.ingest import (
     restore_data,
     run_ingest,
 )
-from tuneloop.tasks.workspace import Workspace
+from tuneloop.values.workspace import Workspace
 
 TWELVE_WORDS = "the plot drags in the middle but the ending lands very well"
 LONG_TEXT = " ".join(["a long and winding review that keeps going"] * 3 + ["on", "and", "on"])

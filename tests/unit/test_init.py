@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from tuneloop.init import InitError, fitted_bounds, init_project, propose_columns
-from tuneloop.params import load_params
+from tuneloop.pipeline.params import load_params
 from tuneloop.tasks.ingest import IngestError, read_table
 
 ROWS = [("wake me up at seven", "alarm_set"), ("what time is it", "datetime_query"), ("up", "volume_up"),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tuneloop.tasks import finetune as ft
-from tuneloop.tasks.integrity import IntegrityError, check_folder, folder_manifest, manifest_problems
+from tuneloop.plumbing.integrity import IntegrityError, check_folder, folder_manifest, manifest_problems
 
 A, B, C = "a" * 64, "b" * 64, "c" * 64
 

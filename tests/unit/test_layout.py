@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 PROJECT = Path(__file__).resolve().parents[2]
-from tuneloop.layout import FLOORS, floor_of, floor_table, floors, imports, modules  # noqa: E402
+from tuneloop.layout import (  # noqa: E402
+    FLOORS, LEGACY, floor_of, floor_table, floors, imports, modules, name, packages)
 
 
 @pytest.fixture(scope="module")
@@ -60,24 +61,49 @@ def circles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def test_every_folder_is_a_floor_and_every_module_sits_on_its_folders_floor() -> None:
+    assert sorted(packages()) == sorted(FLOORS)
+    for module, path in modules().items():
+        assert packages()[floor_of(module)] == path.parent, module
+
+
 def test_every_module_is_on_a_floor_and_the_printed_map_names_each_once() -> None:
     table = floor_table()
-    assert sorted(name for names in floors().values() for name in names) == sorted(modules())
-    for module in modules():
-        assert table.count(f"  {module}\n") + table.endswith(f"  {module}") == 1, module
-    assert [line.split(" - ")[0] for line in table.splitlines() if " - " in line] == list(reversed(FLOORS))
+    assert sorted(module for names in floors().values() for module in names) == sorted(modules())
+    listed = [line.split()[0] for line in table.splitlines() if line.startswith("  ")]
+    assert sorted(listed) == sorted(modules())
+    assert [line.split(" - ")[0] for line in table.splitlines() if " - " in line] == \
+        [name(floor) for floor in reversed(FLOORS)]
+    assert "\nmodel - tuneloop/model/: The model: " in table and "\ntasks - tasks/: The pipeline's stages" in table
 
 
-def test_a_module_on_no_floor_is_named() -> None:
-    with pytest.raises(LookupError, match="tuneloop.newthing is on no floor"):
-        floor_of("tuneloop.newthing")
+def test_a_module_in_a_folder_that_is_no_floor_is_named() -> None:
+    with pytest.raises(LookupError, match=r"tuneloop.newthing.x is on no floor: its folder tuneloop.newthing is not"):
+        floor_of("tuneloop.newthing.x")
+
+
+def test_tasks_holds_only_stages_and_their_helpers(graph) -> None:
+    """A module in tasks/ is a stage the pipeline floor calls, or a helper a stage imports;
+    anything else (a service, plumbing, a value) belongs on its own floor."""
+    tasks = {m for m in modules() if floor_of(m) == "tuneloop.tasks" and m != "tuneloop.tasks" and m not in LEGACY}
+    called = {b for a, targets in graph.items() if floor_of(a) == "tuneloop.pipeline" for b in targets}
+    helpers = {b for a, targets in graph.items() if a in tasks for b in targets}
+    assert sorted(tasks - called - helpers) == []
+    assert "tuneloop.tasks.finetune" in called and "tuneloop.tasks.tune_space" in helpers
+
+
+def test_the_old_names_that_early_registered_versions_import_are_the_moved_modules_themselves() -> None:
+    import importlib
+
+    for old, new in LEGACY.items():
+        assert importlib.import_module(old) is importlib.import_module(new)
 
 
 def test_the_layout_command_prints_the_floors_from_the_code() -> None:
     shown = subprocess.run([sys.executable, "-m", "tuneloop.cli", "layout"], capture_output=True, text=True)
     assert shown.returncode == 0, shown.stderr[-2000:]
     assert shown.stdout.strip() == floor_table()
-    assert "\ncore - " in shown.stdout and "  tuneloop.tasks.classifier" in shown.stdout
+    assert "\nmodel - tuneloop/model/" in shown.stdout and "  tuneloop.model.classifier" in shown.stdout
 
 
 def test_no_module_imports_itself_through_others(graph) -> None:
@@ -107,7 +133,7 @@ def third_party_roots(source: str) -> set[str]:
 
 def test_the_model_core_imports_only_the_model_and_its_numbers() -> None:
     outside = {module: sorted(third_party_roots(path.read_text()) - CORE_MAY_IMPORT)
-               for module, path in modules().items() if floor_of(module) == "core"}
+               for module, path in modules().items() if floor_of(module) == "tuneloop.model"}
     assert {module: names for module, names in outside.items() if names} == {}
 
 
@@ -131,7 +157,8 @@ def test_installing_tuneloop_claims_only_the_tuneloop_import_name(tmp_path: Path
         top = {name.split("/")[0] for name in archive.namelist() if not name.split("/")[0].endswith(".dist-info")}
         assert top == {"tuneloop"}
         files = set(archive.namelist())
-    assert {"tuneloop/tasks/classifier.py", "tuneloop/flows/retrain.py", "tuneloop/cli.py"} <= files
+    assert {"tuneloop/model/classifier.py", "tuneloop/tasks/finetune.py", "tuneloop/flows/retrain.py",
+            "tuneloop/values/config.py", "tuneloop/cli.py"} <= files
 
 
 def test_a_users_own_tasks_and_flows_modules_do_not_shadow_tuneloop(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tuneloop.tasks.metrics import (
+from tuneloop.model.metrics import (
     accuracy,
     classification_summary,
     confusion_matrix,

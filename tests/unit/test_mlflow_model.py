@@ -14,14 +14,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tuneloop.params import parse_params
-from tuneloop.tasks import registry, tracking
-from tuneloop.tasks.classifier import load_classifier, score_texts
+from tuneloop.pipeline.params import parse_params
+from tuneloop.tasks import registry
+from tuneloop.plumbing import tracking
+from tuneloop.model.classifier import load_classifier, score_texts
 from tuneloop.tasks.finetune import FinetuneConfig, finetune
 from tuneloop.tasks.ingest import DataVersion
-from tuneloop.tasks.integrity import folder_manifest
-from tuneloop.tasks.tracking import start_pipeline_run
-from tuneloop.tasks.workspace import Workspace, write_json
+from tuneloop.plumbing.integrity import folder_manifest
+from tuneloop.plumbing.tracking import start_pipeline_run
+from tuneloop.values.workspace import Workspace, write_json
 
 FAST = FinetuneConfig(epochs=1, max_steps=4, learning_rate=1e-2, batch_size=16, lora_r=8, max_length=32)
 TEXTS = ["the film was great", "the plot was awful really", "this movie was boring"]
@@ -31,7 +32,7 @@ SCORES = {"accuracy": 0.9, "macro_f1": 0.875, "ece": 0.05, "latency_ms_per_examp
 @pytest.fixture(scope="module")
 def champion(tiny_bert, toy_task, mlflow_sandbox, tmp_path_factory) -> dict:
     """A tiny LoRA challenger registered and promoted by the register stage."""
-    from tuneloop import stages
+    from tuneloop.pipeline import stages
 
     root = tmp_path_factory.mktemp("project")
     ws = Workspace(root)

@@ -23,11 +23,12 @@ from pathlib import Path
 import pytest
 from isolated_python import isolated_environment, isolated_python, tuneloop_importable
 
-from tuneloop.tasks import mlflow_model, registry
-from tuneloop.tasks.classifier import load_classifier, score_texts
+from tuneloop.plumbing import mlflow_model
+from tuneloop.tasks import registry
+from tuneloop.model.classifier import load_classifier, score_texts
 from tuneloop.tasks.finetune import FinetuneConfig, finetune
-from tuneloop.tasks.tracking import start_pipeline_run
-from tuneloop.tasks.workspace import Workspace
+from tuneloop.plumbing.tracking import start_pipeline_run
+from tuneloop.values.workspace import Workspace
 
 TEXTS = ["the film was great", "the plot was awful really", "this movie was boring"]
 FLAVOURS = {"lora": FinetuneConfig(epochs=1, max_steps=4, learning_rate=1e-2, batch_size=16, lora_r=8, max_length=32),
@@ -35,7 +36,10 @@ FLAVOURS = {"lora": FinetuneConfig(epochs=1, max_steps=4, learning_rate=1e-2, ba
                                    max_length=32),
             "probe": None}
 NAME = "tl-isolated"
-OLD_LAYOUT = ("classifier.py", "fastpath.py", "mlflow_model.py")  # what code/tuneloop/tasks held before
+OLD_LAYOUT = ("classifier.py", "fastpath.py", "mlflow_model.py")  # what code/tuneloop/tasks held before 2026-12-05
+# code/ and the entry file of a version packaged before the folders became floors (2026-12-07): every
+# module under tuneloop/tasks/, the entry file importing tuneloop.tasks.mlflow_model
+BEFORE_FOLDERS = Path(__file__).resolve().parents[1] / "fixtures" / "code-before-folders.zip"
 
 LOAD_AND_PREDICT = """
 import importlib.util, json, sys
@@ -70,7 +74,10 @@ def versions(tiny_bert, toy_task, mlflow_sandbox, tmp_path_factory) -> dict:
         found[flavour] = {"version": registry.create_version(NAME, run_id, packaged, {}).version,
                           "expected": score_texts(load_classifier(trained, str(tiny_bert), "cpu"), TEXTS),
                           "packaged": packaged}
-    old = Path(shutil.copytree(found["lora"]["packaged"], tmp / "old" / "model"))
+    before = repackaged(found["lora"]["packaged"], tmp / "before folders" / "model")
+    found["before folders"] = {**found["lora"], "packaged": before,
+                               "version": registry.create_version(NAME, run_id, before, {}).version}
+    old = repackaged(found["lora"]["packaged"], tmp / "old" / "model")
     tasks = old / "code" / "tuneloop" / "tasks"
     for path in tasks.iterdir():
         if path.name not in OLD_LAYOUT:
@@ -81,13 +88,25 @@ def versions(tiny_bert, toy_task, mlflow_sandbox, tmp_path_factory) -> dict:
     return {"uri": mlflow_sandbox.tracking_uri, "flavours": found, "tmp": tmp}
 
 
+def repackaged(packaged: Path, out: Path) -> Path:
+    """A copy of `packaged` whose code/ and entry file are those a version got before the move."""
+    import zipfile
+
+    copy = Path(shutil.copytree(packaged, out))
+    shutil.rmtree(copy / "code")
+    with zipfile.ZipFile(BEFORE_FOLDERS) as archive:
+        archive.extractall(copy)
+    assert (copy / mlflow_model.ENTRY_FILE).read_text().count("from tuneloop.tasks.mlflow_model import") == 1
+    return copy
+
+
 def probe_model(tiny_bert: Path, task: dict, out: Path) -> Path:
     """The base model's probe as the baseline stage saves it: head, tokenizer, calibration."""
     import numpy as np
 
     from tuneloop.tasks.baseline import embed, fit_probe, load_encoder, save_probe_model
-    from tuneloop.tasks.calibration import calibrate
-    from tuneloop.tasks.config import BaselineConfig, ModelConfig
+    from tuneloop.model.calibration import calibrate
+    from tuneloop.values.config import BaselineConfig, ModelConfig
 
     encoder, tokenizer = load_encoder(tiny_bert, "cpu")
     settings = BaselineConfig(max_length=32)
@@ -134,7 +153,23 @@ def test_each_flavour_loads_and_predicts_where_tuneloop_is_not_installed(version
     assert answer["confidence"] == pytest.approx([s.confidence for s in version["expected"]], abs=1e-5)
     # every tuneloop module that ran came from the model's own code/ folder
     assert answer["modules"] and all("/code/tuneloop/" in path for path in answer["modules"].values())
-    assert "tuneloop.tasks.config" in answer["modules"] and "tuneloop.tasks.labels" in answer["modules"]
+    assert "tuneloop.values.config" in answer["modules"] and "tuneloop.values.labels" in answer["modules"]
+
+
+@pytest.mark.parametrize("where", ["tuneloop not installed", "tuneloop installed"])
+def test_a_version_packaged_before_the_folders_became_floors_loads_its_own_code(versions, bare_python, where,
+                                                                                 tmp_path) -> None:
+    """Its entry file imports tuneloop.tasks.mlflow_model, which this tuneloop no longer has: the
+    version's own code/ (first on sys.path) answers, installed tuneloop or not."""
+    before = versions["flavours"]["before folders"]
+    python = bare_python if where == "tuneloop not installed" else Path(sys.executable)
+    answer = report(load_and_predict(python, versions["uri"], before["version"], tmp_path))
+
+    assert answer["tuneloop_importable"] is (where == "tuneloop installed")
+    assert answer["labels"] == [s.label for s in before["expected"]]
+    assert answer["confidence"] == pytest.approx([s.confidence for s in before["expected"]], abs=1e-5)
+    assert "tuneloop.tasks.mlflow_model" in answer["modules"] and "tuneloop.values.config" not in answer["modules"]
+    assert all("/code/tuneloop/" in path for path in answer["modules"].values())
 
 
 def test_a_version_packaged_before_the_bundle_was_derived_still_loads_where_tuneloop_is_installed(
@@ -152,8 +187,8 @@ def test_a_version_packaged_before_the_bundle_was_derived_still_loads_where_tune
 def test_the_bundle_is_what_the_entry_file_imports_and_nothing_that_orchestrates() -> None:
     bundled = mlflow_model.bundled_modules(mlflow_model.ENTRY_SOURCE)
     carried = set(bundled)
-    assert {"tuneloop", "tuneloop.tasks", "tuneloop.tasks.mlflow_model", "tuneloop.tasks.classifier",
-            "tuneloop.tasks.fastpath", "tuneloop.tasks.config", "tuneloop.tasks.labels"} <= carried
+    assert {"tuneloop", "tuneloop.plumbing", "tuneloop.plumbing.mlflow_model", "tuneloop.model.classifier",
+            "tuneloop.model.fastpath", "tuneloop.values.config", "tuneloop.values.labels"} <= carried
     # each carried module's own tuneloop imports are carried too: the set is closed
     for name, source in bundled.items():
         package = name if source.name == "__init__.py" else name.rpartition(".")[0]
@@ -163,7 +198,7 @@ def test_the_bundle_is_what_the_entry_file_imports_and_nothing_that_orchestrates
     for name, source in bundled.items():
         third_party = {m.split(".")[0] for m in mlflow_model.imported_names(source.read_text())}
         assert not third_party & {"prefect", "dvc", "great_expectations", "optuna", "evidently", "fastapi"}, name
-        assert "mlflow" not in third_party or name == "tuneloop.tasks.mlflow_model", name
+        assert "mlflow" not in third_party or name == "tuneloop.plumbing.mlflow_model", name
 
 
 def test_a_module_the_scorer_starts_importing_is_carried_without_being_listed(tmp_path) -> None:
@@ -187,6 +222,6 @@ def test_a_module_the_scorer_starts_importing_is_carried_without_being_listed(tm
 def test_the_bundle_carries_every_file_in_its_package_place(versions) -> None:
     code = versions["flavours"]["full"]["packaged"] / "code" / "tuneloop"
     carried = sorted(str(p.relative_to(code)) for p in code.rglob("*.py"))
-    assert carried == sorted(["__init__.py", "tasks/__init__.py", "tasks/calibration.py", "tasks/classifier.py",
-                              "tasks/config.py",
-                              "tasks/fastpath.py", "tasks/labels.py", "tasks/mlflow_model.py"])
+    assert carried == sorted(["__init__.py", "model/__init__.py", "model/calibration.py", "model/classifier.py",
+                              "model/fastpath.py", "plumbing/__init__.py", "plumbing/mlflow_model.py",
+                              "values/__init__.py", "values/config.py", "values/labels.py"])

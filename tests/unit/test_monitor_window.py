@@ -6,11 +6,11 @@ from datetime import timedelta
 
 import sqlalchemy as sa
 
-from tuneloop import monitoring
-from tuneloop.params import parse_params
+from tuneloop.pipeline import monitoring
+from tuneloop.pipeline.params import parse_params
 from tuneloop.tasks.drift import sample
-from tuneloop.tasks.store import Prediction, PredictionStore, utcnow
-from tuneloop.tasks.workspace import Workspace
+from tuneloop.service.store import Prediction, PredictionStore, utcnow
+from tuneloop.values.workspace import Workspace
 
 
 def logged(store: PredictionStore, rows: int, version: str, labelled_every: int = 0) -> None:

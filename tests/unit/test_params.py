@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tuneloop.params import Params, ParamsError, apply_overrides, load_params, parse_params
+from tuneloop.pipeline.params import Params, ParamsError, apply_overrides, load_params, parse_params
 from tuneloop.tasks.gate import GateConfig
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -78,7 +78,7 @@ def differences(left: Params, right: Params) -> dict[str, tuple]:
 
 
 def test_shipped_params_yaml_says_what_the_code_defaults_say(shipped_raw: dict) -> None:
-    """Defaults are written once (tasks/config.py); params.yaml repeats them for the reader,
+    """Defaults are written once (tuneloop/values/config.py); params.yaml repeats them for the reader,
     and only the shipped data's own settings may differ."""
     shipped = parse_params(shipped_raw)
     assert {key: right for key, (_, right) in differences(Params(), shipped).items()} == SHIPPED_DATA_SETTINGS
@@ -326,7 +326,7 @@ def test_every_dvc_params_entry_names_a_params_section(dvc_stages: dict) -> None
 
 
 def test_every_dvc_stage_is_a_pipeline_stage_in_order(dvc_stages: dict) -> None:
-    from tuneloop.stages import STAGES
+    from tuneloop.pipeline.stages import STAGES
 
     assert set(dvc_stages) <= set(STAGES)
     assert list(dvc_stages) == [s for s in STAGES if s in dvc_stages]

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from tuneloop.tasks.config import PERTURBATIONS, EvaluateConfig
+from tuneloop.values.config import PERTURBATIONS, EvaluateConfig
 from tuneloop.tasks.perturbations import (
     FUNCTIONS,
     NEIGHBOURS,

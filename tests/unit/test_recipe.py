@@ -13,7 +13,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from tuneloop.tasks.baseline import BaselineConfig, fit_probe, probe_head, save_probe, select_probe
-from tuneloop.tasks.classifier import (
+from tuneloop.model.classifier import (
     Classifier,
     load_classifier,
     load_encoder,
@@ -21,7 +21,7 @@ from tuneloop.tasks.classifier import (
     pooled_embeddings,
     predict_proba,
 )
-from tuneloop.tasks.errors import TuneloopError
+from tuneloop.values.errors import TuneloopError
 from tuneloop.tasks.evaluate import Candidate, EvaluateConfig, aligned, evaluate_models
 from tuneloop.tasks.finetune import FinetuneConfig, build_model, finetune
 
@@ -66,7 +66,7 @@ def test_on_a_97_to_3_split_the_balanced_probe_is_chosen_and_finds_the_small_cla
     # the default, auto, weighs classes here without trying the plain probe
     auto, auto_scores = select_probe(train, validation, LABELS, BaselineConfig(**plain_argmax))
     assert auto.class_weight == "balanced" and set(auto_scores) == {"C=0.1 balanced"}
-    from tuneloop.tasks.metrics import macro_f1
+    from tuneloop.model.metrics import macro_f1
     assert macro_f1(test[1], plain.logits(test[0]).argmax(1), 2) < 0.55  # the majority class, nearly always
     assert macro_f1(test[1], probe.logits(test[0]).argmax(1), 2) > 0.6
 
@@ -76,7 +76,7 @@ def test_on_a_97_to_3_split_offsets_chosen_out_of_fold_beat_the_balanced_argmax(
     out-of-fold train rows (and the setting chosen by that score, not by ~45 validation rows
     of the small class) do better on 6,000 unseen rows."""
     train, validation, test = lopsided(2400, 0), lopsided(300, 1), lopsided(6000, 2)
-    from tuneloop.tasks.metrics import macro_f1
+    from tuneloop.model.metrics import macro_f1
 
     argmax, argmax_scores = select_probe(train, validation, LABELS, BaselineConfig(probe_thresholds="none"))
     offset, offset_scores = select_probe(train, validation, LABELS, BaselineConfig())
@@ -91,7 +91,7 @@ def test_on_a_97_to_3_split_offsets_chosen_out_of_fold_beat_the_balanced_argmax(
 
 def test_offsets_raise_macro_f1_on_the_rows_they_are_chosen_on_and_stay_zero_where_argmax_is_best() -> None:
     from tuneloop.tasks.baseline import decision_offsets
-    from tuneloop.tasks.metrics import macro_f1
+    from tuneloop.model.metrics import macro_f1
 
     rng = np.random.default_rng(0)
     y = np.r_[np.zeros(950, int), np.ones(30, int), np.full(20, 2)]
@@ -266,12 +266,12 @@ def test_an_unset_learning_rate_is_the_measured_one_for_the_method_and_the_heads
 
 def test_a_probe_fitted_with_another_pooling_is_refused_as_a_head_and_for_evaluation(tmp_path: Path,
                                                                                      tiny_bert: Path) -> None:
-    from tuneloop import stages
-    from tuneloop.params import parse_params
+    from tuneloop.pipeline import stages
+    from tuneloop.pipeline.params import parse_params
     from tuneloop.tasks.baseline import save_probe_model
-    from tuneloop.tasks.calibration import Abstention
-    from tuneloop.tasks.classifier import read_meta
-    from tuneloop.tasks.workspace import Workspace
+    from tuneloop.model.calibration import Abstention
+    from tuneloop.model.classifier import read_meta
+    from tuneloop.values.workspace import Workspace
 
     ws = Workspace(tmp_path)
     x, y = separable(100, 2, 4)

@@ -11,16 +11,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tuneloop.params import parse_params
+from tuneloop.pipeline.params import parse_params
 from tuneloop.tasks import registry
-from tuneloop.tasks.classifier import load_classifier, predict_proba
+from tuneloop.model.classifier import load_classifier, predict_proba
 from tuneloop.tasks.finetune import FinetuneConfig, finetune
 from tuneloop.tasks.ingest import DataVersion
-from tuneloop.tasks.integrity import IntegrityError, folder_manifest
-from tuneloop.tasks.mlflow_model import REWRITTEN
-from tuneloop.tasks.serve import registry_loader
-from tuneloop.tasks.tracking import start_pipeline_run
-from tuneloop.tasks.workspace import Workspace, write_json
+from tuneloop.plumbing.integrity import IntegrityError, folder_manifest
+from tuneloop.plumbing.mlflow_model import REWRITTEN
+from tuneloop.service.serve import registry_loader
+from tuneloop.plumbing.tracking import start_pipeline_run
+from tuneloop.values.workspace import Workspace, write_json
 
 FAST = FinetuneConfig(epochs=1, max_steps=4, learning_rate=1e-2, batch_size=16, lora_r=8, max_length=32)
 TEXTS = ["the film was great", "the plot was awful really", "this movie was boring"]
@@ -69,7 +69,7 @@ def stage_params(tiny_bert, sandbox, name: str):
 
 def test_two_versions_registered_without_a_fresh_ingest_keep_their_own_files_and_both_serve(
         workspace, challengers, tiny_bert, mlflow_sandbox, mlflow_model_name, tmp_path) -> None:
-    from tuneloop import stages
+    from tuneloop.pipeline import stages
 
     params = stage_params(tiny_bert, mlflow_sandbox, mlflow_model_name)
     first_pipeline = start_pipeline_run(params.mlflow, workspace, {"data.md5": "e" * 32})  # ingest, once
@@ -98,7 +98,7 @@ def test_two_versions_registered_without_a_fresh_ingest_keep_their_own_files_and
 
 def test_each_register_run_shows_the_audit_trail_as_a_table_with_one_row_per_event(
         workspace, challengers, tiny_bert, mlflow_sandbox, mlflow_model_name, tmp_path) -> None:
-    from tuneloop import stages
+    from tuneloop.pipeline import stages
 
     params = stage_params(tiny_bert, mlflow_sandbox, mlflow_model_name)
     start_pipeline_run(params.mlflow, workspace, {"data.md5": "e" * 32})
@@ -125,7 +125,7 @@ def test_each_register_run_shows_the_audit_trail_as_a_table_with_one_row_per_eve
 
 def test_register_refuses_a_challenger_that_changed_after_evaluate_scored_it(
         workspace, challengers, tiny_bert, mlflow_sandbox, mlflow_model_name) -> None:
-    from tuneloop import stages
+    from tuneloop.pipeline import stages
 
     params = stage_params(tiny_bert, mlflow_sandbox, mlflow_model_name)
     start_pipeline_run(params.mlflow, workspace, {})
@@ -138,7 +138,7 @@ def test_register_refuses_a_challenger_that_changed_after_evaluate_scored_it(
 
 def test_registering_the_same_evaluated_challenger_again_adds_no_version(
         workspace, challengers, tiny_bert, mlflow_sandbox, mlflow_model_name) -> None:
-    from tuneloop import stages
+    from tuneloop.pipeline import stages
 
     params = stage_params(tiny_bert, mlflow_sandbox, mlflow_model_name)
     start_pipeline_run(params.mlflow, workspace, {"data.md5": "e" * 32})
@@ -154,7 +154,7 @@ def test_a_registration_cut_off_after_its_version_was_created_is_finished_by_the
     import requests
     from mlflow import MlflowClient
 
-    from tuneloop import stages
+    from tuneloop.pipeline import stages
 
     name = mlflow_model_name
     params = stage_params(tiny_bert, mlflow_sandbox, name)
@@ -182,8 +182,8 @@ def test_a_registration_cut_off_after_its_version_was_created_is_finished_by_the
 def test_the_versions_params_tag_is_whole_json_within_the_tag_limit_for_the_shipped_settings() -> None:
     """The shipped params.yaml outgrew the tag (4,929 characters as spaced JSON against 4,900):
     the tag was cut mid-JSON and no longer parsed."""
-    from tuneloop.params import load_params
-    from tuneloop.stages import params_tags
+    from tuneloop.pipeline.params import load_params
+    from tuneloop.pipeline.stages import params_tags
 
     values = load_params(Path(__file__).resolve().parents[2] / "params.yaml").model_dump(mode="json", by_alias=True)
     tags = params_tags(values)
@@ -192,7 +192,7 @@ def test_the_versions_params_tag_is_whole_json_within_the_tag_limit_for_the_ship
 
 
 def test_settings_too_long_for_one_tag_leave_out_the_serving_sections_first_and_say_so() -> None:
-    from tuneloop.stages import params_tags
+    from tuneloop.pipeline.stages import params_tags
 
     values = {"finetune": {"epochs": 2}, "monitor": {"note": "m" * 3000}, "serve": {"note": "s" * 3000}}
     tags = params_tags(values)

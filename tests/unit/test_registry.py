@@ -15,7 +15,7 @@ import requests
 from mlflow.exceptions import MlflowException
 
 from tuneloop.tasks import registry
-from tuneloop.tasks.integrity import MANIFEST_TAG, IntegrityError
+from tuneloop.plumbing.integrity import MANIFEST_TAG, IntegrityError
 from tuneloop.tasks.registry import (
     CHAMPION,
     MAX_TAG,
@@ -30,8 +30,8 @@ from tuneloop.tasks.registry import (
     move_champion,
     reject_version,
 )
-from tuneloop.tasks.tracking import start_pipeline_run
-from tuneloop.tasks.workspace import Workspace
+from tuneloop.plumbing.tracking import start_pipeline_run
+from tuneloop.values.workspace import Workspace
 
 MODEL_FILES = {
     "tuneloop.json": json.dumps({"method": "lora", "max_length": 128}),
@@ -196,7 +196,7 @@ def test_model_status_reports_champion_data_metrics_and_last_run_outcome(
 
 
 def test_model_status_without_champion_or_runs(mlflow_sandbox, mlflow_model_name: str) -> None:
-    from tuneloop.tasks.tracking import configure_tracking
+    from tuneloop.plumbing.tracking import configure_tracking
 
     configure_tracking(mlflow_sandbox.config(experiment="empty-test"), mlflow_sandbox.root)
     status = model_status(mlflow_model_name, "empty-test")

@@ -12,11 +12,11 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from tuneloop.params import ParamsError, parse_params
-from tuneloop.tasks.classifier import load_classifier, predict_proba
+from tuneloop.pipeline.params import ParamsError, parse_params
+from tuneloop.model.classifier import load_classifier, predict_proba
 from tuneloop.tasks.finetune import FinetuneConfig, finetune
-from tuneloop.tasks.serve import ChampionFollower, ServeConfig, create_app, smoke_check, store_url
-from tuneloop.tasks.store import PredictionStore
+from tuneloop.service.serve import ChampionFollower, ServeConfig, create_app, smoke_check, store_url
+from tuneloop.service.store import PredictionStore
 
 # a few steps: these tests need a real LoRA folder and consistent answers, not accuracy
 FAST = FinetuneConfig(epochs=1, max_steps=4, learning_rate=1e-2, batch_size=16, lora_r=8, max_length=32)
@@ -323,7 +323,7 @@ def test_concurrent_requests_are_scored_together_and_every_text_answered_and_log
         classifier, store, monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
-    import tuneloop.tasks.serve as serve
+    import tuneloop.service.serve as serve
 
     calls: list[int] = []
     real = serve.score_texts
@@ -358,7 +358,7 @@ def test_concurrent_requests_are_scored_together_and_every_text_answered_and_log
 def test_a_full_queue_answers_503_with_retry_after_and_logs_nothing_for_it(classifier, store, monkeypatch):
     import threading
 
-    import tuneloop.tasks.serve as serve
+    import tuneloop.service.serve as serve
 
     entered, release = threading.Event(), threading.Event()
     real = serve.score_texts

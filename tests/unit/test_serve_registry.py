@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 from tuneloop.tasks import registry
 from tuneloop.tasks.finetune import FinetuneConfig, finetune
 from tuneloop.tasks.registry import CHAMPION, PREVIOUS, RollbackError, alias_version, audit_trail, move_champion
-from tuneloop.tasks.serve import ChampionFollower, registry_loader, registry_lookup
-from tuneloop.tasks.tracking import start_pipeline_run
-from tuneloop.tasks.workspace import Workspace
+from tuneloop.service.serve import ChampionFollower, registry_loader, registry_lookup
+from tuneloop.plumbing.tracking import start_pipeline_run
+from tuneloop.values.workspace import Workspace
 
 FAST = FinetuneConfig(epochs=1, max_steps=4, learning_rate=1e-2, batch_size=16, lora_r=8, max_length=32)
 
@@ -233,14 +233,14 @@ def other_bert(tmp_path_factory) -> Path:
 
 
 def base_tags(base: Path, name: str = "tiny") -> dict[str, str]:
-    from tuneloop.tasks.integrity import base_weights_sha256
+    from tuneloop.plumbing.integrity import base_weights_sha256
 
     return {"base_model.name": name, "base_model.path": str(base), "base_model.sha256": base_weights_sha256(base)}
 
 
 def test_a_lora_version_serves_on_the_base_model_it_recorded_not_on_params_base(
         mlflow_sandbox, mlflow_model_name, model_dirs, tiny_bert, other_bert, tmp_path) -> None:
-    from tuneloop.tasks.classifier import load_classifier, predict_proba
+    from tuneloop.model.classifier import load_classifier, predict_proba
 
     name, texts = mlflow_model_name, ["the film was great", "the plot was awful really"]
     workspace = Workspace(Path(tempfile.mkdtemp(dir=tmp_path)))

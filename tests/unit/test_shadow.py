@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from tuneloop.params import ParamsError, parse_params
-from tuneloop.tasks.config import ShadowConfig
+from tuneloop.pipeline.params import ParamsError, parse_params
+from tuneloop.values.config import ShadowConfig
 from tuneloop.tasks.shadow import DISCARD, PROMOTE, WAIT, ShadowStats, shadow_decision, shadow_stats
-from tuneloop.tasks.store import PREDICTIONS, Prediction, PredictionStore
+from tuneloop.service.store import PREDICTIONS, Prediction, PredictionStore
 
 SETTINGS = ShadowConfig(min_rows=200, min_hours=24.0, min_agreement=0.9, min_mean_confidence=0.6,
                         min_labelled_rows=100, max_f1_drop=0.02)
@@ -166,7 +166,7 @@ def test_a_store_made_before_shadows_gets_the_shadow_table_and_keeps_its_rows(tm
 
 
 def test_the_follower_loads_the_shadow_beside_the_champion_and_a_broken_one_never_touches_the_champion() -> None:
-    from tuneloop.tasks.serve import ChampionFollower
+    from tuneloop.service.serve import ChampionFollower
 
     alias = {"champion": "1", "shadow": None}
     loads: list[str] = []
@@ -194,7 +194,7 @@ def test_the_follower_loads_the_shadow_beside_the_champion_and_a_broken_one_neve
 
 
 def test_a_shadow_alias_that_cannot_be_read_keeps_the_champion_serving() -> None:
-    from tuneloop.tasks.serve import ChampionFollower
+    from tuneloop.service.serve import ChampionFollower
 
     def down() -> str:
         raise ConnectionError("registry unreachable")

@@ -15,14 +15,14 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from tuneloop import monitoring
-from tuneloop.params import parse_params
-from tuneloop.stages import apply_decision
+from tuneloop.pipeline import monitoring
+from tuneloop.pipeline.params import parse_params
+from tuneloop.pipeline.stages import apply_decision
 from tuneloop.tasks import registry
 from tuneloop.tasks.registry import CHAMPION, PREVIOUS, SHADOW, alias_version, audit_trail, create_version
-from tuneloop.tasks.store import Prediction, PredictionStore
-from tuneloop.tasks.tracking import start_pipeline_run
-from tuneloop.tasks.workspace import Workspace
+from tuneloop.service.store import Prediction, PredictionStore
+from tuneloop.plumbing.tracking import start_pipeline_run
+from tuneloop.values.workspace import Workspace
 
 MODEL_FILES = {"tuneloop.json": json.dumps({"method": "lora", "max_length": 128}),
                "labels.json": json.dumps(["negative", "positive"]), "adapter_model.safetensors": "not weights"}

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from tuneloop.tasks.split import SplitConfig, load_split, run_split, split_dataset
-from tuneloop.tasks.workspace import Workspace
+from tuneloop.values.workspace import Workspace
 
 
 def synthetic_frame(n: int = 1000, positive_share: float = 0.7) -> pd.DataFrame:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tuneloop.tasks.store import engine_url
+from tuneloop.service.store import engine_url
 
 
 @pytest.mark.parametrize("given, used", [

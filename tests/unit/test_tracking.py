@@ -8,7 +8,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tuneloop.tasks.tracking import MlflowConfig, configure_tracking, tracking_uri
+from tuneloop.plumbing.tracking import MlflowConfig, configure_tracking, tracking_uri
 
 
 @pytest.fixture
@@ -39,8 +39,8 @@ def test_params_beat_the_local_default(tmp_path: Path, no_tracking_env) -> None:
 
 
 def test_a_stage_run_again_with_changed_params_logs_into_a_new_run_of_its_own(mlflow_sandbox, tmp_path: Path) -> None:
-    from tuneloop.tasks.tracking import log_stage, start_pipeline_run
-    from tuneloop.tasks.workspace import Workspace
+    from tuneloop.plumbing.tracking import log_stage, start_pipeline_run
+    from tuneloop.values.workspace import Workspace
 
     ws = Workspace(tmp_path)
     pipeline = start_pipeline_run(mlflow_sandbox.config(experiment="rerun-test"), ws, {"data.md5": "d" * 32})
@@ -58,8 +58,8 @@ def test_a_stage_run_again_with_changed_params_logs_into_a_new_run_of_its_own(ml
 
 def test_a_stage_after_the_pipeline_run_ended_opens_a_new_pipeline_run_continuing_it(
         mlflow_sandbox, tmp_path: Path) -> None:
-    from tuneloop.tasks.tracking import current_run_id, end_pipeline_run, log_stage, start_pipeline_run
-    from tuneloop.tasks.workspace import Workspace
+    from tuneloop.plumbing.tracking import current_run_id, end_pipeline_run, log_stage, start_pipeline_run
+    from tuneloop.values.workspace import Workspace
 
     ws = Workspace(tmp_path)
     ended = start_pipeline_run(mlflow_sandbox.config(experiment="continue-test"), ws, {"data.md5": "d" * 32})
@@ -78,7 +78,7 @@ def test_a_stage_after_the_pipeline_run_ended_opens_a_new_pipeline_run_continuin
 
 
 def test_settings_flatten_to_one_param_per_setting_named_at_the_dots() -> None:
-    from tuneloop.tasks.tracking import flat_params
+    from tuneloop.plumbing.tracking import flat_params
 
     assert flat_params({"finetune": {"learning_rate": 0.002, "target_modules": ["q", "v"], "max_steps": None},
                         "model": {"base": "all-MiniLM-L6-v2", "calibrate": True}}) == {
@@ -87,8 +87,8 @@ def test_settings_flatten_to_one_param_per_setting_named_at_the_dots() -> None:
 
 
 def test_params_beyond_mlflows_limits_are_cut_to_fit_and_all_logged(mlflow_sandbox, tmp_path: Path) -> None:
-    from tuneloop.tasks.tracking import flat_params, start_pipeline_run
-    from tuneloop.tasks.workspace import Workspace
+    from tuneloop.plumbing.tracking import flat_params, start_pipeline_run
+    from tuneloop.values.workspace import Workspace
 
     settings = {"section": {f"key{i}": i for i in range(150)}, "long": "x" * 7000,
                 "odd key!": {"a/b": [1, 2]}, "k" * 300: 1}
@@ -103,8 +103,8 @@ def test_params_beyond_mlflows_limits_are_cut_to_fit_and_all_logged(mlflow_sandb
 
 
 def test_a_continued_pipeline_run_gets_the_params_its_first_stage_brings(mlflow_sandbox, tmp_path: Path) -> None:
-    from tuneloop.tasks.tracking import end_pipeline_run, stage_run, start_pipeline_run
-    from tuneloop.tasks.workspace import Workspace
+    from tuneloop.plumbing.tracking import end_pipeline_run, stage_run, start_pipeline_run
+    from tuneloop.values.workspace import Workspace
 
     ws = Workspace(tmp_path)
     ended = start_pipeline_run(mlflow_sandbox.config(experiment="continued-params"), ws, {},

@@ -13,10 +13,10 @@ from dataclasses import asdict
 import pandas as pd
 import pytest
 
-from tuneloop.params import parse_params
-from tuneloop.tasks import tracking
+from tuneloop.pipeline.params import parse_params
+from tuneloop.plumbing import tracking
 from tuneloop.tasks.ingest import DataVersion
-from tuneloop.tasks.workspace import Workspace, write_json
+from tuneloop.values.workspace import Workspace, write_json
 
 MD5 = "0123456789abcdef0123456789abcdef"
 COMMIT = "a" * 40
@@ -35,7 +35,7 @@ def tiny_params(tiny_bert, labels: list[str], mlflow_sandbox):
 def finetuned(tiny_bert, toy_task, mlflow_sandbox, tmp_path_factory) -> dict:
     """The finetune stage run once on the tiny model, logging to the sandbox;
     `during` holds what MLflow said of the stage run at each point training reported."""
-    from tuneloop import stages
+    from tuneloop.pipeline import stages
 
     ws = Workspace(tmp_path_factory.mktemp("project"))
     labels = toy_task["labels"]
@@ -96,14 +96,14 @@ def test_the_pipeline_run_carries_the_runs_settings_as_params(finetuned, tiny_be
 
 
 def stages_params(params) -> dict[str, str]:
-    from tuneloop.stages import pipeline_params
+    from tuneloop.pipeline.stages import pipeline_params
 
     return pipeline_params(params)
 
 
 def test_a_stage_that_fails_ends_its_run_failed_with_the_reason(tiny_bert, toy_task, mlflow_sandbox,
                                                                  tmp_path) -> None:
-    from tuneloop import stages
+    from tuneloop.pipeline import stages
 
     ws = Workspace(tmp_path)
     params = tiny_params(tiny_bert, toy_task["labels"], mlflow_sandbox)

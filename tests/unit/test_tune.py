@@ -12,15 +12,15 @@ import pandas as pd
 import pytest
 
 import tuneloop.tasks.tune as tune
-from tuneloop.params import ParamsError, parse_params
-from tuneloop.tasks.calibration import Abstention
+from tuneloop.pipeline.params import ParamsError, parse_params
+from tuneloop.model.calibration import Abstention
 from tuneloop.tasks.finetune import FinetuneConfig, FinetuneResult
 from tuneloop.tasks.ingest import DataVersion
 from tuneloop.tasks.report import render_evaluation_report
 from tuneloop.tasks.tune import TuneData, run_study
 from tuneloop.tasks.tune_space import ParamSpec, PrunerConfig, TuneConfig, apply_params, suggest
-from tuneloop.tasks.workspace import Workspace, write_json
-from tuneloop.tune_runs import TrialRuns
+from tuneloop.values.workspace import Workspace, write_json
+from tuneloop.pipeline.tune_runs import TrialRuns
 
 FAST = FinetuneConfig(epochs=3, learning_rate=1e-2, batch_size=16, lora_r=8, max_length=32,
                       checkpoint_every_steps=0, patience=3, min_steps=0, min_examples_per_class=0,
@@ -95,7 +95,7 @@ def test_yaml_exponents_without_a_dot_still_read_as_numbers() -> None:
 
 
 def test_shipped_space_searches_what_the_issue_lists() -> None:
-    from tuneloop.params import load_params
+    from tuneloop.pipeline.params import load_params
 
     params = load_params(Path(__file__).resolve().parents[2] / "params.yaml")
     assert not params.tune.enabled  # the default run stays within its budget
@@ -246,7 +246,7 @@ def fake_result(f1: float) -> FinetuneResult:
 @pytest.fixture
 def workspace(tmp_path, toy_task, mlflow_sandbox) -> Workspace:
     """A workspace after split: train/validation toy rows and test rows no trial may see."""
-    from tuneloop.tasks import tracking
+    from tuneloop.plumbing import tracking
 
     ws = Workspace(tmp_path)
     labels = toy_task["labels"]
@@ -274,7 +274,7 @@ def stage_params(tiny_bert, sandbox, ws: Workspace, **tune_settings):
 
 def test_tune_stage_never_reads_the_test_split_and_its_best_settings_reach_finetune(
         tiny_bert, workspace, mlflow_sandbox, monkeypatch) -> None:
-    from tuneloop import stages
+    from tuneloop.pipeline import stages
 
     params = stage_params(tiny_bert, mlflow_sandbox, workspace)
     splits_read, texts_seen, real_finetune = [], set(), tune.finetune
@@ -303,7 +303,7 @@ def test_tune_stage_never_reads_the_test_split_and_its_best_settings_reach_finet
 
 def test_finetune_ignores_tuned_settings_when_tuning_is_off_or_they_are_for_other_data(
         tiny_bert, workspace, mlflow_sandbox) -> None:
-    from tuneloop import stages
+    from tuneloop.pipeline import stages
 
     params = stage_params(tiny_bert, mlflow_sandbox, workspace)
     write_json(workspace.tune_result, {"enabled": True, "data_version": "e" * 32, "best_params": {"lora_r": 2}})
@@ -316,7 +316,7 @@ def test_finetune_ignores_tuned_settings_when_tuning_is_off_or_they_are_for_othe
 
 
 def test_tune_stage_when_off_writes_only_that_it_is_off(tiny_bert, workspace, mlflow_sandbox) -> None:
-    from tuneloop import stages
+    from tuneloop.pipeline import stages
 
     params = stage_params(tiny_bert, mlflow_sandbox, workspace, enabled=False)
     assert stages.tune(params, workspace) == {"enabled": False}

@@ -152,7 +152,7 @@ def test_tune_stage_with_two_workers_logs_every_trial_of_both_under_its_tuning_r
     from mlflow import MlflowClient
     from test_tune import child_runs, stage_params
 
-    from tuneloop import stages
+    from tuneloop.pipeline import stages
 
     launched, real_launch = [], stages.launch_tune_workers
 

@@ -20,9 +20,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from tuneloop.tasks.lock import ProjectBusy, lock_path, project_lock
-from tuneloop.tasks.tracking import start_pipeline_run
-from tuneloop.tasks.workspace import Workspace
+from tuneloop.plumbing.lock import ProjectBusy, lock_path, project_lock
+from tuneloop.plumbing.tracking import start_pipeline_run
+from tuneloop.values.workspace import Workspace
 
 
 def tuneloop(root: Path, *args: str, wait: float = 0, **popen) -> subprocess.Popen:
@@ -87,10 +87,10 @@ def test_second_writer_is_refused_and_a_killed_writers_run_is_marked_killed(proj
 
 
 def test_a_waiting_writer_gets_the_lock_once_the_holder_exits(tmp_path, monkeypatch):
-    import tuneloop.tasks.lock as lock
+    import tuneloop.plumbing.lock as lock
 
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys; from tuneloop.tasks.lock import project_lock\n"
+        "import sys; from tuneloop.plumbing.lock import project_lock\n"
         f"with project_lock({str(tmp_path)!r}, 'run'):\n"
         "    print('held', flush=True); sys.stdin.readline()")],  # holds it until told to go
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

@@ -20,7 +20,7 @@ import logging
 from pathlib import Path
 from typing import Mapping
 
-from tuneloop.tasks.errors import TuneloopError
+from tuneloop.values.errors import TuneloopError
 
 log = logging.getLogger("tuneloop.integrity")
 
@@ -129,7 +129,7 @@ def locate_base(tags: Mapping[str, str], fallback: str | None = None, carried: P
     Raises:
         FileNotFoundError: the version's base model is not on this machine.
     """
-    from tuneloop.tasks.classifier import resolve_model_path
+    from tuneloop.model.classifier import resolve_model_path
 
     if carried is not None:
         return Path(carried)

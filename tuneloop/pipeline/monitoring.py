@@ -1,6 +1,6 @@
 """The monitor's reads and writes: the window, the champion's files, the rollback, the MLflow run.
 
-Stage I/O for `flows/monitor.py`, as `tuneloop/stages.py` is for the retrain
+Stage I/O for `flows/monitor.py`, as `tuneloop/pipeline/stages.py` is for the retrain
 flow: each function reads what it needs from the store, the registry and the
 workspace, calls the pure work in `tasks/` (drift, metrics, feedback, rollback), and
 writes the outcome back. The flow only composes them.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from tuneloop.params import Params
+from tuneloop.pipeline.params import Params
 from tuneloop.tasks import registry
 from tuneloop.tasks.drift import (
     DriftMetrics,
@@ -30,12 +30,12 @@ from tuneloop.tasks.drift import (
     sample,
 )
 from tuneloop.tasks.feedback import export_feedback, labelled_rows, last_feedback_export
-from tuneloop.tasks.metrics import EstimatedPerformance, estimate_performance
+from tuneloop.model.metrics import EstimatedPerformance, estimate_performance
 from tuneloop.tasks.rollback import arrival_action, compare_live, decide_rollback, rollback_blocker
 from tuneloop.tasks.shadow import DISCARD, PROMOTE, shadow_decision, shadow_stats
-from tuneloop.tasks.store import PredictionStore, store_url, utcnow
-from tuneloop.tasks.tracking import configure_tracking, flatten
-from tuneloop.tasks.workspace import Workspace
+from tuneloop.service.store import PredictionStore, store_url, utcnow
+from tuneloop.plumbing.tracking import configure_tracking, flatten
+from tuneloop.values.workspace import Workspace
 
 
 def prediction_store(params: Params, workspace: Workspace) -> PredictionStore:
@@ -79,7 +79,7 @@ def version_predictor(params: Params, workspace: Workspace, version: str):
 def measure_drift(params: Params, workspace: Workspace, version: str, window: pd.DataFrame,
                   report_path: Path) -> DriftMetrics:
     """The champion's reference sample (scored by the champion) against the window."""
-    from tuneloop.tasks.classifier import resolve_model_path
+    from tuneloop.model.classifier import resolve_model_path
 
     config = params.monitor
     embed = encoder_embedder(resolve_model_path(params.model.base), config)
@@ -135,7 +135,7 @@ def cached_reference(params: Params, workspace: Workspace, version: str, embed) 
 
 def expected_abstention(params: Params, workspace: Workspace, version: str) -> float | None:
     """The share of validation rows the version abstained on (None: registered before abstention)."""
-    from tuneloop.tasks.classifier import read_meta
+    from tuneloop.model.classifier import read_meta
 
     model_dir = registry.download_version(params.mlflow.model_name, version, workspace.models_cache)
     abstention = read_meta(model_dir).get("abstention")

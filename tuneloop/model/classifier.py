@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from tuneloop.tasks.calibration import Abstention, abstains
-from tuneloop.tasks.config import POOLINGS
-from tuneloop.tasks.labels import label_index
+from tuneloop.model.calibration import Abstention, abstains
+from tuneloop.values.config import POOLINGS
+from tuneloop.values.labels import label_index
 
 BUNDLED_MODEL = "all-MiniLM-L6-v2"
 LABELS_FILE = "labels.json"
@@ -181,7 +181,7 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[n
 def hidden_states_function(encoder: nn.Module):
     """(input_ids, attention_mask) -> last hidden states, by `tasks.fastpath` when it
     computes the same function as the encoder, else by the encoder's own forward."""
-    from tuneloop.tasks import fastpath
+    from tuneloop.model import fastpath
 
     inner = fastpath.unwrap(encoder)
     if fastpath.supports_encoder(inner):
@@ -298,7 +298,7 @@ def logits_function(model: torch.nn.Module):
     """(input_ids, attention_mask) -> logits: a `TextClassifier` as it is (it takes
     the fast path itself); an older sequence classifier by `tasks.fastpath` when
     it computes the same function, else by the model's own forward."""
-    from tuneloop.tasks import fastpath
+    from tuneloop.model import fastpath
 
     if isinstance(fastpath.unwrap(model), TextClassifier):
         return model

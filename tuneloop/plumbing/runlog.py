@@ -14,7 +14,7 @@ import logging
 import sys
 from uuid import UUID
 
-STAGE_LOGGER = "tuneloop.stages"  # API-only: propagates nowhere, so the console never shows it twice
+STAGE_LOGGER = "tuneloop.pipeline.stages"  # API-only: propagates nowhere, so the console never shows it twice
 
 
 def in_prefect_run() -> bool:

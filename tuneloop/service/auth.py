@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
-from tuneloop.tasks.limits import Receive, Scope, Send, refuse
+from tuneloop.service.limits import Receive, Scope, Send, refuse
 
 TOKENS_VARIABLE = "TUNELOOP_TOKENS"
 TOKENS_FILE_VARIABLE = "TUNELOOP_TOKENS_FILE"

@@ -1,6 +1,6 @@
 """`params.yaml`, loaded once at the entry point into frozen, validated values.
 
-Each section is a config dataclass of `tasks/config.py` (the one place its
+Each section is a config dataclass of `tuneloop/values/config.py` (the one place its
 defaults are written), named after the stage module that uses it; pydantic only
 checks them here, at the edge (unknown keys are errors, types are coerced or
 refused).
@@ -15,7 +15,7 @@ from typing import Sequence, cast
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tuneloop.tasks.config import (
+from tuneloop.values.config import (
     BaselineConfig,
     EvaluateConfig,
     FinetuneConfig,
@@ -30,7 +30,7 @@ from tuneloop.tasks.config import (
     TriggerConfig,
     ValidateConfig,
 )
-from tuneloop.tasks.errors import TuneloopError
+from tuneloop.values.errors import TuneloopError
 from tuneloop.tasks.tune_space import TuneConfig
 
 

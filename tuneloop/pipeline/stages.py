@@ -19,14 +19,15 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import pandas as pd
 
-from tuneloop import tune_runs
-from tuneloop.launch import launch, launch_tune_workers
-from tuneloop.params import Params
-from tuneloop.tasks import integrity, mlflow_model, plotdata, registry, runlog, tracking
+from tuneloop.pipeline import tune_runs
+from tuneloop.pipeline.launch import launch, launch_tune_workers
+from tuneloop.pipeline.params import Params
+from tuneloop.plumbing import integrity, mlflow_model, runlog, tracking
+from tuneloop.tasks import plotdata, registry
 from tuneloop.tasks import tune as tuning
 from tuneloop.tasks.baseline import check_probe_pooling, probe_head, run_baseline
-from tuneloop.tasks.classifier import read_meta, resolve_model_path, resolve_pooling
-from tuneloop.tasks.errors import TuneloopError
+from tuneloop.model.classifier import read_meta, resolve_model_path, resolve_pooling
+from tuneloop.values.errors import TuneloopError
 from tuneloop.tasks.evaluate import (
     REGRESSION_PREFIX,
     classifier_candidate,
@@ -38,7 +39,7 @@ from tuneloop.tasks.finetune import FinetuneConfig, FinetuneResult, calibrate_mo
 from tuneloop.tasks.finetune import finetune as finetune_model
 from tuneloop.tasks.gate import CHALLENGER, PROBE, Decision, decide_promotion, outcome
 from tuneloop.tasks.ingest import DataVersion, load_data_version, run_ingest
-from tuneloop.tasks.labels import label_indices
+from tuneloop.values.labels import label_indices
 from tuneloop.tasks.report import write_evaluation_plots, write_evaluation_report, write_tuning_plots
 from tuneloop.tasks.split import (
     SplitError,
@@ -50,7 +51,7 @@ from tuneloop.tasks.split import (
 )
 from tuneloop.tasks.tune_space import apply_params
 from tuneloop.tasks.validate import DataValidationError, ValidationReport, check_report, validate_dataset
-from tuneloop.tasks.workspace import Workspace, read_json, write_json
+from tuneloop.values.workspace import Workspace, read_json, write_json
 
 STAGES = ("ingest", "validate", "split", "baseline", "tune", "finetune", "evaluate", "gate", "register")
 
@@ -502,7 +503,7 @@ def check_probe_model(params: Params, ws: Workspace) -> None:
     """Raises TuneloopError when models/probe/ is not a complete probe model (a
     baseline stage of an older tuneloop wrote only its weights) or was fitted on
     another pooling than `model.pooling` now asks for."""
-    from tuneloop.tasks.classifier import META_FILE
+    from tuneloop.model.classifier import META_FILE
 
     if not (ws.probe_dir / META_FILE).exists():
         raise TuneloopError(f"{ws.probe_dir} holds no complete probe model: run `tuneloop baseline` again")
@@ -656,7 +657,7 @@ def create_version(params: Params, ws: Workspace, run_id: str, key: str,
     drift monitoring's reference data, the split it learned from."""
     import tempfile
 
-    from tuneloop.tasks.classifier import needs_base
+    from tuneloop.model.classifier import needs_base
 
     folder = candidate_dir(ws, candidate)
     tags = version_tags(params, ws, candidate)

@@ -17,8 +17,8 @@ from typing import Iterable, Sequence
 import pandas as pd
 import sqlalchemy as sa
 
-from tuneloop.tasks.config import ServeConfig
-from tuneloop.tasks.workspace import Workspace
+from tuneloop.values.config import ServeConfig
+from tuneloop.values.workspace import Workspace
 
 STORE_URL_VARIABLE = "TUNELOOP_STORE_URL"  # beats serve.store_url: keeps database passwords out of params.yaml
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import yaml
 
-from tuneloop.params import Params
-from tuneloop.tasks.errors import TuneloopError
+from tuneloop.pipeline.params import Params
+from tuneloop.values.errors import TuneloopError
 from tuneloop.tasks.finetune import FinetuneResult
 
 WORKER_MODULE = "tuneloop.distributed_finetune"

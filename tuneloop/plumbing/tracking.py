@@ -34,8 +34,8 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-from tuneloop.tasks.config import MlflowConfig
-from tuneloop.tasks.workspace import Workspace, read_json, write_json
+from tuneloop.values.config import MlflowConfig
+from tuneloop.values.workspace import Workspace, read_json, write_json
 
 log = logging.getLogger("tuneloop.tracking")
 

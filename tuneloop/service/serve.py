@@ -41,13 +41,13 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from tuneloop.tasks.auth import Token, TokenGate, authorize
-from tuneloop.tasks.batching import MicroBatcher, QueueFull
-from tuneloop.tasks.classifier import Classifier, Scored, load_classifier, predict_proba, score_texts
-from tuneloop.tasks.config import ServeConfig
-from tuneloop.tasks.limits import BodyLimit, SlowClientLimits, header_timeout_protocol, text_problem
-from tuneloop.tasks.privacy import mask_pii
-from tuneloop.tasks.store import FeedbackConflict, Prediction, PredictionStore, store_url, utcnow
+from tuneloop.service.auth import Token, TokenGate, authorize
+from tuneloop.service.batching import MicroBatcher, QueueFull
+from tuneloop.model.classifier import Classifier, Scored, load_classifier, predict_proba, score_texts
+from tuneloop.values.config import ServeConfig
+from tuneloop.service.limits import BodyLimit, SlowClientLimits, header_timeout_protocol, text_problem
+from tuneloop.values.privacy import mask_pii
+from tuneloop.service.store import FeedbackConflict, Prediction, PredictionStore, store_url, utcnow
 
 log = logging.getLogger("tuneloop.serve")
 
@@ -496,7 +496,7 @@ def tightened_contract(schema: dict, config: ServeConfig) -> dict:
 def scope_guard(tokens: tuple[Token, ...], scope: str):
     """The dependency a route uses to require `scope`; returns the caller's name."""
     bearer = HTTPBearer(auto_error=False, scheme_name="bearer",
-                        description="a token with the `predict` or `feedback` scope (tasks/auth.py)")
+                        description="a token with the `predict` or `feedback` scope (tuneloop/service/auth.py)")
 
     def caller(request: Request) -> str:
         access = authorize(tokens, request.headers.get("authorization"), scope)
@@ -642,7 +642,7 @@ def create_app(follower: ChampionFollower, store: PredictionStore, config: Serve
 def build_app(config: ServeConfig, model_name: str, base_model: str, root: Path,
               tokens: tuple[Token, ...] = ()) -> FastAPI:
     """The service wired to the registry (tracking already configured) and the store."""
-    from tuneloop.tasks.workspace import Workspace
+    from tuneloop.values.workspace import Workspace
 
     cache = Workspace(Path(root)).models_cache
     follower = ChampionFollower(model_name, base_model, registry_lookup(model_name),
@@ -662,7 +662,7 @@ def run_service(config: ServeConfig, model_name: str, base_model: str, root: Pat
         ServeRefused: the token configuration is broken, or the host is beyond
             loopback with no tokens configured.
     """
-    from tuneloop.tasks.auth import TokenError, bind_refusal, load_tokens
+    from tuneloop.service.auth import TokenError, bind_refusal, load_tokens
 
     try:
         tokens = load_tokens(config.tokens_file, root)

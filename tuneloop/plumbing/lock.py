@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Iterator
 
-from tuneloop.tasks.workspace import Workspace
+from tuneloop.values.workspace import Workspace
 
 WAIT_VARIABLE = "TUNELOOP_LOCK_WAIT"  # seconds a writer waits for the lock before refusing (default 0)
 _held: dict[Path, tuple[IO, int]] = {}  # lock path -> (open file, depth) for this process

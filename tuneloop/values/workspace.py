@@ -171,7 +171,7 @@ class Workspace:
 
     @property
     def project_lock(self) -> Path:
-        """The one-writer lock (tasks/lock.py)."""
+        """The one-writer lock (tuneloop/plumbing/lock.py)."""
         return self.root / "state" / "project.lock"
 
     # serve and monitor

