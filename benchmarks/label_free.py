@@ -44,10 +44,10 @@ SHIFTED = {"tweets": "tweets.csv", "amazon product reviews": "amazon_reviews.csv
 
 def champion(project: Path):
     """The champion's classifier, its version and its registered test accuracy."""
-    from tuneloop.pipeline.params import load_params
-    from tuneloop.tasks import registry
     from tuneloop.model.classifier import load_classifier
+    from tuneloop.pipeline.params import load_params
     from tuneloop.plumbing.tracking import configure_tracking
+    from tuneloop.tasks import registry
     from tuneloop.values.workspace import Workspace
 
     params = load_params(project / "params.yaml")
@@ -101,8 +101,8 @@ def in_domain_drops(probs: np.ndarray, reference: float, rows: int, draws: int =
 
 def verdicts(result: dict, reference: float, config) -> dict:
     """What the monitor would decide from the estimate, and what the labels say it should."""
-    from tuneloop.tasks.drift import decide_estimated_drop
     from tuneloop.model.metrics import EstimatedPerformance
+    from tuneloop.tasks.drift import decide_estimated_drop
 
     estimate = EstimatedPerformance(**result["estimated"])
     decision = decide_estimated_drop(estimate, reference, result["rows"], config)

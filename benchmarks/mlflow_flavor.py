@@ -40,8 +40,8 @@ def pyfunc_row(label: str, folder: Path) -> str:
 
 
 def main() -> None:
-    from tuneloop.plumbing import mlflow_model
     from tuneloop.model.classifier import load_classifier, predict_proba, resolve_model_path
+    from tuneloop.plumbing import mlflow_model
     from tuneloop.tasks.finetune import FinetuneConfig, finetune
 
     base = resolve_model_path("all-MiniLM-L6-v2")

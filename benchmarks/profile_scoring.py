@@ -30,8 +30,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.measure import machine
 from benchmarks.run import RESULTS, ROOT, finetune_tuneloop, load_rows, own_forward
-from tuneloop.pipeline.params import load_params
 from tuneloop.model.classifier import load_classifier, predict_proba, resolve_model_path, tokenize
+from tuneloop.pipeline.params import load_params
 
 GROUPS = (  # (group, substrings of aten operator names), first match wins
     ("matrix products", ("addmm", "aten::mm", "bmm", "matmul", "linear", "mkldnn", "baddbmm")),

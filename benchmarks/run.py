@@ -28,11 +28,11 @@ import torch
 
 from benchmarks.flops import inference_flops, token_parameters, training_flops
 from benchmarks.measure import PeakMemory, machine, matmul_peak
-from tuneloop.pipeline.params import load_params
 from tuneloop.model.classifier import load_classifier, predict_proba, resolve_model_path, tokenize
+from tuneloop.model.metrics import macro_f1
+from tuneloop.pipeline.params import load_params
 from tuneloop.tasks.finetune import FinetuneConfig, build_model, finetune
 from tuneloop.tasks.ingest import canonicalize, read_table
-from tuneloop.model.metrics import macro_f1
 from tuneloop.tasks.split import split_dataset
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,16 +22,16 @@ from typing import Callable, ParamSpec, TypeVar
 from prefect import Task, flow, task
 from prefect.cache_policies import NO_CACHE
 
-from tuneloop.pipeline import monitoring
 from tuneloop.flows.request import request_retraining
+from tuneloop.pipeline import monitoring
 from tuneloop.pipeline.params import Params, load_params
+from tuneloop.plumbing.tracking import configure_tracking
+from tuneloop.service.store import utcnow
 from tuneloop.tasks import registry
-from tuneloop.values.decision import Decision
 from tuneloop.tasks.drift import decide_drift, decide_estimated_drop, drift_status
 from tuneloop.tasks.feedback import LiveMetrics, live_metrics
-from tuneloop.service.store import utcnow
-from tuneloop.plumbing.tracking import configure_tracking
 from tuneloop.tasks.triggers import decide_retraining
+from tuneloop.values.decision import Decision
 from tuneloop.values.workspace import Workspace
 
 

@@ -18,10 +18,10 @@ from prefect.states import Completed
 
 from tuneloop.pipeline import stages
 from tuneloop.pipeline.params import Params, load_params
-from tuneloop.tasks import registry
 from tuneloop.plumbing import runlog
 from tuneloop.plumbing.dvclock import commit_iteration, commits_iteration, record_stage
 from tuneloop.plumbing.lock import project_lock
+from tuneloop.tasks import registry
 from tuneloop.values.workspace import Workspace, read_json
 
 

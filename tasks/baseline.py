@@ -43,11 +43,11 @@ from tuneloop.model.classifier import (
     resolve_pooling,
 )
 from tuneloop.model.classifier import load_encoder as load_base_encoder
+from tuneloop.plumbing.integrity import base_weights_sha256
+from tuneloop.tasks.evaluate import timed_scoring
 from tuneloop.values.config import BaselineConfig, ModelConfig
 from tuneloop.values.decision import TOLERANCE
 from tuneloop.values.errors import TuneloopError
-from tuneloop.tasks.evaluate import timed_scoring
-from tuneloop.plumbing.integrity import base_weights_sha256
 from tuneloop.values.labels import label_indices, resolve_class_weight
 
 PROBE_WEIGHTS = "probe.safetensors"

@@ -23,9 +23,9 @@ import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
 
+from tuneloop.model.metrics import EstimatedPerformance
 from tuneloop.values.config import MonitorConfig
 from tuneloop.values.decision import TOLERANCE, Check, Decision
-from tuneloop.model.metrics import EstimatedPerformance
 
 TEXT, PREDICTION, CONFIDENCE = "text", "prediction", "confidence"
 EMBEDDING = "text_embedding"  # the Evidently embedding set: columns emb_0 ... emb_<hidden-1>
@@ -104,8 +104,8 @@ def current_frame(window: pd.DataFrame, config: MonitorConfig, embed: Embed) -> 
 def encoder_embedder(base_path: Path, config: MonitorConfig) -> Embed:
     """Mean-pooled sentence embeddings from the base model's encoder: the same
     instrument for both sides, whatever the champion's weights."""
-    from tuneloop.tasks.baseline import load_encoder
     from tuneloop.model.classifier import mean_pooled_embeddings
+    from tuneloop.tasks.baseline import load_encoder
 
     encoder, tokenizer = load_encoder(base_path, config.device)
     return lambda texts: mean_pooled_embeddings(encoder, tokenizer, list(texts), config.max_length, config.batch_size)

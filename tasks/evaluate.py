@@ -24,11 +24,11 @@ from tuneloop.model.calibration import (
     selective_summary,
     uncalibrated,
 )
+from tuneloop.model.metrics import accuracy, classification_summary, macro_f1, reliability
+from tuneloop.tasks.perturbations import Perturbation, perturbations
 from tuneloop.values.config import EvaluateConfig
 from tuneloop.values.errors import TuneloopError
 from tuneloop.values.labels import label_index, label_indices
-from tuneloop.model.metrics import accuracy, classification_summary, macro_f1, reliability
-from tuneloop.tasks.perturbations import Perturbation, perturbations
 
 Scorer = Callable[[Sequence[str]], np.ndarray]
 CORE_COLUMNS = {"row", "text", "label", "split", "id", "score"}

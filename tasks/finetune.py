@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 
 from tuneloop.model import distributed
-from tuneloop.plumbing import integrity
 from tuneloop.model.calibration import Abstention, calibrate
 from tuneloop.model.classifier import (
     HEAD_FILE,
@@ -47,10 +46,11 @@ from tuneloop.model.classifier import (
     resolve_pooling,
     tokenize,
 )
-from tuneloop.values.config import FinetuneConfig
 from tuneloop.model.distributed import Ranks
-from tuneloop.values.labels import resolve_class_weight
 from tuneloop.model.metrics import macro_f1
+from tuneloop.plumbing import integrity
+from tuneloop.values.config import FinetuneConfig
+from tuneloop.values.labels import resolve_class_weight
 
 CHECKPOINT_FILE = "last.pt"
 LOSS_EVERY = 20  # steps between loss readbacks (a host sync): the progress bar's and the loss curve's

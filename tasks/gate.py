@@ -24,10 +24,10 @@ from typing import Callable
 
 import numpy as np
 
+from tuneloop.model.metrics import interval_position, metric_function, paired_bootstrap
+from tuneloop.tasks.evaluate import REGRESSION_PREFIX, ROBUST_PREFIX, SLICE_PREFIX
 from tuneloop.values.config import GateConfig
 from tuneloop.values.decision import Check, Decision, clears
-from tuneloop.tasks.evaluate import REGRESSION_PREFIX, ROBUST_PREFIX, SLICE_PREFIX
-from tuneloop.model.metrics import interval_position, metric_function, paired_bootstrap
 
 CHALLENGER, PROBE, CHAMPION = "challenger", "base_probe", "champion"
 NAMES = {CHALLENGER: "the fine-tuned challenger", PROBE: "the base probe (frozen base model + fitted head)"}

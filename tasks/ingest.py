@@ -27,9 +27,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from tuneloop.tasks.split import SPLIT_ALIASES
 from tuneloop.values.config import IngestConfig
 from tuneloop.values.errors import TuneloopError
-from tuneloop.tasks.split import SPLIT_ALIASES
 from tuneloop.values.workspace import Workspace, read_json, write_json
 
 REMOTE_NAME = "tuneloop"

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 from tuneloop.plumbing import integrity
-from tuneloop.values.errors import TuneloopError
 from tuneloop.plumbing.tracking import SOURCE_TAGS
+from tuneloop.values.errors import TuneloopError
 
 CHAMPION = "champion"
 PREVIOUS = "previous"

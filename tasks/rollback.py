@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+from tuneloop.model.metrics import interval_position
+from tuneloop.tasks.feedback import encode
 from tuneloop.values.config import MonitorConfig
 from tuneloop.values.decision import Check, Decision, clears
-from tuneloop.tasks.feedback import encode
-from tuneloop.model.metrics import interval_position
 
 ROLLBACK_ACTIONS = ("rollback", "auto-rollback")  # how a champion arrives when it was restored
 

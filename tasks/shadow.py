@@ -17,10 +17,10 @@ from datetime import datetime
 
 import pandas as pd
 
+from tuneloop.model.metrics import interval_position, macro_f1, paired_bootstrap
+from tuneloop.tasks.feedback import encode
 from tuneloop.values.config import ShadowConfig
 from tuneloop.values.decision import TOLERANCE, Check
-from tuneloop.tasks.feedback import encode
-from tuneloop.model.metrics import interval_position, macro_f1, paired_bootstrap
 
 PROMOTE, DISCARD, WAIT = "promote", "discard", "wait"
 

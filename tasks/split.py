@@ -23,9 +23,9 @@ import hashlib
 import numpy as np
 import pandas as pd
 
+from tuneloop.tasks.validate import SPLITS, leaked_from, normalise_text
 from tuneloop.values.config import SplitConfig
 from tuneloop.values.errors import TuneloopError
-from tuneloop.tasks.validate import SPLITS, leaked_from, normalise_text
 from tuneloop.values.workspace import Workspace
 
 SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation", "eval": "validation"}

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tuneloop.tasks.ingest import incoming_files, read_table
 from tuneloop.values.config import IngestConfig, TriggerConfig
 from tuneloop.values.decision import Check, Decision
-from tuneloop.tasks.ingest import incoming_files, read_table
 from tuneloop.values.workspace import Workspace
 
 

@@ -37,9 +37,9 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from tuneloop.values.config import FinetuneConfig
 from tuneloop.tasks.finetune import finetune
 from tuneloop.tasks.tune_space import ParamSpec, TuneConfig, decode, encode, suggest
+from tuneloop.values.config import FinetuneConfig
 
 COUNTED_STATES = ("COMPLETE", "PRUNED", "FAIL")  # trials that use up the budget (interrupted ones do not)
 WORKER_ATTR = "worker"  # host:pid:token of the process running a trial

@@ -29,9 +29,9 @@ from typing import Any, Callable, cast
 import pandas as pd
 import regex
 
+from tuneloop.tasks.validation_page import write_validation_page
 from tuneloop.values.config import RULES, ValidateConfig
 from tuneloop.values.errors import TuneloopError
-from tuneloop.tasks.validation_page import write_validation_page
 
 # what spreadsheets and exports write for a missing value: never a text to learn from
 MISSING_TEXTS = frozenset({"nan", "none", "null", "n/a", "#n/a", "<na>"})

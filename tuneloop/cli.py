@@ -141,8 +141,8 @@ def close_own_runs(loaded, status: str, outcome: str) -> None:
     """Closes this process's runs, unless the MLflow server is what failed: the
     error that stopped the command is then the one to tell, and the next
     command's reaper marks the runs KILLED."""
-    from tuneloop.tasks import registry
     from tuneloop.plumbing import tracking
+    from tuneloop.tasks import registry
 
     try:
         tracking.close_own_runs(loaded.mlflow.experiment, status, outcome)
@@ -281,8 +281,8 @@ def status(params: Path = ParamsOption, root: Path = RootOption,
            as_json: bool = typer.Option(False, "--json/--table", help="print JSON instead of a table"),
            sets: Optional[list[str]] = SetOption) -> None:
     """The registered model, its champion (data version, test metrics) and the last run's decision."""
-    from tuneloop.tasks.registry import model_status
     from tuneloop.plumbing.tracking import configure_tracking, reap_dead_runs
+    from tuneloop.tasks.registry import model_status
 
     loaded, workspace = load(params, root, sets)
     configure_tracking(loaded.mlflow, workspace.root)
@@ -425,9 +425,9 @@ def restore_data_command(version: str, out: Optional[Path] = typer.Option(None, 
                          params: Path = ParamsOption, root: Path = RootOption,
                          sets: Optional[list[str]] = SetOption) -> None:
     """Restore, through DVC, the exact data a registered model version was trained on."""
+    from tuneloop.plumbing.tracking import configure_tracking
     from tuneloop.tasks import registry
     from tuneloop.tasks.ingest import restore_data
-    from tuneloop.plumbing.tracking import configure_tracking
     from tuneloop.values.workspace import folder_problem
 
     try:
@@ -464,8 +464,8 @@ def serve(host: Optional[str] = typer.Option(None, help="interface to bind (defa
     import logging
     from dataclasses import replace
 
-    from tuneloop.service.serve import ServeRefused, run_service
     from tuneloop.plumbing.tracking import configure_tracking
+    from tuneloop.service.serve import ServeRefused, run_service
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     loaded, workspace = load(params, root, sets)
@@ -486,8 +486,8 @@ def rollback(to: Optional[str] = typer.Option(None, "--to", help="version to ser
              why: str = typer.Option("manual rollback", "--why", help="reason kept in the audit trail"),
              params: Path = ParamsOption, root: Path = RootOption, sets: Optional[list[str]] = SetOption) -> None:
     """Move `champion` back to `previous` (or --to VERSION) in one step, with an audit entry."""
-    from tuneloop.tasks import registry
     from tuneloop.plumbing.tracking import configure_tracking
+    from tuneloop.tasks import registry
 
     loaded, workspace = load(params, root, sets)
     configure_tracking(loaded.mlflow, workspace.root)
@@ -510,8 +510,8 @@ def shadow(version: str = typer.Argument(..., help="the registered version to sc
            params: Path = ParamsOption, root: Path = RootOption, sets: Optional[list[str]] = SetOption) -> None:
     """Give VERSION the `shadow` alias: the service scores live traffic with it beside the champion,
     and `tuneloop monitor` promotes or discards it (params `shadow`)."""
-    from tuneloop.tasks import registry
     from tuneloop.plumbing.tracking import configure_tracking
+    from tuneloop.tasks import registry
 
     try:
         version = registry.checked_version(version)

@@ -120,8 +120,8 @@ def force_bad_version(model_name: str, workspace: Path, experiment: str) -> str:
     import mlflow
     from safetensors.torch import load_file, save_file
 
-    from tuneloop.tasks import registry
     from tuneloop.model.classifier import HEAD_FILE
+    from tuneloop.tasks import registry
     from tuneloop.values.workspace import Workspace
 
     champion = registry.alias_version(model_name, registry.CHAMPION)
@@ -262,8 +262,8 @@ def run_demo(project: Path, workspace: Path, movies: int, tweets: int, later_twe
     from tuneloop.flows.retrain import retrain_flow
     from tuneloop.pipeline.monitoring import prediction_store
     from tuneloop.pipeline.params import load_params
-    from tuneloop.tasks import registry
     from tuneloop.plumbing.tracking import configure_tracking
+    from tuneloop.tasks import registry
     from tuneloop.values.workspace import Workspace
 
     shifted = sample("tweets", tweets + SHADOW_ROWS + later_tweets, seed=1)  # refused before any work

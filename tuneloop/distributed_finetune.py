@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tuneloop.pipeline import stages
 from tuneloop.cli import offline_environment
-from tuneloop.pipeline.launch import write_result
-from tuneloop.pipeline.params import load_params
 from tuneloop.model import distributed
 from tuneloop.model.classifier import pick_device
+from tuneloop.pipeline import stages
+from tuneloop.pipeline.launch import write_result
+from tuneloop.pipeline.params import load_params
 from tuneloop.tasks.finetune import FinetuneResult
 from tuneloop.values.workspace import Workspace
 

@@ -20,10 +20,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from tuneloop.values.errors import TuneloopError
 from tuneloop.tasks.ingest import IngestConfig, label_texts, read_table
 from tuneloop.tasks.split import SPLIT_ALIASES, SPLITS, leaked_rows
 from tuneloop.tasks.validate import ValidateConfig
+from tuneloop.values.errors import TuneloopError
 from tuneloop.values.workspace import folder_problem
 
 LABEL_NAMES = ("label", "labels", "intent", "category", "class", "target", "y", "sentiment", "topic", "tag")

@@ -52,7 +52,10 @@ def floor_of(module: str) -> str:
 
 
 def meaning(floor: str) -> str:
-    """What a floor holds: the first line of its package docstring."""
+    """What a floor holds: the first line of its package docstring (the top package's says
+    what tuneloop is, so the entry floor says what its loose modules are)."""
+    if floor == ENTRY:
+        return "the CLI and the processes it starts (tuneloop/*.py)"
     doc = ast.get_docstring(ast.parse((packages()[floor] / "__init__.py").read_text())) or ""
     return doc.splitlines()[0] if doc else ""
 

@@ -14,13 +14,13 @@ import argparse
 import os
 from pathlib import Path
 
-from tuneloop.pipeline import stages
 from tuneloop.cli import offline_environment
+from tuneloop.pipeline import stages
 from tuneloop.pipeline.params import load_params
+from tuneloop.pipeline.tune_runs import TrialRuns
 from tuneloop.plumbing import tracking
 from tuneloop.tasks import tune as tuning
 from tuneloop.values.workspace import Workspace
-from tuneloop.pipeline.tune_runs import TrialRuns
 
 
 def run_worker(params_path: Path, root: Path, parent_run_id: str | None, experiment_id: str | None,

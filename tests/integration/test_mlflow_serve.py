@@ -22,9 +22,9 @@ from isolated_python import isolated_environment, isolated_python, tuneloop_impo
 from tiny_model import build_tiny_bert, sentiment_rows  # noqa: E402
 
 from tuneloop.plumbing import mlflow_model
+from tuneloop.plumbing.tracking import start_pipeline_run  # noqa: E402
 from tuneloop.tasks import registry  # noqa: E402
 from tuneloop.tasks.finetune import FinetuneConfig, finetune  # noqa: E402
-from tuneloop.plumbing.tracking import start_pipeline_run  # noqa: E402
 from tuneloop.values.workspace import Workspace  # noqa: E402
 
 pytestmark = pytest.mark.slow

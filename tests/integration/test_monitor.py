@@ -30,12 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ helpers (
 
 from tiny_model import build_tiny_bert, sentiment_rows  # noqa: E402
 
+from tuneloop.plumbing.tracking import start_pipeline_run  # noqa: E402
+from tuneloop.service.store import Prediction, PredictionStore  # noqa: E402
 from tuneloop.tasks import registry  # noqa: E402
 from tuneloop.tasks.drift import MonitorConfig, classifier_predictor  # noqa: E402
 from tuneloop.tasks.finetune import FinetuneConfig, finetune  # noqa: E402
 from tuneloop.tasks.registry import CHAMPION, PREVIOUS, alias_version, audit_trail, move_champion  # noqa: E402
-from tuneloop.service.store import Prediction, PredictionStore  # noqa: E402
-from tuneloop.plumbing.tracking import start_pipeline_run  # noqa: E402
 from tuneloop.values.workspace import Workspace  # noqa: E402
 
 pytestmark = pytest.mark.slow

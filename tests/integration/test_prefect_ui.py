@@ -30,8 +30,8 @@ def flow_run(tmp_path_factory, mlflow_sandbox) -> dict:
     from prefect import flow
     from prefect.testing.utilities import prefect_test_harness
 
-    from tuneloop.pipeline import stages
     from tuneloop.flows.retrain import stage_task
+    from tuneloop.pipeline import stages
 
     root = tmp_path_factory.mktemp("project")
     (root / "incoming").mkdir()

@@ -36,12 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ helpers (
 from tiny_model import build_tiny_bert, sentiment_rows  # noqa: E402
 
 from tuneloop.pipeline.params import parse_params  # noqa: E402
-from tuneloop.tasks import registry  # noqa: E402
-from tuneloop.tasks.finetune import FinetuneConfig, finetune  # noqa: E402
-from tuneloop.tasks.ingest import DataVersion  # noqa: E402
 from tuneloop.plumbing.integrity import folder_manifest  # noqa: E402
 from tuneloop.plumbing.mlflow_model import REWRITTEN  # noqa: E402
 from tuneloop.plumbing.tracking import start_pipeline_run  # noqa: E402
+from tuneloop.tasks import registry  # noqa: E402
+from tuneloop.tasks.finetune import FinetuneConfig, finetune  # noqa: E402
+from tuneloop.tasks.ingest import DataVersion  # noqa: E402
 from tuneloop.values.workspace import Workspace, write_json  # noqa: E402
 
 LABELS = ["negative", "positive"]
@@ -291,8 +291,8 @@ def tuneloop(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_tuneloop_register_says_the_server_is_down_in_one_line_then_finishes_the_version_and_it_serves(
         running, tiny, tmp_path, monkeypatch) -> None:
-    from tuneloop.pipeline import stages
     from tuneloop.model.classifier import load_classifier, predict_proba
+    from tuneloop.pipeline import stages
     from tuneloop.service.serve import registry_loader
 
     name = "killed-cli"

@@ -29,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ helpers (
 
 from tiny_model import build_tiny_bert, sentiment_rows  # noqa: E402
 
-from tuneloop.tasks import registry  # noqa: E402
 from tuneloop.model.classifier import resolve_model_path  # noqa: E402
-from tuneloop.tasks.finetune import FinetuneConfig, finetune  # noqa: E402
-from tuneloop.service.store import PredictionStore  # noqa: E402
 from tuneloop.plumbing.tracking import start_pipeline_run  # noqa: E402
+from tuneloop.service.store import PredictionStore  # noqa: E402
+from tuneloop.tasks import registry  # noqa: E402
+from tuneloop.tasks.finetune import FinetuneConfig, finetune  # noqa: E402
 from tuneloop.values.workspace import Workspace  # noqa: E402
 
 POLL_SECONDS = 0.5

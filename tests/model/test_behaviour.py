@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tuneloop.model.classifier import load_encoder, load_tokenizer, pooled_embeddings, resolve_model_path
+from tuneloop.model.metrics import macro_f1
 from tuneloop.pipeline.params import load_params
 from tuneloop.tasks.baseline import BaselineConfig, select_probe
-from tuneloop.model.classifier import load_encoder, load_tokenizer, pooled_embeddings, resolve_model_path
 from tuneloop.tasks.ingest import canonicalize, read_table
-from tuneloop.model.metrics import macro_f1
 from tuneloop.tasks.perturbations import add_punctuation, strip_punctuation, typos, uppercase, whitespace
 from tuneloop.tasks.split import split_dataset
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from tuneloop.service.auth import load_tokens
 from tuneloop.model.classifier import load_classifier
-from tuneloop.values.config import ServeConfig
+from tuneloop.service.auth import load_tokens
 from tuneloop.service.limits import SlowClientLimits
 from tuneloop.service.serve import ChampionFollower, create_app, serve_app
 from tuneloop.service.store import PredictionStore
+from tuneloop.values.config import ServeConfig
 
 
 def main(model_dir: str, base_dir: str, store_url: str, port: str, header_seconds: str, body_seconds: str) -> None:

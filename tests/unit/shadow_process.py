@@ -16,9 +16,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from tuneloop.model.classifier import Classifier, load_classifier
-from tuneloop.values.config import ServeConfig
 from tuneloop.service.serve import ChampionFollower, create_app, serve_app
 from tuneloop.service.store import PredictionStore
+from tuneloop.values.config import ServeConfig
 
 
 class Tokenizer:

@@ -11,7 +11,6 @@ import pytest
 import torch
 from tiny_model import build_tiny_model, sentiment_rows
 
-from tuneloop.tasks import finetune as finetune_module
 from tuneloop.model.classifier import (
     Classifier,
     TextClassifier,
@@ -24,6 +23,7 @@ from tuneloop.model.classifier import (
     predict_proba,
     tokenize,
 )
+from tuneloop.tasks import finetune as finetune_module
 from tuneloop.tasks.finetune import FinetuneConfig, finetune
 
 FAMILIES = {"bert": "mean", "roberta": "mean", "distilbert": "mean", "deberta-v2": "mean",

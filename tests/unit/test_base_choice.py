@@ -13,11 +13,11 @@ import pytest
 from tiny_model import build_tiny_bert, sentiment_rows
 
 from tuneloop.pipeline.params import ParamsError, parse_params
+from tuneloop.plumbing.mlflow_model import CardFacts, base_choice_notes, model_card
 from tuneloop.tasks.baseline import BaseScore, choose_base, run_baseline
+from tuneloop.tasks.ingest import DataVersion
 from tuneloop.values.config import BaselineConfig, ModelConfig
 from tuneloop.values.errors import TuneloopError
-from tuneloop.tasks.ingest import DataVersion
-from tuneloop.plumbing.mlflow_model import CardFacts, base_choice_notes, model_card
 from tuneloop.values.workspace import Workspace, read_json, write_json
 
 LABELS = ["negative", "positive"]
@@ -95,8 +95,8 @@ def split_workspace(root: Path) -> Workspace:
 
 def test_the_baseline_probes_every_candidate_on_the_same_rows_and_saves_the_chosen_ones_probe(
         two_bases, tmp_path) -> None:
-    from tuneloop.tasks.baseline import load_probe
     from tuneloop.model.classifier import read_meta
+    from tuneloop.tasks.baseline import load_probe
 
     ws = split_workspace(tmp_path)
     result = run_baseline(FAST, ModelConfig(), two_bases, LABELS, ws, max_latency_ms=10_000.0)
@@ -130,8 +130,8 @@ def test_the_baseline_stage_logs_every_candidate_and_the_later_stages_use_its_ch
     import mlflow
 
     from tuneloop.pipeline import stages
-    from tuneloop.tasks.gate import PROBE
     from tuneloop.plumbing.tracking import start_pipeline_run
+    from tuneloop.tasks.gate import PROBE
 
     params = stage_params(two_bases, mlflow_sandbox, mlflow_model_name)
     ws = split_workspace(tmp_path)

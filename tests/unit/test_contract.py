@@ -14,11 +14,11 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from schemathesis import GenerationMode
 from schemathesis.config import SchemathesisConfig
 
-from tuneloop.service.auth import Token
 from tuneloop.model.classifier import load_classifier
-from tuneloop.tasks.finetune import FinetuneConfig, finetune
+from tuneloop.service.auth import Token
 from tuneloop.service.serve import ChampionFollower, ServeConfig, create_app
 from tuneloop.service.store import PredictionStore
+from tuneloop.tasks.finetune import FinetuneConfig, finetune
 
 FAST = FinetuneConfig(epochs=1, max_steps=4, learning_rate=1e-2, batch_size=16, lora_r=8, max_length=32)
 LIMITS = ServeConfig(max_text_chars=50, max_batch=4, poll_seconds=60.0, max_body_bytes=100_000)

@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tuneloop.model.distributed import Ranks, ranks_from_env, shard
 from tuneloop.pipeline import stages
 from tuneloop.pipeline.launch import torchrun_command
 from tuneloop.pipeline.params import parse_params
-from tuneloop.model.distributed import Ranks, ranks_from_env, shard
 from tuneloop.tasks.finetune import CHECKPOINT_FILE, FinetuneConfig, length_grouped_order
 from tuneloop.tasks.ingest import DataVersion
 from tuneloop.values.workspace import Workspace, write_json

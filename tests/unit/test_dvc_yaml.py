@@ -66,7 +66,7 @@ def module_closure(files: set[str]) -> set[str]:
 
 def stage_files(stage: str) -> set[str]:
     """The project files `tuneloop <stage>` runs, from its function in tuneloop/pipeline/stages.py."""
-    tree = ast.parse((REPO / "tuneloop" / "stages.py").read_text())
+    tree = ast.parse((REPO / "tuneloop" / "pipeline" / "stages.py").read_text())
     functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
     top_imports = imported_files(ast.Module(body=[n for n in tree.body if not isinstance(n, ast.FunctionDef)],
                                             type_ignores=[]))
@@ -100,8 +100,8 @@ def test_each_stage_depends_on_exactly_the_project_modules_its_command_runs(stag
 
 def test_the_stage_walk_follows_helpers_and_lazy_imports() -> None:
     # finetune -> start_head (a stages.py helper) -> baseline.probe_head; classifier imports fastpath lazily
-    assert {"tasks/baseline.py", "tuneloop/model/classifier.py", "tuneloop/model/fastpath.py", "tuneloop/model/metrics.py"} <= stage_files(
-        "finetune")
+    assert {"tasks/baseline.py", "tuneloop/model/classifier.py", "tuneloop/model/fastpath.py",
+            "tuneloop/model/metrics.py"} <= stage_files("finetune")
     assert "tasks/tune.py" not in stage_files("ingest")
 
 

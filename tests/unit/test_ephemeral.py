@@ -13,8 +13,11 @@ import pytest
 from tuneloop.flows.ephemeral import WATCHER
 
 # A stand-in "command": starts a watcher for the pid it is given, says so, then waits to be killed.
+# A command run from a terminal turns Ctrl-C (SIGINT) into KeyboardInterrupt; one started in the
+# background of a script inherits SIGINT ignored, so the command takes the terminal's handling back.
 COMMAND = """
-import sys
+import signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from tuneloop.flows.ephemeral import stop_with_this_process
 stop_with_this_process(int(sys.argv[1]))
 print("watching", flush=True)

@@ -12,12 +12,8 @@ import numpy as np
 import pytest
 import yaml
 
-from tuneloop.pipeline import monitoring
 from tuneloop.flows import monitor as monitor_flow_module
-from tuneloop.pipeline.params import parse_params
 from tuneloop.model.calibration import softmax
-from tuneloop.values.config import MonitorConfig
-from tuneloop.tasks.drift import decide_drift, decide_estimated_drop, probability_matrix
 from tuneloop.model.metrics import (
     EstimatedPerformance,
     accuracy,
@@ -26,9 +22,13 @@ from tuneloop.model.metrics import (
     expected_macro_f1,
     macro_f1,
 )
-from tuneloop.tasks.registry import VersionInfo
+from tuneloop.pipeline import monitoring
+from tuneloop.pipeline.params import parse_params
 from tuneloop.service.store import Prediction, PredictionStore, utcnow
+from tuneloop.tasks.drift import decide_drift, decide_estimated_drop, probability_matrix
+from tuneloop.tasks.registry import VersionInfo
 from tuneloop.tasks.triggers import decide_retraining
+from tuneloop.values.config import MonitorConfig
 from tuneloop.values.workspace import Workspace
 
 

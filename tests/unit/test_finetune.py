@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 import tuneloop.tasks.finetune as ft
 from tuneloop.model.classifier import load_classifier, predict_proba
-from tuneloop.tasks.finetune import FinetuneConfig, finetune, length_grouped_order, linear_schedule
 from tuneloop.model.metrics import macro_f1
+from tuneloop.tasks.finetune import FinetuneConfig, finetune, length_grouped_order, linear_schedule
 
 FAST = FinetuneConfig(epochs=6, learning_rate=1e-2, batch_size=16, lora_r=8, max_length=32,
                       checkpoint_every_steps=10, patience=6, min_steps=0, min_examples_per_class=0)

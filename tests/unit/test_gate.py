@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
+from tuneloop.model.metrics import accuracy, macro_f1
 from tuneloop.tasks.evaluate import regression_scores
 from tuneloop.tasks.gate import (
     Decision,
@@ -23,7 +24,6 @@ from tuneloop.tasks.gate import (
     holm,
     outcome,
 )
-from tuneloop.model.metrics import accuracy, macro_f1
 
 N_ROWS = 200
 CHECKS = ["beats_base", "beats_champion", "slices", "robustness", "forgetting", "latency"]

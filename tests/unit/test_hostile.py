@@ -18,14 +18,14 @@ import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 
-from tuneloop.service.auth import Token, TokenError, bind_refusal, load_tokens, parse_tokens
 from tuneloop.model.classifier import load_classifier
-from tuneloop.tasks.feedback import export_feedback
-from tuneloop.tasks.finetune import FinetuneConfig, finetune
+from tuneloop.service.auth import Token, TokenError, bind_refusal, load_tokens, parse_tokens
 from tuneloop.service.limits import BodyLimit
-from tuneloop.values.privacy import mask_pii
 from tuneloop.service.serve import ChampionFollower, ServeConfig, create_app
 from tuneloop.service.store import Prediction, PredictionStore, utcnow
+from tuneloop.tasks.feedback import export_feedback
+from tuneloop.tasks.finetune import FinetuneConfig, finetune
+from tuneloop.values.privacy import mask_pii
 
 FAST = FinetuneConfig(epochs=1, max_steps=4, learning_rate=1e-2, batch_size=16, lora_r=8, max_length=32)
 LIMITS = ServeConfig(max_text_chars=50, max_batch=4, poll_seconds=60.0, max_body_bytes=1_100_000)
@@ -827,9 +827,9 @@ def test_restoring_a_well_formed_but_unknown_data_version_ends_in_one_line_and_l
         mlflow_sandbox, mlflow_model_name, tmp_path, capsys):
     import yaml
 
+    from tuneloop.plumbing.tracking import start_pipeline_run
     from tuneloop.tasks import registry
     from tuneloop.tasks.ingest import open_dvc_repo
-    from tuneloop.plumbing.tracking import start_pipeline_run
     from tuneloop.values.workspace import Workspace
 
     model = tmp_path / "model"
@@ -867,9 +867,9 @@ def register_versions(root: Path, trained: Path, base: Path, mlflow_section: dic
 
     from tuneloop.pipeline import stages
     from tuneloop.pipeline.params import parse_params
-    from tuneloop.tasks.ingest import DataVersion
     from tuneloop.plumbing.integrity import folder_manifest
     from tuneloop.plumbing.tracking import start_pipeline_run
+    from tuneloop.tasks.ingest import DataVersion
     from tuneloop.values.workspace import Workspace, write_json
 
     ws = Workspace(root)
@@ -906,9 +906,9 @@ def test_loading_the_champion_as_the_readme_shows_never_takes_it_out_of_service(
     import mlflow
 
     from tuneloop.pipeline import stages
-    from tuneloop.tasks import registry
     from tuneloop.plumbing.integrity import MANIFEST_TAG, folder_manifest
     from tuneloop.service.serve import registry_loader, registry_lookup
+    from tuneloop.tasks import registry
     from tuneloop.values.workspace import Workspace
 
     name, root = "tl-hostile-readme-user", tmp_path / "project"
@@ -983,8 +983,8 @@ def test_a_project_copied_with_cp_a_reads_and_writes_only_its_own_artefacts(
 
     import mlflow
 
-    from tuneloop.tasks import registry
     from tuneloop.plumbing.integrity import folder_manifest
+    from tuneloop.tasks import registry
 
     previous_uri = mlflow.get_tracking_uri()
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -1022,8 +1022,8 @@ def test_a_project_copied_with_cp_a_reads_and_writes_only_its_own_artefacts(
 
 
 def test_a_nested_quantifier_pii_pattern_is_matched_in_bounded_time_by_the_guarded_engine(tmp_path):
-    from tuneloop.values.config import ValidateConfig
     from tuneloop.tasks.validate import validate_dataset
+    from tuneloop.values.config import ValidateConfig
 
     texts = ["a" * 1999 + "!", "aaaa", "a fine film", "a" * 30 + "b"] * 5
     frame = pd.DataFrame({"row": range(1, 21), "text": texts, "label": ["pos", "neg"] * 10})
@@ -1067,9 +1067,9 @@ def test_data_that_cannot_train_is_refused_by_validate_before_any_model_loads(
 
     from tuneloop.pipeline import stages
     from tuneloop.pipeline.params import parse_params
+    from tuneloop.plumbing.tracking import start_pipeline_run
     from tuneloop.tasks.ingest import DataVersion
     from tuneloop.tasks.split import UntrainableData
-    from tuneloop.plumbing.tracking import start_pipeline_run
     from tuneloop.values.workspace import Workspace, write_json
 
     ws = Workspace(tmp_path)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tuneloop.tasks import finetune as ft
 from tuneloop.plumbing.integrity import IntegrityError, check_folder, folder_manifest, manifest_problems
+from tuneloop.tasks import finetune as ft
 
 A, B, C = "a" * 64, "b" * 64, "c" * 64
 

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 PROJECT = Path(__file__).resolve().parents[2]
-from tuneloop.layout import (  # noqa: E402
-    FLOORS, LEGACY, floor_of, floor_table, floors, imports, modules, name, packages)
+from tuneloop.layout import FLOORS, LEGACY, floor_of, floor_table, floors, imports, modules, name, packages  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -83,10 +82,11 @@ def test_a_module_in_a_folder_that_is_no_floor_is_named() -> None:
 
 
 def test_tasks_holds_only_stages_and_their_helpers(graph) -> None:
-    """A module in tasks/ is a stage the pipeline floor calls, or a helper a stage imports;
-    anything else (a service, plumbing, a value) belongs on its own floor."""
+    """A module in tasks/ is a stage the pipeline floor or a flow calls, or a helper a stage
+    imports; anything else (a service, plumbing, a value) belongs on its own floor."""
     tasks = {m for m in modules() if floor_of(m) == "tuneloop.tasks" and m != "tuneloop.tasks" and m not in LEGACY}
-    called = {b for a, targets in graph.items() if floor_of(a) == "tuneloop.pipeline" for b in targets}
+    called = {b for a, targets in graph.items() if floor_of(a) in {"tuneloop.pipeline", "tuneloop.flows"}
+              for b in targets}
     helpers = {b for a, targets in graph.items() if a in tasks for b in targets}
     assert sorted(tasks - called - helpers) == []
     assert "tuneloop.tasks.finetune" in called and "tuneloop.tasks.tune_space" in helpers

@@ -14,14 +14,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tuneloop.pipeline.params import parse_params
-from tuneloop.tasks import registry
-from tuneloop.plumbing import tracking
 from tuneloop.model.classifier import load_classifier, score_texts
-from tuneloop.tasks.finetune import FinetuneConfig, finetune
-from tuneloop.tasks.ingest import DataVersion
+from tuneloop.pipeline.params import parse_params
+from tuneloop.plumbing import tracking
 from tuneloop.plumbing.integrity import folder_manifest
 from tuneloop.plumbing.tracking import start_pipeline_run
+from tuneloop.tasks import registry
+from tuneloop.tasks.finetune import FinetuneConfig, finetune
+from tuneloop.tasks.ingest import DataVersion
 from tuneloop.values.workspace import Workspace, write_json
 
 FAST = FinetuneConfig(epochs=1, max_steps=4, learning_rate=1e-2, batch_size=16, lora_r=8, max_length=32)

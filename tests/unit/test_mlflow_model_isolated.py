@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 from isolated_python import isolated_environment, isolated_python, tuneloop_importable
 
-from tuneloop.plumbing import mlflow_model
-from tuneloop.tasks import registry
 from tuneloop.model.classifier import load_classifier, score_texts
-from tuneloop.tasks.finetune import FinetuneConfig, finetune
+from tuneloop.plumbing import mlflow_model
 from tuneloop.plumbing.tracking import start_pipeline_run
+from tuneloop.tasks import registry
+from tuneloop.tasks.finetune import FinetuneConfig, finetune
 from tuneloop.values.workspace import Workspace
 
 TEXTS = ["the film was great", "the plot was awful really", "this movie was boring"]
@@ -104,8 +104,8 @@ def probe_model(tiny_bert: Path, task: dict, out: Path) -> Path:
     """The base model's probe as the baseline stage saves it: head, tokenizer, calibration."""
     import numpy as np
 
-    from tuneloop.tasks.baseline import embed, fit_probe, load_encoder, save_probe_model
     from tuneloop.model.calibration import calibrate
+    from tuneloop.tasks.baseline import embed, fit_probe, load_encoder, save_probe_model
     from tuneloop.values.config import BaselineConfig, ModelConfig
 
     encoder, tokenizer = load_encoder(tiny_bert, "cpu")

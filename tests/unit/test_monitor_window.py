@@ -8,8 +8,8 @@ import sqlalchemy as sa
 
 from tuneloop.pipeline import monitoring
 from tuneloop.pipeline.params import parse_params
-from tuneloop.tasks.drift import sample
 from tuneloop.service.store import Prediction, PredictionStore, utcnow
+from tuneloop.tasks.drift import sample
 from tuneloop.values.workspace import Workspace
 
 

@@ -6,7 +6,6 @@ import random
 
 import pytest
 
-from tuneloop.values.config import PERTURBATIONS, EvaluateConfig
 from tuneloop.tasks.perturbations import (
     FUNCTIONS,
     NEIGHBOURS,
@@ -21,6 +20,7 @@ from tuneloop.tasks.perturbations import (
     uppercase,
     whitespace,
 )
+from tuneloop.values.config import PERTURBATIONS, EvaluateConfig
 
 CASES = [
     (lowercase, "Great Film, LOVED it!", "great film, loved it!"),

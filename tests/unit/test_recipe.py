@@ -12,7 +12,6 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from tuneloop.tasks.baseline import BaselineConfig, fit_probe, probe_head, save_probe, select_probe
 from tuneloop.model.classifier import (
     Classifier,
     load_classifier,
@@ -21,9 +20,10 @@ from tuneloop.model.classifier import (
     pooled_embeddings,
     predict_proba,
 )
-from tuneloop.values.errors import TuneloopError
+from tuneloop.tasks.baseline import BaselineConfig, fit_probe, probe_head, save_probe, select_probe
 from tuneloop.tasks.evaluate import Candidate, EvaluateConfig, aligned, evaluate_models
 from tuneloop.tasks.finetune import FinetuneConfig, build_model, finetune
+from tuneloop.values.errors import TuneloopError
 
 LABELS = ["negative", "positive"]
 
@@ -90,8 +90,8 @@ def test_on_a_97_to_3_split_offsets_chosen_out_of_fold_beat_the_balanced_argmax(
 
 
 def test_offsets_raise_macro_f1_on_the_rows_they_are_chosen_on_and_stay_zero_where_argmax_is_best() -> None:
-    from tuneloop.tasks.baseline import decision_offsets
     from tuneloop.model.metrics import macro_f1
+    from tuneloop.tasks.baseline import decision_offsets
 
     rng = np.random.default_rng(0)
     y = np.r_[np.zeros(950, int), np.ones(30, int), np.full(20, 2)]
@@ -266,11 +266,11 @@ def test_an_unset_learning_rate_is_the_measured_one_for_the_method_and_the_heads
 
 def test_a_probe_fitted_with_another_pooling_is_refused_as_a_head_and_for_evaluation(tmp_path: Path,
                                                                                      tiny_bert: Path) -> None:
+    from tuneloop.model.calibration import Abstention
+    from tuneloop.model.classifier import read_meta
     from tuneloop.pipeline import stages
     from tuneloop.pipeline.params import parse_params
     from tuneloop.tasks.baseline import save_probe_model
-    from tuneloop.model.calibration import Abstention
-    from tuneloop.model.classifier import read_meta
     from tuneloop.values.workspace import Workspace
 
     ws = Workspace(tmp_path)

@@ -14,8 +14,9 @@ import pytest
 import requests
 from mlflow.exceptions import MlflowException
 
-from tuneloop.tasks import registry
 from tuneloop.plumbing.integrity import MANIFEST_TAG, IntegrityError
+from tuneloop.plumbing.tracking import start_pipeline_run
+from tuneloop.tasks import registry
 from tuneloop.tasks.registry import (
     CHAMPION,
     MAX_TAG,
@@ -30,7 +31,6 @@ from tuneloop.tasks.registry import (
     move_champion,
     reject_version,
 )
-from tuneloop.plumbing.tracking import start_pipeline_run
 from tuneloop.values.workspace import Workspace
 
 MODEL_FILES = {

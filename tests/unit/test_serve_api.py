@@ -12,11 +12,11 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from tuneloop.pipeline.params import ParamsError, parse_params
 from tuneloop.model.classifier import load_classifier, predict_proba
-from tuneloop.tasks.finetune import FinetuneConfig, finetune
+from tuneloop.pipeline.params import ParamsError, parse_params
 from tuneloop.service.serve import ChampionFollower, ServeConfig, create_app, smoke_check, store_url
 from tuneloop.service.store import PredictionStore
+from tuneloop.tasks.finetune import FinetuneConfig, finetune
 
 # a few steps: these tests need a real LoRA folder and consistent answers, not accuracy
 FAST = FinetuneConfig(epochs=1, max_steps=4, learning_rate=1e-2, batch_size=16, lora_r=8, max_length=32)

@@ -13,11 +13,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from tuneloop.plumbing.tracking import start_pipeline_run
+from tuneloop.service.serve import ChampionFollower, registry_loader, registry_lookup
 from tuneloop.tasks import registry
 from tuneloop.tasks.finetune import FinetuneConfig, finetune
 from tuneloop.tasks.registry import CHAMPION, PREVIOUS, RollbackError, alias_version, audit_trail, move_champion
-from tuneloop.service.serve import ChampionFollower, registry_loader, registry_lookup
-from tuneloop.plumbing.tracking import start_pipeline_run
 from tuneloop.values.workspace import Workspace
 
 FAST = FinetuneConfig(epochs=1, max_steps=4, learning_rate=1e-2, batch_size=16, lora_r=8, max_length=32)

@@ -11,9 +11,9 @@ import pytest
 import sqlalchemy as sa
 
 from tuneloop.pipeline.params import ParamsError, parse_params
-from tuneloop.values.config import ShadowConfig
-from tuneloop.tasks.shadow import DISCARD, PROMOTE, WAIT, ShadowStats, shadow_decision, shadow_stats
 from tuneloop.service.store import PREDICTIONS, Prediction, PredictionStore
+from tuneloop.tasks.shadow import DISCARD, PROMOTE, WAIT, ShadowStats, shadow_decision, shadow_stats
+from tuneloop.values.config import ShadowConfig
 
 SETTINGS = ShadowConfig(min_rows=200, min_hours=24.0, min_agreement=0.9, min_mean_confidence=0.6,
                         min_labelled_rows=100, max_f1_drop=0.02)

@@ -18,10 +18,10 @@ from typer.testing import CliRunner
 from tuneloop.pipeline import monitoring
 from tuneloop.pipeline.params import parse_params
 from tuneloop.pipeline.stages import apply_decision
+from tuneloop.plumbing.tracking import start_pipeline_run
+from tuneloop.service.store import Prediction, PredictionStore
 from tuneloop.tasks import registry
 from tuneloop.tasks.registry import CHAMPION, PREVIOUS, SHADOW, alias_version, audit_trail, create_version
-from tuneloop.service.store import Prediction, PredictionStore
-from tuneloop.plumbing.tracking import start_pipeline_run
 from tuneloop.values.workspace import Workspace
 
 MODEL_FILES = {"tuneloop.json": json.dumps({"method": "lora", "max_length": 128}),

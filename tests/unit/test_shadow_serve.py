@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tuneloop.tasks.finetune import FinetuneConfig, finetune
 from tuneloop.service.store import PredictionStore
+from tuneloop.tasks.finetune import FinetuneConfig, finetune
 
 FAST = FinetuneConfig(epochs=1, max_steps=4, learning_rate=1e-2, batch_size=16, lora_r=8, max_length=32)
 SERVER = Path(__file__).with_name("shadow_process.py")

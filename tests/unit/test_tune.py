@@ -12,15 +12,15 @@ import pandas as pd
 import pytest
 
 import tuneloop.tasks.tune as tune
-from tuneloop.pipeline.params import ParamsError, parse_params
 from tuneloop.model.calibration import Abstention
+from tuneloop.pipeline.params import ParamsError, parse_params
+from tuneloop.pipeline.tune_runs import TrialRuns
 from tuneloop.tasks.finetune import FinetuneConfig, FinetuneResult
 from tuneloop.tasks.ingest import DataVersion
 from tuneloop.tasks.report import render_evaluation_report
 from tuneloop.tasks.tune import TuneData, run_study
 from tuneloop.tasks.tune_space import ParamSpec, PrunerConfig, TuneConfig, apply_params, suggest
 from tuneloop.values.workspace import Workspace, write_json
-from tuneloop.pipeline.tune_runs import TrialRuns
 
 FAST = FinetuneConfig(epochs=3, learning_rate=1e-2, batch_size=16, lora_r=8, max_length=32,
                       checkpoint_every_steps=0, patience=3, min_steps=0, min_examples_per_class=0,

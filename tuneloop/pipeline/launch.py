@@ -23,8 +23,8 @@ from pathlib import Path
 import yaml
 
 from tuneloop.pipeline.params import Params
-from tuneloop.values.errors import TuneloopError
 from tuneloop.tasks.finetune import FinetuneResult
+from tuneloop.values.errors import TuneloopError
 
 WORKER_MODULE = "tuneloop.distributed_finetune"
 

@@ -16,7 +16,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from tuneloop.model.metrics import EstimatedPerformance, estimate_performance
 from tuneloop.pipeline.params import Params
+from tuneloop.plumbing.tracking import configure_tracking, flatten
+from tuneloop.service.store import PredictionStore, store_url, utcnow
 from tuneloop.tasks import registry
 from tuneloop.tasks.drift import (
     DriftMetrics,
@@ -30,11 +33,8 @@ from tuneloop.tasks.drift import (
     sample,
 )
 from tuneloop.tasks.feedback import export_feedback, labelled_rows, last_feedback_export
-from tuneloop.model.metrics import EstimatedPerformance, estimate_performance
 from tuneloop.tasks.rollback import arrival_action, compare_live, decide_rollback, rollback_blocker
 from tuneloop.tasks.shadow import DISCARD, PROMOTE, shadow_decision, shadow_stats
-from tuneloop.service.store import PredictionStore, store_url, utcnow
-from tuneloop.plumbing.tracking import configure_tracking, flatten
 from tuneloop.values.workspace import Workspace
 
 

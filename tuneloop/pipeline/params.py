@@ -15,6 +15,7 @@ from typing import Sequence, cast
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tuneloop.tasks.tune_space import TuneConfig
 from tuneloop.values.config import (
     BaselineConfig,
     EvaluateConfig,
@@ -31,7 +32,6 @@ from tuneloop.values.config import (
     ValidateConfig,
 )
 from tuneloop.values.errors import TuneloopError
-from tuneloop.tasks.tune_space import TuneConfig
 
 
 class Params(BaseModel):

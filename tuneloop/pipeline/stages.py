@@ -19,6 +19,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import pandas as pd
 
+from tuneloop.model.classifier import read_meta, resolve_model_path, resolve_pooling
 from tuneloop.pipeline import tune_runs
 from tuneloop.pipeline.launch import launch, launch_tune_workers
 from tuneloop.pipeline.params import Params
@@ -26,8 +27,6 @@ from tuneloop.plumbing import integrity, mlflow_model, runlog, tracking
 from tuneloop.tasks import plotdata, registry
 from tuneloop.tasks import tune as tuning
 from tuneloop.tasks.baseline import check_probe_pooling, probe_head, run_baseline
-from tuneloop.model.classifier import read_meta, resolve_model_path, resolve_pooling
-from tuneloop.values.errors import TuneloopError
 from tuneloop.tasks.evaluate import (
     REGRESSION_PREFIX,
     classifier_candidate,
@@ -39,7 +38,6 @@ from tuneloop.tasks.finetune import FinetuneConfig, FinetuneResult, calibrate_mo
 from tuneloop.tasks.finetune import finetune as finetune_model
 from tuneloop.tasks.gate import CHALLENGER, PROBE, Decision, decide_promotion, outcome
 from tuneloop.tasks.ingest import DataVersion, load_data_version, run_ingest
-from tuneloop.values.labels import label_indices
 from tuneloop.tasks.report import write_evaluation_plots, write_evaluation_report, write_tuning_plots
 from tuneloop.tasks.split import (
     SplitError,
@@ -51,6 +49,8 @@ from tuneloop.tasks.split import (
 )
 from tuneloop.tasks.tune_space import apply_params
 from tuneloop.tasks.validate import DataValidationError, ValidationReport, check_report, validate_dataset
+from tuneloop.values.errors import TuneloopError
+from tuneloop.values.labels import label_indices
 from tuneloop.values.workspace import Workspace, read_json, write_json
 
 STAGES = ("ingest", "validate", "split", "baseline", "tune", "finetune", "evaluate", "gate", "register")

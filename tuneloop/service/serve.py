@@ -41,13 +41,13 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from tuneloop.model.classifier import Classifier, Scored, load_classifier, predict_proba, score_texts
 from tuneloop.service.auth import Token, TokenGate, authorize
 from tuneloop.service.batching import MicroBatcher, QueueFull
-from tuneloop.model.classifier import Classifier, Scored, load_classifier, predict_proba, score_texts
-from tuneloop.values.config import ServeConfig
 from tuneloop.service.limits import BodyLimit, SlowClientLimits, header_timeout_protocol, text_problem
-from tuneloop.values.privacy import mask_pii
 from tuneloop.service.store import FeedbackConflict, Prediction, PredictionStore, store_url, utcnow
+from tuneloop.values.config import ServeConfig
+from tuneloop.values.privacy import mask_pii
 
 log = logging.getLogger("tuneloop.serve")
 

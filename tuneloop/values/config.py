@@ -525,7 +525,7 @@ class ServeConfig:
     batch_window_ms: float = 2.0  # how long an idle scorer waits for other requests to join a batch
     max_queued_texts: int = 1024  # texts waiting to be scored beyond this get 503 with Retry-After
     device: str = "auto"  # "auto" (CUDA when present) | "cpu" | "cuda"
-    tokens_file: str | None = None  # name:scopes:secret lines; $TUNELOOP_TOKENS(_FILE) beat it (tuneloop/service/auth.py)
+    tokens_file: str | None = None  # name:scopes:secret lines; $TUNELOOP_TOKENS(_FILE) beat it (service/auth.py)
     max_body_bytes: int = 1_048_576  # bodies over this get 413 before parsing; 64 texts x 2000 chars fit
     mask_pii: bool = True  # e-mails, phone and card numbers masked before storing and exporting
     retention_days: float | None = 90.0  # predictions older than this are deleted; None keeps them
