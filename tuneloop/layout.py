@@ -14,8 +14,8 @@ import importlib
 from pathlib import Path
 
 # The floors, bottom up, by package. tasks/ and flows/ are installed as tuneloop.tasks and
-# tuneloop.flows (pyproject.toml); every other floor is a folder of tuneloop/, and the modules
-# directly in tuneloop/ are the entry points.
+# tuneloop.flows (pyproject.toml; the links tuneloop/tasks and tuneloop/flows show them to tools);
+# every other floor is a folder of tuneloop/, and the modules directly in tuneloop/ are the entry points.
 FLOORS = ("tuneloop.values", "tuneloop.model", "tuneloop.plumbing", "tuneloop.tasks", "tuneloop.service",
           "tuneloop.pipeline", "tuneloop.flows", "tuneloop")
 ENTRY = "tuneloop"
@@ -31,16 +31,16 @@ def name(floor: str) -> str:
 
 
 def folder(package: str) -> Path:
-    return Path(importlib.import_module(package).__file__ or "").parent
+    return Path(importlib.import_module(package).__file__ or "").resolve().parent
 
 
 def packages() -> dict[str, Path]:
-    """Every package of the installed name, found in the tree: tuneloop/ and each folder
-    below it with an `__init__.py`, and the two installed from the top level."""
+    """Every package of the installed name, found in the tree: tuneloop/ and each folder below it
+    with an `__init__.py` (tuneloop/tasks and tuneloop/flows are links to the top-level folders),
+    each at the folder it really is."""
     root = folder(ENTRY)
-    found = {ENTRY: root, "tuneloop.tasks": folder("tuneloop.tasks"), "tuneloop.flows": folder("tuneloop.flows")}
-    found.update({f"{ENTRY}.{init.parent.name}": init.parent for init in sorted(root.glob("*/__init__.py"))})
-    return found
+    return {ENTRY: root, **{f"{ENTRY}.{init.parent.name}": init.parent.resolve()
+                            for init in sorted(root.glob("*/__init__.py"))}}
 
 
 def floor_of(module: str) -> str:
