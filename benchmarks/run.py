@@ -28,9 +28,10 @@ import torch
 
 from benchmarks.flops import inference_flops, token_parameters, training_flops
 from benchmarks.measure import PeakMemory, machine, matmul_peak
-from tuneloop.model.classifier import load_classifier, predict_proba, resolve_model_path, tokenize
+from tuneloop.model.classifier import bf16_native, load_classifier, predict_proba, resolve_model_path, tokenize
 from tuneloop.model.metrics import macro_f1
 from tuneloop.pipeline.params import load_params
+from tuneloop.tasks.evaluate import precision_check
 from tuneloop.tasks.finetune import FinetuneConfig, build_model, finetune
 from tuneloop.tasks.ingest import canonicalize, read_table
 from tuneloop.tasks.split import split_dataset
@@ -140,10 +141,12 @@ def finetune_trainer(base_path: Path, rows: dict, labels, config: FinetuneConfig
             "val_macro_f1": f1, "peak_rss_increase_mib": memory.increase_mib, "memory_method": memory.method}
 
 
-def score_tuneloop(model_dir: Path, texts: list[str], batch_size: int) -> tuple[np.ndarray, float, float]:
-    """The evaluate stage's scorer: load_classifier + predict_proba. Returns
+def score_tuneloop(model_dir: Path, texts: list[str], batch_size: int,
+                   precision: str = "fp32") -> tuple[np.ndarray, float, float]:
+    """The evaluate stage's scorer: load_classifier + predict_proba (in `precision`: bf16 is what a
+    version allowed `model.scoring_precision: bf16` serves with). Returns
     (predicted label indices, best seconds over two passes, peak RSS increase)."""
-    classifier = load_classifier(model_dir, "all-MiniLM-L6-v2", device="cpu")
+    classifier = load_classifier(model_dir, "all-MiniLM-L6-v2", device="cpu", precision=precision)
     predict_proba(classifier, texts[:batch_size], batch_size)  # warm-up
     seconds = []
     with PeakMemory() as memory:
@@ -154,9 +157,11 @@ def score_tuneloop(model_dir: Path, texts: list[str], batch_size: int) -> tuple[
     return predicted, min(seconds), memory.increase_mib
 
 
-def score_pipeline(model_dir: Path, texts: list[str], batch_size: int) -> tuple[np.ndarray, float, float]:
+def score_pipeline(model_dir: Path, texts: list[str], batch_size: int,
+                   precision: str = "fp32") -> tuple[np.ndarray, float, float]:
     """A pipeline-style loop on the same merged model, same batch size: texts in input
-    order, each batch padded to its longest, the model's own transformers forward."""
+    order, each batch padded to its longest, the model's own transformers forward
+    (under bf16 autocast for `precision` bf16, as a peer would try it)."""
     classifier = load_classifier(model_dir, "all-MiniLM-L6-v2", device="cpu")
     forward, tokenizer = own_forward(classifier.model), classifier.tokenizer
 
@@ -164,7 +169,8 @@ def score_pipeline(model_dir: Path, texts: list[str], batch_size: int) -> tuple[
     def predict(batch: list[str]) -> np.ndarray:
         encoded = tokenizer(batch, padding=True, truncation=True, max_length=classifier.max_length,
                             return_tensors="pt")
-        return forward(encoded["input_ids"], encoded["attention_mask"]).argmax(1).numpy()
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+            return forward(encoded["input_ids"], encoded["attention_mask"]).float().argmax(1).numpy()
 
     predict(texts[:batch_size])  # warm-up
     seconds = []
@@ -232,24 +238,43 @@ def run_benchmark(train_rows: int, seed: int) -> dict:
         examples, tokens = len(train_lengths), sum(train_lengths)
         report["finetune"] = [finetune_row("tuneloop finetune", ours, examples, tokens, flops, peak),
                               finetune_row("HF Trainer + PEFT", theirs, examples, tokens, flops, peak)]
-        report["score"] = score_both(Path(ours["model_dir"]), rows["test"][0], params.evaluate.batch_size,
+        report["score"] = score_both(Path(ours["model_dir"]), rows["test"], params.evaluate.batch_size,
                                      inference_flops(shape["token_parameters_merged"], shape["layers"],
                                                      shape["hidden"], test_lengths), peak)
     report["memory_method"] = ours["memory_method"]
     return report
 
 
-def score_both(model_dir: Path, texts: list[str], batch_size: int, flops: float, peak: float) -> dict:
+def score_both(model_dir: Path, test: tuple, batch_size: int, flops: float, peak: float) -> dict:
+    """Both scorers in fp32 on the test rows; then, where the CPU multiplies bf16 in hardware,
+    tuneloop's in bf16, with the evaluate stage's agreement check against its fp32 answers."""
+    texts, y_true = list(test[0]), np.asarray(test[1])
     print("scoring: evaluate stage and a pipeline-style transformers loop ...", flush=True)
     ours, ours_s, ours_mem = score_tuneloop(model_dir, texts, batch_size)
     gc.collect()
     theirs, theirs_s, theirs_mem = score_pipeline(model_dir, texts, batch_size)
-    row = lambda name, s, mem: {"name": name, "rows_per_s": len(texts) / s, "seconds": s,  # noqa: E731
-                                "useful_gflops_per_s": flops / s / 1e9, "fraction_of_peak": flops / s / 1e9 / peak,
-                                "peak_rss_increase_mib": mem}
-    return {"rows": len(texts), "batch_size": batch_size, "identical_predictions": int((ours == theirs).sum()),
-            "runs": [row("tuneloop evaluate", ours_s, ours_mem),
-                     row("pipeline-style transformers loop", theirs_s, theirs_mem)]}
+    n_labels = int(max(y_true.max(), ours.max()) + 1)
+
+    def row(name: str, s: float, mem: float, predicted: np.ndarray) -> dict:
+        return {"name": name, "rows_per_s": len(texts) / s, "seconds": s, "useful_gflops_per_s": flops / s / 1e9,
+                "fraction_of_peak": flops / s / 1e9 / peak, "peak_rss_increase_mib": mem,
+                "test_macro_f1": macro_f1(y_true, predicted, n_labels)}
+
+    runs = [row("tuneloop evaluate", ours_s, ours_mem, ours),
+            row("pipeline-style transformers loop", theirs_s, theirs_mem, theirs)]
+    report = {"rows": len(texts), "batch_size": batch_size, "identical_predictions": int((ours == theirs).sum()),
+              "runs": runs}
+    if bf16_native(torch.device("cpu")):
+        gc.collect()
+        low, low_s, low_mem = score_tuneloop(model_dir, texts, batch_size, "bf16")
+        verdict = precision_check(ours, low, y_true, n_labels, "bf16")
+        report["bf16"] = {**row("tuneloop evaluate, bf16", low_s, low_mem, low), "allowed": verdict.yes,
+                          "reasons": verdict.reasons, "identical_to_fp32": int((low == ours).sum())}
+        gc.collect()
+        peer, peer_s, peer_mem = score_pipeline(model_dir, texts, batch_size, "bf16")
+        report["bf16_pipeline"] = {**row("pipeline-style transformers loop, bf16", peer_s, peer_mem, peer),
+                                   "identical_to_fp32": int((peer == theirs).sum())}
+    return report
 
 
 def markdown_table(report: dict) -> str:
@@ -291,7 +316,29 @@ def markdown_table(report: dict) -> str:
         f"| {score_theirs['useful_gflops_per_s']:.1f} ({score_theirs['fraction_of_peak']:.0%}) | | |",
         f"| peak RSS increase (MiB) | {score_ours['peak_rss_increase_mib']:.0f} | "
         f"{score_theirs['peak_rss_increase_mib']:.0f} | | |",
+        f"| test macro-F1 | {score_ours['test_macro_f1']:.4f} | {score_theirs['test_macro_f1']:.4f} | | |",
     ]
+    low = report["score"].get("bf16")
+    if low:
+        lines += [
+            "",
+            "| scoring in bf16 (`model.scoring_precision: bf16`) | tuneloop evaluate, bf16 "
+            "| pipeline-style loop, fp32 | ratio | target |",
+            "|---|---:|---:|---:|---|",
+            f"| rows/s | {low['rows_per_s']:.0f} | {score_theirs['rows_per_s']:.0f} | "
+            f"{ratio(low['rows_per_s'], score_theirs['rows_per_s'], low['allowed'])} | >= 3x |",
+            f"| answers equal to tuneloop's fp32 | {low['identical_to_fp32']} / {report['score']['rows']} | | | "
+            ">= 99.5% |",
+            f"| test macro-F1 | {low['test_macro_f1']:.4f} | {score_theirs['test_macro_f1']:.4f} | "
+            f"{low['test_macro_f1'] - score_ours['test_macro_f1']:+.4f} vs fp32 | within 0.005 |",
+            f"| useful GFLOP/s (share of the fp32 peak) | {low['useful_gflops_per_s']:.1f} "
+            f"({low['fraction_of_peak']:.0%}) | | | |",
+        ]
+        peer = report["score"].get("bf16_pipeline")
+        if peer:
+            lines.append(f"| the pipeline-style loop in bf16 too: rows/s | {low['rows_per_s']:.0f} | "
+                         f"{peer['rows_per_s']:.0f} (its answers equal to its fp32: {peer['identical_to_fp32']}) | "
+                         f"{ratio(low['rows_per_s'], peer['rows_per_s'], low['allowed'])} | |")
     return "\n".join(lines)
 
 

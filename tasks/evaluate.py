@@ -27,6 +27,7 @@ from tuneloop.model.calibration import (
 from tuneloop.model.metrics import accuracy, classification_summary, macro_f1, reliability
 from tuneloop.tasks.perturbations import Perturbation, perturbations
 from tuneloop.values.config import EvaluateConfig
+from tuneloop.values.decision import TOLERANCE, Check, Decision, all_of
 from tuneloop.values.errors import TuneloopError
 from tuneloop.values.labels import label_index, label_indices
 
@@ -34,6 +35,9 @@ Scorer = Callable[[Sequence[str]], np.ndarray]
 CORE_COLUMNS = {"row", "text", "label", "split", "id", "score"}
 SLICE_PREFIX = "slice:"  # test_predictions columns holding each row's slice values
 ROBUST_PREFIX = "unchanged:"  # test_predictions columns: per row, how many perturbations left the answer alone
+# A lower scoring precision is allowed only when the model's test answers barely move:
+MIN_AGREEMENT = 0.995  # share of test answers equal to fp32's
+MAX_MACRO_F1_CHANGE = 0.005  # test macro-F1, either way
 REGRESSION_PREFIX = "regression:"  # the gate's keys for the regression set's columns (domain, y_true, answers)
 EARLIER_TEST_ROWS, REGRESSION_FILE = "earlier test rows", "regression file"  # the regression set's domains
 
@@ -304,17 +308,48 @@ def evaluate_regression(candidates: Sequence[Candidate], test: pd.DataFrame, pre
     return summary, frame
 
 
+def precision_check(fp32_answers: np.ndarray, answers: np.ndarray, y_true: np.ndarray, n_labels: int,
+                    precision: str) -> Decision:
+    """May a model score in `precision`? Yes when its test answers in that precision
+    (`answers`) equal its fp32 answers on at least MIN_AGREEMENT of the rows and its
+    macro-F1 moves by at most MAX_MACRO_F1_CHANGE."""
+    agreement = float((fp32_answers == answers).mean()) if len(answers) else 0.0
+    before, after = macro_f1(y_true, fp32_answers, n_labels), macro_f1(y_true, answers, n_labels)
+    return all_of(f"{precision} scoring", [
+        Check("agreement", agreement >= MIN_AGREEMENT - TOLERANCE,
+              f"{agreement:.2%} of {len(answers)} test answers equal fp32's (at least {MIN_AGREEMENT:.1%})"),
+        Check("macro_f1", abs(after - before) <= MAX_MACRO_F1_CHANGE + TOLERANCE,
+              f"test macro-F1 {after:.4f} in {precision}, {before:.4f} in fp32 (at most {MAX_MACRO_F1_CHANGE} apart)"),
+    ])
+
+
+def score_precision(candidate: Candidate, test: pd.DataFrame, labels: Sequence[str], fp32_answers: np.ndarray,
+                    precision: str) -> dict:
+    """`candidate` (loaded in `precision`) scores the test rows; its answers against fp32's.
+
+    Returns:
+        {"precision", "allowed", "reasons", "latency_ms_per_example"} for the evaluation.
+    """
+    probs, latency_ms = timed_scoring(lambda texts: candidate_probs(candidate, texts, labels), test["text"].tolist())
+    answers = decided_labels(probs, candidate.abstention, labels)
+    verdict = precision_check(fp32_answers, answers, label_indices(test["label"], labels), len(labels), precision)
+    return {"precision": precision, "allowed": verdict.yes, "reasons": verdict.reasons,
+            "latency_ms_per_example": latency_ms}
+
+
 def classifier_candidate(key: str, name: str, model_dir: Path, base_model: str | None, batch_size: int,
-                         version: str | None = None, train_val_gap: float | None = None) -> Candidate:
+                         version: str | None = None, train_val_gap: float | None = None,
+                         precision: str | None = None) -> Candidate:
     """A model saved by the finetune or baseline stage (or downloaded from the registry).
 
     Args:
         base_model: overrides the base model the folder records (None: use the
             recorded one, which is right for a champion trained on another base).
+        precision: "fp32" or "bf16"; None: what the folder allows on this machine.
     """
     from tuneloop.model.classifier import load_classifier, needs_base, predict_proba, read_meta, resolve_model_path
 
-    classifier = load_classifier(model_dir, base_model)
+    classifier = load_classifier(model_dir, base_model, precision=precision)
     meta = read_meta(model_dir)
     size = directory_size_mb(model_dir)
     if needs_base(model_dir):  # serving needs the base weights too

@@ -44,6 +44,7 @@ def write_params(project: Path, name: str, source: str, split_column: str | None
     # champion comparison keeps asking for a real gain; quality is measured on
     # the full default run.
     params["gate"].update(min_gain_over_base=-1.0, max_slice_regression=1.0)
+    params["model"]["scoring_precision"] = "bf16"  # evaluate checks it, register records the verdict
     (project / name).write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -116,6 +117,18 @@ def test_champion_carries_its_lineage_in_registry_tags(project, first_run):
     assert len(tags["base_model.sha256"]) == 64
     assert json.loads(tags["params"])["finetune"]["epochs"] == 1
     assert info["last_run"]["outcome"] == "promoted"
+
+
+def test_bf16_scoring_is_checked_on_the_test_rows_and_the_version_scores_as_the_check_said(project, first_run):
+    evaluation = json.loads((project / "reports" / "evaluation.json").read_text())
+    for key in ("challenger", "base_probe"):
+        checked = evaluation["models"][key]["scoring_precision"]
+        assert checked["precision"] == "bf16" and len(checked["reasons"]) == 2
+        agreement = float(checked["reasons"][0].split("%")[0].split()[-1]) / 100
+        assert checked["allowed"] == (agreement >= 0.995 and checked["reasons"][1].startswith("PASS"))
+        assert f"{key} {'may' if checked['allowed'] else 'may not'} score in bf16:" in first_run.stdout
+    allowed = evaluation["models"]["challenger"]["scoring_precision"]["allowed"]
+    assert registry_versions(project)[0]["tags"]["scoring_precision"] == ("bf16" if allowed else "fp32")
 
 
 def test_evaluation_scores_base_and_challenger_on_the_same_test_rows(project, first_run):

@@ -278,8 +278,9 @@ def test_health_and_version_describe_the_served_model(client, classifier):
     assert {k: health.json()[k] for k in ("status", "model", "version", "champion", "last_error")} == {
         "status": "ok", "model": "tiny-model", "version": "1", "champion": "1", "last_error": None}
     version = client.get("/version").json()
-    assert {k: version[k] for k in ("model", "version", "base_model", "labels")} == {
-        "model": "tiny-model", "version": "1", "base_model": "tiny-base", "labels": classifier.labels}
+    assert {k: version[k] for k in ("model", "version", "base_model", "labels", "precision")} == {
+        "model": "tiny-model", "version": "1", "base_model": "tiny-base", "labels": classifier.labels,
+        "precision": "fp32"}
     assert version["loaded_at"] == health.json()["loaded_at"]
 
 

@@ -30,6 +30,8 @@ BUNDLED_MODEL = "all-MiniLM-L6-v2"
 LABELS_FILE = "labels.json"
 META_FILE = "tuneloop.json"
 HEAD_FILE = "head.safetensors"
+SCORING_PRECISION = "scoring_precision"  # tuneloop.json's key: "bf16" when registration allowed it
+PRECISIONS = ("fp32", "bf16")
 # How a model folder holds its encoder: "lora" an adapter over the base model, "full" every
 # weight, "probe" none (the frozen base model itself with the baseline's fitted head).
 ON_BASE = ("lora", "probe")  # methods whose folder needs the base model beside it
@@ -81,6 +83,15 @@ def pick_device(requested: str = "auto") -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)
+
+
+def bf16_native(device: torch.device) -> bool:
+    """True when `device` multiplies bf16 in hardware (a CPU with AVX-512 BF16 or AMX, a
+    CUDA card with bf16): there bf16 scoring is faster than fp32; elsewhere it is emulated
+    and slower, so a version allowed bf16 scores in fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def is_decoder(model_type: str) -> bool:
@@ -239,9 +250,11 @@ class Classifier:
     device: torch.device
     temperature: float = 1.0
     abstention: Abstention = Abstention()
+    precision: str = "fp32"  # "bf16": matrix products under bf16 autocast (tuneloop.json's scoring_precision)
 
 
-def load_classifier(model_dir: Path, base_model: str | None = None, device: str = "auto") -> Classifier:
+def load_classifier(model_dir: Path, base_model: str | None = None, device: str = "auto",
+                    precision: str | None = None) -> Classifier:
     """Loads a classifier saved by the finetune stage (LoRA adapter or full model).
 
     A LoRA adapter is merged into its base weights, so scoring costs what the
@@ -253,6 +266,9 @@ def load_classifier(model_dir: Path, base_model: str | None = None, device: str 
         model_dir: folder with labels.json, tuneloop.json, tokenizer, head and weights.
         base_model: overrides the base model recorded at training time (the
             recorded path may not exist on this machine).
+        precision: "fp32" or "bf16", as asked (the evaluate stage's agreement check); None: the
+            folder's `scoring_precision` (set at registration when bf16 agreed with fp32),
+            used where the device multiplies bf16 in hardware and fp32 elsewhere.
     """
     from safetensors.torch import load_file
 
@@ -274,8 +290,13 @@ def load_classifier(model_dir: Path, base_model: str | None = None, device: str 
         model = TextClassifier(encoder, len(labels), meta["pooling"])
         model.head.load_state_dict(load_file(str(model_dir / HEAD_FILE)))
     model.to(target).eval()
+    if precision is None:
+        allowed = meta.get(SCORING_PRECISION, "fp32")
+        precision = allowed if allowed == "fp32" or bf16_native(target) else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"scoring precision must be one of {PRECISIONS}, got {precision!r}")
     return Classifier(model, load_tokenizer(model_dir), labels, int(meta["max_length"]), target,
-                      float(meta.get("temperature", 1.0)), Abstention.from_dict(meta.get("abstention")))
+                      float(meta.get("temperature", 1.0)), Abstention.from_dict(meta.get("abstention")), precision)
 
 
 def load_sequence_classifier(model_dir: Path, meta: dict, labels: list[str], base_model: str | None) -> nn.Module:
@@ -314,7 +335,8 @@ def predict_logits(
     """Raw logits, shape (len(texts), len(labels)) float32, in input order.
 
     Texts are scored in length-sorted batches with dynamic padding; nothing is
-    copied to the host until a batch is done.
+    copied to the host until a batch is done. A bf16 classifier runs its matrix
+    products in bf16 (torch autocast) and returns float32 logits all the same.
     """
     from tqdm.auto import tqdm
 
@@ -325,7 +347,8 @@ def predict_logits(
     forward = logits_function(classifier.model)
     for index in tqdm(batches, desc="scoring", unit="batch", disable=not progress, leave=False):
         input_ids, mask = pad_batch([ids[i] for i in index], pad_id)
-        logits = forward(input_ids.to(classifier.device), mask.to(classifier.device))  # (batch, labels)
+        with torch.autocast(classifier.device.type, torch.bfloat16, enabled=classifier.precision == "bf16"):
+            logits = forward(input_ids.to(classifier.device), mask.to(classifier.device))  # (batch, labels)
         out[index] = logits.float().cpu().numpy()
     return out
 

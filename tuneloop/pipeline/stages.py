@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -33,6 +33,7 @@ from tuneloop.tasks.evaluate import (
     evaluate_models,
     evaluate_regression,
     read_regression_file,
+    score_precision,
 )
 from tuneloop.tasks.finetune import FinetuneConfig, FinetuneResult, calibrate_model
 from tuneloop.tasks.finetune import finetune as finetune_model
@@ -444,7 +445,8 @@ def champion_candidate(params: Params, ws: Workspace):
     model_dir, base = registry.verified_version(params.mlflow.model_name, champion.version, ws.models_cache,
                                                 params.model.base)
     return classifier_candidate("champion", f"champion (v{champion.version})", model_dir,
-                                str(base) if base else None, params.evaluate.batch_size, version=champion.version)
+                                str(base) if base else None, params.evaluate.batch_size, version=champion.version,
+                                precision="fp32")
 
 
 def evaluate(params: Params, ws: Workspace) -> dict:
@@ -461,18 +463,21 @@ def score_candidates(params: Params, ws: Workspace, run: tracking.StageRun) -> d
     check_probe_model(params, ws)
     base = base_model(params, ws)
     candidates = [classifier_candidate(PROBE, "base model + linear probe", ws.probe_dir, base,
-                                       params.evaluate.batch_size)]
+                                       params.evaluate.batch_size, precision="fp32")]
     champion = champion_candidate(params, ws)
     candidates += [champion] if champion else []
     settings = finetune_settings(params, ws)
     method = settings.method + (", tuned" if settings != params.finetune else "")
     candidates.append(classifier_candidate(
         "challenger", f"challenger ({method}, this run)", ws.challenger_dir, base,
-        params.evaluate.batch_size, train_val_gap=trained["train_macro_f1"] - trained["best_val_macro_f1"]))
+        params.evaluate.batch_size, train_val_gap=trained["train_macro_f1"] - trained["best_val_macro_f1"],
+        precision="fp32"))
     labels = project_labels(params, ws)
     extra = (read_regression_file(ws.root / params.evaluate.regression_file, labels)
              if params.evaluate.regression_file else None)  # refused before any model scores
     evaluation, predictions = evaluate_models(candidates, test, labels, params.evaluate, load_data_version(ws).md5)
+    if params.model.scoring_precision != "fp32":  # may the version register score in it? (opt-in)
+        check_precision(params, ws, base, test, labels, evaluation, predictions)
     evaluation["challenger_files"] = integrity.folder_manifest(ws.challenger_dir)  # what register may upload
     evaluation["probe_files"] = integrity.folder_manifest(ws.probe_dir)
     earlier = champion_test_rows(params, ws, champion, test, evaluation)
@@ -497,6 +502,19 @@ def score_candidates(params: Params, ws: Workspace, run: tracking.StageRun) -> d
         + (f" ({evaluation['new_test_rows']} new since the champion's data)" if "new_test_rows" in evaluation else "")
         + f"; details {ws.evaluation}")
     return evaluation
+
+
+def check_precision(params: Params, ws: Workspace, base: str, test: pd.DataFrame, labels: Sequence[str],
+                    evaluation: dict, predictions: pd.DataFrame) -> None:
+    """Scores the two candidates register may upload (challenger, probe) again in
+    `model.scoring_precision`; each one's verdict goes into its evaluation entry."""
+    precision = params.model.scoring_precision
+    for key, folder in ((CHALLENGER, ws.challenger_dir), (PROBE, ws.probe_dir)):
+        candidate = classifier_candidate(key, key, folder, base, params.evaluate.batch_size, precision=precision)
+        checked = score_precision(candidate, test, labels, predictions[key].to_numpy(), precision)
+        evaluation["models"][key]["scoring_precision"] = checked
+        say("evaluate", f"{key} {'may' if checked['allowed'] else 'may not'} score in {precision}: "
+                        + "; ".join(checked["reasons"]))
 
 
 def check_probe_model(params: Params, ws: Workspace) -> None:
@@ -589,11 +607,18 @@ def version_tags(params: Params, ws: Workspace, candidate: str = CHALLENGER) -> 
     tags.update({f"test.{k}": f"{scored[k]:.6f}" for k in ("accuracy", "macro_f1", "ece", "latency_ms_per_example")})
     if scored.get("ece_uncalibrated") is not None:
         tags["test.ece_uncalibrated"] = f"{scored['ece_uncalibrated']:.6f}"
+    tags["scoring_precision"] = allowed_precision(scored)
     if params.baseline.candidates:
         tags.update(base_choice_tag(ws))
     if candidate == CHALLENGER:
         tags.update(tuning_tags(params, ws))
     return tags
+
+
+def allowed_precision(scored: dict) -> str:
+    """The precision a candidate's version may score in: the evaluate stage's check, else fp32."""
+    checked = scored.get("scoring_precision") or {}
+    return checked["precision"] if checked.get("allowed") else "fp32"
 
 
 def tuning_tags(params: Params, ws: Workspace) -> dict[str, str]:
@@ -674,7 +699,7 @@ def create_version(params: Params, ws: Workspace, run_id: str, key: str,
     with tempfile.TemporaryDirectory(prefix="tuneloop-package-") as scratch:
         packaged = mlflow_model.save_version_model(
             folder, base, resolve_model_path(base) if on_base else None, card,
-            Path(scratch) / "model", Path(scratch))
+            Path(scratch) / "model", Path(scratch), tags["scoring_precision"])
         description = (packaged / "README.md").read_text()
         trained_by = tracking.last_stage_run(ws, "baseline" if candidate == PROBE else "finetune", tags["data.md5"])
         return registry.create_version(params.mlflow.model_name, run_id, packaged, tags, ws.splits, key, description,

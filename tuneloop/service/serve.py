@@ -323,6 +323,7 @@ class VersionResponse(BaseModel):
     loaded_at: str | None
     base_model: str
     labels: list[str]
+    precision: str = "fp32"  # fp32 | bf16: bf16 where the version allows it and the machine multiplies bf16
 
 
 def request_texts(body: PredictRequest, config: ServeConfig) -> list[str]:
@@ -627,7 +628,8 @@ def create_app(follower: ChampionFollower, store: PredictionStore, config: Serve
     def version() -> VersionResponse:
         served = served_or_503()
         return VersionResponse(model=follower.model_name, version=served.version, loaded_at=iso(served.loaded_at),
-                               base_model=follower.base_model, labels=list(served.classifier.labels))
+                               base_model=follower.base_model, labels=list(served.classifier.labels),
+                               precision=served.classifier.precision)
 
     def openapi() -> dict:
         if app.openapi_schema is None:

@@ -87,10 +87,16 @@ class ModelConfig:
     # out-of-scope label the threshold then catches as many out-of-scope rows as it can, without one
     # it abstains on the least confident answers. 0 never abstains on confidence.
     abstain_max_accuracy_drop: float = 0.02
+    # fp32 | bf16: bf16 lets a registered version score with bf16 matrix products, where the
+    # evaluate stage finds its test answers agree with fp32 (tasks/evaluate.py's precision_check)
+    # and the serving machine multiplies bf16 in hardware; elsewhere it scores in fp32.
+    scoring_precision: str = "fp32"
     __pydantic_config__ = {"extra": "forbid"}
 
     def __post_init__(self) -> None:
         check_named("model", "base", self.base)
+        if self.scoring_precision not in ("fp32", "bf16"):
+            raise ValueError(f"model.scoring_precision must be fp32 or bf16, got {self.scoring_precision!r}")
         if self.pooling not in {"auto", *POOLINGS}:
             raise ValueError(f"model.pooling must be auto, {', '.join(POOLINGS)}; got {self.pooling!r}")
         if not 0.0 <= self.abstain_max_accuracy_drop <= 1.0:
