@@ -14,7 +14,7 @@ import importlib
 from pathlib import Path
 
 # The floors, bottom up, by package. tasks/ and flows/ are installed as tuneloop.tasks and
-# tuneloop.flows (pyproject.toml; the links tuneloop/tasks and tuneloop/flows show them to tools);
+# tuneloop.flows (pyproject.toml; tuneloop/tasks and tuneloop/flows link their files for tools);
 # every other floor is a folder of tuneloop/, and the modules directly in tuneloop/ are the entry points.
 FLOORS = ("tuneloop.values", "tuneloop.model", "tuneloop.plumbing", "tuneloop.tasks", "tuneloop.service",
           "tuneloop.pipeline", "tuneloop.flows", "tuneloop")
@@ -36,10 +36,10 @@ def folder(package: str) -> Path:
 
 def packages() -> dict[str, Path]:
     """Every package of the installed name, found in the tree: tuneloop/ and each folder below it
-    with an `__init__.py` (tuneloop/tasks and tuneloop/flows are links to the top-level folders),
-    each at the folder it really is."""
+    with an `__init__.py`, each at the folder its files really are (tuneloop/tasks and
+    tuneloop/flows hold links to the files of the top-level tasks/ and flows/)."""
     root = folder(ENTRY)
-    return {ENTRY: root, **{f"{ENTRY}.{init.parent.name}": init.parent.resolve()
+    return {ENTRY: root, **{f"{ENTRY}.{init.parent.name}": init.resolve().parent
                             for init in sorted(root.glob("*/__init__.py"))}}
 
 

@@ -295,6 +295,10 @@ def load_classifier(model_dir: Path, base_model: str | None = None, device: str 
         precision = allowed if allowed == "fp32" or bf16_native(target) else "fp32"
     if precision not in PRECISIONS:
         raise ValueError(f"scoring precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "bf16":  # cast once: autocast would cast every Linear's weights again on every forward
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                module.to(torch.bfloat16)
     return Classifier(model, load_tokenizer(model_dir), labels, int(meta["max_length"]), target,
                       float(meta.get("temperature", 1.0)), Abstention.from_dict(meta.get("abstention")), precision)
 
@@ -335,8 +339,9 @@ def predict_logits(
     """Raw logits, shape (len(texts), len(labels)) float32, in input order.
 
     Texts are scored in length-sorted batches with dynamic padding; nothing is
-    copied to the host until a batch is done. A bf16 classifier runs its matrix
-    products in bf16 (torch autocast) and returns float32 logits all the same.
+    copied to the host until a batch is done. A bf16 classifier holds its Linear
+    weights in bf16 and runs under torch autocast (embeddings, norms and softmax
+    stay fp32); it returns float32 logits all the same.
     """
     from tqdm.auto import tqdm
 

@@ -1,0 +1,1 @@
+../../tasks/tune_space.py

@@ -1,0 +1,1 @@
+../../tasks/validation_page.py
