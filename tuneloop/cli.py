@@ -258,7 +258,7 @@ def run(params: Path = ParamsOption, root: Path = RootOption,
     from tuneloop.flows.retrain import retrain_flow
 
     with writing(loaded, workspace, "run"):
-        start_ephemeral_server()  # dies with this command, even a SIGKILLed one
+        start_ephemeral_server(workspace.prefect_server_log)  # dies with this command, even a SIGKILLed one
         try:
             result = retrain_flow(params_path=str(params), root=str(workspace.root), tune_settings=tune,
                                   overrides=sets or [], commit=commit)
@@ -328,7 +328,7 @@ def incoming(params: Path = ParamsOption, root: Path = RootOption,
     from tuneloop.flows.incoming import incoming_flow
 
     with writing(loaded, workspace, "incoming"):
-        start_ephemeral_server()
+        start_ephemeral_server(workspace.prefect_server_log)
         result = incoming_flow(params_path=str(params), root=str(workspace.root), overrides=sets or [])
     typer.echo(json.dumps({k: v for k, v in result.items() if k != "request"}, indent=2))
 
@@ -343,7 +343,7 @@ def monitor(params: Path = ParamsOption, root: Path = RootOption,
     from tuneloop.flows.monitor import monitor_flow
 
     with writing(loaded, workspace, "monitor"):
-        start_ephemeral_server()
+        start_ephemeral_server(workspace.prefect_server_log)
         result = monitor_flow(params_path=str(params), root=str(workspace.root), overrides=sets or [])
     if as_json:
         typer.echo(json.dumps(result, indent=2, default=str))
@@ -409,11 +409,12 @@ def demo(root: Path = RootOption,
     promotion, bad version, rollback, shadow discarded."""
     from tuneloop.demo import DemoError, fresh_workspace, run_demo
     from tuneloop.flows.ephemeral import start_ephemeral_server
+    from tuneloop.values.workspace import Workspace
 
     root, workspace = root.resolve(), workspace.resolve()
     try:
         fresh_workspace(workspace, root)  # deletes only a folder the demo created (its marker file)
-        start_ephemeral_server()
+        start_ephemeral_server(Workspace(workspace).prefect_server_log)
         table = run_demo(root, workspace, movies, tweets, later_tweets)
     except DemoError as error:
         fail(f"demo stopped: {error}")

@@ -101,6 +101,8 @@ def test_first_run_prints_a_line_per_stage_and_registers_a_champion(project, fir
     for number, stage in enumerate(STAGES, start=1):
         assert f"[{number}/{len(STAGES)}] {stage}:" in first_run.stdout
     assert "version 1 promoted to champion" in first_run.stdout
+    assert "Traceback" not in first_run.stderr
+    assert (project / "state" / "prefect-server.log").exists()  # the ephemeral server's output, not the terminal's
     assert (project / "reports" / "evaluation.html").exists()
     assert (project / "reports" / "validation" / "index.html").exists()
 

@@ -183,7 +183,7 @@ def test_run_passes_commit_to_the_flow_only_when_the_flag_is_given(project: Path
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setattr(tuneloop.flows.retrain, "retrain_flow", flow)
-    monkeypatch.setattr(tuneloop.flows.ephemeral, "start_ephemeral_server", lambda: None)
+    monkeypatch.setattr(tuneloop.flows.ephemeral, "start_ephemeral_server", lambda log=None: None)
     result = CliRunner().invoke(app, ["run", "--root", str(project), *flag])
     assert result.exit_code == 0, result.output
     assert called["commit"] is passed

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tuneloop.flows.ephemeral import WATCHER
+from tuneloop.flows.ephemeral import WATCHER, child_output
 
 # A stand-in "command": starts a watcher for the pid it is given, says so, then waits to be killed.
 # A command run from a terminal turns Ctrl-C (SIGINT) into KeyboardInterrupt; one started in the
@@ -58,3 +58,24 @@ def test_the_watcher_ignores_a_process_that_is_already_gone() -> None:
     watcher = subprocess.run([sys.executable, "-c", WATCHER, str(done.pid)], input=b"", capture_output=True,
                              timeout=30)
     assert (watcher.returncode, watcher.stderr) == (0, b"")
+
+
+def test_a_process_started_inside_child_output_writes_to_the_log_not_to_the_command(tmp_path, capfd) -> None:
+    """The ephemeral server's output (a traceback when it is stopped mid-request) stays out of the terminal."""
+    log = tmp_path / "state" / "prefect-server.log"
+    print("before", flush=True)
+    with child_output(log):
+        child = subprocess.Popen([sys.executable, "-c", "import sys, time; time.sleep(0.5); print('served'); "
+                                  "print('Traceback (most recent call last): boom', file=sys.stderr)"])
+    print("after", flush=True)
+    assert child.wait(timeout=60) == 0
+    out, err = capfd.readouterr()
+    assert (out.split(), "boom" in err) == (["before", "after"], False)
+    assert sorted(log.read_text().splitlines()) == ["Traceback (most recent call last): boom", "served"]
+
+
+def test_without_a_log_processes_share_the_commands_output(capfd) -> None:
+    with child_output(None):
+        child = subprocess.Popen([sys.executable, "-c", "print('served')"])
+    assert child.wait(timeout=60) == 0
+    assert capfd.readouterr().out.split() == ["served"]

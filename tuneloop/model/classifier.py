@@ -91,7 +91,10 @@ def bf16_native(device: torch.device) -> bool:
     and slower, so a version allowed bf16 scores in fp32."""
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    try:  # oneDNN's own probe of the CPU (AVX-512 BF16 or AMX); a torch without it says no
+        return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def is_decoder(model_type: str) -> bool:

@@ -176,6 +176,11 @@ class Workspace:
 
     # serve and monitor
     @property
+    def prefect_server_log(self) -> Path:
+        """What the command's ephemeral Prefect server writes (flows/ephemeral.py)."""
+        return self.root / "state" / "prefect-server.log"
+
+    @property
     def predictions_db(self) -> Path:
         """The prediction store when no other URL is set (SQLite)."""
         return self.root / "state" / "predictions.db"
