@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from tuneloop.model.calibration import Abstention, abstains
-from tuneloop.values.config import POOLINGS
+from tuneloop.values.config import POOLINGS, PRECISIONS
 from tuneloop.values.labels import label_index
 
 BUNDLED_MODEL = "all-MiniLM-L6-v2"
@@ -31,7 +31,6 @@ LABELS_FILE = "labels.json"
 META_FILE = "tuneloop.json"
 HEAD_FILE = "head.safetensors"
 SCORING_PRECISION = "scoring_precision"  # tuneloop.json's key: "bf16" when registration allowed it
-PRECISIONS = ("fp32", "bf16")
 # How a model folder holds its encoder: "lora" an adapter over the base model, "full" every
 # weight, "probe" none (the frozen base model itself with the baseline's fitted head).
 ON_BASE = ("lora", "probe")  # methods whose folder needs the base model beside it

@@ -19,6 +19,7 @@ import regex
 
 # --- how a text becomes one vector (tuneloop/model/classifier.py)
 POOLINGS = ("mean", "cls", "last")
+PRECISIONS = ("fp32", "bf16")  # how a registered version may score (model.scoring_precision)
 
 # --- the checks every section runs on its values (its __post_init__), so a setting out of
 # range stops the command that loads it, naming it, never a stage twenty minutes later.
@@ -95,7 +96,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_named("model", "base", self.base)
-        if self.scoring_precision not in ("fp32", "bf16"):
+        if self.scoring_precision not in PRECISIONS:
             raise ValueError(f"model.scoring_precision must be fp32 or bf16, got {self.scoring_precision!r}")
         if self.pooling not in {"auto", *POOLINGS}:
             raise ValueError(f"model.pooling must be auto, {', '.join(POOLINGS)}; got {self.pooling!r}")
