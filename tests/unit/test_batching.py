@@ -94,3 +94,61 @@ def test_a_full_queue_is_refused_at_once_with_a_retry_time_and_nothing_is_queued
     assert running.result(timeout=10) == [1, 2] and waiting.result(timeout=10) == [3, 4, 5]
     batcher.close()
     assert sorted(worked) == [1, 2, 3, 4, 5]  # the refused item was never worked
+
+
+def test_two_workers_run_two_batches_at_the_same_time() -> None:
+    both_inside = threading.Barrier(2, timeout=10)  # one worker alone would break it: BrokenBarrierError
+
+    def work(items: list[int]) -> list[int]:
+        both_inside.wait()
+        return [item + 1 for item in items]
+
+    batcher = MicroBatcher(work, "test", max_items=2, window_s=0.0, workers=2)
+    first, second = batcher.submit([1, 2]), batcher.submit([3, 4])
+    assert first.result(timeout=10) == [2, 3] and second.result(timeout=10) == [4, 5]
+    batcher.close()
+
+
+def test_a_single_text_is_answered_by_the_free_worker_while_the_other_is_busy() -> None:
+    release = threading.Event()
+
+    def work(items: list[str]) -> list[str]:
+        if "slow" in items:
+            release.wait(10)
+        return [item.upper() for item in items]
+
+    batcher = MicroBatcher(work, "test", max_items=4, window_s=0.0, workers=2)
+    slow = batcher.submit(["slow"] * 4)
+    time.sleep(0.1)  # the first worker holds the slow batch
+    assert batcher.submit(["quick"]).result(timeout=5) == ["QUICK"]
+    assert not slow.done()
+    release.set()
+    assert slow.result(timeout=10) == ["SLOW"] * 4
+    batcher.close()
+
+
+def test_workers_sharing_one_queue_work_every_item_exactly_once_and_in_order() -> None:
+    worked: list[int] = []
+    guard = threading.Lock()
+
+    def work(items: list[int]) -> list[int]:
+        time.sleep(0.002)
+        with guard:
+            worked.extend(items)
+        return [item * 10 for item in items]
+
+    batcher = MicroBatcher(work, "test", max_items=4, window_s=0.001, workers=3)
+    requests = [list(range(100 * i, 100 * i + 1 + (i * 7) % 13)) for i in range(60)]
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda items: batcher.submit(items).result(timeout=30), requests))
+    batcher.close()
+    assert answers == [[item * 10 for item in items] for items in requests]
+    assert sorted(worked) == sorted(item for items in requests for item in items)  # none twice, none lost
+
+
+def test_closing_stops_every_worker_after_the_queue_drains() -> None:
+    batcher = MicroBatcher(lambda items: list(items), "test", max_items=2, workers=3)
+    pending = [batcher.submit([i]) for i in range(10)]
+    batcher.close()
+    assert [f.result(timeout=1) for f in pending] == [[i] for i in range(10)]
+    assert not any(thread.is_alive() for thread in batcher._threads)

@@ -370,12 +370,12 @@ def test_a_full_queue_answers_503_with_retry_after_and_logs_nothing_for_it(class
         return real(model, texts, batch_size)
 
     monkeypatch.setattr(serve, "score_texts", blocked)
-    config = ServeConfig(max_text_chars=50, max_batch=4, poll_seconds=60.0, max_queued_texts=2)
+    config = ServeConfig(max_text_chars=50, max_batch=4, poll_seconds=60.0, max_queued_texts=2, scoring_workers=1)
     with TestClient(create_app(follower_for(Registry("1", {"1": classifier})), store, config)) as client:
         results: dict[str, object] = {}
         first = threading.Thread(target=lambda: results.update(a=client.post("/predict", json={"text": "one"})))
         first.start()
-        assert entered.wait(10)  # the scorer is busy with the first request
+        assert entered.wait(10)  # the only scoring worker is busy with the first request
         second = threading.Thread(target=lambda: results.update(
             b=client.post("/predict", json={"texts": ["two", "three"]})))
         second.start()

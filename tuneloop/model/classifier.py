@@ -14,6 +14,7 @@ dependency), so it runs on a bare GPU machine and in fast unit tests.
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence, cast
@@ -164,9 +165,14 @@ def load_encoder(base_path: Path, device: str | torch.device = "auto") -> nn.Mod
     return encoder.to(target).eval()
 
 
+TOKENIZING = threading.Lock()  # a fast tokenizer sets its truncation in place: one caller at a time
+
+
 def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    """Token ids per text, truncated, unpadded: tokenise once, pad per batch."""
-    encoded = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
+    """Token ids per text, truncated, unpadded: tokenise once, pad per batch. Thread-safe
+    (the service's scoring workers share one tokenizer)."""
+    with TOKENIZING:
+        encoded = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
     return encoded["input_ids"]
 
 

@@ -1,7 +1,8 @@
-"""Micro-batching: one worker thread does the work of many concurrent callers at once.
+"""Micro-batching: worker threads do the work of many concurrent callers at once.
 
-The service has two: the scorer (texts of concurrent requests scored in one
-forward pass) and the store writer (their predictions written in one
+The service has two batchers: the scorer (texts of concurrent requests scored in
+one forward pass; on a CPU two workers run forward passes side by side, each
+on its share of the cores) and the store writer (their predictions written in one
 transaction: a group commit). A caller submits its items and gets a future;
 the worker takes whatever is waiting, at most `max_items`, smallest requests
 first so a single text never waits behind a 64-text batch, and splits a request
@@ -12,6 +13,10 @@ waiting longer and starts at once, so the batch grows with the load. At most
 `max_queued` items wait: beyond that `submit` raises
 `QueueFull` at once (the service answers 503 with Retry-After), so memory and
 latency stay bounded under any load.
+
+With `workers` > 1 each worker takes its own next batch from the one queue
+(so a single text waits for the first free worker, not behind a busy one), and
+`work` runs on several threads at once: it must be thread-safe.
 
 `work(items) -> results` must return one result per item, in order; if it
 raises, every caller whose items were in that batch gets the exception and no
@@ -44,7 +49,8 @@ class Job(Generic[Item, Result]):
     future: Future
     done: int = 0  # items handed to the worker so far
     enqueued: float = field(default_factory=time.monotonic)
-    results: list = field(default_factory=list)
+    results: dict = field(default_factory=dict)  # chunk start -> its results (workers may finish out of order)
+    answered: int = 0  # items with results
 
     @property
     def left(self) -> int:
@@ -68,18 +74,20 @@ class MicroBatcher(Generic[Item, Result]):
     """A worker thread running `work` on the items of many callers together."""
 
     def __init__(self, work: Callable[[list[Item]], Sequence[Result]], name: str, max_items: int = 32,
-                 window_s: float = 0.002, max_queued: int = 1024):
-        if max_items <= 0 or max_queued <= 0 or window_s < 0:
-            raise ValueError(f"{name}: max_items and max_queued must be positive, window_s not negative")
+                 window_s: float = 0.002, max_queued: int = 1024, workers: int = 1):
+        if max_items <= 0 or max_queued <= 0 or workers <= 0 or window_s < 0:
+            raise ValueError(f"{name}: max_items, max_queued and workers must be positive, window_s not negative")
         self.work, self.name = work, name
         self.max_items, self.window_s, self.max_queued = max_items, window_s, max_queued
         self._jobs: list[Job] = []
         self._queued = 0
         self._wake = threading.Condition()
         self._closed = False
-        self._rate = 0.0  # items per second of the last batches, for Retry-After
-        self._thread = threading.Thread(target=self._run, name=f"tuneloop-{name}", daemon=True)
-        self._thread.start()
+        self._rate = 0.0  # items per second of the last batch, times the workers, for Retry-After
+        self._threads = [threading.Thread(target=self._run, name=f"tuneloop-{name}-{index}", daemon=True)
+                         for index in range(workers)]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, items: Sequence[Item]) -> Future:
         """A future of `work`'s results for `items`, in order.
@@ -109,29 +117,36 @@ class MicroBatcher(Generic[Item, Result]):
         return max(1, int(self._queued / self._rate + 0.999))
 
     def close(self, timeout: float = 10.0) -> None:
-        """Finishes what is queued, then stops the worker."""
+        """Finishes what is queued, then stops the workers."""
         with self._wake:
             self._closed = True
-            self._wake.notify()
-        self._thread.join(timeout)
+            self._wake.notify_all()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _next_batch(self) -> list[tuple[Job, int, int]] | None:
         with self._wake:
-            while not self._jobs and not self._closed:
-                self._wake.wait()
-            if not self._jobs:
-                return None  # closed and drained
-            deadline = min(job.enqueued for job in self._jobs) + self.window_s  # under load: already past
-            while self._queued < self.max_items and not self._closed:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+            while True:
+                while not self._jobs and not self._closed:
+                    self._wake.wait()
+                if not self._jobs:
+                    return None  # closed and drained
+                deadline = min(job.enqueued for job in self._jobs) + self.window_s  # under load: already past
+                while self._queued < self.max_items and not self._closed:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._wake.wait(remaining)
+                if self._jobs:  # else another worker took them while this one waited
                     break
-                self._wake.wait(remaining)
             batch = plan_batch(self._jobs, self.max_items)
             for job, start, stop in batch:
                 job.done = stop
                 self._queued -= stop - start
             self._jobs = [job for job in self._jobs if job.left]
+            if self._jobs:
+                self._wake.notify()  # the rest is another idle worker's
             return batch
 
     def _run(self) -> None:
@@ -148,13 +163,16 @@ class MicroBatcher(Generic[Item, Result]):
                         job.future.set_exception(error)
                 self._drop_failed(batch)
                 continue
-            self._rate = len(items) / max(time.perf_counter() - started, 1e-6)
+            self._rate = len(self._threads) * len(items) / max(time.perf_counter() - started, 1e-6)
             offset = 0
             for job, start, stop in batch:
-                job.results.extend(results[offset : offset + stop - start])
+                with self._wake:  # another worker may be finishing another chunk of the same job
+                    job.results[start] = results[offset : offset + stop - start]
+                    job.answered += stop - start
+                    whole = job.answered == len(job.items)
                 offset += stop - start
-                if len(job.results) == len(job.items) and not job.future.done():
-                    job.future.set_result(job.results)
+                if whole and not job.future.done():
+                    job.future.set_result([result for first in sorted(job.results) for result in job.results[first]])
 
     def _drop_failed(self, batch: list[tuple[Job, int, int]]) -> None:
         """A job whose chunk failed is answered; its later chunks are not worked."""

@@ -530,6 +530,7 @@ class ServeConfig:
     max_batch: int = 64  # more texts in one request get 413
     batch_size: int = 8  # texts per forward pass, from one request or several scored together
     batch_window_ms: float = 2.0  # how long an idle scorer waits for other requests to join a batch
+    scoring_workers: int = 2  # forward passes side by side; on a CPU each gets cores / scoring_workers threads
     max_queued_texts: int = 1024  # texts waiting to be scored beyond this get 503 with Retry-After
     device: str = "auto"  # "auto" (CUDA when present) | "cpu" | "cuda"
     tokens_file: str | None = None  # name:scopes:secret lines; $TUNELOOP_TOKENS(_FILE) beat it (service/auth.py)
@@ -544,7 +545,8 @@ class ServeConfig:
             raise ValueError(f"serve.port must be 0-65535, got {self.port}")
         check_named("serve", "host", self.host)
         check_device("serve", "device", self.device)
-        for name in ("poll_seconds", "max_text_chars", "max_batch", "batch_size", "max_body_bytes", "max_queued_texts"):
+        for name in ("poll_seconds", "max_text_chars", "max_batch", "batch_size", "scoring_workers", "max_body_bytes",
+                     "max_queued_texts"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"serve.{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.batch_window_ms <= 1000:
