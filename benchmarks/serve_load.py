@@ -55,10 +55,14 @@ def project_facts(project: Path) -> dict:
     import pandas as pd
     import yaml
 
+    from tuneloop.values.config import ServeConfig
+
     params = yaml.safe_load((project / "params.yaml").read_text())
     splits = pd.read_parquet(project / "data" / "split" / "splits.parquet")
     texts = splits.loc[splits["split"] == "test", "text"].astype(str).tolist()
-    return {"model_name": params["mlflow"]["model_name"], "texts": texts,
+    serve = {key: value for key, value in vars(ServeConfig(**params.get("serve") or {})).items()
+             if key in ("batch_size", "scoring_workers", "batch_window_ms")}
+    return {"model_name": params["mlflow"]["model_name"], "texts": texts, "serve": serve,
             "max_length": params["finetune"]["max_length"],
             "store": f"sqlite:///{project / 'state' / 'predictions.db'}"}
 
@@ -269,6 +273,7 @@ def main() -> None:
     for r in results:
         r.pop("labels_200", None)
     out.write_text(json.dumps({"machine": where, "singles": args.singles, "batches": args.batches,
+                               "tuneloop_serve": facts["serve"],
                                "label_agreement_with_mlflow": agreement, "results": results}, indent=2) + "\n")
     print(f"written to {out}")
 

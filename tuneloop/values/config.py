@@ -528,7 +528,7 @@ class ServeConfig:
     poll_seconds: float = 2.0  # how often the `champion` alias is read: the bound on how stale serving can be
     max_text_chars: int = 2000  # longer texts get 413 (the validate stage's bound on training texts)
     max_batch: int = 64  # more texts in one request get 413
-    batch_size: int = 8  # texts per forward pass, from one request or several scored together
+    batch_size: int = 4  # texts per forward pass, from one request or several scored together
     batch_window_ms: float = 2.0  # how long an idle scorer waits for other requests to join a batch
     scoring_workers: int = 2  # forward passes side by side; on a CPU each gets cores / scoring_workers threads
     max_queued_texts: int = 1024  # texts waiting to be scored beyond this get 503 with Retry-After
