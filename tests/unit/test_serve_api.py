@@ -388,3 +388,17 @@ def test_a_full_queue_answers_503_with_retry_after_and_logs_nothing_for_it(class
     assert "queue is full" in refused.json()["detail"] and int(refused.headers["Retry-After"]) >= 1
     assert results["a"].status_code == results["b"].status_code == 200
     assert sorted(store.window()["text"]) == ["one", "three", "two"]  # the refused text was never logged
+
+
+@pytest.mark.parametrize("threads, workers, each", [(2, 2, 1), (4, 2, 2), (2, 1, 2), (1, 2, 1), (2, 3, 1)])
+def test_scoring_workers_on_a_cpu_share_the_threads_at_least_one_each(threads, workers, each) -> None:
+    import torch
+
+    from tuneloop.service.serve import share_cores
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert share_cores(workers, "cpu") == each == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
