@@ -152,3 +152,22 @@ def test_closing_stops_every_worker_after_the_queue_drains() -> None:
     batcher.close()
     assert [f.result(timeout=1) for f in pending] == [[i] for i in range(10)]
     assert not any(thread.is_alive() for thread in batcher._threads)
+
+
+def test_a_request_whose_two_chunks_fail_at_once_gets_one_answer_and_both_workers_go_on() -> None:
+    both_inside = threading.Barrier(2, timeout=10)
+
+    def work(items: list[str]) -> list[str]:
+        if items[0].startswith("part"):
+            both_inside.wait()  # the two chunks of one request fail together, on two workers
+            raise ValueError(f"{items[0]} failed")
+        return [item.upper() for item in items]
+
+    batcher = MicroBatcher(work, "test", max_items=2, window_s=0.0, workers=2)
+    request = batcher.submit(["part-a", "x", "part-b", "y"])
+    with pytest.raises(ValueError, match="part-. failed"):
+        request.result(timeout=10)
+    time.sleep(0.1)  # the second failure is settled (ignored) too
+    assert all(thread.is_alive() for thread in batcher._threads)
+    assert [batcher.submit([f"after{i}"]) for i in range(4)][-1].result(timeout=5) == ["AFTER3"]
+    batcher.close()

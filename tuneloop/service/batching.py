@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Callable, Generic, Sequence, TypeVar
 
@@ -55,6 +55,18 @@ class Job(Generic[Item, Result]):
     @property
     def left(self) -> int:
         return len(self.items) - self.done
+
+
+def settle(future: Future, result: object = None, error: BaseException | None = None) -> None:
+    """Answers `future` unless it is answered already: another worker may have failed a
+    chunk of the same request meanwhile, and the first answer stands."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass
 
 
 def plan_batch(jobs: Sequence[Job], max_items: int) -> list[tuple[Job, int, int]]:
@@ -159,8 +171,7 @@ class MicroBatcher(Generic[Item, Result]):
                     raise RuntimeError(f"{self.name}: {len(results)} results for {len(items)} items")
             except BaseException as error:  # noqa: BLE001 - handed to the callers, the worker goes on
                 for job, _, _ in batch:
-                    if not job.future.done():
-                        job.future.set_exception(error)
+                    settle(job.future, error=error)
                 self._drop_failed(batch)
                 continue
             self._rate = len(self._threads) * len(items) / max(time.perf_counter() - started, 1e-6)
@@ -171,8 +182,8 @@ class MicroBatcher(Generic[Item, Result]):
                     job.answered += stop - start
                     whole = job.answered == len(job.items)
                 offset += stop - start
-                if whole and not job.future.done():
-                    job.future.set_result([result for first in sorted(job.results) for result in job.results[first]])
+                if whole:
+                    settle(job.future, [result for first in sorted(job.results) for result in job.results[first]])
 
     def _drop_failed(self, batch: list[tuple[Job, int, int]]) -> None:
         """A job whose chunk failed is answered; its later chunks are not worked."""
