@@ -49,8 +49,11 @@ class Job(Generic[Item, Result]):
     future: Future
     done: int = 0  # items handed to the worker so far
     enqueued: float = field(default_factory=time.monotonic)
-    results: dict = field(default_factory=dict)  # chunk start -> its results (workers may finish out of order)
+    results: list = field(init=False)  # by item position: workers may finish a job's chunks out of order
     answered: int = 0  # items with results
+
+    def __post_init__(self) -> None:
+        self.results = [None] * len(self.items)
 
     @property
     def left(self) -> int:
@@ -83,7 +86,7 @@ def plan_batch(jobs: Sequence[Job], max_items: int) -> list[tuple[Job, int, int]
 
 
 class MicroBatcher(Generic[Item, Result]):
-    """A worker thread running `work` on the items of many callers together."""
+    """Worker threads running `work` on the items of many callers together."""
 
     def __init__(self, work: Callable[[list[Item]], Sequence[Result]], name: str, max_items: int = 32,
                  window_s: float = 0.002, max_queued: int = 1024, workers: int = 1):
@@ -178,12 +181,12 @@ class MicroBatcher(Generic[Item, Result]):
             offset = 0
             for job, start, stop in batch:
                 with self._wake:  # another worker may be finishing another chunk of the same job
-                    job.results[start] = results[offset : offset + stop - start]
+                    job.results[start:stop] = results[offset : offset + stop - start]
                     job.answered += stop - start
                     whole = job.answered == len(job.items)
                 offset += stop - start
                 if whole:
-                    settle(job.future, [result for first in sorted(job.results) for result in job.results[first]])
+                    settle(job.future, job.results)
 
     def _drop_failed(self, batch: list[tuple[Job, int, int]]) -> None:
         """A job whose chunk failed is answered; its later chunks are not worked."""

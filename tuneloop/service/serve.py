@@ -544,8 +544,8 @@ def create_app(follower: ChampionFollower, store: PredictionStore, config: Serve
     checked before any body is read; /health and /version stay open (probes, no
     data). Bodies are bounded in size, time and number (`limits`)."""
     purge = retention_purger(store, config)
-    # Concurrent requests are scored together by one worker (they would only split the
-    # same cores, or GPU, between them) and their predictions written in one transaction.
+    # Concurrent requests are scored together by `scoring_workers` workers (each on its
+    # share of the cores: share_cores) and their predictions written in one transaction.
     scorer: MicroBatcher[tuple[Served, str], Scored] = MicroBatcher(
         lambda batch: scored_together(batch, config.batch_size), "scoring",
         max_items=config.batch_size, window_s=config.batch_window_ms / 1000, max_queued=config.max_queued_texts,
