@@ -70,17 +70,18 @@ def finetune_tuneloop(base_path: Path, rows: dict, labels, config: FinetuneConfi
             "memory_method": memory.method, "model_dir": str(result.model_dir)}
 
 
-def trainer_arguments(config: FinetuneConfig, out: Path):
+def trainer_arguments(config: FinetuneConfig, out: Path, bf16: bool = False):
     """Trainer defaults, except what both sides must share: batch size, learning
     rate, epochs and seed; weight decay and warm-up too, so both optimizers follow
-    the same schedule. Nothing is saved or reported anywhere."""
+    the same schedule; `bf16`: the Trainer's own bf16 autocast. Nothing is saved or
+    reported anywhere."""
     from transformers import TrainingArguments
 
     return TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=config.batch_size, per_device_eval_batch_size=64,
         learning_rate=config.learning_rate, num_train_epochs=config.epochs, weight_decay=config.weight_decay,
         warmup_steps=config.warmup_ratio, seed=config.seed,  # a float < 1 is a share of the steps
-        save_strategy="no", report_to="none",
+        save_strategy="no", report_to="none", bf16=bf16, use_cpu=bf16,  # the Trainer asks use_cpu for bf16 on a CPU
     )
 
 
@@ -112,9 +113,11 @@ class ForTrainer(torch.nn.Module):
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
-def finetune_trainer(base_path: Path, rows: dict, labels, config: FinetuneConfig, work: Path) -> dict:
+def finetune_trainer(base_path: Path, rows: dict, labels, config: FinetuneConfig, work: Path,
+                     bf16: bool = False) -> dict:
     """A plain Hugging Face Trainer run of the same PEFT LoRA model: pre-tokenised
-    rows, the default collator (DataCollatorWithPadding) and default sampler."""
+    rows, the default collator (DataCollatorWithPadding) and default sampler; fp32 as
+    the Trainer defaults to, or with its `bf16` switch."""
     from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer
 
     with PeakMemory() as memory:
@@ -128,7 +131,7 @@ def finetune_trainer(base_path: Path, rows: dict, labels, config: FinetuneConfig
             return [{"input_ids": i, "attention_mask": m, "labels": y}
                     for i, m, y in zip(ids["input_ids"], ids["attention_mask"], targets)]
 
-        trainer = Trainer(model=model, args=trainer_arguments(config, work / "trainer"),
+        trainer = Trainer(model=model, args=trainer_arguments(config, work / "trainer", bf16),
                           train_dataset=encoded(*rows["train"]), processing_class=tokenizer,
                           data_collator=DataCollatorWithPadding(tokenizer))
         train_started = time.perf_counter()
@@ -195,9 +198,11 @@ def model_shape(base_path: Path, labels, config: FinetuneConfig) -> dict:
     return shape
 
 
-def finetune_row(name: str, run: dict, examples: int, tokens: int, flops: float, peak: float) -> dict:
+def finetune_row(name: str, run: dict, examples: int, tokens: int, flops: float, peak: float,
+                 precision: str) -> dict:
     seconds = run["train_seconds"]
-    return {"name": name, "steps": run["steps"], "examples_per_s": examples / seconds, "tokens_per_s": tokens / seconds,
+    return {"name": name, "precision": precision, "steps": run["steps"],
+            "examples_per_s": examples / seconds, "tokens_per_s": tokens / seconds,
             "useful_gflops_per_s": flops / seconds / 1e9, "fraction_of_peak": flops / seconds / 1e9 / peak,
             "val_macro_f1": run["val_macro_f1"], "train_seconds": seconds, "stage_seconds": run["stage_seconds"],
             "peak_rss_increase_mib": run["peak_rss_increase_mib"]}
@@ -208,9 +213,13 @@ def run_benchmark(train_rows: int, seed: int) -> dict:
     params = load_params(ROOT / "params.yaml")
     # one epoch on both sides: no step floor (min_steps, min_examples_per_class), a random head (no probe)
     # the learning rate the finetune stage picks for a random head, written out: the Trainer needs a number
+    # tuneloop trains in the shipped finetune.precision (auto: bf16 products where the CPU has them in
+    # hardware); the Trainer in its default fp32 and, where bf16 is native, with its bf16 switch too
     config = replace(params.finetune, epochs=1, max_steps=None, min_steps=0, min_examples_per_class=0,
-                     head_init="random", device="cpu", precision="fp32",
+                     head_init="random", device="cpu",
                      learning_rate=params.finetune.rate(probe_started=False))
+    native = bf16_native(torch.device("cpu"))
+    ours_precision = "bf16" if config.precision == "bf16" or (config.precision == "auto" and native) else "fp32"
     base_path = resolve_model_path(params.model.base)
     rows, labels = load_rows(train_rows, seed)
     from transformers import AutoTokenizer
@@ -236,8 +245,14 @@ def run_benchmark(train_rows: int, seed: int) -> dict:
         theirs = finetune_trainer(base_path, rows, labels, config, work / "hf")
         gc.collect()
         examples, tokens = len(train_lengths), sum(train_lengths)
-        report["finetune"] = [finetune_row("tuneloop finetune", ours, examples, tokens, flops, peak),
-                              finetune_row("HF Trainer + PEFT", theirs, examples, tokens, flops, peak)]
+        report["finetune"] = [finetune_row("tuneloop finetune", ours, examples, tokens, flops, peak, ours_precision),
+                              finetune_row("HF Trainer + PEFT", theirs, examples, tokens, flops, peak, "fp32")]
+        if native:
+            print("fine-tuning: Hugging Face Trainer, bf16=True ...", flush=True)
+            low = finetune_trainer(base_path, rows, labels, config, work / "hf-bf16", bf16=True)
+            gc.collect()
+            report["finetune"].append(finetune_row("HF Trainer + PEFT, bf16", low, examples, tokens, flops, peak,
+                                                   "bf16"))
         report["score"] = score_both(Path(ours["model_dir"]), rows["test"], params.evaluate.batch_size,
                                      inference_flops(shape["token_parameters_merged"], shape["layers"],
                                                      shape["hidden"], test_lengths), peak)
@@ -279,7 +294,7 @@ def score_both(model_dir: Path, test: tuple, batch_size: int, flops: float, peak
 
 def markdown_table(report: dict) -> str:
     """The README's table."""
-    ours, theirs = report["finetune"]
+    ours, theirs = report["finetune"][:2]
     score_ours, score_theirs = report["score"]["runs"]
     gap = abs(ours["val_macro_f1"] - theirs["val_macro_f1"])
     same_steps = ours["steps"] == theirs["steps"]
@@ -289,8 +304,8 @@ def markdown_table(report: dict) -> str:
 
     fair = gap <= MAX_QUALITY_GAP and same_steps
     lines = [
-        f"| fine-tuning ({ours['steps']} steps of batch {report['config']['batch_size']}) | tuneloop | HF Trainer "
-        "| ratio | target |",
+        f"| fine-tuning ({ours['steps']} steps of batch {report['config']['batch_size']}) | tuneloop "
+        f"({ours.get('precision', 'fp32')}) | HF Trainer ({theirs.get('precision', 'fp32')}) | ratio | target |",
         "|---|---:|---:|---:|---|",
         f"| training examples/s | {ours['examples_per_s']:.1f} | {theirs['examples_per_s']:.1f} | "
         f"{ratio(ours['examples_per_s'], theirs['examples_per_s'], fair)} | >= 3x |",
@@ -299,11 +314,21 @@ def markdown_table(report: dict) -> str:
         f"| optimizer steps | {ours['steps']} | {theirs['steps']} | | equal |",
         f"| validation macro-F1 | {ours['val_macro_f1']:.4f} | {theirs['val_macro_f1']:.4f} | "
         f"{ours['val_macro_f1'] - theirs['val_macro_f1']:+.4f} | within {MAX_QUALITY_GAP} |",
-        f"| useful GFLOP/s (share of the {report['peak_gflops']:.0f} GFLOP/s matmul peak) | "
+        f"| useful GFLOP/s (share of the {report['peak_gflops']:.0f} GFLOP/s fp32 matmul peak) | "
         f"{ours['useful_gflops_per_s']:.1f} ({ours['fraction_of_peak']:.0%}) | "
         f"{theirs['useful_gflops_per_s']:.1f} ({theirs['fraction_of_peak']:.0%}) | | >= 50% |",
         f"| peak RSS increase (MiB) | {ours['peak_rss_increase_mib']:.0f} | "
         f"{theirs['peak_rss_increase_mib']:.0f} | | |",
+    ]
+    if len(report["finetune"]) > 2:
+        both = report["finetune"][2]
+        fair_both = (abs(ours["val_macro_f1"] - both["val_macro_f1"]) <= MAX_QUALITY_GAP
+                     and ours["steps"] == both["steps"])
+        lines.append(f"| the Trainer in bf16 too (`bf16=True`): examples/s · validation macro-F1 | "
+                     f"{ours['examples_per_s']:.1f} · {ours['val_macro_f1']:.4f} | "
+                     f"{both['examples_per_s']:.1f} · {both['val_macro_f1']:.4f} | "
+                     f"{ratio(ours['examples_per_s'], both['examples_per_s'], fair_both)} | |")
+    lines += [
         "",
         f"| scoring ({report['score']['rows']} test rows, batch {report['score']['batch_size']}) | tuneloop evaluate "
         "| pipeline-style transformers loop | ratio | target |",

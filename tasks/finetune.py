@@ -35,6 +35,7 @@ from tuneloop.model.classifier import (
     META_FILE,
     Classifier,
     TextClassifier,
+    bf16_native,
     load_classifier,
     load_encoder,
     load_tokenizer,
@@ -90,6 +91,7 @@ class FinetuneResult:
     train_tokens_per_s: float
     history: list[dict] = field(default_factory=list)
     curve: list[dict] = field(default_factory=list)  # {step, loss, learning_rate} every LOSS_EVERY steps
+    precision: str = "fp32"  # the matrix products' precision in training: "bf16" or "fp32"
 
 
 def build_model(base_path: Path, labels: Sequence[str], config: FinetuneConfig,
@@ -209,12 +211,17 @@ def load_checkpoint(path: Path, fingerprint: str) -> dict | None:
     return state if state.get("fingerprint") == fingerprint else None
 
 
+def training_precision(device: torch.device, precision: str) -> str:
+    """"bf16" when asked, or for "auto" where the device multiplies bf16 in hardware (a CUDA
+    card with bf16, a CPU with AVX-512 BF16 or AMX: 1.34x the fp32 steps on an AMD EPYC,
+    validation macro-F1 0.8077 vs 0.8115 after 100 steps); else "fp32"."""
+    return "bf16" if precision == "bf16" or (precision == "auto" and bf16_native(device)) else "fp32"
+
+
 def autocast_context(device: torch.device, precision: str):
-    """bf16 autocast on GPUs that support it (or when asked), else a no-op."""
-    use_bf16 = precision == "bf16" or (
-        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    )
-    if use_bf16:
+    """bf16 autocast where `training_precision` says bf16, else a no-op. The weights, the
+    optimizer and the loss stay fp32: only the matrix products run in bf16."""
+    if training_precision(device, precision) == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return torch.autocast(device_type=device.type, enabled=False)
 
@@ -548,6 +555,7 @@ def finish(model, tokenizer, labels, train, base_model, config, device, state, o
         resumed_from_step=resumed_from, seconds=state.seconds,
         train_examples_per_s=state.examples / seconds,
         train_tokens_per_s=state.tokens / seconds, history=state.history, curve=state.curve,
+        precision=training_precision(device, config.precision),
     )
 
 

@@ -192,3 +192,26 @@ def test_a_head_learning_rate_of_zero_saves_the_probe_head_unchanged(tiny_bert, 
     assert result.best_val_macro_f1 > result.history[0]["val_macro_f1"]  # a trained epoch was kept
     saved = load_file(str(result.model_dir / "head.safetensors"))
     assert torch.equal(saved["weight"], probe[0]) and torch.equal(saved["bias"], probe[1])
+
+
+@pytest.mark.parametrize(("precision", "native", "products_in_bf16"), [
+    ("auto", True, True),    # a CPU with AVX-512 BF16 or AMX (or a CUDA card with bf16): bf16 products
+    ("auto", False, False),  # emulated bf16 would be slower: fp32
+    ("bf16", False, True),   # asked for: bf16 wherever it runs
+    ("fp32", True, False),   # asked for: fp32 even where bf16 is native
+])
+def test_training_products_run_in_bf16_for_auto_only_where_the_device_multiplies_bf16_in_hardware(
+        monkeypatch, precision, native, products_in_bf16):
+    monkeypatch.setattr(ft, "bf16_native", lambda device: native)
+    a = torch.randn(4, 8)
+    with ft.autocast_context(torch.device("cpu"), precision):
+        product = a @ a.T
+    assert (product.dtype == torch.bfloat16) is products_in_bf16
+
+
+def test_a_run_reports_the_precision_its_products_ran_in(lora_run):
+    result = lora_run[0]
+    from tuneloop.model.classifier import bf16_native
+
+    assert FAST.precision == "auto"
+    assert result.precision == ("bf16" if bf16_native(torch.device("cpu")) else "fp32")

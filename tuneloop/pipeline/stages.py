@@ -389,6 +389,7 @@ def finetune(params: Params, ws: Workspace, nproc: int = 1) -> FinetuneResult:
                                                   labels, params.model, params.evaluate.batch_size)
         summary = {k: v for k, v in asdict(result).items() if k not in {"model_dir", "history", "curve"}}
         summary["temperature"] = temperature
+        tracking.set_stage_tags(run, {"training_precision": result.precision})  # bf16 | fp32 products
         write_json(ws.finetune_metrics, plotdata.finetune_headline(summary))
         plotdata.write_csv(ws.training_plot, ("epoch", "step", "val_macro_f1"),
                            plotdata.training_rows(result.history))
@@ -398,7 +399,8 @@ def finetune(params: Params, ws: Workspace, nproc: int = 1) -> FinetuneResult:
                              Path(data.source).name, "training")
     resumed = f", resumed at step {result.resumed_from_step}" if result.resumed_from_step else ""
     tuned = ", tuned settings" if settings != params.finetune else ""
-    say("finetune", f"{result.steps} steps in {result.seconds:.0f}s ({result.train_examples_per_s:.1f} ex/s), "
+    say("finetune", f"{result.steps} steps in {result.seconds:.0f}s ({result.train_examples_per_s:.1f} ex/s, "
+                    f"{result.precision} products), "
                     f"best validation macro-F1 {result.best_val_macro_f1:.4f}{resumed}{tuned}; temperature "
                     f"{temperature:.2f}, {abstention.rule}")
     return result

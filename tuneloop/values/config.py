@@ -340,7 +340,9 @@ class FinetuneConfig:
     patience: int = 1
     seed: int = 13
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" ...
-    precision: str = "auto"  # "auto" (bf16 on a CUDA GPU that has it, else fp32) | "bf16" | "fp32"
+    # "auto": bf16 autocast where the device multiplies bf16 in hardware (CUDA with bf16, a CPU with
+    # AVX-512 BF16 or AMX), else fp32 | "bf16" | "fp32"
+    precision: str = "auto"
     checkpoint_every_steps: int = 100
     max_steps: int | None = None  # cap on optimizer steps (smoke runs, benchmarks)
     __pydantic_config__ = {"extra": "forbid"}
