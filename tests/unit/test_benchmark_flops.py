@@ -38,3 +38,49 @@ def test_minilm_has_about_ten_million_token_parameters():
     model = build_model(resolve_model_path("all-MiniLM-L6-v2"), ["negative", "positive"], FinetuneConfig())
     count = token_parameters(model.named_parameters())
     assert 10_600_000 < count < 11_400_000  # 6 layers of 1.77M weights, plus 0.66M in r=16 adapters
+
+
+def finetune_run(name: str, precision: str, examples_per_s: float, val_macro_f1: float, steps: int = 100) -> dict:
+    return {"name": name, "precision": precision, "steps": steps, "examples_per_s": examples_per_s,
+            "tokens_per_s": examples_per_s * 27, "useful_gflops_per_s": examples_per_s, "fraction_of_peak": 0.5,
+            "val_macro_f1": val_macro_f1, "peak_rss_increase_mib": 100.0}
+
+
+def benchmark_report(finetune: list[dict]) -> dict:
+    scoring = {"rows_per_s": 200.0, "useful_gflops_per_s": 100.0, "fraction_of_peak": 0.5,
+               "peak_rss_increase_mib": 20.0, "test_macro_f1": 0.79}
+    return {"finetune": finetune, "config": {"batch_size": 32}, "peak_gflops": 180.0,
+            "score": {"runs": [scoring, {**scoring, "rows_per_s": 100.0}], "rows": 1044, "batch_size": 64,
+                      "identical_predictions": 1044}}
+
+
+def table_row(table: str, start: str) -> str:
+    return next(line for line in table.splitlines() if line.startswith(start))
+
+
+def test_benchmark_table_prints_each_speed_ratio_only_beside_equal_steps_and_quality():
+    from benchmarks.run import markdown_table
+
+    table = markdown_table(benchmark_report([
+        finetune_run("tuneloop finetune", "fp32", 80.0, 0.8115),
+        finetune_run("HF Trainer + PEFT", "fp32", 30.0, 0.8146),
+        finetune_run("tuneloop finetune, bf16", "bf16", 120.0, 0.8000),   # 0.0146 behind the fp32 Trainer: withheld
+        finetune_run("HF Trainer + PEFT, bf16", "bf16", 40.0, 0.8050),    # 0.0050 apart: printed
+    ]))
+    assert "| training examples/s | 80.0 | 30.0 | **2.67x** | >= 3x |" in table
+    assert table_row(table, "| fine-tuning with bf16 products").count("|") == 6
+    bf16_rows = table[table.index("| fine-tuning with bf16 products"):]
+    assert table_row(bf16_rows, "| training examples/s") == \
+        "| training examples/s | 120.0 | 30.0 | none: unequal work or quality | >= 3x |"
+    assert "| 120.0 · 0.8000 | 40.0 · 0.8050 | **3.00x** |" in table_row(bf16_rows, "| the Trainer in bf16 too")
+    assert table_row(bf16_rows, "| tuneloop bf16 against tuneloop fp32").endswith("| 1.50x | |")
+
+
+def test_benchmark_table_has_no_bf16_block_where_the_cpu_has_no_bf16_units():
+    from benchmarks.run import markdown_table
+
+    table = markdown_table(benchmark_report([
+        finetune_run("tuneloop finetune", "fp32", 80.0, 0.8115),
+        finetune_run("HF Trainer + PEFT", "fp32", 30.0, 0.8146, steps=90)]))  # unequal steps: withheld
+    assert "bf16 products" not in table
+    assert "| training examples/s | 80.0 | 30.0 | none: unequal work or quality | >= 3x |" in table

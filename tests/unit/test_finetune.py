@@ -194,24 +194,30 @@ def test_a_head_learning_rate_of_zero_saves_the_probe_head_unchanged(tiny_bert, 
     assert torch.equal(saved["weight"], probe[0]) and torch.equal(saved["bias"], probe[1])
 
 
-@pytest.mark.parametrize(("precision", "native", "products_in_bf16"), [
-    ("auto", True, True),    # a CPU with AVX-512 BF16 or AMX (or a CUDA card with bf16): bf16 products
-    ("auto", False, False),  # emulated bf16 would be slower: fp32
-    ("bf16", False, True),   # asked for: bf16 wherever it runs
-    ("fp32", True, False),   # asked for: fp32 even where bf16 is native
+@pytest.mark.parametrize(("device", "precision", "native", "expected"), [
+    ("cuda", "auto", True, "bf16"),   # a CUDA card with bf16
+    ("cuda", "auto", False, "fp32"),
+    ("cpu", "auto", True, "fp32"),    # a CPU with AVX-512 BF16 or AMX: bf16 training is asked for, not automatic
+    ("cpu", "bf16", True, "bf16"),
+    ("cpu", "bf16", False, "bf16"),   # asked for: bf16 wherever it runs
+    ("cuda", "fp32", True, "fp32"),   # asked for: fp32 even where bf16 is native
 ])
-def test_training_products_run_in_bf16_for_auto_only_where_the_device_multiplies_bf16_in_hardware(
-        monkeypatch, precision, native, products_in_bf16):
-    monkeypatch.setattr(ft, "bf16_native", lambda device: native)
+def test_training_precision_is_bf16_when_asked_or_on_a_cuda_card_with_bf16(monkeypatch, device, precision, native,
+                                                                           expected):
+    monkeypatch.setattr(ft, "bf16_native", lambda d: native)
+    assert ft.training_precision(torch.device(device), precision) == expected
+
+
+@pytest.mark.parametrize(("precision", "products_in_bf16"), [("bf16", True), ("fp32", False), ("auto", False)])
+def test_training_products_on_a_cpu_run_in_bf16_only_when_asked(monkeypatch, precision, products_in_bf16):
+    monkeypatch.setattr(ft, "bf16_native", lambda device: True)
     a = torch.randn(4, 8)
     with ft.autocast_context(torch.device("cpu"), precision):
         product = a @ a.T
     assert (product.dtype == torch.bfloat16) is products_in_bf16
 
 
-def test_a_run_reports_the_precision_its_products_ran_in(lora_run):
-    result = lora_run[0]
-    from tuneloop.model.classifier import bf16_native
-
-    assert FAST.precision == "auto"
-    assert result.precision == ("bf16" if bf16_native(torch.device("cpu")) else "fp32")
+def test_a_run_reports_the_precision_its_products_ran_in(lora_run, tiny_bert, toy_task, tmp_path):
+    assert FAST.precision == "auto" and lora_run[0].precision == "fp32"  # auto on a CPU
+    asked = train(tiny_bert, toy_task, tmp_path, replace(FAST, precision="bf16", epochs=1))
+    assert asked.precision == "bf16"

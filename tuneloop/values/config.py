@@ -340,8 +340,8 @@ class FinetuneConfig:
     patience: int = 1
     seed: int = 13
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" ...
-    # "auto": bf16 autocast where the device multiplies bf16 in hardware (CUDA with bf16, a CPU with
-    # AVX-512 BF16 or AMX), else fp32 | "bf16" | "fp32"
+    # "auto": bf16 products on a CUDA card with bf16, else fp32 | "bf16" (also on a CPU with AVX-512 BF16
+    # or AMX: 1.29x faster there, see tasks/finetune.py training_precision) | "fp32"
     precision: str = "auto"
     checkpoint_every_steps: int = 100
     max_steps: int | None = None  # cap on optimizer steps (smoke runs, benchmarks)
