@@ -295,17 +295,21 @@ def score_both(model_dir: Path, test: tuple, batch_size: int, flops: float, peak
     return report
 
 
+def equal_work(a: dict, b: dict) -> bool:
+    """Two fine-tuning runs whose speeds may be compared: the same optimizer steps and
+    validation macro-F1 within MAX_QUALITY_GAP."""
+    return a["steps"] == b["steps"] and abs(a["val_macro_f1"] - b["val_macro_f1"]) <= MAX_QUALITY_GAP
+
+
 def markdown_table(report: dict) -> str:
     """The README's table."""
     ours, theirs = report["finetune"][:2]
     score_ours, score_theirs = report["score"]["runs"]
-    gap = abs(ours["val_macro_f1"] - theirs["val_macro_f1"])
-    same_steps = ours["steps"] == theirs["steps"]
 
     def ratio(a: float, b: float, comparable: bool = True) -> str:
         return f"**{a / b:.2f}x**" if comparable else "none: unequal work or quality"
 
-    fair = gap <= MAX_QUALITY_GAP and same_steps
+    fair = equal_work(ours, theirs)
     lines = [
         f"| fine-tuning ({ours['steps']} steps of batch {report['config']['batch_size']}) | tuneloop | HF Trainer "
         "| ratio | target |",
@@ -326,17 +330,13 @@ def markdown_table(report: dict) -> str:
     if len(report["finetune"]) > 3:
         low, peer = report["finetune"][2:4]
 
-        def fair_to(other: dict) -> bool:
-            gap = abs(low["val_macro_f1"] - other["val_macro_f1"])
-            return gap <= MAX_QUALITY_GAP and low["steps"] == other["steps"]
-
         lines += [
             "",
             "| fine-tuning with bf16 products (`finetune.precision: bf16`) | tuneloop, bf16 | HF Trainer, fp32 "
             "| ratio | target |",
             "|---|---:|---:|---:|---|",
             f"| training examples/s | {low['examples_per_s']:.1f} | {theirs['examples_per_s']:.1f} | "
-            f"{ratio(low['examples_per_s'], theirs['examples_per_s'], fair_to(theirs))} | >= 3x |",
+            f"{ratio(low['examples_per_s'], theirs['examples_per_s'], equal_work(low, theirs))} | >= 3x |",
             f"| validation macro-F1 | {low['val_macro_f1']:.4f} | {theirs['val_macro_f1']:.4f} | "
             f"{low['val_macro_f1'] - theirs['val_macro_f1']:+.4f} | within {MAX_QUALITY_GAP} |",
             f"| useful GFLOP/s (share of the fp32 peak) | {low['useful_gflops_per_s']:.1f} "
@@ -344,7 +344,7 @@ def markdown_table(report: dict) -> str:
             f"| the Trainer in bf16 too (`bf16=True`): examples/s · validation macro-F1 | "
             f"{low['examples_per_s']:.1f} · {low['val_macro_f1']:.4f} | "
             f"{peer['examples_per_s']:.1f} · {peer['val_macro_f1']:.4f} | "
-            f"{ratio(low['examples_per_s'], peer['examples_per_s'], fair_to(peer))} | |",
+            f"{ratio(low['examples_per_s'], peer['examples_per_s'], equal_work(low, peer))} | |",
             f"| tuneloop bf16 against tuneloop fp32: examples/s · validation macro-F1 | "
             f"{low['examples_per_s']:.1f} · {low['val_macro_f1']:.4f} | "
             f"{ours['examples_per_s']:.1f} · {ours['val_macro_f1']:.4f} | "
