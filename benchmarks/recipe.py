@@ -90,8 +90,7 @@ def measure(case: str, scratch: Path) -> dict:
         return {"case": case, "error": (done.stdout + done.stderr)[-3000:]}
     evaluation = json.loads((folder / "reports" / "evaluation.json").read_text())  # metrics/ holds headlines only
     finetune = json.loads((folder / "metrics" / "finetune.json").read_text())
-    # the finetune stage's line: "N steps in Xs (Y ex/s), ..."
-    trained = re.search(r"finetune\W.*?(\d+) steps in (\d+)s \(([\d.]+) ex/s\)", done.stdout + done.stderr)
+    trained = finetune_line(done.stdout + done.stderr)
     gate = json.loads((folder / "reports" / "gate.json").read_text())
     base = next(c for c in gate["checks"] if c["name"] == "beats_base")
     found = re.search(r"gain ([+-][\d.]+) .*CI \[([+-][\d.]+), ([+-][\d.]+)\]", base["reason"])
@@ -109,6 +108,11 @@ def measure(case: str, scratch: Path) -> dict:
         "epochs": finetune["epochs_run"], "steps": int(trained.group(1)) if trained else None,
         "train_examples_per_s": float(trained.group(3)) if trained else float("nan"),
     }
+
+
+def finetune_line(output: str) -> re.Match | None:
+    """The finetune stage's line: "N steps in Xs (Y ex/s, fp32 products), ..." (groups: steps, seconds, ex/s)."""
+    return re.search(r"finetune\W.*?(\d+) steps in (\d+)s \(([\d.]+) ex/s[,)]", output)
 
 
 def table(results: list[dict]) -> str:

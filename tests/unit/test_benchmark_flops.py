@@ -84,3 +84,29 @@ def test_benchmark_table_has_no_bf16_block_where_the_cpu_has_no_bf16_units():
         finetune_run("HF Trainer + PEFT", "fp32", 30.0, 0.8146, steps=90)]))  # unequal steps: withheld
     assert "bf16 products" not in table
     assert "| training examples/s | 80.0 | 30.0 | none: unequal work or quality | >= 3x |" in table
+
+
+def test_rdrop_loss_is_the_cross_entropy_when_both_passes_agree_and_adds_their_symmetric_kl_when_not():
+    from benchmarks.recipe_levers import rdrop_loss
+
+    y = torch.tensor([0, 1])
+    same = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    ce = torch.nn.functional.cross_entropy(same, y)
+    assert rdrop_loss(lambda x, m: same, None, None, y, None, 0.0, 1.0).item() == pytest.approx(ce.item())
+    passes = iter([same, torch.zeros(2, 2)])  # the second pass is uniform
+    p = same.log_softmax(-1)
+    q = torch.full((2, 2), 0.5).log()
+    kl = ((p.exp() * (p - q)).sum(-1).mean() + (q.exp() * (q - p)).sum(-1).mean()) / 2
+    expected = (ce + torch.nn.functional.cross_entropy(torch.zeros(2, 2), y)) / 2 + 3.0 * kl
+    assert rdrop_loss(lambda x, m: next(passes), None, None, y, None, 0.0, 3.0).item() == pytest.approx(expected.item())
+
+
+@pytest.mark.parametrize("line", [
+    "[6/9] finetune: 831 steps in 180s (147.5 ex/s, fp32 products), best validation macro-F1 0.9235; temperature 0.70",
+    "[6/9] finetune: 831 steps in 180s (147.5 ex/s), best validation macro-F1 0.9235",
+])
+def test_recipe_benchmark_reads_steps_seconds_and_rate_from_the_finetune_stage_line(line):
+    from benchmarks.recipe import finetune_line
+
+    found = finetune_line("[5/9] tune: off\n" + line)
+    assert found is not None and found.groups() == ("831", "180", "147.5")
