@@ -77,8 +77,7 @@ def rdrop_loss(model, x, mask, y, weights, smoothing: float, alpha: float) -> to
 
 def train_lever(root: Path, changes: dict, rdrop: float, reprobe: bool) -> dict:
     """Trains one lever; validation and test macro-F1 after each epoch, live and averaged weights."""
-    from tuneloop.model.classifier import Classifier, load_tokenizer, pad_batch, predict_proba, tokenize
-    from tuneloop.model.metrics import macro_f1
+    from tuneloop.model.classifier import load_tokenizer, pad_batch, tokenize
     from tuneloop.pipeline import stages
     from tuneloop.pipeline.params import load_params
     from tuneloop.tasks import finetune as ft
@@ -100,26 +99,18 @@ def train_lever(root: Path, changes: dict, rdrop: float, reprobe: bool) -> dict:
     weights = ft.class_weights(targets, len(labels), config.class_weights)
     loss_of = ft.loss_function(model, weights, config.label_smoothing)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    average = [p.detach().clone() for p in trainable]
+    average = ft.trainable_state(model)  # the same tensors' running average, by name
     pad = tokenizer.pad_token_id or 0
 
     def scores() -> dict[str, float]:
-        model.eval()
-        classifier = Classifier(model, tokenizer, list(labels), config.max_length, device)
-        found = {split: macro_f1(np.asarray(y), predict_proba(classifier, texts, batch_size=64).argmax(1), len(labels))
-                 for split, (texts, y) in rows.items()}
-        model.train()
-        return found
+        return {split: ft.score_macro_f1(model, tokenizer, labels, texts, y, config, device)
+                for split, (texts, y) in rows.items()}
 
     def averaged_scores() -> dict[str, float]:
-        live = [p.detach().clone() for p in trainable]
-        with torch.no_grad():
-            for p, a in zip(trainable, average):
-                p.copy_(a)
+        live = ft.trainable_state(model)
+        model.load_state_dict(average, strict=False)
         found = scores()
-        with torch.no_grad():
-            for p, v in zip(trainable, live):
-                p.copy_(v)
+        model.load_state_dict(live, strict=False)
         return found
 
     points, step, started = [], 0, time.perf_counter()
@@ -136,7 +127,7 @@ def train_lever(root: Path, changes: dict, rdrop: float, reprobe: bool) -> dict:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             with torch.no_grad():  # bias-corrected: the early average is not the start's weights
-                for a, p in zip(average, trainable):
+                for a, p in zip(average.values(), trainable):
                     a.lerp_(p, 1 - min(EMA_DECAY, (1 + step) / (10 + step)))
         seconds = time.perf_counter() - started
         points.append({"epoch": epoch + 1, "step": step, "seconds": round(seconds), **scores(),
@@ -152,15 +143,13 @@ def refit_head(model, tokenizer, max_length: int, train, rows: dict, classes: in
     """Logistic regression (C 1/10/100) on the fine-tuned encoder's train features, scored on validation and test."""
     from sklearn.linear_model import LogisticRegression
 
-    from tuneloop.model.classifier import pad_batch, tokenize
+    from tuneloop.model.classifier import pooled_embeddings
     from tuneloop.model.metrics import macro_f1
 
+    model.eval()  # no dropout in the features
+
     def features(texts) -> np.ndarray:
-        model.eval()
-        tokens = tokenize(tokenizer, texts, max_length)
-        with torch.no_grad():
-            return np.concatenate([model.features(*pad_batch(tokens[i:i + 64], tokenizer.pad_token_id or 0)).numpy()
-                                   for i in range(0, len(tokens), 64)])
+        return pooled_embeddings(model.encoder, tokenizer, texts, max_length, pooling=model.pooling)
 
     seen = features(train[0])
     held = {split: (features(texts), np.asarray(y)) for split, (texts, y) in rows.items()}
